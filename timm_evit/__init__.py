@@ -1,0 +1,13 @@
+"""EViT (token reorganisation, ICLR 2022) as timm models: ``timm.create_model('evit_deit_small')``.
+
+Importing ``timm`` registers the models by itself once this package is installed (see
+``_timm_evit_autoload``); importing this package does the same explicitly.
+"""
+from .deit import PLAIN_COUNTERPARTS, VisionTransformerEViT
+from .layers import EViTAttention, EViTBlock
+from .reorg import (
+    class_attention, head_averaged_class_row, num_kept_tokens, reorganize_tokens,
+    tokens_to_patch_grid, trace_patch_token_index, trace_token_patch_ids,
+)
+
+__version__ = '0.1.0'

@@ -1,0 +1,243 @@
+"""EViT on DeiT: timm's VisionTransformer with token reorganisation in chosen blocks.
+
+`Not All Patches are What You Need: Expediting Vision Transformers via Token Reorganizations`
+(Liang et al., ICLR 2022) - https://arxiv.org/abs/2202.07800
+"""
+from functools import partial
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models._features import feature_take_indices
+from timm.models._features_fx import register_notrace_function
+from timm.models._manipulate import checkpoint
+from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
+
+from .layers import EViTBlock
+from .options import KeepRate, check_fuse_token, check_keep_rate, check_reorg_layers
+from .reorg import trace_patch_token_index, trace_token_patch_ids, tokens_to_patch_grid
+
+__all__ = ['VisionTransformerEViT', 'PLAIN_COUNTERPARTS']
+
+# timm model that each EViT architecture reorganises (same weights, same shapes).
+PLAIN_COUNTERPARTS = {
+    'evit_deit_tiny': 'deit_tiny_patch16_224',
+    'evit_deit_small': 'deit_small_patch16_224',
+    'evit_deit_base': 'deit_base_patch16_224',
+}
+
+
+def _make_block(*, depth: int, reorg_layers: Tuple[int, ...], **kwargs):
+    # timm passes each block its index as `depth`: reorganising blocks are EViT blocks,
+    # the others are timm's plain Block.
+    block_cls = EViTBlock if depth in reorg_layers else Block
+    return block_cls(depth=depth, **kwargs)
+
+
+@register_notrace_function  # shape checks branch on the input: opaque to FX tracing
+def _check_images(x: torch.Tensor, in_chans: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f'x must be a torch.Tensor of images [B, {in_chans}, H, W], got {type(x).__name__}')
+    if x.ndim != 4:
+        raise ValueError(f'x must be a batch of images [B, {in_chans}, H, W] (4 dims), got shape {tuple(x.shape)}')
+    if x.shape[1] != in_chans:
+        raise ValueError(f'x must have {in_chans} channels (in_chans), got shape {tuple(x.shape)}')
+
+
+class VisionTransformerEViT(VisionTransformer):
+    """Vision Transformer with EViT token reorganisation.
+
+    In each block of ``reorg_layers``, between attention and MLP, the non-class tokens are
+    ranked by the class token's head-averaged attention; ``ceil(keep_rate * n)`` are kept (in
+    descending order of attention) and, with ``fuse_token``, the others become one token
+    weighted by their attention, appended last. No parameters are added: timm ViT / DeiT
+    weights load unchanged, and ``keep_rate=1.0`` is the plain model.
+
+    Args:
+        keep_rate: fraction of non-class tokens kept per reorganising block, in (0, 1]; one
+            float for all or one per block of ``reorg_layers``. Changeable after creation with
+            ``set_keep_rate`` or per call with ``forward(x, keep_rate=...)``.
+        reorg_layers: zero-based indices of the reorganising blocks, strictly increasing.
+        fuse_token: fuse the inattentive tokens into one (True) or drop them (False).
+        **kwargs: timm ``VisionTransformer`` arguments. One class token and no register
+            tokens are required (selection reads the class token's attention).
+    """
+
+    def __init__(
+            self,
+            keep_rate: KeepRate = 0.7,
+            reorg_layers: Sequence[int] = (3, 6, 9),
+            fuse_token: bool = True,
+            **kwargs,
+    ) -> None:
+        depth = kwargs.get('depth', 12)
+        if not kwargs.get('class_token', True) or kwargs.get('reg_tokens', 0):
+            raise ValueError('EViT needs exactly one class token: class_token=True and reg_tokens=0')
+        if 'block_fn' in kwargs:
+            raise ValueError('block_fn is set by EViT (timm Block, EViT blocks in reorg_layers)')
+        reorg_layers = check_reorg_layers(reorg_layers, depth)
+        super().__init__(block_fn=partial(_make_block, reorg_layers=reorg_layers), **kwargs)
+        self.reorg_layers = reorg_layers
+        self.fuse_token = check_fuse_token(fuse_token)
+        self.keep_rate = check_keep_rate(keep_rate, len(reorg_layers))
+
+    def set_keep_rate(self, keep_rate: KeepRate) -> None:
+        """Change the keep rate (one float, or one per reorganising block); no retraining needed."""
+        self.keep_rate = check_keep_rate(keep_rate, len(self.reorg_layers))
+
+    def _block_keep_rates(self, keep_rate: Optional[KeepRate]) -> List[float]:
+        rates = self.keep_rate if keep_rate is None else check_keep_rate(keep_rate, len(self.reorg_layers))
+        per_block = [1.0] * len(self.blocks)
+        for layer, rate in zip(self.reorg_layers, rates):
+            if layer < len(per_block):  # blocks may have been pruned (prune_intermediate_layers)
+                per_block[layer] = rate
+        return per_block
+
+    def _run_block(self, blk: torch.nn.Module, x: torch.Tensor, keep_rate: float):
+        """Runs one block; returns the tokens and the kept indices, or None if none were dropped."""
+        use_checkpoint = self.grad_checkpointing and not torch.jit.is_scripting()
+        if isinstance(blk, EViTBlock):
+            out = checkpoint(blk, x, keep_rate, self.fuse_token) if use_checkpoint else blk(x, keep_rate, self.fuse_token)
+            return out[0], out[1]
+        return (checkpoint(blk, x) if use_checkpoint else blk(x)), None
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        _check_images(x, self.in_chans)
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        return self.norm_pre(x)
+
+    def forward_features(self, x: torch.Tensor, keep_rate: Optional[KeepRate] = None) -> torch.Tensor:
+        """Tokens after the final norm: ``[B, 1 + remaining tokens, C]``."""
+        x = self._embed(x)
+        for blk, rate in zip(self.blocks, self._block_keep_rates(keep_rate)):
+            x, _ = self._run_block(blk, x, rate)
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor, keep_rate: Optional[KeepRate] = None) -> torch.Tensor:
+        """Logits; ``keep_rate`` overrides the model's keep rate for this call only."""
+        return self.forward_head(self.forward_features(x, keep_rate=keep_rate))
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+            output_dict: bool = False,
+            keep_rate: Optional[KeepRate] = None,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]:
+        """timm's ``forward_intermediates``, with tokens traced back to their patches.
+
+        ``NCHW`` keeps timm's shapes: each patch shows the token that carries it (its own if
+        kept, the fused token it went into, zeros if dropped without fusion). ``NLC`` gives the
+        raw non-class tokens, fewer after each reorganisation. With ``output_dict=True`` the
+        result also holds, per intermediate, ``token_patch_ids`` ``[B, n]`` (the patch each token
+        came from, -1 for a fused token) and ``patch_token_index`` ``[B, H*W]`` (the token now
+        carrying each patch, -1 if dropped).
+        """
+        if output_fmt not in ('NCHW', 'NLC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        B, _, height, width = x.shape
+        x = self._embed(x)
+        grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))
+        num_patches = grid_h * grid_w
+        patch_ids = torch.arange(num_patches, device=x.device).expand(B, -1)
+        token_patch_ids, patch_token_index = patch_ids, patch_ids
+
+        intermediates, prefix_tokens, token_ids_out, patch_index_out = [], [], [], []
+        rates = self._block_keep_rates(keep_rate)
+        last = max_index if stop_early else len(self.blocks) - 1
+        for i in range(last + 1):
+            num_tokens = x.shape[1] - 1
+            x, kept_idx = self._run_block(self.blocks[i], x, rates[i])
+            if kept_idx is not None:
+                token_patch_ids = trace_token_patch_ids(token_patch_ids, kept_idx, self.fuse_token)
+                patch_token_index = trace_patch_token_index(patch_token_index, kept_idx, num_tokens, self.fuse_token)
+            if i in take_indices:
+                y = self.norm(x) if norm else x
+                prefix_tokens.append(y[:, :1])
+                tokens = y[:, 1:]
+                if output_fmt == 'NCHW':
+                    tokens = tokens_to_patch_grid(tokens, patch_token_index)
+                    tokens = tokens.reshape(B, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous()
+                intermediates.append(tokens)
+                token_ids_out.append(token_patch_ids)
+                patch_index_out.append(patch_token_index)
+
+        if output_dict:
+            result = {
+                'image_intermediates': intermediates,
+                'token_patch_ids': token_ids_out,
+                'patch_token_index': patch_index_out,
+            }
+            if return_prefix_tokens:
+                result['image_intermediates_prefix'] = prefix_tokens
+            if not intermediates_only:
+                result['image_features'] = self.norm(x)
+            return result
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+
+def _deit_cfg(deit_name: str) -> Dict[str, Any]:
+    # DeiT's own pretrained config (mean/std/crop/interpolation, licence, Hub repository):
+    # the fb_in1k tags load timm's DeiT weights unchanged.
+    cfg = get_pretrained_cfg(deit_name).to_dict()
+    cfg.update(
+        paper_ids='arXiv:2202.07800',
+        paper_name='Not All Patches are What You Need: Expediting Vision Transformers via Token Reorganizations',
+        origin_url='https://github.com/youweiliang/evit',
+        notes=(f'DeiT weights ({deit_name}) used with EViT at inference, without EViT fine-tuning.',),
+    )
+    for key in ('architecture', 'tag'):
+        cfg.pop(key, None)
+    return cfg
+
+
+default_cfgs = generate_default_cfgs({
+    'evit_deit_tiny.fb_in1k': _deit_cfg('deit_tiny_patch16_224.fb_in1k'),
+    'evit_deit_small.fb_in1k': _deit_cfg('deit_small_patch16_224.fb_in1k'),
+    'evit_deit_base.fb_in1k': _deit_cfg('deit_base_patch16_224.fb_in1k'),
+})
+
+
+def _create_evit_deit(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformerEViT:
+    out_indices = kwargs.pop('out_indices', 3)
+    return build_model_with_cfg(
+        VisionTransformerEViT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+
+
+@register_model
+def evit_deit_tiny(pretrained: bool = False, **kwargs) -> VisionTransformerEViT:
+    """EViT-DeiT-Ti (patch 16, 224 px); keep_rate 0.7 with fusion in blocks (3, 6, 9) by default."""
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
+    return _create_evit_deit('evit_deit_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def evit_deit_small(pretrained: bool = False, **kwargs) -> VisionTransformerEViT:
+    """EViT-DeiT-S (patch 16, 224 px); keep_rate 0.7 with fusion in blocks (3, 6, 9) by default."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create_evit_deit('evit_deit_small', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def evit_deit_base(pretrained: bool = False, **kwargs) -> VisionTransformerEViT:
+    """EViT-DeiT-B (patch 16, 224 px); keep_rate 0.7 with fusion in blocks (3, 6, 9) by default."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    return _create_evit_deit('evit_deit_base', pretrained=pretrained, **dict(model_args, **kwargs))

@@ -1,0 +1,123 @@
+"""EViT token reorganisation as small pure tensor functions.
+
+One place to read the algorithm (DESIGN.md, "EViT, exactly"); every architecture calls these.
+Shapes: ``B`` images, ``n`` non-class tokens, ``C`` channels, ``H`` heads.
+"""
+import math
+from typing import Tuple
+
+import torch
+
+__all__ = [
+    'num_kept_tokens', 'head_averaged_class_row', 'class_attention', 'reorganize_tokens',
+    'trace_token_patch_ids', 'trace_patch_token_index', 'tokens_to_patch_grid',
+]
+
+
+def num_kept_tokens(keep_rate: float, num_tokens: int) -> int:
+    """Number of attentive tokens a reorganising block keeps: ``ceil(keep_rate * num_tokens)``.
+
+    ``num_tokens`` counts every non-class token present, an earlier fused token included. The
+    product is taken in Python float (float64), as in the official code, so ``ceil(0.7 * 100)``
+    is 71. Since ``keep_rate > 0`` the result is at least 1: a rate that would leave zero tokens
+    keeps one.
+    """
+    return math.ceil(keep_rate * num_tokens)
+
+
+def head_averaged_class_row(attn: torch.Tensor) -> torch.Tensor:
+    """Class token's attention probabilities to the other tokens, averaged over heads.
+
+    ``attn`` holds softmax rows ``[B, H, Q, N]`` whose first row is the class token's (Q may be 1).
+    Returns ``[B, N - 1]``; the class column is dropped without renormalising.
+    """
+    return attn[:, :, 0, 1:].mean(dim=1)
+
+
+def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Head-averaged class-token attention ``[B, N - 1]`` from ``q, k`` of shape ``[B, H, N, D]``.
+
+    Computes only the class query's row (``[B, H, 1, N]``), never the ``N x N`` matrix, for use
+    beside a fused attention kernel that does not expose its probabilities.
+    """
+    logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)
+    return head_averaged_class_row(logits.softmax(dim=-1))
+
+
+def reorganize_tokens(
+        x: torch.Tensor,
+        cls_attn: torch.Tensor,
+        num_keep: int,
+        fuse_token: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Keep the ``num_keep`` most attentive tokens and, optionally, fuse the rest into one.
+
+    Args:
+        x: tokens ``[B, 1 + n, C]``, class token first.
+        cls_attn: head-averaged class attention ``[B, n]`` (``class_attention``).
+        num_keep: tokens to keep, ``1 <= num_keep <= n``.
+        fuse_token: append ``sum_j a_j * x_j`` over the dropped tokens ``j`` (raw weights).
+
+    Returns:
+        ``([cls, kept..., (fused)], kept_idx)``: kept tokens ordered by attention, descending;
+        ``kept_idx`` ``[B, num_keep]`` indexes the ``n`` non-class tokens of ``x``.
+    """
+    B, N, C = x.shape
+    _, kept_idx = cls_attn.topk(num_keep, dim=1, largest=True, sorted=True)
+    # One gather takes the class token (index 0) and the kept tokens together.
+    take = torch.cat([kept_idx.new_zeros(B, 1), kept_idx + 1], dim=1)
+    out = x.gather(1, take.unsqueeze(-1).expand(-1, -1, C))
+    if fuse_token:
+        # Attention weights with the kept ones zeroed: the fused token is one batched matmul,
+        # with no complement index and no second gather.
+        weights = cls_attn.scatter(1, kept_idx, 0.).to(x.dtype)
+        fused = weights.unsqueeze(1) @ x[:, 1:]
+        out = torch.cat([out, fused], dim=1)
+    return out, kept_idx
+
+
+def trace_token_patch_ids(token_patch_ids: torch.Tensor, kept_idx: torch.Tensor, fuse_token: bool) -> torch.Tensor:
+    """Which patch each token came from, after a reorganisation.
+
+    ``token_patch_ids`` ``[B, n]`` gives the patch index of each non-class token before the block
+    (-1 for a fused token); the result ``[B, num_keep (+1)]`` does so after it.
+    """
+    ids = token_patch_ids.gather(1, kept_idx)
+    if fuse_token:
+        ids = torch.cat([ids, ids.new_full((ids.shape[0], 1), -1)], dim=1)
+    return ids
+
+
+def trace_patch_token_index(
+        patch_token_index: torch.Tensor,
+        kept_idx: torch.Tensor,
+        num_tokens: int,
+        fuse_token: bool,
+) -> torch.Tensor:
+    """Which token now carries each patch, after a reorganisation.
+
+    ``patch_token_index`` ``[B, P]`` maps each of the ``P`` patches of the image to the index of
+    the non-class token holding it before the block (-1: dropped). A kept token moves to its
+    rank; a dropped one is carried by the fused token (index ``num_keep``) or, without fusion,
+    by none (-1). Composing this per block traces every patch through all stages.
+    """
+    B, num_keep = kept_idx.shape
+    # remap[b, j]: new index of old token j; the extra last column sends -1 to -1.
+    remap = kept_idx.new_full((B, num_tokens + 1), num_keep if fuse_token else -1)
+    remap[:, num_tokens] = -1
+    ranks = torch.arange(num_keep, device=kept_idx.device).expand(B, -1)
+    remap.scatter_(1, kept_idx, ranks)
+    old = torch.where(patch_token_index < 0, num_tokens, patch_token_index)
+    return remap.gather(1, old)
+
+
+def tokens_to_patch_grid(tokens: torch.Tensor, patch_token_index: torch.Tensor) -> torch.Tensor:
+    """Put tokens ``[B, n, C]`` back on the patch grid: ``[B, P, C]``.
+
+    Each patch gets the token that carries it (``trace_patch_token_index``): its own token if
+    kept, the fused token it went into, or zeros if it was dropped without fusion.
+    """
+    C = tokens.shape[-1]
+    dropped = patch_token_index < 0
+    grid = tokens.gather(1, patch_token_index.clamp(min=0).unsqueeze(-1).expand(-1, -1, C))
+    return grid.masked_fill(dropped.unsqueeze(-1), 0.)
