@@ -34,8 +34,8 @@ def _make_block(*, depth: int, reorg_layers: Tuple[int, ...], **kwargs):
     return block_cls(depth=depth, **kwargs)
 
 
-@register_notrace_function  # shape checks branch on the input: opaque to FX tracing
-def _check_images(x: torch.Tensor, in_chans: int) -> None:
+@register_notrace_function  # branches on the input: opaque to FX (whose autowrap skips names starting with "_")
+def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f'x must be a torch.Tensor of images [B, {in_chans}, H, W], got {type(x).__name__}')
     if x.ndim != 4:
@@ -86,6 +86,10 @@ class VisionTransformerEViT(VisionTransformer):
         self.keep_rate = check_keep_rate(keep_rate, len(self.reorg_layers))
 
     def _block_keep_rates(self, keep_rate: Optional[KeepRate]) -> List[float]:
+        if isinstance(keep_rate, torch.fx.Proxy):
+            # FX tracing (timm feature extraction) turns every forward argument into a Proxy;
+            # a traced graph keeps the model's keep rate, fixed at tracing time.
+            keep_rate = None
         rates = self.keep_rate if keep_rate is None else check_keep_rate(keep_rate, len(self.reorg_layers))
         per_block = [1.0] * len(self.blocks)
         for layer, rate in zip(self.reorg_layers, rates):
@@ -102,7 +106,7 @@ class VisionTransformerEViT(VisionTransformer):
         return (checkpoint(blk, x) if use_checkpoint else blk(x)), None
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        _check_images(x, self.in_chans)
+        check_image_batch(x, self.in_chans)
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)

@@ -18,9 +18,9 @@ def num_kept_tokens(keep_rate: float, num_tokens: int) -> int:
     """Number of attentive tokens a reorganising block keeps: ``ceil(keep_rate * num_tokens)``.
 
     ``num_tokens`` counts every non-class token present, an earlier fused token included. The
-    product is taken in Python float (float64), as in the official code, so ``ceil(0.7 * 100)``
-    is 71. Since ``keep_rate > 0`` the result is at least 1: a rate that would leave zero tokens
-    keeps one.
+    product is taken in Python float (float64), as in the official code, so parity includes its
+    rounding (``0.7 * 100`` rounds to exactly 70.0: 70 kept). Since ``keep_rate > 0`` the result
+    is at least 1: a rate that would leave zero tokens keeps one.
     """
     return math.ceil(keep_rate * num_tokens)
 

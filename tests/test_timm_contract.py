@@ -1,0 +1,185 @@
+"""An evit model is a timm model in every way timm's tools use one (DESIGN.md, the timm contract)."""
+import pytest
+import timm
+import timm.optim
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
+
+from conftest import TINY, tiny_evit
+
+
+@pytest.mark.parametrize('name, dim', [('evit_deit_tiny', 192), ('evit_deit_small', 384), ('evit_deit_base', 768)])
+def test_registered_architectures_match_deit_shapes(name, dim):
+    assert name in timm.list_models('evit_*')
+    assert f'{name}.fb_in1k' in timm.list_pretrained('evit_*')
+    model = timm.create_model(name)
+    deit = timm.create_model(name.replace('evit_', '') + '_patch16_224')
+    assert model.embed_dim == dim and len(model.blocks) == 12
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in deit.state_dict().items()}
+    assert model.keep_rate == (0.7, 0.7, 0.7) and model.reorg_layers == (3, 6, 9) and model.fuse_token is True
+
+
+def test_pretrained_cfg_is_deits():
+    model = timm.create_model('evit_deit_small')
+    cfg = model.pretrained_cfg
+    assert cfg['hf_hub_id'] == 'timm/deit_small_patch16_224.fb_in1k'
+    assert cfg['architecture'] == 'evit_deit_small' and cfg['tag'] == 'fb_in1k'
+    data = resolve_data_config({}, model=model)
+    assert data == dict(input_size=(3, 224, 224), interpolation='bicubic', mean=IMAGENET_DEFAULT_MEAN,
+                        std=IMAGENET_DEFAULT_STD, crop_pct=0.9, crop_mode='center')
+
+
+def test_model_kwargs_as_train_py_passes_them():
+    # train.py --model-kwargs keep_rate=0.6 fuse_token=False reorg_layers="(2, 5, 8)" (literal_eval'd)
+    model = timm.create_model('evit_deit_tiny', keep_rate=0.6, fuse_token=False, reorg_layers=(2, 5, 8))
+    assert model.keep_rate == (0.6,) * 3 and not model.fuse_token and model.reorg_layers == (2, 5, 8)
+    per_block = timm.create_model('evit_deit_tiny', keep_rate=(0.9, 0.8, 0.7))
+    assert per_block.keep_rate == (0.9, 0.8, 0.7)
+
+
+def test_set_keep_rate_and_per_call_override():
+    model = tiny_evit(keep_rate=1.0).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        full = model(x)
+        half = model(x, keep_rate=0.5)
+        assert model.keep_rate == (1.0, 1.0)           # the override did not stick
+        torch.testing.assert_close(model(x), full, rtol=0, atol=0)
+        model.set_keep_rate(0.5)
+        torch.testing.assert_close(model(x), half, rtol=0, atol=0)
+        assert model.forward_features(x).shape[1] == 1 + 50 + 1   # 196 -> 98 + 1 fused -> 50 + 1 fused
+        model.set_keep_rate([1.0, 0.5])
+        assert model.forward_features(x).shape[1] == 1 + 98 + 1
+
+
+def test_forward_features_head_and_reset_classifier():
+    model = tiny_evit(keep_rate=0.5).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape == (2, 1 + 50 + 1, 48)  # 196 -> 98 + fused -> 50 + fused
+        pre = model.forward_head(feats, pre_logits=True)
+        torch.testing.assert_close(pre, feats[:, 0])       # class token pooling, as DeiT
+        torch.testing.assert_close(model.forward_head(feats), model(x))
+        model.reset_classifier(10)
+        assert model(x).shape == (2, 10) and model.num_classes == 10
+        model.reset_classifier(0)
+        assert model(x).shape == (2, 48)
+    assert timm.create_model('evit_deit_tiny', num_classes=5, **TINY)(x).shape == (2, 5)
+
+
+def test_no_weight_decay_and_group_matcher_drive_timm_optimizers():
+    model = tiny_evit()
+    assert {'pos_embed', 'cls_token'} <= model.no_weight_decay()
+    opt = timm.optim.create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+    scales = sorted({g['lr_scale'] for g in opt.param_groups})
+    assert len(scales) == len(model.blocks) + 2       # stem, each block, head
+    no_decay = {id(p) for g in opt.param_groups if g['weight_decay'] == 0 for p in g['params']}
+    assert id(model.pos_embed) in no_decay and id(model.cls_token) in no_decay
+
+
+def _grid_checks(model, x, fuse):
+    out = model.forward_intermediates(x, output_dict=True)
+    nlc = model.forward_intermediates(x, output_fmt='NLC', intermediates_only=True)
+    grid_h, grid_w = model.patch_embed.dynamic_feat_size(x.shape[-2:])
+    for grid, tokens, ids, index in zip(out['image_intermediates'], nlc, out['token_patch_ids'], out['patch_token_index']):
+        assert grid.shape == (x.shape[0], model.embed_dim, grid_h, grid_w)
+        flat = grid.flatten(2).transpose(1, 2)
+        for b in range(x.shape[0]):
+            own = {int(p): t for t, p in enumerate(ids[b].tolist()) if p >= 0}
+            fused_tokens = [tokens[b, t] for t, p in enumerate(ids[b].tolist()) if p < 0]
+            for p in range(grid_h * grid_w):
+                if p in own:  # a patch with its own token shows that token, and the index agrees
+                    torch.testing.assert_close(flat[b, p], tokens[b, own[p]], rtol=0, atol=0)
+                    assert index[b, p] == own[p]
+                elif fuse:    # otherwise the fused token that absorbed it
+                    assert any(torch.equal(flat[b, p], f) for f in fused_tokens)
+                    assert ids[b, index[b, p]] == -1
+                else:         # or zeros when dropped without fusion
+                    assert not flat[b, p].any() and index[b, p] == -1
+    return out
+
+
+@pytest.mark.parametrize('fuse', [True, False])
+def test_forward_intermediates_keeps_timm_shapes_and_maps_tokens_to_patches(fuse):
+    model = tiny_evit(keep_rate=0.5, fuse_token=fuse, reorg_layers=(0, 1, 2)).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        out = _grid_checks(model, x, fuse)
+        torch.testing.assert_close(out['image_features'], model.forward_features(x))
+        final, inter = model.forward_intermediates(x, indices=[1, 3], return_prefix_tokens=True)
+        assert len(inter) == 2 and inter[0][1].shape == (2, 1, 48)
+        nlc = model.forward_intermediates(x, output_fmt='NLC', intermediates_only=True)
+        assert [t.shape[1] for t in nlc] == ([99, 51, 27, 27] if fuse else [98, 49, 25, 25])
+
+
+def test_features_only_and_fx_feature_extraction():
+    x = torch.randn(1, 3, 224, 224)
+    features = timm.create_model('evit_deit_tiny', features_only=True, out_indices=(3, 6, 9), **{**TINY, 'depth': 12, 'reorg_layers': (3, 6, 9)})
+    assert [f.shape for f in features(x)] == [(1, 48, 14, 14)] * 3
+    model = tiny_evit(keep_rate=0.5).eval()
+    extractor = timm.models.create_feature_extractor(model, return_nodes=['blocks.1', 'norm', 'head'])
+    with torch.no_grad():
+        out = extractor(x)
+        torch.testing.assert_close(out['head'], model(x))
+        assert out["norm"].shape == (1, 1 + 50 + 1, 48)
+
+
+def test_other_img_size_and_dynamic_img_size():
+    model = tiny_evit(img_size=288, keep_rate=0.7).eval()  # 18 x 18 = 324 patches
+    x = torch.randn(1, 3, 288, 288)
+    tokens = model.forward_intermediates(x, output_fmt='NLC', intermediates_only=True)
+    assert [t.shape[1] for t in tokens] == [324, 228, 161, 161]  # ceil(.7 * 324) + 1, ceil(.7 * 228) + 1
+
+    dynamic = tiny_evit(dynamic_img_size=True, keep_rate=0.5).eval()
+    plain = timm.create_model('deit_tiny_patch16_224', dynamic_img_size=True, embed_dim=48, depth=4, num_heads=2).eval()
+    plain.load_state_dict(dynamic.state_dict())
+    with torch.no_grad():
+        for size in [(224, 224), (288, 288), (160, 256)]:
+            x = torch.randn(2, 3, *size)
+            torch.testing.assert_close(dynamic(x, keep_rate=1.0), plain(x), rtol=0, atol=0)
+            assert dynamic(x).shape == (2, 1000)
+        _grid_checks(dynamic, torch.randn(1, 3, 160, 256), fuse=True)
+
+
+def test_backward_reaches_every_parameter_with_and_without_fusion():
+    for fuse in (True, False):
+        model = tiny_evit(keep_rate=0.5, fuse_token=fuse).train()
+        model(torch.randn(2, 3, 224, 224)).logsumexp(-1).mean().backward()
+        for name, p in model.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert model.cls_token.grad.abs().sum() > 0
+
+
+def test_grad_checkpointing_gives_the_same_outputs_and_grads():
+    model = tiny_evit(keep_rate=0.5).train()
+    x = torch.randn(2, 3, 224, 224)
+    ref = model(x)
+    ref.sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    out = model(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, ref)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], msg=n)
+
+
+def test_bf16_autocast():
+    model = tiny_evit(keep_rate=0.7).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = model(x)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max() + 0.05
+
+
+def test_torch_compile_fullgraph_in_eval():
+    model = tiny_evit(keep_rate=0.5).eval()
+    x = torch.randn(2, 3, 224, 224)
+    compiled = torch.compile(model, fullgraph=True)  # fullgraph: any graph break is an error
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
