@@ -147,6 +147,7 @@ class VisionTransformerEViT(VisionTransformer):
         if output_fmt not in ('NCHW', 'NLC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        check_image_batch(x, self.in_chans)
         B, _, height, width = x.shape
         x = self._embed(x)
         grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))

@@ -1,0 +1,75 @@
+"""Bad input gets a clear error naming the argument and what is allowed; nothing is clamped."""
+import pytest
+import timm
+import torch
+
+from conftest import tiny_evit
+
+
+@pytest.mark.parametrize('keep_rate, error, words', [
+    (0.0, ValueError, 'keep_rate must be in (0, 1]'),
+    (-0.5, ValueError, 'keep_rate must be in (0, 1]'),
+    (1.01, ValueError, 'keep_rate must be in (0, 1]'),
+    (float('nan'), ValueError, 'keep_rate must be in (0, 1]'),
+    ('0.5', TypeError, 'keep_rate must be a float'),
+    (True, TypeError, 'keep_rate must be a float'),
+    (None, TypeError, 'keep_rate must be a float'),
+    ((0.7, 0.7), ValueError, 'keep_rate has 2 values but there are 3 reorganising blocks'),
+    ((0.7, 0.7, 2.0), ValueError, 'keep_rate[2] must be in (0, 1]'),
+])
+def test_bad_keep_rate(keep_rate, error, words):
+    if keep_rate is not None:  # timm.create_model drops None kwargs: None there means the default
+        with pytest.raises(error) as info:
+            timm.create_model('evit_deit_tiny', keep_rate=keep_rate)
+        assert words in str(info.value)
+    model = timm.create_model('evit_deit_tiny')
+    with pytest.raises(error) as info:
+        model.set_keep_rate(keep_rate)
+    assert words in str(info.value)
+    if keep_rate is not None:  # None in a call means: the model's own keep rate
+        with pytest.raises(error):
+            model(torch.randn(1, 3, 224, 224), keep_rate=keep_rate)
+    assert model.keep_rate == (0.7, 0.7, 0.7)  # unchanged by the failed calls
+
+
+@pytest.mark.parametrize('reorg_layers, error, words', [
+    ((3, 6, 12), ValueError, 'reorg_layers entry 12 is out of range: blocks are 0..11'),
+    ((-1,), ValueError, 'reorg_layers entry -1 is out of range'),
+    ((6, 3), ValueError, 'strictly increasing'),
+    ((3, 3), ValueError, 'strictly increasing'),
+    ((3.0,), TypeError, 'integer block indices'),
+    ('369', TypeError, 'reorg_layers must be a sequence'),
+    (3, TypeError, 'reorg_layers must be a sequence'),
+])
+def test_bad_reorg_layers(reorg_layers, error, words):
+    with pytest.raises(error) as info:
+        timm.create_model('evit_deit_tiny', reorg_layers=reorg_layers)
+    assert words in str(info.value)
+
+
+def test_bad_fuse_token_and_token_layout():
+    with pytest.raises(TypeError, match='fuse_token must be True or False'):
+        timm.create_model('evit_deit_tiny', fuse_token='yes')
+    with pytest.raises(ValueError, match='exactly one class token'):
+        timm.create_model('evit_deit_tiny', class_token=False, global_pool='avg')
+    with pytest.raises(ValueError, match='exactly one class token'):
+        timm.create_model('evit_deit_tiny', reg_tokens=4)
+
+
+@pytest.mark.parametrize('shape, words', [
+    ((3, 224, 224), '4 dims'),
+    ((1, 1, 224, 224), 'must have 3 channels (in_chans)'),
+    ((1, 4, 224, 224), 'must have 3 channels (in_chans)'),
+])
+def test_bad_input_tensor(shape, words):
+    model = tiny_evit()
+    for call in (model, model.forward_features, model.forward_intermediates):
+        with pytest.raises(ValueError) as info:
+            call(torch.randn(*shape))
+        assert words in str(info.value)
+
+
+def test_a_rate_that_would_keep_no_token_keeps_one():
+    model = tiny_evit(keep_rate=1e-6, fuse_token=False).eval()
+    tokens = model.forward_intermediates(torch.randn(1, 3, 224, 224), output_fmt='NLC', intermediates_only=True)
+    assert [t.shape[1] for t in tokens] == [196, 1, 1, 1]

@@ -1,0 +1,60 @@
+"""The models are found by `import timm` alone, in fresh interpreters running the installed package."""
+import os
+import subprocess
+import sys
+import textwrap
+
+
+def run_python(code, tmp_path, env=None, args=()):
+    full_env = {k: v for k, v in os.environ.items() if k != 'TIMM_EVIT_AUTOLOAD'}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, *args, '-c', textwrap.dedent(code)], cwd=tmp_path, env=full_env,
+        capture_output=True, text=True, timeout=300)
+
+
+def test_import_timm_alone_registers_and_creates_the_models(tmp_path):
+    result = run_python("""
+        import timm
+        model = timm.create_model('evit_deit_small', keep_rate=0.6)
+        print(type(model).__name__, model.keep_rate, sorted(timm.list_models('evit_deit_*')))
+    """, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "VisionTransformerEViT (0.6, 0.6, 0.6) ['evit_deit_base', 'evit_deit_small', 'evit_deit_tiny']" in result.stdout
+
+
+def test_start_up_hook_imports_neither_torch_nor_timm(tmp_path):
+    result = run_python('import sys; print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "timm", "timm_evit")))',
+                        tmp_path, args=('-X', 'importtime'))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == '[]'
+    imported = [line.rsplit('|', 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith('import time:')]
+    assert '_timm_evit_autoload' in imported                    # the hook ran at start-up...
+    assert not {'torch', 'timm', 'importlib.metadata'} & set(imported)  # ...and imported nothing heavy
+
+
+def test_environment_variable_switches_the_hook_off(tmp_path):
+    result = run_python("""
+        import timm
+        print(timm.list_models('evit_*'))
+        import timm_evit  # explicit import still registers
+        print(timm.list_models('evit_deit_small'))
+    """, tmp_path, env={'TIMM_EVIT_AUTOLOAD': '0'})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split('\n')[:2] == ['[]', "['evit_deit_small']"]
+
+
+def test_a_broken_plugin_is_a_warning_not_a_crash(tmp_path):
+    # A second distribution declaring a plugin module that raises on import.
+    dist = tmp_path / 'broken_plugin-1.0.dist-info'
+    dist.mkdir()
+    (dist / 'METADATA').write_text('Metadata-Version: 2.1\nName: broken-plugin\nVersion: 1.0\n')
+    (dist / 'entry_points.txt').write_text('[timm.models]\nbroken = broken_plugin_models\n')
+    (tmp_path / 'broken_plugin_models.py').write_text('raise RuntimeError("boom")\n')
+    result = run_python("""
+        import timm
+        print(timm.list_models('evit_deit_small'))
+    """, tmp_path, env={'PYTHONPATH': str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert "['evit_deit_small']" in result.stdout
+    assert "timm plugin 'broken' (broken_plugin_models) failed to load" in result.stderr and 'boom' in result.stderr
