@@ -1,0 +1,50 @@
+"""The benchmark's token counts and GMACs (not its timings): a change that stops reducing tokens fails here."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from timm_evit.bench import run_bench
+
+# DESIGN.md: non-class tokens for DeiT at 224 px, at the input and after blocks 3, 6, 9.
+DESIGN_TOKENS = {
+    (0.9, True): [196, 178, 162, 147], (0.9, False): [196, 177, 160, 144],
+    (0.7, True): [196, 139, 99, 71], (0.7, False): [196, 138, 97, 68],
+    (0.5, True): [196, 99, 51, 27], (0.5, False): [196, 98, 49, 25],
+}
+
+
+@pytest.mark.parametrize('fuse', [True, False])
+def test_tokens_and_gmacs_per_keep_rate(fuse):
+    rows = run_bench('evit_deit_small', keep_rates=(1.0, 0.9, 0.7, 0.5), fuse_token=fuse, batch_size=1,
+                     repeats=1, warmup=0, attn=('math',), show_progress=False)
+    plain, evit = rows[0], {r.keep_rate: r for r in rows[1:]}
+    assert plain.model == 'deit_small_patch16_224' and plain.gmacs == pytest.approx(4.6, abs=0.05)  # paper: 4.6
+    assert evit[1.0].tokens == [196] * 4 and evit[1.0].gmacs == pytest.approx(plain.gmacs, rel=1e-6)
+    for rate in (0.9, 0.7, 0.5):
+        assert evit[rate].tokens == DESIGN_TOKENS[rate, fuse]
+    if fuse:  # paper: 3.0 GMACs at keep 0.7, 2.3 at 0.5
+        assert evit[0.7].gmacs == pytest.approx(3.0, abs=0.05)
+        assert evit[0.5].gmacs == pytest.approx(2.3, abs=0.05)
+    assert evit[0.9].gmacs > evit[0.7].gmacs > evit[0.5].gmacs
+    assert evit[0.7].mac_ratio == pytest.approx(plain.gmacs / evit[0.7].gmacs)
+
+
+def test_cli_writes_json(tmp_path):
+    out = tmp_path / 'bench.json'
+    result = subprocess.run(
+        [sys.executable, '-m', 'timm_evit', 'bench', '--model', 'evit_deit_tiny', '--batch-size', '1',
+         '--repeats', '1', '--warmup', '0', '--keep-rates', '1,0.5', '--attn', 'both', '--json', str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert '| evit_deit_tiny | fused | 0.5 | yes | 196, 99, 51, 27 |' in result.stdout
+    rows = json.loads(out.read_text())['rows']
+    assert [(r['attn'], r['keep_rate']) for r in rows] == [
+        ('math', None), ('math', 1.0), ('math', 0.5), ('fused', None), ('fused', 1.0), ('fused', 0.5)]
+
+
+def test_cli_rejects_bad_keep_rates():
+    result = subprocess.run([sys.executable, '-m', 'timm_evit', 'bench', '--keep-rates', '0.7,1.5'],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and '--keep-rates takes comma-separated floats in (0, 1]' in result.stderr
