@@ -1,0 +1,161 @@
+"""EViT-DeiT logits against an independent, plain reference: materialised attention, one image
+at a time, Python loops for the selection (DESIGN.md, "EViT, exactly")."""
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import timm_evit  # noqa: F401
+
+
+def _ln(x, sd, name):
+    return F.layer_norm(x, x.shape[-1:], sd[name + '.weight'], sd[name + '.bias'], eps=1e-6)
+
+
+def _linear(x, sd, name):
+    return x @ sd[name + '.weight'].T + sd[name + '.bias']
+
+
+def reference_forward(sd, image, num_heads, patch_size, keep_rates, fuse_token):
+    """Logits for one image [3, H, W] and the non-class tokens after every block, in order.
+
+    ``keep_rates`` maps block index -> keep rate. Events records what happened to fused tokens.
+    """
+    x = F.conv2d(image[None], sd['patch_embed.proj.weight'], sd['patch_embed.proj.bias'], stride=patch_size)
+    x = x.flatten(2)[0].T                                     # [P, C]
+    x = torch.cat([sd['cls_token'][0], x]) + sd['pos_embed'][0]
+    is_fused = [False] * (x.shape[0] - 1)
+    block_tokens, events = [], {'fused_kept': 0, 'fused_refused': 0}
+    depth = len({k.split('.')[1] for k in sd if k.startswith('blocks.')})
+    for i in range(depth):
+        p = f'blocks.{i}.'
+        h = _ln(x, sd, p + 'norm1')
+        q, k, v = _linear(h, sd, p + 'attn.qkv').chunk(3, dim=-1)
+        head_dim = q.shape[-1] // num_heads
+        outs, cls_rows = [], []
+        for hd in range(num_heads):
+            s = slice(hd * head_dim, (hd + 1) * head_dim)
+            attn = torch.softmax(q[:, s] @ k[:, s].T / math.sqrt(head_dim), dim=-1)   # N x N, materialised
+            outs.append(attn @ v[:, s])
+            cls_rows.append(attn[0, 1:])
+        x = x + _linear(torch.cat(outs, dim=-1), sd, p + 'attn.proj')
+
+        n = x.shape[0] - 1
+        if i in keep_rates and math.ceil(keep_rates[i] * n) < n:
+            num_keep = math.ceil(keep_rates[i] * n)
+            a = [sum(float(row[j]) for row in cls_rows) / num_heads for j in range(n)]
+            order = sorted(range(n), key=lambda j: a[j], reverse=True)
+            kept, dropped = order[:num_keep], order[num_keep:]
+            tokens = [x[0]] + [x[1 + j] for j in kept]
+            events['fused_kept'] += sum(is_fused[j] for j in kept)
+            events['fused_refused'] += sum(is_fused[j] for j in dropped) if fuse_token else 0
+            new_is_fused = [is_fused[j] for j in kept]
+            if fuse_token:
+                fused = torch.zeros_like(x[0])
+                for j in dropped:
+                    fused = fused + a[j] * x[1 + j]
+                tokens.append(fused)
+                new_is_fused.append(True)
+            x, is_fused = torch.stack(tokens), new_is_fused
+
+        h = _ln(x, sd, p + 'norm2')
+        x = x + _linear(F.gelu(_linear(h, sd, p + 'mlp.fc1')), sd, p + 'mlp.fc2')
+        block_tokens.append(x[1:])
+    return _linear(_ln(x, sd, 'norm')[0], sd, 'head'), block_tokens, events
+
+
+def randomise(model, seed=0):
+    """Weights that make the test meaningful: peaky class attention and O(1) logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith('norm1.weight') or name.endswith('norm2.weight') or name == 'norm.weight':
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                std = {'cls_token': 0.5, 'pos_embed': 0.5}.get(name, 0.1 if 'qkv' in name or 'head' in name else 0.05)
+                p.copy_(std * torch.randn(p.shape, generator=g))
+    return model
+
+
+def build(keep_rate, fuse_token, fused_attn, **kwargs):
+    model = randomise(timm.create_model('evit_deit_tiny', keep_rate=keep_rate, fuse_token=fuse_token, **kwargs)).eval()
+    for m in model.modules():
+        if hasattr(m, 'fused_attn'):
+            m.fused_attn = fused_attn
+    return model
+
+
+def check_against_reference(model, images):
+    sd = model.state_dict()
+    rates = dict(zip(model.reorg_layers, model.keep_rate))
+    with torch.no_grad():
+        logits = model(images)
+        tokens = model.forward_intermediates(images, output_fmt='NLC', intermediates_only=True)
+    all_events = []
+    for b in range(images.shape[0]):
+        ref, ref_tokens, events = reference_forward(
+            sd, images[b], model.blocks[0].attn.num_heads, model.patch_embed.patch_size[0], rates, model.fuse_token)
+        assert (logits[b] - ref).abs().max() < 1e-5
+        # token by token, in order: the logits alone cannot see the order of tokens
+        assert [t.shape[1] for t in tokens] == [t.shape[0] for t in ref_tokens]
+        for ours, theirs in zip(tokens, ref_tokens):
+            assert (ours[b] - theirs).abs().max() < 1e-4 * max(1., theirs.abs().max())
+        all_events.append(events)
+    assert logits.std() > 0.1   # the 1e-5 tolerance is not vacuous
+    return all_events
+
+
+@pytest.mark.parametrize('fused_attn', [False, True], ids=['math', 'sdpa'])
+@pytest.mark.parametrize('batch', [1, 4])
+@pytest.mark.parametrize('fuse_token', [True, False], ids=['fuse', 'drop'])
+@pytest.mark.parametrize('keep_rate', [1.0, 0.9, 0.7, 0.5, 0.25])
+def test_logits_match_reference(keep_rate, fuse_token, batch, fused_attn):
+    model = build(keep_rate, fuse_token, fused_attn)
+    check_against_reference(model, torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch)))
+
+
+def test_attention_paths_agree_and_keep_rate_one_is_timms_deit_exactly():
+    images = torch.randn(2, 3, 224, 224)
+    math_model, sdpa_model = build(0.5, True, False), build(0.5, True, True)
+    with torch.no_grad():
+        assert (math_model(images) - sdpa_model(images)).abs().max() < 1e-5
+        for model in (math_model, sdpa_model):
+            deit = timm.create_model('deit_tiny_patch16_224').eval()
+            deit.load_state_dict(model.state_dict())
+            deit.blocks[0].attn.fused_attn  # same attribute timm reads
+            for m in deit.modules():
+                if hasattr(m, 'fused_attn'):
+                    m.fused_attn = model.blocks[0].attn.fused_attn
+            assert torch.equal(model(images, keep_rate=1.0), deit(images))
+
+
+def test_an_images_output_does_not_depend_on_its_batch():
+    images = torch.randn(4, 3, 224, 224)
+    for fuse_token in (True, False):
+        model = build(0.5, fuse_token, True)
+        with torch.no_grad():
+            batched = model(images)
+            for b in range(4):
+                assert (model(images[b:b + 1])[0] - batched[b]).abs().max() < 1e-5
+
+
+def test_fused_tokens_count_in_the_ceil_rule_and_can_be_kept_or_fused_again():
+    # 16 patches, reorganising in every one of the first 4 blocks at keep 0.5, with fusion:
+    # 16 -> ceil(8) + 1 = 9 -> ceil(4.5) + 1 = 6 -> ceil(3) + 1 = 4 -> ceil(2) + 1 = 3
+    model = build(0.5, True, True, img_size=64, reorg_layers=(0, 1, 2, 3))
+    events = check_against_reference(model, torch.randn(16, 3, 64, 64))
+    with torch.no_grad():
+        counts = [t.shape[1] for t in model.forward_intermediates(torch.randn(1, 3, 64, 64), output_fmt='NLC', intermediates_only=True)]
+    assert counts[:4] == [9, 6, 4, 3]
+    assert sum(e['fused_kept'] for e in events) > 0 and sum(e['fused_refused'] for e in events) > 0
+
+
+def test_float64_ceil_parity_with_100_tokens():
+    # 160 px = 10 x 10 = 100 patches; ceil(0.7 * 100) in float64 is 70 (0.7 * 100 rounds to 70.0)
+    model = build(0.7, True, True, img_size=160)
+    check_against_reference(model, torch.randn(1, 3, 160, 160))
+    with torch.no_grad():
+        tokens = model.forward_intermediates(torch.randn(1, 3, 160, 160), output_fmt='NLC', intermediates_only=True)
+    assert tokens[3].shape[1] == math.ceil(0.7 * 100) + 1 == 71
