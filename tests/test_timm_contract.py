@@ -183,3 +183,12 @@ def test_torch_compile_fullgraph_in_eval():
     compiled = torch.compile(model, fullgraph=True)  # fullgraph: any graph break is an error
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_export():
+    # torch.export is the supported way to ship a graph (torch.jit.script is deprecated in torch 2.14).
+    model = tiny_evit(keep_rate=0.5).eval()
+    x = torch.randn(2, 3, 224, 224)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-5)
