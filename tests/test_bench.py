@@ -48,3 +48,31 @@ def test_cli_rejects_bad_keep_rates():
     result = subprocess.run([sys.executable, '-m', 'timm_evit', 'bench', '--keep-rates', '0.7,1.5'],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and '--keep-rates takes comma-separated floats in (0, 1]' in result.stderr
+
+
+def test_cli_plot_and_batch_one_latency(tmp_path):
+    png = tmp_path / 'bench.png'
+    result = subprocess.run(
+        [sys.executable, '-m', 'timm_evit', 'bench', '--model', 'evit_deit_tiny', '--batch-size', '2', '--repeats', '1',
+         '--warmup', '0', '--keep-rates', '1,0.5', '--attn', 'fused', '--plot', str(png)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert list(tmp_path.iterdir()) == [png]                  # written whole: no temporary left behind
+    assert 'batch-1 ms' in result.stdout
+
+
+def test_plot_without_matplotlib_says_what_to_install(monkeypatch, tmp_path):
+    from timm_evit.bench import plot_rows
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)      # import matplotlib now raises ImportError
+    with pytest.raises(RuntimeError, match=r"pip install 'timm-evit\[plot\]'"):
+        plot_rows([], str(tmp_path / 'x.png'))
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_rejects_a_device_it_does_not_have():
+    if __import__('torch').cuda.is_available():
+        pytest.skip('this machine has CUDA')
+    result = subprocess.run([sys.executable, '-m', 'timm_evit', 'bench', '--device', 'cuda'],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "device 'cuda' was asked for but torch sees no CUDA device" in result.stderr

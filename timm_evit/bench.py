@@ -1,12 +1,18 @@
 """Benchmark EViT against timm's plain model: tokens per stage, GMACs, throughput ratio.
 
 Speed is only reported as a ratio measured in one run: the plain timm model and the EViT model
-(same weights, same attention implementation, same batch and dtype) are timed interleaved,
-after a warm-up, and the median of the repeats is taken.
+(same weights, same attention implementation, same batch, dtype and device) are timed
+interleaved, after a warm-up, and the median of the repeats is taken.
 """
+import contextlib
+import copy
+import os
 import statistics
+import tempfile
+import textwrap
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence
 
 import timm
@@ -15,20 +21,32 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .deit import PLAIN_COUNTERPARTS
 
-__all__ = ['BenchRow', 'set_fused_attn', 'count_gmacs', 'tokens_per_stage', 'time_interleaved', 'run_bench']
+__all__ = [
+    'BenchRow', 'set_fused_attn', 'count_gmacs', 'tokens_per_stage', 'time_interleaved', 'run_bench',
+    'format_rows', 'rows_as_dicts', 'plot_rows', 'DTYPES',
+]
+
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
 
 
 @dataclass
 class BenchRow:
     model: str
-    keep_rate: Optional[float]  # None for the plain timm model
+    keep_rate: Optional[float]        # None for the plain timm model
     fuse_token: Optional[bool]
-    attn: str
-    tokens: List[int]           # non-class tokens entering the first reorganising block, then after each
-    gmacs: float                # per image
-    mac_ratio: float            # plain GMACs / these GMACs: the best speed-up token reduction can give
+    attn: str                         # 'fused' (SDPA) or 'math'
+    dtype: str
+    compiled: bool
+    device: str
+    batch_size: int
+    tokens: List[int]                 # non-class tokens at the input, then after each reorganising block
+    gmacs: float                      # per image
+    mac_ratio: float                  # plain GMACs / these GMACs: what time would give if it followed MACs
     images_per_s: float
-    speedup: float              # throughput / plain throughput, same run
+    speedup: float                    # throughput / plain throughput, same run
+    efficiency: float                 # speedup / mac_ratio
+    latency_ms: Optional[float] = None          # batch 1, median
+    latency_speedup: Optional[float] = None     # plain latency / this latency, same run
 
 
 def set_fused_attn(model: torch.nn.Module, fused: bool) -> None:
@@ -58,25 +76,40 @@ def tokens_per_stage(model: torch.nn.Module, x: torch.Tensor, keep_rate: Optiona
     return [model.patch_embed.num_patches] + [tokens[i].shape[1] for i in layers]
 
 
+def _copy_with_keep_rate(model: torch.nn.Module, keep_rate: float) -> torch.nn.Module:
+    model = copy.deepcopy(model)
+    model.set_keep_rate(keep_rate)
+    return model
+
+
+def _dynamo():
+    import torch._dynamo as dynamo  # imported only when compiling
+    return dynamo
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
 def time_interleaved(
-        forwards: Dict[str, Callable[[], object]],
+        forwards: Dict[object, Callable[[], object]],
         repeats: int,
         warmup: int,
+        device: torch.device = torch.device('cpu'),
         progress: Optional[Callable[[], None]] = None,
-) -> Dict[str, float]:
+) -> Dict[object, float]:
     """Median seconds per call of each function, run interleaved so drifts hit all alike."""
+    times = {name: [] for name in forwards}
     with torch.inference_mode():
-        for _ in range(warmup):
-            for fn in forwards.values():
-                fn()
-                if progress:
-                    progress()
-        times = {name: [] for name in forwards}
-        for _ in range(repeats):
+        for step in range(warmup + repeats):
             for name, fn in forwards.items():
+                _synchronize(device)
                 start = time.perf_counter()
                 fn()
-                times[name].append(time.perf_counter() - start)
+                _synchronize(device)
+                if step >= warmup:
+                    times[name].append(time.perf_counter() - start)
                 if progress:
                     progress()
     return {name: statistics.median(t) for name, t in times.items()}
@@ -90,58 +123,131 @@ def run_bench(
         repeats: int = 5,
         warmup: int = 2,
         attn: Sequence[str] = ('math', 'fused'),
+        dtype: str = 'fp32',
+        compile: bool = False,
+        device: str = 'cpu',
+        latency: bool = True,
         pretrained: bool = False,
         show_progress: bool = True,
 ) -> List[BenchRow]:
-    """Rows for the plain timm model and for ``model_name`` at each keep rate, per attention path."""
+    """Rows for the plain timm model and for ``model_name`` at each keep rate, per attention path.
+
+    ``latency`` also times batch 1 (interleaved the same way). With ``compile``, every model and
+    keep rate is compiled with ``torch.compile`` during the warm-up (at least one warm-up step).
+    """
     from tqdm import tqdm
 
     if model_name not in PLAIN_COUNTERPARTS:
         raise ValueError(f'model_name must be one of {sorted(PLAIN_COUNTERPARTS)}, got {model_name!r}')
+    if dtype not in DTYPES:
+        raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
+    if any(a not in ('math', 'fused') for a in attn):
+        raise ValueError(f"attn entries must be 'math' or 'fused', got {list(attn)!r}")
+    dev = torch.device(device)
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'device {device!r} was asked for but torch sees no CUDA device')
+    warmup = max(warmup, 1) if compile else warmup
+
     evit = timm.create_model(model_name, pretrained=pretrained, fuse_token=fuse_token).eval()
     plain = timm.create_model(PLAIN_COUNTERPARTS[model_name]).eval()
     plain.load_state_dict(evit.state_dict())  # same weights
-    x = torch.randn(batch_size, *evit.pretrained_cfg['input_size'])
+    input_size = evit.pretrained_cfg['input_size']
+
+    # GMACs and token counts do not depend on dtype or device: count them once, fp32 on the CPU.
+    x1 = torch.randn(1, *input_size)
+    set_fused_attn(evit, False)
+    set_fused_attn(plain, False)
+    plain_gmacs = count_gmacs(plain, x1)
+    gmacs = {r: count_gmacs(lambda t, r=r: evit(t, keep_rate=r), x1) for r in keep_rates}
+    tokens = {r: tokens_per_stage(evit, x1, r) for r in keep_rates}
+
+    plain.to(device=dev, dtype=DTYPES[dtype])
+    batches = {batch_size: torch.randn(batch_size, *input_size, device=dev, dtype=DTYPES[dtype])}
+    if latency:
+        batches[1] = batches[batch_size][:1].clone()
+    # One model per keep rate (shared-nothing copies): the rate is then a constant of each
+    # compiled graph rather than a float argument that dynamo would make symbolic.
+    at_rate = {r: _copy_with_keep_rate(evit, r).to(device=dev, dtype=DTYPES[dtype]) for r in keep_rates}
+    wrap = partial(torch.compile, dynamic=False) if compile else (lambda model: model)
 
     rows = []
-    steps = len(attn) * (len(keep_rates) + 1) * (repeats + warmup)
-    with tqdm(total=steps, desc=f'bench {model_name}', unit='fwd', disable=not show_progress) as bar:
+    steps = len(attn) * len(batches) * (len(keep_rates) + 1) * (repeats + warmup)
+    # Compiling one function per keep rate and batch size needs more than dynamo's default cache.
+    compile_cache = _dynamo().config.patch(cache_size_limit=64) if compile else contextlib.nullcontext()
+    with compile_cache, tqdm(total=steps, desc=f'bench {model_name}', unit='fwd', disable=not show_progress) as bar:
         for impl in attn:
-            set_fused_attn(evit, False)
-            set_fused_attn(plain, False)
-            plain_gmacs = count_gmacs(plain, x[:1])
-            gmacs = {r: count_gmacs(lambda t, r=r: evit(t, keep_rate=r), x[:1]) for r in keep_rates}
-            set_fused_attn(evit, impl == 'fused')
-            set_fused_attn(plain, impl == 'fused')
-            forwards = {'plain': lambda: plain(x)}
-            forwards.update({r: (lambda r=r: evit(x, keep_rate=r)) for r in keep_rates})
-            seconds = time_interleaved(forwards, repeats, warmup, progress=bar.update)
-            plain_ips = batch_size / seconds['plain']
-            rows.append(BenchRow(
-                PLAIN_COUNTERPARTS[model_name], None, None, impl, [plain.patch_embed.num_patches],
-                plain_gmacs, 1.0, plain_ips, 1.0))
-            for r in keep_rates:
-                ips = batch_size / seconds[r]
-                rows.append(BenchRow(
-                    model_name, r, fuse_token, impl, tokens_per_stage(evit, x, r),
-                    gmacs[r], plain_gmacs / gmacs[r], ips, ips / plain_ips))
+            for model in (plain, *at_rate.values()):
+                set_fused_attn(model, impl == 'fused')
+            seconds = {}
+            for size, x in batches.items():
+                forwards = {'plain': partial(wrap(plain), x)}
+                forwards.update({r: partial(wrap(model), x) for r, model in at_rate.items()})
+                seconds[size] = time_interleaved(forwards, repeats, warmup, dev, progress=bar.update)
+            if compile:
+                _dynamo().reset()  # the attention switch is baked into the compiled graphs
+
+            def row(name, rate, fuse, row_tokens, row_gmacs, key):
+                ips = batch_size / seconds[batch_size][key]
+                plain_ips = batch_size / seconds[batch_size]['plain']
+                mac_ratio = plain_gmacs / row_gmacs
+                lat = seconds[1][key] * 1e3 if latency else None
+                lat_speedup = seconds[1]['plain'] * 1e3 / lat if latency else None
+                return BenchRow(name, rate, fuse, impl, dtype, compile, str(dev), batch_size, row_tokens, row_gmacs,
+                                mac_ratio, ips, ips / plain_ips, ips / plain_ips / mac_ratio, lat, lat_speedup)
+
+            rows.append(row(PLAIN_COUNTERPARTS[model_name], None, None, [plain.patch_embed.num_patches],
+                            plain_gmacs, 'plain'))
+            rows.extend(row(model_name, r, fuse_token, tokens[r], gmacs[r], r) for r in keep_rates)
     return rows
 
 
 def format_rows(rows: List[BenchRow]) -> str:
     """A Markdown table."""
-    lines = [
-        '| model | attn | keep_rate | fuse | tokens per stage | GMACs | MAC ratio | img/s | speed-up |',
-        '|---|---|---|---|---|---|---|---|---|',
-    ]
+    latency = rows[0].latency_ms is not None
+    head = '| model | attn | keep_rate | fuse | tokens per stage | GMACs | MAC ratio | img/s | speed-up | efficiency |'
+    lines = [head + (' batch-1 ms | latency speed-up |' if latency else ''),
+             '|---' * (10 + 2 * latency) + '|']
     for r in rows:
         keep = '-' if r.keep_rate is None else f'{r.keep_rate:g}'
         fuse = '-' if r.fuse_token is None else ('yes' if r.fuse_token else 'no')
-        lines.append(
-            f'| {r.model} | {r.attn} | {keep} | {fuse} | {", ".join(map(str, r.tokens))} | {r.gmacs:.2f} '
-            f'| {r.mac_ratio:.2f}x | {r.images_per_s:.1f} | {r.speedup:.2f}x |')
+        line = (f'| {r.model} | {r.attn} | {keep} | {fuse} | {", ".join(map(str, r.tokens))} | {r.gmacs:.2f} '
+                f'| {r.mac_ratio:.2f}x | {r.images_per_s:.1f} | {r.speedup:.2f}x | {r.efficiency:.2f} |')
+        if latency:
+            line += f' {r.latency_ms:.1f} | {r.latency_speedup:.2f}x |'
+        lines.append(line)
     return '\n'.join(lines)
 
 
 def rows_as_dicts(rows: List[BenchRow]) -> List[dict]:
     return [asdict(r) for r in rows]
+
+
+def plot_rows(rows: List[BenchRow], path: str, title: str = '') -> None:
+    """Speed-up and GMACs against keep rate, as a PNG written whole (temporary file, then rename)."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise RuntimeError("plotting needs matplotlib: pip install 'timm-evit[plot]'") from e
+
+    fig, (ax_speed, ax_macs) = plt.subplots(1, 2, figsize=(10, 4))
+    evit_rows = [r for r in rows if r.keep_rate is not None]
+    for impl in dict.fromkeys(r.attn for r in evit_rows):
+        sel = sorted((r for r in evit_rows if r.attn == impl), key=lambda r: r.keep_rate)
+        ax_speed.plot([r.keep_rate for r in sel], [r.speedup for r in sel], 'o-', label=f'measured, {impl} attention')
+    sel = sorted({r.keep_rate: r for r in evit_rows}.values(), key=lambda r: r.keep_rate)
+    ax_speed.plot([r.keep_rate for r in sel], [r.mac_ratio for r in sel], 'k--', label='MAC ratio')
+    ax_speed.set(xlabel='keep_rate', ylabel='throughput / plain timm model', title='speed-up (same run)')
+    ax_speed.legend()
+    ax_macs.plot([r.keep_rate for r in sel], [r.gmacs for r in sel], 'o-')
+    ax_macs.axhline(next(r.gmacs for r in rows if r.keep_rate is None), color='k', ls='--', label='plain model')
+    ax_macs.set(xlabel='keep_rate', ylabel='GMACs per image', title='GMACs')
+    ax_macs.legend()
+    fig.suptitle(textwrap.fill(title, 130), fontsize=8)
+    fig.tight_layout()
+    directory = os.path.dirname(os.path.abspath(path))
+    with tempfile.NamedTemporaryFile(dir=directory, suffix='.png', delete=False) as tmp:
+        fig.savefig(tmp, format='png', dpi=120)
+    plt.close(fig)
+    os.replace(tmp.name, path)
