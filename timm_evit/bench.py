@@ -250,4 +250,7 @@ def plot_rows(rows: List[BenchRow], path: str, title: str = '') -> None:
     with tempfile.NamedTemporaryFile(dir=directory, suffix='.png', delete=False) as tmp:
         fig.savefig(tmp, format='png', dpi=120)
     plt.close(fig)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp.name, 0o666 & ~umask)  # NamedTemporaryFile makes it private; give it normal permissions
     os.replace(tmp.name, path)
