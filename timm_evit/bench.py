@@ -6,9 +6,7 @@ interleaved, after a warm-up, and the median of the repeats is taken.
 """
 import contextlib
 import copy
-import os
 import statistics
-import tempfile
 import textwrap
 import time
 from dataclasses import asdict, dataclass
@@ -19,6 +17,7 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ._io import pyplot, save_figure_whole
 from .deit import PLAIN_COUNTERPARTS
 
 __all__ = [
@@ -56,14 +55,19 @@ def set_fused_attn(model: torch.nn.Module, fused: bool) -> None:
             module.fused_attn = fused
 
 
-def count_gmacs(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> float:
-    """Multiply-accumulates per image in GMACs, counted by torch.utils.flop_counter.
-
-    Call it with the math attention path: the counter has no formula for the CPU fused kernel.
-    """
+def count_gmacs(model: torch.nn.Module, x: torch.Tensor, **forward_kwargs) -> float:
+    """Multiply-accumulates per image of ``model(x, **forward_kwargs)`` in GMACs, counted by
+    torch.utils.flop_counter on timm's math attention path (the counter has no formula for the
+    CPU fused kernel); the model's attention setting is restored afterwards."""
+    fused = {m: m.fused_attn for m in model.modules() if hasattr(m, 'fused_attn')}
+    set_fused_attn(model, False)
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        forward(x)
+    try:
+        with torch.inference_mode(), counter:
+            model(x, **forward_kwargs)
+    finally:
+        for module, value in fused.items():
+            module.fused_attn = value
     return counter.get_total_flops() / 2 / x.shape[0] / 1e9
 
 
@@ -155,10 +159,8 @@ def run_bench(
 
     # GMACs and token counts do not depend on dtype or device: count them once, fp32 on the CPU.
     x1 = torch.randn(1, *input_size)
-    set_fused_attn(evit, False)
-    set_fused_attn(plain, False)
     plain_gmacs = count_gmacs(plain, x1)
-    gmacs = {r: count_gmacs(lambda t, r=r: evit(t, keep_rate=r), x1) for r in keep_rates}
+    gmacs = {r: count_gmacs(evit, x1, keep_rate=r) for r in keep_rates}
     tokens = {r: tokens_per_stage(evit, x1, r) for r in keep_rates}
 
     plain.to(device=dev, dtype=DTYPES[dtype])
@@ -224,13 +226,7 @@ def rows_as_dicts(rows: List[BenchRow]) -> List[dict]:
 
 def plot_rows(rows: List[BenchRow], path: str, title: str = '') -> None:
     """Speed-up and GMACs against keep rate, as a PNG written whole (temporary file, then rename)."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise RuntimeError("plotting needs matplotlib: pip install 'timm-evit[plot]'") from e
-
+    plt = pyplot()
     fig, (ax_speed, ax_macs) = plt.subplots(1, 2, figsize=(10, 4))
     evit_rows = [r for r in rows if r.keep_rate is not None]
     for impl in dict.fromkeys(r.attn for r in evit_rows):
@@ -246,11 +242,7 @@ def plot_rows(rows: List[BenchRow], path: str, title: str = '') -> None:
     ax_macs.legend()
     fig.suptitle(textwrap.fill(title, 130), fontsize=8)
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile(dir=directory, suffix='.png', delete=False) as tmp:
-        fig.savefig(tmp, format='png', dpi=120)
-    plt.close(fig)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp.name, 0o666 & ~umask)  # NamedTemporaryFile makes it private; give it normal permissions
-    os.replace(tmp.name, path)
+    try:
+        save_figure_whole(fig, path, dpi=120)
+    finally:
+        plt.close(fig)

@@ -36,15 +36,9 @@ def _machine(device: str) -> str:
             f'{torch.get_num_threads()} torch threads, torch {torch.__version__}')
 
 
-def _write_whole(path: str, text: str) -> None:
-    tmp = f'{path}.tmp-{os.getpid()}'
-    with open(tmp, 'w') as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def bench_main(args: argparse.Namespace) -> int:
     import timm
+    from ._io import write_whole
     from .bench import format_rows, plot_rows, rows_as_dicts, run_bench
 
     if args.plot:  # fail before the long run, not after it
@@ -72,10 +66,105 @@ def bench_main(args: argparse.Namespace) -> int:
     print(f'# {header}')
     print(format_rows(rows))
     if args.json:
-        _write_whole(args.json, json.dumps({'setting': header, 'rows': rows_as_dicts(rows)}, indent=2))
+        write_whole(args.json, json.dumps({'setting': header, 'rows': rows_as_dicts(rows)}, indent=2))
     if args.plot:
         plot_rows(rows, args.plot, title=header)
     return 0
+
+
+def _need_matplotlib(command: str) -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(f"timm-evit {command}: drawing needs matplotlib: pip install 'timm-evit[plot]'", file=sys.stderr)
+        return False
+    return True
+
+
+def visualize_main(args: argparse.Namespace) -> int:
+    import timm
+    from timm.data import create_transform, resolve_data_config
+    from .visualize import draw_masks, load_image, reorganisation_masks, stage_names
+
+    if not _need_matplotlib('visualize'):
+        return 2
+    if not os.path.isdir(args.out):
+        print(f'timm-evit visualize: --out {args.out!r} is not a folder', file=sys.stderr)
+        return 2
+    try:
+        images = [(path, load_image(path)) for path in args.images]  # every image readable before any work
+        kwargs = {'img_size': args.img_size} if args.img_size else {}
+        model = timm.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint or '',
+                                  keep_rate=args.keep_rate, fuse_token=not args.no_fuse, **kwargs).eval()
+    except ValueError as e:
+        print(f'timm-evit visualize: {e}', file=sys.stderr)
+        return 2
+    config = resolve_data_config({}, model=model)
+    # The model's eval transform without normalisation, to show the very pixels the model sees.
+    to_pixels = create_transform(**{**config, 'mean': (0., 0., 0.), 'std': (1., 1., 1.)})
+    mean, std = torch.tensor(config['mean']).view(3, 1, 1), torch.tensor(config['std']).view(3, 1, 1)
+    weights = 'pretrained' if args.pretrained else (args.checkpoint or 'random weights')
+    for path, image in images:
+        pixels = to_pixels(image)
+        masks = reorganisation_masks(model, ((pixels - mean) / std)[None])[0]
+        out = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0] + '_evit.png')
+        title = (f'{args.model} ({weights}), keep_rate {args.keep_rate:g}, '
+                 f'{"fusion (orange)" if not args.no_fuse else "no fusion"}, dropped greyed')
+        draw_masks(pixels, masks, stage_names(model), out, title=title)
+        print(out)
+    return 0
+
+
+def sweep_main(args: argparse.Namespace) -> int:
+    from .sweep import pick_keep_rate, run_sweep, write_sweep
+
+    if not args.no_plot and not _need_matplotlib('sweep'):
+        return 2
+    if args.max_drop is not None and 1.0 not in args.keep_rates:
+        print('timm-evit sweep: --max-drop needs keep rate 1.0 in --keep-rates (the accuracy it is measured from)',
+              file=sys.stderr)
+        return 2
+    try:
+        rows = run_sweep(args.model, args.data_dir, args.split, args.keep_rates, args.batch_size,
+                         pretrained=args.pretrained, checkpoint=args.checkpoint, num_classes=args.num_classes,
+                         fuse_token=not args.no_fuse, workers=args.workers)
+        prefix = args.out or f'sweep_{args.model}'
+        setting = f'{args.model} on {args.data_dir} ({args.split}), batch {args.batch_size}, CPU: {_machine("cpu")}'
+        paths = write_sweep(rows, prefix, title=setting, plot=not args.no_plot)
+    except ValueError as e:
+        print(f'timm-evit sweep: {e}', file=sys.stderr)
+        return 2
+    print(f'# {setting}')
+    print('| keep_rate | top-1 | top-5 | GMACs | img/s | speed-up vs keep 1.0 |')
+    print('|---|---|---|---|---|---|')
+    for r in rows:
+        speedup = '-' if r.speedup is None else f'{r.speedup:.2f}x'
+        print(f'| {r.keep_rate:g} | {r.top1:.2f} | {r.top5:.2f} | {r.gmacs:.2f} | {r.images_per_s:.1f} | {speedup} |')
+    print('wrote ' + ', '.join(paths))
+    if args.max_drop is not None:
+        best = pick_keep_rate(rows, args.max_drop)
+        print(f'fastest keep rate within {args.max_drop:g} top-1 points of keep 1.0: {best.keep_rate:g} '
+              f'(top-1 {best.top1:.2f}); use: --model-kwargs keep_rate={best.keep_rate:g}'
+              + (' fuse_token=False' if args.no_fuse else ''))
+    return 0
+
+
+def _keep_rate(text: str) -> float:
+    return _keep_rates(text)[0] if ',' not in text else _fail(f'--keep-rate takes one float in (0, 1], got {text!r}')
+
+
+def _fail(message: str):
+    raise argparse.ArgumentTypeError(message)
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f'expected a number >= 0, got {text!r}')
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +191,35 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument('--json', metavar='PATH', help='also write the rows as JSON')
     bench.add_argument('--plot', metavar='PNG', help='also draw speed-up and GMACs against keep rate (needs matplotlib)')
     bench.set_defaults(func=bench_main)
+
+    models = ['evit_deit_tiny', 'evit_deit_small', 'evit_deit_base']
+    vis = sub.add_parser('visualize', help='draw which patches each reorganising block keeps, fuses or drops')
+    vis.add_argument('images', nargs='+', metavar='IMAGE')
+    vis.add_argument('--model', default='evit_deit_small', choices=models)
+    vis.add_argument('--pretrained', action='store_true', help='pretrained weights (must be cached offline)')
+    vis.add_argument('--checkpoint', help='weights file to load instead')
+    vis.add_argument('--keep-rate', type=_keep_rate, default=0.7)
+    vis.add_argument('--no-fuse', action='store_true', help='drop inattentive tokens instead of fusing them')
+    vis.add_argument('--img-size', type=_positive_int, help='model input size (position embeddings resampled)')
+    vis.add_argument('--out', default='.', help='folder for the PNGs (default: current folder)')
+    vis.set_defaults(func=visualize_main)
+
+    sweep = sub.add_parser('sweep', help='top-1, top-5, GMACs and throughput at several keep rates on an ImageFolder')
+    sweep.add_argument('--model', default='evit_deit_small', choices=models)
+    sweep.add_argument('--data-dir', required=True, help='ImageFolder root (class folders, or split folders of them)')
+    sweep.add_argument('--split', default='validation')
+    sweep.add_argument('--keep-rates', type=_keep_rates, default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
+    sweep.add_argument('--batch-size', type=_positive_int, default=32)
+    sweep.add_argument('--pretrained', action='store_true', help='pretrained weights (must be cached offline)')
+    sweep.add_argument('--checkpoint', help='weights file to evaluate (for example from timm\'s train.py)')
+    sweep.add_argument('--num-classes', type=_positive_int, help='classes of the checkpoint (default: 1000)')
+    sweep.add_argument('--no-fuse', action='store_true')
+    sweep.add_argument('--workers', type=int, default=0)
+    sweep.add_argument('--out', help='output prefix for .csv, .json and .png (default: sweep_MODEL)')
+    sweep.add_argument('--no-plot', action='store_true', help='skip the chart (no matplotlib needed)')
+    sweep.add_argument('--max-drop', type=_non_negative_float,
+                       help='print the fastest keep rate whose top-1 is within this many points of keep 1.0')
+    sweep.set_defaults(func=sweep_main)
     return parser
 
 

@@ -1,0 +1,154 @@
+"""Choose a keep rate: accuracy, GMACs and throughput of one model at several keep rates on an ImageFolder."""
+import csv
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import List, Optional, Sequence
+
+import timm
+import torch
+from timm.data import create_dataset, create_loader, resolve_data_config
+from timm.utils import accuracy
+
+from ._io import pyplot, save_figure_whole, write_whole
+from .bench import count_gmacs, time_interleaved
+
+__all__ = ['SweepRow', 'load_image_folder', 'evaluate', 'run_sweep', 'pick_keep_rate', 'write_sweep']
+
+
+@dataclass
+class SweepRow:
+    keep_rate: float
+    top1: float                       # percent
+    top5: float                       # percent (top-k with k = number of classes if fewer than 5)
+    gmacs: float                      # per image
+    images_per_s: float
+    speedup: Optional[float]          # throughput / throughput at keep 1.0, same run (None without 1.0)
+    num_images: int
+
+
+def load_image_folder(data_dir: str, split: str):
+    """timm's ImageFolder dataset, with clear errors for a bad path, no images, or unreadable files."""
+    from PIL import Image, UnidentifiedImageError
+    if not os.path.isdir(data_dir):
+        raise ValueError(f'--data-dir {data_dir!r} is not a folder')
+    try:
+        dataset = create_dataset('', root=data_dir, split=split)
+    except RuntimeError as e:  # timm's ImageFolder reader finds no images
+        raise ValueError(f'--data-dir {data_dir!r} (split {split!r}) holds no images: {e}') from e
+    if len(dataset) == 0:
+        raise ValueError(f'--data-dir {data_dir!r} (split {split!r}) holds no images')
+    # timm skips an unreadable sample and silently serves the next one: that would bias the
+    # accuracy, so refuse such a folder up front (reading headers only).
+    unreadable = []
+    for path, _ in dataset.reader.samples:
+        try:
+            with Image.open(path):
+                pass
+        except (UnidentifiedImageError, OSError) as e:
+            unreadable.append(f'{path}: {e}')
+    if unreadable:
+        raise ValueError(f'{len(unreadable)} unreadable image(s) in {data_dir!r}, e.g. ' + '; '.join(unreadable[:3]))
+    return dataset
+
+
+@torch.no_grad()
+def evaluate(model, loader, keep_rate: float, progress=None):
+    """(top-1 %, top-5 %, images) of ``model`` at ``keep_rate`` over ``loader``."""
+    model.eval()
+    correct1 = correct5 = total = 0.
+    for images, targets in loader:
+        logits = model(images, keep_rate=keep_rate)
+        top1, top5 = accuracy(logits, targets, topk=(1, min(5, logits.shape[-1])))
+        correct1 += float(top1) * targets.shape[0] / 100
+        correct5 += float(top5) * targets.shape[0] / 100
+        total += targets.shape[0]
+        if progress:
+            progress(targets.shape[0])
+    return 100 * correct1 / total, 100 * correct5 / total, int(total)
+
+
+def run_sweep(
+        model_name: str,
+        data_dir: str,
+        split: str = 'validation',
+        keep_rates: Sequence[float] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5),
+        batch_size: int = 32,
+        pretrained: bool = False,
+        checkpoint: Optional[str] = None,
+        num_classes: Optional[int] = None,
+        fuse_token: bool = True,
+        workers: int = 0,
+        show_progress: bool = True,
+) -> List[SweepRow]:
+    """Evaluate one model at each keep rate (timm's dataset, loader and eval transforms from the
+    model's pretrained_cfg), with GMACs and throughput measured in the same run."""
+    from tqdm import tqdm
+
+    if checkpoint is not None and not os.path.isfile(checkpoint):
+        raise ValueError(f'--checkpoint {checkpoint!r} is not a file')
+    dataset = load_image_folder(data_dir, split)
+    model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes,
+                              checkpoint_path=checkpoint or '', fuse_token=fuse_token).eval()
+    data_config = resolve_data_config({}, model=model)
+    loader = create_loader(
+        dataset, input_size=data_config['input_size'], batch_size=batch_size, is_training=False,
+        interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
+        crop_pct=data_config['crop_pct'], crop_mode=data_config['crop_mode'], num_workers=workers,
+        use_prefetcher=False, device=torch.device('cpu'), persistent_workers=False)
+
+    results = {}
+    with tqdm(total=len(dataset) * len(keep_rates), desc=f'sweep {model_name}', unit='img',
+              disable=not show_progress) as bar:
+        for rate in keep_rates:
+            bar.set_postfix(keep_rate=rate)
+            results[rate] = evaluate(model, loader, rate, progress=bar.update)
+
+    x = torch.randn(min(batch_size, len(dataset)), *data_config['input_size'])
+    gmacs = {r: count_gmacs(model, x[:1], keep_rate=r) for r in keep_rates}
+    seconds = time_interleaved({r: (lambda r=r: model(x, keep_rate=r)) for r in keep_rates}, repeats=3, warmup=1)
+    rows = []
+    for rate in keep_rates:
+        top1, top5, n = results[rate]
+        ips = x.shape[0] / seconds[rate]
+        speedup = seconds[1.0] / seconds[rate] if 1.0 in seconds else None
+        rows.append(SweepRow(rate, top1, top5, gmacs[rate], ips, speedup, n))
+    return rows
+
+
+def pick_keep_rate(rows: List[SweepRow], max_drop: float) -> SweepRow:
+    """The fastest keep rate whose top-1 is within ``max_drop`` points of keep 1.0."""
+    reference = next((r for r in rows if r.keep_rate == 1.0), None)
+    if reference is None:
+        raise ValueError('--max-drop needs keep rate 1.0 in --keep-rates (the accuracy it is measured from)')
+    allowed = [r for r in rows if r.top1 >= reference.top1 - max_drop]
+    return max(allowed, key=lambda r: r.images_per_s)
+
+
+def write_sweep(rows: List[SweepRow], prefix: str, title: str = '', plot: bool = True) -> List[str]:
+    """``prefix``.csv, .json and (with ``plot``) .png, each written whole; returns the paths."""
+    names = [f.name for f in fields(SweepRow)]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=names, lineterminator='\n')
+    writer.writeheader()
+    writer.writerows(asdict(r) for r in rows)
+    paths = [prefix + '.csv', prefix + '.json']
+    write_whole(paths[0], text.getvalue())
+    write_whole(paths[1], json.dumps({'setting': title, 'rows': [asdict(r) for r in rows]}, indent=2))
+    if plot:
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([r.images_per_s for r in rows], [r.top1 for r in rows], 'o-')
+        for r in rows:
+            ax.annotate(f'{r.keep_rate:g}', (r.images_per_s, r.top1), textcoords='offset points', xytext=(4, 4), fontsize=8)
+        ax.set(xlabel='images / s (same run)', ylabel='top-1 (%)', title='accuracy against throughput, by keep_rate')
+        if title:
+            fig.suptitle(title, fontsize=7)
+        fig.tight_layout()
+        try:
+            save_figure_whole(fig, prefix + '.png')
+        finally:
+            plt.close(fig)
+        paths.append(prefix + '.png')
+    return paths

@@ -1,0 +1,86 @@
+"""What EViT keeps: per-stage patch masks, traced through every reorganising block, and their drawing."""
+import os
+from typing import List, Optional, Sequence
+
+import torch
+
+from ._io import pyplot, save_figure_whole
+from .options import KeepRate
+
+__all__ = ['KEPT', 'FUSED', 'DROPPED', 'reorganisation_masks', 'draw_masks', 'load_image', 'stage_names']
+
+KEPT, FUSED, DROPPED = 0, 1, 2  # patch states in the masks
+
+
+@torch.no_grad()
+def reorganisation_masks(model, images: torch.Tensor, keep_rate: Optional[KeepRate] = None) -> torch.Tensor:
+    """State of every patch after each reorganising block: ``[B, stages, grid_h, grid_w]``.
+
+    ``KEPT``: the patch still has its own token. ``FUSED``: it is carried by a fused token
+    (possibly after several stages: a patch fused once stays fused, even if its fused token is
+    kept later). ``DROPPED``: no token carries it (``fuse_token=False``). The model's
+    ``forward_intermediates`` traces each patch through all stages, so a patch dropped in the
+    first stage is shown dropped in every later one.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.forward_intermediates(images, indices=list(model.reorg_layers), output_dict=True,
+                                          intermediates_only=True, keep_rate=keep_rate)
+    finally:
+        model.train(was_training)
+    grid_h, grid_w = model.patch_embed.dynamic_feat_size(images.shape[-2:])
+    stages = []
+    for token_patch_ids, patch_token_index in zip(out['token_patch_ids'], out['patch_token_index']):
+        carried = patch_token_index >= 0
+        carrier_is_patch = token_patch_ids.gather(1, patch_token_index.clamp(min=0)) >= 0
+        state = torch.full_like(patch_token_index, DROPPED)
+        state[carried & carrier_is_patch] = KEPT
+        state[carried & ~carrier_is_patch] = FUSED
+        stages.append(state.reshape(-1, grid_h, grid_w))
+    return torch.stack(stages, dim=1).to(torch.int8)
+
+
+def load_image(path: str):
+    """An RGB PIL image, or a ValueError that names the file and says why it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+    if not os.path.isfile(path):
+        raise ValueError(f'cannot read image {path!r}: no such file')
+    try:
+        with Image.open(path) as img:
+            return img.convert('RGB')
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f'cannot read image {path!r}: {e}') from e
+
+
+def draw_masks(image: torch.Tensor, masks: torch.Tensor, stage_names: Sequence[str], path: str, title: str = '') -> None:
+    """PNG with the input and one panel per stage: kept patches as they are, dropped ones greyed,
+    fused ones tinted orange. ``image`` ``[3, H, W]`` in 0..1, ``masks`` ``[stages, gh, gw]``.
+    Written whole: to a temporary file, then renamed."""
+    plt = pyplot()
+    height, width = image.shape[-2:]
+    panels = [('input', image)]
+    grey = torch.full_like(image, 0.5)
+    orange = torch.tensor([1.0, 0.55, 0.0]).view(3, 1, 1).expand_as(image)
+    for name, mask in zip(stage_names, masks):
+        state = torch.nn.functional.interpolate(mask[None, None].float(), size=(height, width), mode='nearest')[0]
+        shown = torch.where(state == DROPPED, 0.25 * image + 0.75 * grey, image)
+        shown = torch.where(state == FUSED, 0.4 * image + 0.6 * orange, shown)
+        kept = int((mask == KEPT).sum())
+        panels.append((f'{name}: {kept} kept', shown))
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.9))
+    for ax, (name, img) in zip(axes, panels):
+        ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
+        ax.set_title(name, fontsize=8)
+        ax.axis('off')
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    try:
+        save_figure_whole(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def stage_names(model) -> List[str]:
+    return [f'block {layer}' for layer in model.reorg_layers]
