@@ -1,0 +1,160 @@
+"""What EViT keeps (masks, drawings) and choosing a keep rate (sweep), with their failure modes."""
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
+
+from conftest import tiny_evit
+from timm_evit.sweep import SweepRow, pick_keep_rate, write_sweep
+from timm_evit.visualize import DROPPED, FUSED, KEPT, draw_masks, reorganisation_masks
+
+DESIGN_TOKENS = {(0.7, True): [139, 99, 71], (0.7, False): [138, 97, 68], (0.5, True): [99, 51, 27]}
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, '-m', 'timm_evit', *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize('keep_rate, fuse', sorted(DESIGN_TOKENS))
+def test_masks_agree_with_the_token_indices(keep_rate, fuse):
+    model = tiny_evit(depth=12, reorg_layers=(3, 6, 9), keep_rate=keep_rate, fuse_token=fuse).eval()
+    images = torch.randn(2, 3, 224, 224)
+    masks = reorganisation_masks(model, images)
+    assert masks.shape == (2, 3, 14, 14)
+    out = model.forward_intermediates(images, indices=[3, 6, 9], output_dict=True, intermediates_only=True)
+    for s, ids in enumerate(out['token_patch_ids']):
+        for b in range(2):
+            own = set(ids[b][ids[b] >= 0].tolist())
+            flat = masks[b, s].flatten()
+            assert set(torch.nonzero(flat == KEPT).flatten().tolist()) == own      # kept = has its own token
+            num_fused_tokens = int((ids[b] < 0).sum())
+            assert len(own) + num_fused_tokens == DESIGN_TOKENS[keep_rate, fuse][s]   # DESIGN.md's table
+            assert not (flat == (DROPPED if fuse else FUSED)).any()
+            if s:  # a patch that lost its own token never gets it back
+                assert not ((masks[b, s - 1] != KEPT) & (masks[b, s] == KEPT)).any()
+
+
+def test_masks_on_another_image_size():
+    model = tiny_evit(dynamic_img_size=True, keep_rate=0.5).eval()
+    masks = reorganisation_masks(model, torch.randn(1, 3, 160, 256))
+    assert masks.shape == (1, 2, 10, 16)
+    assert int((masks[0, 0] == KEPT).sum()) == 80
+
+
+def test_draw_is_whole_or_nothing(tmp_path, monkeypatch):
+    path = tmp_path / 'masks.png'
+    masks = torch.tensor([[[KEPT, FUSED], [DROPPED, KEPT]]], dtype=torch.int8)
+    draw_masks(torch.rand(3, 32, 32), masks, ['block 3'], str(path))
+    assert path.read_bytes()[:4] == b'\x89PNG'
+    import matplotlib.figure
+    monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', lambda *a, **k: (_ for _ in ()).throw(OSError('disk full')))
+    with pytest.raises(OSError):
+        draw_masks(torch.rand(3, 32, 32), masks, ['block 3'], str(tmp_path / 'other.png'))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['masks.png']   # no partial file, no temporary
+
+
+def test_visualize_command(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 200, 3), dtype=np.uint8)).save(tmp_path / 'img.jpg')
+    (tmp_path / 'broken.jpg').write_bytes(b'not an image')
+    result = run_cli('visualize', str(tmp_path / 'img.jpg'), '--model', 'evit_deit_tiny', '--keep-rate', '0.5',
+                     '--out', str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / 'img_evit.png').read_bytes()[:4] == b'\x89PNG'
+    result = run_cli('visualize', str(tmp_path / 'img.jpg'), '--out', str(tmp_path / 'fresh'))
+    assert result.returncode == 2 and 'is not a folder' in result.stderr
+    (tmp_path / 'fresh').mkdir()
+    for bad, words in [('broken.jpg', "cannot read image"), ('missing.jpg', 'no such file')]:
+        result = run_cli('visualize', str(tmp_path / 'img.jpg'), str(tmp_path / bad), '--model', 'evit_deit_tiny',
+                         '--out', str(tmp_path / 'fresh'))
+        assert result.returncode == 2 and words in result.stderr and bad in result.stderr
+        assert not list((tmp_path / 'fresh').iterdir())    # nothing drawn when one image is bad
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp('data')
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(['cat', 'dog', 'fox']):
+        (root / 'validation' / name).mkdir(parents=True)
+        for i in range(4):
+            pixels = rng.integers(0, 255, (64 + 16 * i, 80, 3), dtype=np.uint8)
+            pixels[..., c] = 255 - 40 * i  # some class signal
+            Image.fromarray(pixels).save(root / 'validation' / name / f'{i}.png')
+    torch.manual_seed(3)
+    model = timm.create_model('evit_deit_tiny', num_classes=3)
+    checkpoint = root / 'model.pth'
+    torch.save(model.state_dict(), checkpoint)
+    return root, checkpoint, model.eval()
+
+
+def test_sweep_reports_the_top1_of_evaluating_by_hand(image_folder, tmp_path):
+    root, checkpoint, model = image_folder
+    result = run_cli('sweep', '--model', 'evit_deit_tiny', '--data-dir', str(root), '--checkpoint', str(checkpoint),
+                     '--num-classes', '3', '--keep-rates', '1,0.7,0.25', '--batch-size', '5', '--out',
+                     str(tmp_path / 'sw'), '--max-drop', '100')
+    assert result.returncode == 0, result.stderr
+    rows = {r['keep_rate']: r for r in json.loads((tmp_path / 'sw.json').read_text())['rows']}
+    with open(tmp_path / 'sw.csv') as f:
+        assert [float(r['top1']) for r in csv.DictReader(f)] == [rows[k]['top1'] for k in (1.0, 0.7, 0.25)]
+    assert (tmp_path / 'sw.png').read_bytes()[:4] == b'\x89PNG'
+
+    # by hand: the model's eval transform, one image at a time, sorted class folders as labels
+    transform = create_transform(**resolve_data_config({}, model=model))
+    files = sorted((root / 'validation').glob('*/*.png'))
+    labels = {name: i for i, name in enumerate(sorted(p.name for p in (root / 'validation').iterdir()))}
+    for rate in (1.0, 0.7, 0.25):
+        with torch.no_grad():
+            hits = [int(model(transform(Image.open(f).convert('RGB'))[None], keep_rate=rate).argmax()) == labels[f.parent.name]
+                    for f in files]
+        assert rows[rate]['top1'] == pytest.approx(100 * sum(hits) / len(hits))
+        assert rows[rate]['num_images'] == 12
+    assert rows[0.25]['gmacs'] < rows[0.7]['gmacs'] < rows[1.0]['gmacs']
+    assert 'use: --model-kwargs keep_rate=' in result.stdout
+
+
+def test_pick_keep_rate():
+    def row(rate, top1, ips):
+        return SweepRow(rate, top1, 100., 1., ips, None, 10)
+    rows = [row(1.0, 80.0, 10), row(0.7, 79.6, 15), row(0.5, 79.0, 20)]
+    assert pick_keep_rate(rows, 0.5).keep_rate == 0.7
+    assert pick_keep_rate(rows, 1.0).keep_rate == 0.5
+    assert pick_keep_rate(rows, 0.0).keep_rate == 1.0
+    with pytest.raises(ValueError, match='needs keep rate 1.0'):
+        pick_keep_rate(rows[1:], 0.5)
+
+
+def test_sweep_errors(tmp_path, image_folder):
+    root, checkpoint, _ = image_folder
+    (tmp_path / 'empty' / 'validation').mkdir(parents=True)
+    bad = tmp_path / 'bad' / 'validation' / 'a'
+    bad.mkdir(parents=True)
+    Image.new('RGB', (32, 32)).save(bad / 'ok.png')
+    (bad / 'broken.png').write_bytes(b'\x89PNG garbage')
+    cases = [
+        (['--data-dir', str(tmp_path / 'nowhere')], 'is not a folder'),
+        (['--data-dir', str(tmp_path / 'empty')], 'holds no images'),
+        (['--data-dir', str(tmp_path / 'bad')], 'unreadable image(s)'),
+        (['--data-dir', str(root), '--checkpoint', str(tmp_path / 'none.pth')], 'is not a file'),
+        (['--data-dir', str(root), '--keep-rates', '0.7,0.5', '--max-drop', '1'], 'needs keep rate 1.0'),
+        (['--data-dir', str(root), '--out', str(tmp_path / 'no' / 'such' / 'x')], 'does not exist'),
+    ]
+    for args, words in cases:
+        result = run_cli('sweep', '--model', 'evit_deit_tiny', '--num-classes', '3', '--checkpoint', str(checkpoint),
+                         *args)
+        assert result.returncode == 2 and words in result.stderr, (args, result.stderr[-500:])
+    assert not list(tmp_path.glob('*.csv')) and not list(tmp_path.glob('*.json'))
+
+
+def test_write_sweep_is_whole_or_nothing(tmp_path):
+    rows = [SweepRow(1.0, 50., 90., 1.25, 10., 1.0, 12)]
+    with pytest.raises(ValueError, match='does not exist'):
+        write_sweep(rows, str(tmp_path / 'missing' / 'sw'))
+    paths = write_sweep(rows, str(tmp_path / 'sw'), plot=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['sw.csv', 'sw.json'] and len(paths) == 2
