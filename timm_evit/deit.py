@@ -112,11 +112,26 @@ class VisionTransformerEViT(VisionTransformer):
         x = self.patch_drop(x)
         return self.norm_pre(x)
 
+    def _forward_blocks(
+            self,
+            x: torch.Tensor,
+            keep_rate: Optional[KeepRate],
+            track_token_ids: bool = False,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Runs the blocks; with ``track_token_ids`` also returns which patch each remaining
+        non-class token came from (-1: a fused token), ``[B, n]``."""
+        token_patch_ids = None
+        if track_token_ids:
+            token_patch_ids = torch.arange(x.shape[1] - 1, device=x.device).expand(x.shape[0], -1)
+        for blk, rate in zip(self.blocks, self._block_keep_rates(keep_rate)):
+            x, kept_idx = self._run_block(blk, x, rate)
+            if token_patch_ids is not None and kept_idx is not None:
+                token_patch_ids = trace_token_patch_ids(token_patch_ids, kept_idx, self.fuse_token)
+        return x, token_patch_ids
+
     def forward_features(self, x: torch.Tensor, keep_rate: Optional[KeepRate] = None) -> torch.Tensor:
         """Tokens after the final norm: ``[B, 1 + remaining tokens, C]``."""
-        x = self._embed(x)
-        for blk, rate in zip(self.blocks, self._block_keep_rates(keep_rate)):
-            x, _ = self._run_block(blk, x, rate)
+        x, _ = self._forward_blocks(self._embed(x), keep_rate)
         return self.norm(x)
 
     def forward(self, x: torch.Tensor, keep_rate: Optional[KeepRate] = None) -> torch.Tensor:
