@@ -4,6 +4,7 @@ Importing ``timm`` registers the models by itself once this package is installed
 ``_timm_evit_autoload``); importing this package does the same explicitly.
 """
 from .deit import PLAIN_COUNTERPARTS, VisionTransformerEViT
+from .lvvit import VisionTransformerEViTLVViT
 from .layers import EViTAttention, EViTBlock
 from .reorg import (
     class_attention, head_averaged_class_row, num_kept_tokens, reorganize_tokens,

@@ -143,6 +143,7 @@ def run_bench(
 
     if model_name not in PLAIN_COUNTERPARTS:
         raise ValueError(f'model_name must be one of {sorted(PLAIN_COUNTERPARTS)}, got {model_name!r}')
+    plain_name, plain_kwargs = PLAIN_COUNTERPARTS[model_name]
     if dtype not in DTYPES:
         raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
     if any(a not in ('math', 'fused') for a in attn):
@@ -153,7 +154,7 @@ def run_bench(
     warmup = max(warmup, 1) if compile else warmup
 
     evit = timm.create_model(model_name, pretrained=pretrained, fuse_token=fuse_token).eval()
-    plain = timm.create_model(PLAIN_COUNTERPARTS[model_name]).eval()
+    plain = timm.create_model(plain_name, **plain_kwargs).eval()
     plain.load_state_dict(evit.state_dict())  # same weights
     input_size = evit.pretrained_cfg['input_size']
 
@@ -197,7 +198,7 @@ def run_bench(
                 return BenchRow(name, rate, fuse, impl, dtype, compile, str(dev), batch_size, row_tokens, row_gmacs,
                                 mac_ratio, ips, ips / plain_ips, ips / plain_ips / mac_ratio, lat, lat_speedup)
 
-            rows.append(row(PLAIN_COUNTERPARTS[model_name], None, None, [plain.patch_embed.num_patches],
+            rows.append(row(plain_name, None, None, [plain.patch_embed.num_patches],
                             plain_gmacs, 'plain'))
             rows.extend(row(model_name, r, fuse_token, tokens[r], gmacs[r], r) for r in keep_rates)
     return rows

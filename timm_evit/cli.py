@@ -8,6 +8,8 @@ from typing import List, Optional
 
 import torch
 
+from .deit import PLAIN_COUNTERPARTS
+
 
 def _keep_rates(text: str) -> List[float]:
     try:
@@ -172,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest='command', required=True)
     bench = sub.add_parser(
         'bench', help='tokens per stage, GMACs and throughput against the plain timm model, in one run')
-    bench.add_argument('--model', default='evit_deit_small',
-                       choices=['evit_deit_tiny', 'evit_deit_small', 'evit_deit_base'])
+    bench.add_argument('--model', default='evit_deit_small', choices=list(PLAIN_COUNTERPARTS),
+                       help='beside timm\'s DeiT, or for LV-ViT (not in timm) beside itself at keep_rate 1.0')
     bench.add_argument('--keep-rates', type=_keep_rates, default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5],
                        help='comma-separated keep rates (default: 1,0.9,0.8,0.7,0.6,0.5)')
     bench.add_argument('--no-fuse', action='store_true', help='drop inattentive tokens instead of fusing them')
@@ -192,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument('--plot', metavar='PNG', help='also draw speed-up and GMACs against keep rate (needs matplotlib)')
     bench.set_defaults(func=bench_main)
 
-    models = ['evit_deit_tiny', 'evit_deit_small', 'evit_deit_base']
+    models = list(PLAIN_COUNTERPARTS)
     vis = sub.add_parser('visualize', help='draw which patches each reorganising block keeps, fuses or drops')
     vis.add_argument('images', nargs='+', metavar='IMAGE')
     vis.add_argument('--model', default='evit_deit_small', choices=models)

@@ -19,11 +19,14 @@ from .reorg import trace_patch_token_index, trace_token_patch_ids, tokens_to_pat
 
 __all__ = ['VisionTransformerEViT', 'PLAIN_COUNTERPARTS']
 
-# timm model that each EViT architecture reorganises (same weights, same shapes).
+# The plain model each EViT architecture reorganises (same weights, same shapes), with its
+# creation arguments: timm's own DeiT, or, where timm has none (LV-ViT), the model at keep 1.0.
 PLAIN_COUNTERPARTS = {
-    'evit_deit_tiny': 'deit_tiny_patch16_224',
-    'evit_deit_small': 'deit_small_patch16_224',
-    'evit_deit_base': 'deit_base_patch16_224',
+    'evit_deit_tiny': ('deit_tiny_patch16_224', {}),
+    'evit_deit_small': ('deit_small_patch16_224', {}),
+    'evit_deit_base': ('deit_base_patch16_224', {}),
+    'evit_lvvit_s': ('evit_lvvit_s', {'keep_rate': 1.0}),
+    'evit_lvvit_m': ('evit_lvvit_m', {'keep_rate': 1.0}),
 }
 
 

@@ -1,0 +1,75 @@
+"""An independent, plain EViT reference for the tests: materialised attention, one image at a
+time, Python loops for the selection (DESIGN.md, "EViT, exactly"). Reads timm-style state dicts."""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _ln(x, sd, name, eps):
+    return F.layer_norm(x, x.shape[-1:], sd[name + '.weight'], sd[name + '.bias'], eps=eps)
+
+
+def _linear(x, sd, name):
+    bias = sd.get(name + '.bias')
+    return x @ sd[name + '.weight'].T + (0 if bias is None else bias)
+
+
+def deit_patch_tokens(sd, image, patch_size):
+    """Patch embedding of one image [3, H, W]: a strided convolution -> [P, C]."""
+    x = F.conv2d(image[None], sd['patch_embed.proj.weight'], sd['patch_embed.proj.bias'], stride=patch_size)
+    return x.flatten(2)[0].T
+
+
+def reference_forward(sd, image, num_heads, patch_size, keep_rates, fuse_token):
+    """DeiT + EViT: logits for one image [3, H, W], the non-class tokens after every block, events."""
+    x, block_tokens, events, _ = reference_tokens(
+        sd, deit_patch_tokens(sd, image, patch_size), num_heads, keep_rates, fuse_token)
+    return _linear(x[0], sd, 'head'), block_tokens, events
+
+
+def reference_tokens(sd, patch_tokens, num_heads, keep_rates, fuse_token, eps=1e-6, skip_lam=1.0):
+    """The transformer with EViT, one image: final normed tokens [1 + n, C], the non-class tokens
+    after every block (in order), what happened to fused tokens, and which final tokens are fused.
+
+    ``keep_rates`` maps block index -> keep rate; residual branches are divided by ``skip_lam``.
+    """
+    x = torch.cat([sd['cls_token'][0], patch_tokens]) + sd['pos_embed'][0]
+    is_fused = [False] * (x.shape[0] - 1)
+    block_tokens, events = [], {'fused_kept': 0, 'fused_refused': 0}
+    depth = len({k.split('.')[1] for k in sd if k.startswith('blocks.')})
+    for i in range(depth):
+        p = f'blocks.{i}.'
+        h = _ln(x, sd, p + 'norm1', eps)
+        q, k, v = _linear(h, sd, p + 'attn.qkv').chunk(3, dim=-1)
+        head_dim = q.shape[-1] // num_heads
+        outs, cls_rows = [], []
+        for hd in range(num_heads):
+            s = slice(hd * head_dim, (hd + 1) * head_dim)
+            attn = torch.softmax(q[:, s] @ k[:, s].T / math.sqrt(head_dim), dim=-1)   # N x N, materialised
+            outs.append(attn @ v[:, s])
+            cls_rows.append(attn[0, 1:])
+        x = x + _linear(torch.cat(outs, dim=-1), sd, p + 'attn.proj') / skip_lam
+
+        n = x.shape[0] - 1
+        if i in keep_rates and math.ceil(keep_rates[i] * n) < n:
+            num_keep = math.ceil(keep_rates[i] * n)
+            a = [sum(float(row[j]) for row in cls_rows) / num_heads for j in range(n)]
+            order = sorted(range(n), key=lambda j: a[j], reverse=True)
+            kept, dropped = order[:num_keep], order[num_keep:]
+            tokens = [x[0]] + [x[1 + j] for j in kept]
+            events['fused_kept'] += sum(is_fused[j] for j in kept)
+            events['fused_refused'] += sum(is_fused[j] for j in dropped) if fuse_token else 0
+            new_is_fused = [is_fused[j] for j in kept]
+            if fuse_token:
+                fused = torch.zeros_like(x[0])
+                for j in dropped:
+                    fused = fused + a[j] * x[1 + j]
+                tokens.append(fused)
+                new_is_fused.append(True)
+            x, is_fused = torch.stack(tokens), new_is_fused
+
+        h = _ln(x, sd, p + 'norm2', eps)
+        x = x + _linear(F.gelu(_linear(h, sd, p + 'mlp.fc1')), sd, p + 'mlp.fc2') / skip_lam
+        block_tokens.append(x[1:])
+    return _ln(x, sd, 'norm', eps), block_tokens, events, is_fused

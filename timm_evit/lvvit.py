@@ -1,0 +1,282 @@
+"""EViT on LV-ViT (Token Labeling, Jiang et al. 2021), which timm does not ship.
+
+`All Tokens Matter: Token Labeling for Training Better Vision Transformers` - https://arxiv.org/abs/2104.10858
+LV-ViT is a ViT with a 4-convolution patch embedding, residual branches scaled by 1 / skip_lam,
+MLP ratio 3, no qkv bias, and an auxiliary head over the patch tokens. It reuses timm's
+VisionTransformer, Block, Attention and Mlp, and the same token reorganisation as EViT-DeiT.
+"""
+import argparse
+from collections import OrderedDict
+from functools import partial
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import PatchEmbed, get_device_dtype, resample_abs_pos_embed
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from .deit import VisionTransformerEViT
+from .options import KeepRate
+from .reorg import tokens_to_patch_grid, trace_patch_token_index
+
+__all__ = ['LVViTPatchEmbed', 'ResidualScale', 'VisionTransformerEViTLVViT', 'checkpoint_filter_fn']
+
+
+class LVViTPatchEmbed(PatchEmbed):
+    """Token Labeling's 4-convolution patch embedding.
+
+    Three convolutions (7x7 stride 2, 3x3, 3x3; each with BatchNorm and ReLU) then a projection
+    of kernel and stride ``patch_size / 2``: the same grid as timm's ``PatchEmbed``, whose
+    shape handling (grid size, dynamic sizes, flattening) it keeps.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=384, stem_chans=64, bias=True, **kwargs):
+        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                         bias=bias, **kwargs)
+        if any(p % 2 for p in self.patch_size):
+            raise ValueError(f'patch_size must be even for the LV-ViT stem (stride 2, then patch_size / 2), got {patch_size}')
+        half = tuple(p // 2 for p in self.patch_size)
+        self.proj = nn.Sequential(OrderedDict([
+            ('conv1', nn.Conv2d(in_chans, stem_chans, kernel_size=7, stride=2, padding=3, bias=False)),
+            ('bn1', nn.BatchNorm2d(stem_chans)),
+            ('act1', nn.ReLU(inplace=True)),
+            ('conv2', nn.Conv2d(stem_chans, stem_chans, kernel_size=3, stride=1, padding=1, bias=False)),
+            ('bn2', nn.BatchNorm2d(stem_chans)),
+            ('act2', nn.ReLU(inplace=True)),
+            ('conv3', nn.Conv2d(stem_chans, stem_chans, kernel_size=3, stride=1, padding=1, bias=False)),
+            ('bn3', nn.BatchNorm2d(stem_chans)),
+            ('act3', nn.ReLU(inplace=True)),
+            ('proj', nn.Conv2d(stem_chans, embed_dim, kernel_size=half, stride=half, bias=bias)),
+        ]))
+
+
+class ResidualScale(nn.Module):
+    """Divides a residual branch by ``skip_lam`` (LV-ViT); sits where timm's Block has LayerScale."""
+
+    def __init__(self, skip_lam: float):
+        super().__init__()
+        self.skip_lam = skip_lam
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.skip_lam
+
+    def extra_repr(self) -> str:
+        return f'skip_lam={self.skip_lam}'
+
+
+class VisionTransformerEViTLVViT(VisionTransformerEViT):
+    """LV-ViT with EViT token reorganisation.
+
+    Prediction (train and eval alike): ``head(class token) + 0.5 * max over patch tokens of
+    aux_head(token)``, as Token Labeling's evaluation. With reorganisation the auxiliary head sees
+    the tokens that remain, and fused tokens are left out of its max: they have no patch of their
+    own. With ``dense_output=True`` (Token Labeling's dense-label training, opt-in), a training
+    forward returns ``(cls_logits, aux_logits, bbox)`` instead: ``aux_logits`` ``[B, H*W, classes]``
+    on the patch grid (each patch gets the logits of the token that carries it, zeros if dropped
+    without fusion) and, with ``mix_token=True``, the MixToken box ``(y1, x1, y2, x2)`` in grid
+    cells, already undone in ``aux_logits`` so that they line up with the unmixed per-patch
+    targets; ``cls_logits`` is the class head alone.
+
+    Args:
+        skip_lam: residual branches are divided by it.
+        dense_output: return dense outputs in training (see above).
+        mix_token: MixToken augmentation in training (needs ``dense_output``).
+        stem_chans: channels of the convolution stem.
+        **kwargs: ``VisionTransformerEViT`` / timm ``VisionTransformer`` arguments.
+    """
+
+    def __init__(
+            self,
+            skip_lam: float = 2.0,
+            dense_output: bool = False,
+            mix_token: bool = False,
+            stem_chans: int = 64,
+            **kwargs,
+    ) -> None:
+        if not skip_lam > 0:
+            raise ValueError(f'skip_lam must be > 0, got {skip_lam!r}')
+        if mix_token and not dense_output:
+            raise ValueError('mix_token=True needs dense_output=True (MixToken trains the dense auxiliary head)')
+        kwargs.setdefault('embed_layer', partial(LVViTPatchEmbed, stem_chans=stem_chans))
+        kwargs.setdefault('norm_layer', partial(nn.LayerNorm, eps=1e-5))
+        kwargs.setdefault('qkv_bias', False)
+        kwargs.setdefault('mlp_ratio', 3.)
+        super().__init__(**kwargs)
+        for blk in self.blocks:
+            blk.ls1, blk.ls2 = ResidualScale(skip_lam), ResidualScale(skip_lam)
+        self.skip_lam = skip_lam
+        self.dense_output = dense_output
+        self.mix_token = mix_token
+        self.aux_head = nn.Linear(self.embed_dim, self.num_classes) if self.num_classes > 0 else nn.Identity()
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        super().reset_classifier(num_classes, global_pool)
+        dd = get_device_dtype(self)
+        self.aux_head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.aux_head.train(self.training)
+
+    def forward_head(
+            self,
+            x: torch.Tensor,
+            pre_logits: bool = False,
+            token_patch_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """``head(cls) + 0.5 * max aux_head(patch tokens)``; ``pre_logits`` gives the class token's features.
+
+        ``token_patch_ids`` (from ``forward_features(x, return_token_patch_ids=True)``) marks the
+        fused tokens to leave out of the max; without it every non-class token takes part.
+        """
+        if pre_logits or self.num_classes == 0:
+            return super().forward_head(x, pre_logits=pre_logits)
+        cls_logits = super().forward_head(x)
+        aux = self.aux_head(x[:, 1:])
+        if token_patch_ids is not None:
+            aux = aux.masked_fill((token_patch_ids < 0).unsqueeze(-1), float('-inf'))
+        aux_max = aux.max(dim=1).values
+        # Only fused tokens left (a keep rate so low that a kept token is itself fused): no patch votes.
+        aux_max = torch.where(torch.isinf(aux_max), torch.zeros_like(aux_max), aux_max)
+        return cls_logits + 0.5 * aux_max
+
+    def forward_features(
+            self,
+            x: torch.Tensor,
+            keep_rate: Optional[KeepRate] = None,
+            return_token_patch_ids: bool = False,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Tokens after the final norm; with ``return_token_patch_ids`` also ``[B, n]`` patch ids (-1: fused)."""
+        x, token_patch_ids = self._forward_blocks(self._embed(x), keep_rate, track_token_ids=return_token_patch_ids)
+        x = self.norm(x)
+        return (x, token_patch_ids) if return_token_patch_ids else x
+
+    def forward(self, x: torch.Tensor, keep_rate: Optional[KeepRate] = None):
+        if self.dense_output and self.training:
+            return self._forward_dense(x, keep_rate)
+        x, token_patch_ids = self.forward_features(x, keep_rate=keep_rate, return_token_patch_ids=True)
+        return self.forward_head(x, token_patch_ids=token_patch_ids)
+
+    def _forward_dense(self, x: torch.Tensor, keep_rate: Optional[KeepRate]):
+        grid_h, grid_w = self.patch_embed.dynamic_feat_size(x.shape[-2:])
+        tokens = self._embed(x)
+        bbox = (0, 0, 0, 0)
+        if self.mix_token:
+            tokens, bbox = _mix_tokens(tokens, grid_h, grid_w)
+        # trace every patch to the token that carries it, to put the aux logits back on the grid
+        B = tokens.shape[0]
+        patch_token_index = torch.arange(grid_h * grid_w, device=tokens.device).expand(B, -1)
+        for blk, rate in zip(self.blocks, self._block_keep_rates(keep_rate)):
+            num_tokens = tokens.shape[1] - 1
+            tokens, kept_idx = self._run_block(blk, tokens, rate)
+            if kept_idx is not None:
+                patch_token_index = trace_patch_token_index(patch_token_index, kept_idx, num_tokens, self.fuse_token)
+        tokens = self.norm(tokens)
+        cls_logits = super().forward_head(tokens)
+        aux = tokens_to_patch_grid(self.aux_head(tokens[:, 1:]), patch_token_index)
+        if self.mix_token:
+            aux = _unmix_grid(aux, bbox, grid_h, grid_w)
+        return cls_logits, aux, bbox
+
+
+def _mix_tokens(tokens: torch.Tensor, grid_h: int, grid_w: int):
+    """MixToken: a random box of patch tokens comes from the batch flipped (area ratio ~ Beta(1, 1))."""
+    lam = float(torch.distributions.Beta(1., 1.).sample())
+    cut = (1. - lam) ** 0.5
+    cut_h, cut_w = int(grid_h * cut), int(grid_w * cut)
+    cy, cx = int(torch.randint(grid_h, ())), int(torch.randint(grid_w, ()))
+    y1, y2 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, grid_h)
+    x1, x2 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, grid_w)
+    patches = tokens[:, 1:].reshape(tokens.shape[0], grid_h, grid_w, -1)
+    mixed = patches.clone()
+    mixed[:, y1:y2, x1:x2] = patches.flip(0)[:, y1:y2, x1:x2]
+    return torch.cat([tokens[:, :1], mixed.flatten(1, 2)], dim=1), (y1, x1, y2, x2)
+
+
+def _unmix_grid(aux: torch.Tensor, bbox, grid_h: int, grid_w: int) -> torch.Tensor:
+    y1, x1, y2, x2 = bbox
+    grid = aux.reshape(aux.shape[0], grid_h, grid_w, -1)
+    out = grid.clone()
+    out[:, y1:y2, x1:x2] = grid.flip(0)[:, y1:y2, x1:x2]
+    return out.flatten(1, 2)
+
+
+_STEM_KEYS = ('conv1', 'bn1', 'conv2', 'bn2', 'conv3', 'bn3')
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: VisionTransformerEViTLVViT) -> Dict[str, torch.Tensor]:
+    """Official Token Labeling checkpoint -> our state dict.
+
+    Unwraps ``state_dict_ema`` / ``model_ema`` / ``state_dict`` / ``model`` nesting (EMA first, as
+    timm's own loader), strips ``module.`` prefixes, maps the stem into ``patch_embed.proj``,
+    resamples position embeddings to the model's grid, and fails with the names of any missing or
+    unexpected keys.
+    """
+    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+            break
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith('module.'):
+            k = k[len('module.'):]
+        if k.startswith('patch_embed.') and not k.startswith('patch_embed.proj.proj.'):
+            name = k[len('patch_embed.'):]
+            if name.split('.')[0] in _STEM_KEYS or name.startswith('proj.'):
+                k = 'patch_embed.proj.' + name
+        if k == 'pos_embed' and v.shape != model.pos_embed.shape:
+            v = resample_abs_pos_embed(v, new_size=model.patch_embed.grid_size, num_prefix_tokens=1, verbose=True)
+        out[k] = v
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(out)), sorted(set(out) - expected)
+    if missing or unexpected:
+        raise ValueError(f'checkpoint does not match {type(model).__name__}: missing keys {missing}, '
+                         f'unexpected keys {unexpected}')
+    return out
+
+
+def _cfg(url: str, **kwargs) -> Dict[str, Any]:
+    return {
+        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
+        'crop_pct': .9, 'interpolation': 'bicubic', 'fixed_input_size': True,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.proj.conv1', 'classifier': ('head', 'aux_head'),
+        'license': 'apache-2.0', 'origin_url': 'https://github.com/zihangJiang/TokenLabeling',
+        'paper_ids': 'arXiv:2104.10858', **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'evit_lvvit_s.tl_in1k': _cfg(
+        'https://github.com/zihangJiang/TokenLabeling/releases/download/1.0/lvvit_s-26M-224-83.3.pth.tar'),
+    'evit_lvvit_m.tl_in1k': _cfg(
+        'https://github.com/zihangJiang/TokenLabeling/releases/download/1.0/lvvit_m-56M-224-84.0.pth.tar',
+        crop_pct=1.0),
+})
+
+
+def _create_evit_lvvit(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformerEViTLVViT:
+    out_indices = kwargs.pop('out_indices', 3)
+    # Token Labeling's release files were written by a timm train script that pickles its
+    # argparse.Namespace beside the weights: allow that one harmless class, still weights_only.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return build_model_with_cfg(
+            VisionTransformerEViTLVViT,
+            variant,
+            pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+            **kwargs,
+        )
+
+
+@register_model
+def evit_lvvit_s(pretrained: bool = False, **kwargs) -> VisionTransformerEViTLVViT:
+    """EViT-LV-ViT-S: 16 blocks, dim 384, 6 heads; reorganising in blocks (4, 8, 12) by default."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=16, num_heads=6, skip_lam=2., reorg_layers=(4, 8, 12))
+    return _create_evit_lvvit('evit_lvvit_s', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def evit_lvvit_m(pretrained: bool = False, **kwargs) -> VisionTransformerEViTLVViT:
+    """EViT-LV-ViT-M: 20 blocks, dim 512, 8 heads; reorganising in blocks (5, 10, 15) by default."""
+    model_args = dict(patch_size=16, embed_dim=512, depth=20, num_heads=8, skip_lam=2., reorg_layers=(5, 10, 15))
+    return _create_evit_lvvit('evit_lvvit_m', pretrained=pretrained, **dict(model_args, **kwargs))
