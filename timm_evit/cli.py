@@ -62,7 +62,8 @@ def bench_main(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f'timm-evit bench: {e}', file=sys.stderr)
         return 2
-    header = (f'{args.model} vs {rows[0].model}, batch {args.batch_size}, {args.dtype}, '
+    plain = rows[0].model if rows[0].model != args.model else f'{args.model} at keep_rate 1.0 (plain)'
+    header = (f'{args.model} vs {plain}, batch {args.batch_size}, {args.dtype}, '
               f'{"torch.compile" if args.compile else "eager"}, {args.device}: {_machine(args.device)}, '
               f'timm {timm.__version__}; median of {args.repeats} interleaved repeats after {args.warmup} warm-up')
     print(f'# {header}')
