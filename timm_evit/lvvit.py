@@ -98,6 +98,8 @@ class VisionTransformerEViTLVViT(VisionTransformerEViT):
             raise ValueError(f'skip_lam must be > 0, got {skip_lam!r}')
         if mix_token and not dense_output:
             raise ValueError('mix_token=True needs dense_output=True (MixToken trains the dense auxiliary head)')
+        if dense_output and kwargs.get('patch_drop_rate', 0.) > 0:
+            raise ValueError('dense_output=True needs patch_drop_rate=0: dense outputs cover every patch of the grid')
         kwargs.setdefault('embed_layer', partial(LVViTPatchEmbed, stem_chans=stem_chans))
         kwargs.setdefault('norm_layer', partial(nn.LayerNorm, eps=1e-5))
         kwargs.setdefault('qkv_bias', False)
