@@ -136,6 +136,8 @@ def test_dense_output_mode():
     assert model.eval()(torch.randn(1, 3, 224, 224)).shape == (1, 1000)    # eval: the usual prediction
     with pytest.raises(ValueError, match='mix_token=True needs dense_output=True'):
         timm.create_model('evit_lvvit_s', mix_token=True)
+    with pytest.raises(ValueError, match='dense_output=True needs patch_drop_rate=0'):
+        timm.create_model('evit_lvvit_s', dense_output=True, patch_drop_rate=0.1)
 
 
 def test_mix_token_box_is_undone_on_the_grid():
