@@ -3,6 +3,7 @@
 `Not All Patches are What You Need: Expediting Vision Transformers via Token Reorganizations`
 (Liang et al., ICLR 2022) - https://arxiv.org/abs/2202.07800
 """
+import os
 from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -17,7 +18,7 @@ from .layers import EViTBlock
 from .options import KeepRate, check_fuse_token, check_keep_rate, check_reorg_layers
 from .reorg import trace_patch_token_index, trace_token_patch_ids, tokens_to_patch_grid
 
-__all__ = ['VisionTransformerEViT', 'PLAIN_COUNTERPARTS']
+__all__ = ['VisionTransformerEViT', 'PLAIN_COUNTERPARTS', 'HUB_NAMESPACE', 'EVIT_DEIT_SMALL_TAGS']
 
 # The plain model each EViT architecture reorganises (same weights, same shapes), with its
 # creation arguments: timm's own DeiT, or, where timm has none (LV-ViT), the model at keep 1.0.
@@ -226,11 +227,43 @@ def _deit_cfg(deit_name: str) -> Dict[str, Any]:
     return cfg
 
 
+# Hugging Face Hub namespace of this project's converted checkpoints (weights/ publishes them).
+HUB_NAMESPACE = os.environ.get('TIMM_EVIT_HUB_NAMESPACE', 'timm-evit')
+
+# The ten EViT-trained DeiT-S checkpoints of the official release: tag -> the model arguments
+# they were trained with, applied when the tag is asked for (the caller's own arguments win).
+EVIT_DEIT_SMALL_TAGS = {
+    f'keep{round(rate * 100)}_{"fuse" if fuse else "drop"}_in1k': dict(keep_rate=rate, fuse_token=fuse)
+    for fuse in (True, False) for rate in (0.9, 0.8, 0.7, 0.6, 0.5)
+}
+
+
+def _evit_release_cfg(tag: str) -> Dict[str, Any]:
+    cfg = _deit_cfg('deit_small_patch16_224.fb_in1k')
+    args = EVIT_DEIT_SMALL_TAGS[tag]
+    cfg.update(
+        url='', hf_hub_id=f'{HUB_NAMESPACE}/evit_deit_small.{tag}',
+        notes=(f'EViT-trained DeiT-S (official release), keep_rate {args["keep_rate"]}, '
+               f'fuse_token {args["fuse_token"]}; converted by weights/ in this repository.',),
+    )
+    return cfg
+
+
 default_cfgs = generate_default_cfgs({
     'evit_deit_tiny.fb_in1k': _deit_cfg('deit_tiny_patch16_224.fb_in1k'),
     'evit_deit_small.fb_in1k': _deit_cfg('deit_small_patch16_224.fb_in1k'),
     'evit_deit_base.fb_in1k': _deit_cfg('deit_base_patch16_224.fb_in1k'),
+    **{f'evit_deit_small.{tag}': _evit_release_cfg(tag) for tag in EVIT_DEIT_SMALL_TAGS},
 })
+
+
+def _requested_tag(pretrained_cfg) -> Optional[str]:
+    """The tag timm's create_model passes on ('evit_deit_small.<tag>' arrives as pretrained_cfg='<tag>')."""
+    if isinstance(pretrained_cfg, str):
+        return pretrained_cfg
+    if isinstance(pretrained_cfg, dict):
+        return pretrained_cfg.get('tag')
+    return getattr(pretrained_cfg, 'tag', None)
 
 
 def _create_evit_deit(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformerEViT:
@@ -256,6 +289,7 @@ def evit_deit_tiny(pretrained: bool = False, **kwargs) -> VisionTransformerEViT:
 def evit_deit_small(pretrained: bool = False, **kwargs) -> VisionTransformerEViT:
     """EViT-DeiT-S (patch 16, 224 px); keep_rate 0.7 with fusion in blocks (3, 6, 9) by default."""
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    model_args.update(EVIT_DEIT_SMALL_TAGS.get(_requested_tag(kwargs.get('pretrained_cfg')), {}))
     return _create_evit_deit('evit_deit_small', pretrained=pretrained, **dict(model_args, **kwargs))
 
 

@@ -5,7 +5,6 @@ LV-ViT is a ViT with a 4-convolution patch embedding, residual branches scaled b
 MLP ratio 3, no qkv bias, and an auxiliary head over the patch tokens. It reuses timm's
 VisionTransformer, Block, Attention and Mlp, and the same token reorganisation as EViT-DeiT.
 """
-import argparse
 from collections import OrderedDict
 from functools import partial
 from typing import Any, Dict, Optional, Tuple, Union
@@ -16,6 +15,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed, get_device_dtype, resample_abs_pos_embed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from .checkpoints import ALLOWED_PICKLE_GLOBALS, require_matching_keys, unwrap_state_dict
 from .deit import VisionTransformerEViT
 from .options import KeepRate
 from .reorg import tokens_to_patch_grid, trace_patch_token_index
@@ -212,14 +212,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: VisionTransformerEVi
     resamples position embeddings to the model's grid, and fails with the names of any missing or
     unexpected keys.
     """
-    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
-        if isinstance(state_dict.get(key), dict):
-            state_dict = state_dict[key]
-            break
     out = {}
-    for k, v in state_dict.items():
-        if k.startswith('module.'):
-            k = k[len('module.'):]
+    for k, v in unwrap_state_dict(state_dict).items():
         if k.startswith('patch_embed.') and not k.startswith('patch_embed.proj.proj.'):
             name = k[len('patch_embed.'):]
             if name.split('.')[0] in _STEM_KEYS or name.startswith('proj.'):
@@ -227,11 +221,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: VisionTransformerEVi
         if k == 'pos_embed' and v.shape != model.pos_embed.shape:
             v = resample_abs_pos_embed(v, new_size=model.patch_embed.grid_size, num_prefix_tokens=1, verbose=True)
         out[k] = v
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(out)), sorted(set(out) - expected)
-    if missing or unexpected:
-        raise ValueError(f'checkpoint does not match {type(model).__name__}: missing keys {missing}, '
-                         f'unexpected keys {unexpected}')
+    require_matching_keys(out, model)
     return out
 
 
@@ -257,9 +247,9 @@ default_cfgs = generate_default_cfgs({
 
 def _create_evit_lvvit(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformerEViTLVViT:
     out_indices = kwargs.pop('out_indices', 3)
-    # Token Labeling's release files were written by a timm train script that pickles its
-    # argparse.Namespace beside the weights: allow that one harmless class, still weights_only.
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    # Token Labeling's release files pickle the training script's argparse.Namespace beside the
+    # weights: allow that one harmless class in timm's weights_only loading.
+    with torch.serialization.safe_globals(ALLOWED_PICKLE_GLOBALS):
         return build_model_with_cfg(
             VisionTransformerEViTLVViT,
             variant,
