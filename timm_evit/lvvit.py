@@ -208,16 +208,18 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: VisionTransformerEVi
     """Official Token Labeling checkpoint -> our state dict.
 
     Unwraps ``state_dict_ema`` / ``model_ema`` / ``state_dict`` / ``model`` nesting (EMA first, as
-    timm's own loader), strips ``module.`` prefixes, maps the stem into ``patch_embed.proj``,
+    timm's own loader), strips ``module.`` prefixes, maps the stem into ``patch_embed.proj`` (our
+    own state dicts pass unchanged),
     resamples position embeddings to the model's grid, and fails with the names of any missing or
     unexpected keys.
     """
     out = {}
     for k, v in unwrap_state_dict(state_dict).items():
-        if k.startswith('patch_embed.') and not k.startswith('patch_embed.proj.proj.'):
-            name = k[len('patch_embed.'):]
-            if name.split('.')[0] in _STEM_KEYS or name.startswith('proj.'):
-                k = 'patch_embed.proj.' + name
+        # official layout -> ours; keys already in our layout (our own exports) pass unchanged
+        if k.split('.')[:2] in [['patch_embed', name] for name in _STEM_KEYS]:
+            k = 'patch_embed.proj.' + k[len('patch_embed.'):]
+        elif k in ('patch_embed.proj.weight', 'patch_embed.proj.bias'):
+            k = 'patch_embed.proj.proj.' + k.rsplit('.', 1)[1]
         if k == 'pos_embed' and v.shape != model.pos_embed.shape:
             v = resample_abs_pos_embed(v, new_size=model.patch_embed.grid_size, num_prefix_tokens=1, verbose=True)
         out[k] = v

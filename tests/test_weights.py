@@ -1,0 +1,174 @@
+"""weights/: official checkpoints -> Hub folders -> loaded back three ways, offline; failures leave nothing."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import timm_evit  # noqa: F401
+from test_lvvit import randomised as randomised_lvvit, save_official as save_official_lvvit
+from timm_evit.checkpoints import read_checkpoint
+from timm_evit.deit import EVIT_DEIT_SMALL_TAGS, HUB_NAMESPACE
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'weights'))
+import hub  # noqa: E402  (weights/hub.py)
+
+COMMIT = 'fedcba9876543210fedcba9876543210fedcba98'
+DEIT_ROW = 'evit_deit_small.keep60_drop_in1k'
+
+
+def official_evit_checkpoint(path, seed=0, drop=None, extra=None):
+    """What the official EViT main.py saves: {'model': DeiT-S state dict, ..., 'args': Namespace}."""
+    torch.manual_seed(seed)
+    sd = timm.create_model('deit_small_patch16_224').state_dict()
+    with torch.no_grad():
+        for v in sd.values():
+            v.add_(0.05 * torch.randn_like(v))
+    if drop:
+        sd.pop(drop)
+    if extra:
+        sd[extra] = torch.zeros(3)
+    torch.save({'model': sd, 'optimizer': {'state': {}}, 'epoch': 29,
+                'args': argparse.Namespace(base_keep_rate=0.6, fuse_token=False)}, path)
+    return sd
+
+
+@pytest.fixture(scope='module')
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp('weights')
+    sources, out = root / 'sources', root / 'out'
+    sources.mkdir()
+    out.mkdir()
+    rows = {f'{r.architecture}.{r.tag}': r for r in hub.read_manifest()}
+    official = official_evit_checkpoint(sources / rows[DEIT_ROW].source_file)
+    save_official_lvvit(sources / rows['evit_lvvit_s.tl_in1k'].source_file, randomised_lvvit(seed=4))
+    assert hub.main(['--sources', str(sources), '--out', str(out), '--only', DEIT_ROW, 'evit_lvvit_s.tl_in1k']) == 0
+    return root, official, rows
+
+
+def test_manifest_matches_the_registered_tags():
+    rows = hub.read_manifest()
+    deit = {r.tag: r for r in rows if r.architecture == 'evit_deit_small'}
+    assert set(deit) == set(EVIT_DEIT_SMALL_TAGS)
+    for tag, row in deit.items():
+        assert row.model_args == EVIT_DEIT_SMALL_TAGS[tag]
+        cfg = timm.create_model(f'evit_deit_small.{tag}').pretrained_cfg
+        assert cfg['hf_hub_id'] == row.repo_id == f'{HUB_NAMESPACE}/evit_deit_small.{tag}'
+    for row in rows:
+        assert f'{row.architecture}.{row.tag}' in timm.list_pretrained('evit_*')
+        assert row.top1 and row.figures_from and row.weights_license
+
+
+def test_dry_run_prints_the_plan_for_every_row(capsys):
+    assert hub.main([]) == 0
+    out = capsys.readouterr().out
+    for row in hub.read_manifest():
+        assert f'- {row.architecture}.{row.tag}: {row.source_file}' in out and f'would upload to {row.repo_id}' in out
+
+
+def test_hub_folder_in_timms_format(converted):
+    root, official, _ = converted
+    folder = root / 'out' / DEIT_ROW
+    assert sorted(os.listdir(root / 'out')) == ['evit_deit_small.keep60_drop_in1k', 'evit_lvvit_s.tl_in1k']
+    assert sorted(os.listdir(folder)) == ['README.md', 'config.json', 'model.safetensors']
+    config = json.loads((folder / 'config.json').read_text())
+    assert config['architecture'] == 'evit_deit_small' and config['num_classes'] == 1000
+    assert config['num_features'] == 384
+    assert config['model_args']['keep_rate'] == 0.6 and config['model_args']['fuse_token'] is False
+    assert config['pretrained_cfg']['mean'] == list(timm.data.IMAGENET_DEFAULT_MEAN)
+    weights = load_file(str(folder / 'model.safetensors'))
+    assert all(torch.equal(weights[k], v) for k, v in official.items())
+    card = (folder / 'README.md').read_text()
+    assert 'library_name: timm' in card and 'top-1 79.1 %' in card and "keep_rate=0.6" in card
+
+
+def test_loaded_three_ways_offline_with_the_converted_logits(converted, tmp_path):
+    root, _, rows = converted
+    folder = root / 'out' / DEIT_ROW
+    x = torch.randn(2, 3, 224, 224)
+    torch.save(x, tmp_path / 'x.pt')
+    reference = hub.convert(rows[DEIT_ROW], str(root / 'sources' / rows[DEIT_ROW].source_file))
+    with torch.no_grad():
+        expected = reference(x)
+
+    # a Hugging Face cache holding the published repository, as hf_hub_download leaves it
+    cache = tmp_path / 'hub'
+    snapshot = cache / f'models--{HUB_NAMESPACE}--{DEIT_ROW}' / 'snapshots' / COMMIT
+    snapshot.mkdir(parents=True)
+    (cache / f'models--{HUB_NAMESPACE}--{DEIT_ROW}' / 'refs').mkdir()
+    (cache / f'models--{HUB_NAMESPACE}--{DEIT_ROW}' / 'refs' / 'main').write_text(COMMIT)
+    for name in os.listdir(folder):
+        (snapshot / name).write_bytes((folder / name).read_bytes())
+    code = f"""
+        import torch, timm
+        x = torch.load({str(tmp_path / 'x.pt')!r})
+        for i, name in enumerate(['{DEIT_ROW}', 'hf-hub:{HUB_NAMESPACE}/{DEIT_ROW}']):
+            model = timm.create_model(name, pretrained=True).eval()
+            assert model.keep_rate == (0.6, 0.6, 0.6) and model.fuse_token is False, (name, model.keep_rate)
+            with torch.no_grad():
+                torch.save(model(x), {str(tmp_path)!r} + f'/logits{{i}}.pt')
+    """
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / 'home'))
+    result = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    for i in range(2):
+        assert torch.equal(torch.load(tmp_path / f'logits{i}.pt'), expected)
+    local = timm.create_model('evit_deit_small', keep_rate=0.6, fuse_token=False, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(folder / 'model.safetensors'))).eval()
+    with torch.no_grad():
+        assert torch.equal(local(x), expected)
+
+    lvvit = timm.create_model('evit_lvvit_s', pretrained=True, pretrained_cfg_overlay=dict(
+        file=str(root / 'out' / 'evit_lvvit_s.tl_in1k' / 'model.safetensors'))).eval()
+    source = randomised_lvvit(seed=4)
+    assert all(torch.equal(lvvit.state_dict()[k], v) for k, v in source.state_dict().items())
+
+
+def test_namespace_is_overridable(tmp_path):
+    code = "import timm; print(timm.create_model('evit_deit_small.keep70_fuse_in1k').pretrained_cfg['hf_hub_id'])"
+    result = subprocess.run([sys.executable, '-c', code], env=dict(os.environ, TIMM_EVIT_HUB_NAMESPACE='my-org'),
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.stdout.strip() == 'my-org/evit_deit_small.keep70_fuse_in1k', result.stderr
+
+
+@pytest.mark.parametrize('damage, words', [
+    ('truncated', 'cannot be read safely'),
+    ('missing', "missing keys ['blocks.2.attn.qkv.bias']"),
+    ('unexpected', "unexpected keys ['blocks.0.attn.gamma']"),
+    ('unsafe', 'cannot be read safely (weights_only=True)'),
+])
+def test_bad_sources_fail_clearly_and_write_nothing(tmp_path, capsys, damage, words):
+    sources, out = tmp_path / 'sources', tmp_path / 'out'
+    sources.mkdir()
+    out.mkdir()
+    path = sources / next(r for r in hub.read_manifest() if f'{r.architecture}.{r.tag}' == DEIT_ROW).source_file
+    official_evit_checkpoint(path, drop='blocks.2.attn.qkv.bias' if damage == 'missing' else None,
+                             extra='blocks.0.attn.gamma' if damage == 'unexpected' else None)
+    if damage == 'truncated':
+        path.write_bytes(path.read_bytes()[:100_000])
+    if damage == 'unsafe':
+        torch.save({'model': {}, 'hook': subprocess.Popen}, path)
+    assert hub.main(['--sources', str(sources), '--out', str(out), '--only', DEIT_ROW]) == 2
+    err = capsys.readouterr().err
+    assert words in err and f'{DEIT_ROW} from {path}' in err
+    assert os.listdir(out) == []
+
+
+def test_corrupted_or_truncated_safetensors_fail_clearly(converted, tmp_path):
+    root, _, _ = converted
+    good = (root / 'out' / DEIT_ROW / 'model.safetensors').read_bytes()
+    for name, data in [('truncated.safetensors', good[:len(good) // 2]), ('corrupted.safetensors', b'\xff' * 64 + good[64:])]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match='not a readable safetensors file'):
+            read_checkpoint(str(tmp_path / name))
+        with pytest.raises(Exception, match='(?i)safetensor|deserializ|header'):
+            timm.create_model('evit_deit_small', pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / name)))
