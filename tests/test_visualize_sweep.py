@@ -158,3 +158,14 @@ def test_write_sweep_is_whole_or_nothing(tmp_path):
         write_sweep(rows, str(tmp_path / 'missing' / 'sw'))
     paths = write_sweep(rows, str(tmp_path / 'sw'), plot=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['sw.csv', 'sw.json'] and len(paths) == 2
+
+
+def test_commands_say_which_extra_is_missing(tmp_path, image_folder):
+    root, checkpoint, _ = image_folder
+    Image.new('RGB', (40, 40)).save(tmp_path / 'a.png')
+    block = "import sys; sys.modules['matplotlib'] = None; from timm_evit.cli import main; sys.exit(main(sys.argv[1:]))"
+    for args in (['visualize', str(tmp_path / 'a.png'), '--model', 'evit_deit_tiny', '--out', str(tmp_path)],
+                 ['sweep', '--model', 'evit_deit_tiny', '--data-dir', str(root), '--out', str(tmp_path / 'sw')]):
+        result = subprocess.run([sys.executable, '-c', block, *args], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and "needs matplotlib: pip install 'timm-evit[plot]'" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['a.png']
