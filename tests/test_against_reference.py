@@ -5,7 +5,6 @@ import math
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 
 import timm_evit  # noqa: F401
 from evit_reference import reference_forward

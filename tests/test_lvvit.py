@@ -1,6 +1,5 @@
 """EViT-LV-ViT against an independent plain LV-ViT reference, official checkpoints, timm contract."""
 import argparse
-import math
 import subprocess
 import sys
 

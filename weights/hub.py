@@ -16,7 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import timm
