@@ -17,6 +17,7 @@ from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_
 from .layers import EViTBlock
 from .options import KeepRate, check_fuse_token, check_keep_rate, check_reorg_layers
 from .reorg import trace_patch_token_index, trace_token_patch_ids, tokens_to_patch_grid
+from .schedule import warmup_keep_rate
 
 __all__ = ['VisionTransformerEViT', 'PLAIN_COUNTERPARTS', 'HUB_NAMESPACE', 'EVIT_DEIT_SMALL_TAGS']
 
@@ -36,6 +37,16 @@ def _make_block(*, depth: int, reorg_layers: Tuple[int, ...], **kwargs):
     # the others are timm's plain Block.
     block_cls = EViTBlock if depth in reorg_layers else Block
     return block_cls(depth=depth, **kwargs)
+
+
+def _keep_rate_step_on_load(module, state_dict, prefix, *args) -> None:
+    # Weights without warm-up progress (timm's DeiT, a model trained without warm-up) load into a
+    # model with warm-up at step 0; progress in a file is irrelevant to a model without warm-up.
+    key = prefix + 'keep_rate_step'
+    if getattr(module, 'has_keep_rate_warmup', False):
+        state_dict.setdefault(key, torch.zeros((), dtype=torch.long))
+    else:
+        state_dict.pop(key, None)
 
 
 @register_notrace_function  # branches on the input: opaque to FX (whose autowrap skips names starting with "_")
@@ -63,6 +74,11 @@ class VisionTransformerEViT(VisionTransformer):
             ``set_keep_rate`` or per call with ``forward(x, keep_rate=...)``.
         reorg_layers: zero-based indices of the reorganising blocks, strictly increasing.
         fuse_token: fuse the inattentive tokens into one (True) or drop them (False).
+        keep_rate_warmup_start: training from scratch: optimizer steps at keep rate 1.0 before
+            the keep rate starts to fall (counted in training forward passes with gradients).
+        keep_rate_warmup_steps: steps of the half-cosine fall from 1.0 to ``keep_rate``. With
+            either set, the step count is a buffer in the state dict (resuming continues it);
+            evaluation always uses ``keep_rate``.
         **kwargs: timm ``VisionTransformer`` arguments. One class token and no register
             tokens are required (selection reads the class token's attention).
     """
@@ -72,9 +88,15 @@ class VisionTransformerEViT(VisionTransformer):
             keep_rate: KeepRate = 0.7,
             reorg_layers: Sequence[int] = (3, 6, 9),
             fuse_token: bool = True,
+            keep_rate_warmup_start: int = 0,
+            keep_rate_warmup_steps: int = 0,
             **kwargs,
     ) -> None:
         depth = kwargs.get('depth', 12)
+        for name, value in (('keep_rate_warmup_start', keep_rate_warmup_start),
+                            ('keep_rate_warmup_steps', keep_rate_warmup_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f'{name} must be an integer >= 0 (optimizer steps), got {value!r}')
         if not kwargs.get('class_token', True) or kwargs.get('reg_tokens', 0):
             raise ValueError('EViT needs exactly one class token: class_token=True and reg_tokens=0')
         if 'block_fn' in kwargs:
@@ -84,6 +106,24 @@ class VisionTransformerEViT(VisionTransformer):
         self.reorg_layers = reorg_layers
         self.fuse_token = check_fuse_token(fuse_token)
         self.keep_rate = check_keep_rate(keep_rate, len(reorg_layers))
+        self.keep_rate_warmup_start = keep_rate_warmup_start
+        self.keep_rate_warmup_steps = keep_rate_warmup_steps
+        if self.has_keep_rate_warmup:
+            # Training progress of the warm-up, saved with the weights so that --resume continues it.
+            self.register_buffer('keep_rate_step', torch.zeros((), dtype=torch.long))
+        self.register_load_state_dict_pre_hook(_keep_rate_step_on_load)
+
+    @property
+    def has_keep_rate_warmup(self) -> bool:
+        return self.keep_rate_warmup_start > 0 or self.keep_rate_warmup_steps > 0
+
+    def scheduled_keep_rate(self) -> Tuple[float, ...]:
+        """Keep rates the next training forward uses: the warm-up's at its current step, else the target."""
+        if not self.has_keep_rate_warmup:
+            return self.keep_rate
+        step = int(self.keep_rate_step)  # one host read per training step
+        return tuple(warmup_keep_rate(step, r, self.keep_rate_warmup_start, self.keep_rate_warmup_steps)
+                     for r in self.keep_rate)
 
     def set_keep_rate(self, keep_rate: KeepRate) -> None:
         """Change the keep rate (one float, or one per reorganising block); no retraining needed."""
@@ -94,7 +134,14 @@ class VisionTransformerEViT(VisionTransformer):
             # FX tracing (timm feature extraction) turns every forward argument into a Proxy;
             # a traced graph keeps the model's keep rate, fixed at tracing time.
             keep_rate = None
-        rates = self.keep_rate if keep_rate is None else check_keep_rate(keep_rate, len(self.reorg_layers))
+        if keep_rate is not None:
+            rates = check_keep_rate(keep_rate, len(self.reorg_layers))
+        elif self.training and self.has_keep_rate_warmup:
+            rates = self.scheduled_keep_rate()
+        else:  # evaluation always uses the target keep rate
+            rates = self.keep_rate
+        if self.training and self.has_keep_rate_warmup and torch.is_grad_enabled():
+            self.keep_rate_step.add_(1)  # one training forward = one optimizer step
         per_block = [1.0] * len(self.blocks)
         for layer, rate in zip(self.reorg_layers, rates):
             if layer < len(per_block):  # blocks may have been pruned (prune_intermediate_layers)
