@@ -1,0 +1,206 @@
+"""Training the way timm's train.py does: keep-rate warm-up, timm's own pieces end to end, resume,
+distillation, and DDP across 2 processes."""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import timm_evit  # noqa: F401
+from timm_evit.schedule import warmup_keep_rate
+
+SMALL = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=2, reorg_layers=(1, 2), num_classes=3)
+
+
+@pytest.mark.parametrize('step, expected', [
+    (0, 1.0), (9, 1.0), (10, 1.0), (35, 0.7 + 0.3 * (1 + math.cos(math.pi / 4)) / 2), (60, 0.85),
+    (85, 0.7 + 0.3 * (1 + math.cos(3 * math.pi / 4)) / 2), (110, 0.7), (10_000, 0.7),
+])
+def test_warmup_follows_the_papers_cosine(step, expected):
+    # keep 1 for `start` steps, then cos from 1 to the target over `steps` steps (EViT, Sec. 4)
+    assert warmup_keep_rate(step, 0.7, start=10, steps=100) == pytest.approx(expected, abs=1e-12)
+
+
+def test_model_counts_training_steps_and_uses_the_schedule():
+    model = timm.create_model('evit_deit_tiny', keep_rate=0.5, keep_rate_warmup_start=2, keep_rate_warmup_steps=4,
+                              **SMALL).train()
+    x = torch.randn(2, 3, 32, 32)
+    seen = []
+    for _ in range(8):
+        tokens = model.forward_intermediates(x, output_fmt='NLC', intermediates_only=True)
+        seen.append(tokens[1].shape[1])
+    rates = [warmup_keep_rate(t, 0.5, 2, 4) for t in range(8)]
+    assert seen == [math.ceil(r * 16) + (1 if math.ceil(r * 16) < 16 else 0) for r in rates]
+    assert int(model.keep_rate_step) == 8
+    model.eval()
+    with torch.no_grad():
+        tokens = model.forward_intermediates(x, output_fmt='NLC', intermediates_only=True)
+    assert tokens[1].shape[1] == 9 and int(model.keep_rate_step) == 8   # eval: target rate, no counting
+
+
+def test_resume_continues_the_schedule_exactly():
+    kwargs = dict(keep_rate=0.5, keep_rate_warmup_start=1, keep_rate_warmup_steps=6, **SMALL)
+    a = timm.create_model('evit_deit_tiny', **kwargs).train()
+    x = torch.randn(1, 3, 32, 32)
+    for _ in range(3):
+        a(x)
+    b = timm.create_model('evit_deit_tiny', **kwargs).train()
+    b.load_state_dict(a.state_dict())
+    for _ in range(5):
+        assert a.scheduled_keep_rate() == b.scheduled_keep_rate()
+        a(x), b(x)
+    # weights saved without warm-up progress (timm's DeiT) start at step 0; progress is dropped
+    # when loading into a model without warm-up
+    plain = timm.create_model('evit_deit_tiny', **SMALL)
+    plain.load_state_dict(a.state_dict())
+    fresh = timm.create_model('evit_deit_tiny', **kwargs)
+    fresh.load_state_dict(plain.state_dict())
+    assert int(fresh.keep_rate_step) == 0
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp('imagefolder')
+    rng = np.random.default_rng(0)
+    for split, n in (('train', 8), ('validation', 4)):
+        for c in range(3):
+            (root / split / f'class{c}').mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 80, (40, 40, 3), dtype=np.uint8)
+                pixels[:, :, c] += 150  # a learnable colour cue
+                Image.fromarray(pixels).save(root / split / f'class{c}' / f'{i}.png')
+    return root
+
+
+def _train_pieces(root, resume=None):
+    """The objects train.py builds, from timm's own factories."""
+    from timm.data import Mixup, create_dataset, create_loader, resolve_data_config
+    from timm.loss import SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3
+
+    torch.manual_seed(0)
+    model = timm.create_model('evit_deit_tiny', drop_path_rate=0.1, keep_rate=0.5, keep_rate_warmup_steps=4, **SMALL)
+    data_config = resolve_data_config({'input_size': (3, 32, 32)}, model=model)  # as train.py --input-size
+    dataset = create_dataset('', root=str(root), split='train', is_training=True)
+    loader = create_loader(dataset, input_size=data_config['input_size'], batch_size=6, is_training=True,
+                           use_prefetcher=False, device=torch.device('cpu'), num_workers=0, mean=data_config['mean'],
+                           std=data_config['std'], interpolation=data_config['interpolation'])
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=3)
+    optimizer = create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+    scheduler, _ = create_scheduler_v2(optimizer, 'cosine', num_epochs=4, warmup_epochs=1, updates_per_epoch=2)
+    ema = ModelEmaV3(model, decay=0.9)
+    if resume:
+        from timm.models import resume_checkpoint
+        resume_checkpoint(model, resume, optimizer=optimizer)
+        ema.module.load_state_dict(torch.load(resume, weights_only=True)['state_dict_ema'])
+    return model, loader, mixup, SoftTargetCrossEntropy(), optimizer, scheduler, ema, data_config
+
+
+def _step(model, batch, mixup, loss_fn, optimizer, ema, seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    images, targets = mixup(batch[0].clone(), batch[1].clone())  # Mixup mixes in place
+    model.train()
+    loss = loss_fn(model(images), targets)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    ema.update(model)
+    return loss.item()
+
+
+def test_end_to_end_with_timms_pieces_and_resume(image_folder, tmp_path):
+    from timm.data import create_dataset, create_loader
+    from timm.utils import accuracy
+
+    model, loader, mixup, loss_fn, optimizer, scheduler, ema, data_config = _train_pieces(image_folder)
+    torch.manual_seed(1)
+    batches = [next(iter(loader)) for _ in range(4)]   # fixed batches so the two runs see the same data
+    losses = []
+    for i, batch in enumerate(batches[:3]):
+        losses.append(_step(model, batch, mixup, loss_fn, optimizer, ema, seed=i))
+        scheduler.step_update(num_updates=i + 1)
+    assert all(math.isfinite(v) for v in losses)
+    checkpoint = tmp_path / 'last.pth.tar'
+    torch.save({'epoch': 0, 'arch': 'evit_deit_tiny', 'state_dict': model.state_dict(),
+                'optimizer': optimizer.state_dict(), 'state_dict_ema': ema.module.state_dict()}, checkpoint)
+    uninterrupted = _step(model, batches[3], mixup, loss_fn, optimizer, ema, seed=3)
+
+    resumed_model, _, mixup2, loss_fn2, optimizer2, _, ema2, _ = _train_pieces(image_folder, resume=str(checkpoint))
+    assert int(resumed_model.keep_rate_step) == 3
+    resumed = _step(resumed_model, batches[3], mixup2, loss_fn2, optimizer2, ema2, seed=3)
+    assert resumed == pytest.approx(uninterrupted, rel=1e-6, abs=1e-7)
+
+    # the EMA model evaluates, as train.py's validate() does
+    val = create_loader(create_dataset('', root=str(image_folder), split='validation'), input_size=data_config['input_size'],
+                        batch_size=4, is_training=False, use_prefetcher=False, device=torch.device('cpu'),
+                        num_workers=0, mean=data_config['mean'], std=data_config['std'])
+    ema.module.eval()
+    with torch.no_grad():
+        top1 = [float(accuracy(ema.module(x), y, topk=(1,))[0]) for x, y in val]
+    assert all(0 <= t <= 100 for t in top1) and len(top1) == 3
+
+
+def test_distillation_task_with_an_evit_student(image_folder):
+    from timm.task import LogitDistillationTask
+    student = timm.create_model('evit_deit_tiny', keep_rate=0.5, **SMALL)
+    teacher = timm.create_model('deit_tiny_patch16_224', **{k: v for k, v in SMALL.items() if k != 'reorg_layers'}).eval()
+    task = LogitDistillationTask(student, teacher, criterion=torch.nn.CrossEntropyLoss(), task_loss_weight=0.5,
+                                 temperature=2.0, device=torch.device('cpu'), verbose=False)
+    out = task(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))
+    assert torch.isfinite(out['loss'])
+    out['loss'].backward()
+    assert student.blocks[3].mlp.fc2.weight.grad is not None
+
+
+DDP_SCRIPT = '''
+import os, sys, torch, timm, torch.distributed as dist
+import timm_evit  # noqa
+from torch.nn.parallel import DistributedDataParallel as DDP
+dist.init_process_group('gloo')
+rank = dist.get_rank()
+fuse = sys.argv[1] == 'fuse'
+torch.manual_seed(0)
+model = timm.create_model('evit_deit_tiny', keep_rate=0.5, fuse_token=fuse, img_size=32, patch_size=8, embed_dim=48,
+                          depth=4, num_heads=2, reorg_layers=(1, 2), num_classes=3, keep_rate_warmup_steps=2)
+ddp = DDP(model)  # find_unused_parameters=False: any unused parameter would be an error
+opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+torch.manual_seed(100 + rank)  # different data on each rank
+for _ in range(3):
+    loss = torch.nn.functional.cross_entropy(ddp(torch.randn(4, 3, 32, 32)), torch.randint(0, 3, (4,)))
+    opt.zero_grad(); loss.backward(); opt.step()
+flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+gathered = [torch.zeros_like(flat) for _ in range(2)]
+dist.all_gather(gathered, flat)
+assert torch.equal(gathered[0], gathered[1]), 'parameters differ between ranks'
+if rank == 0:
+    torch.save({'state_dict': model.state_dict()}, sys.argv[2])
+dist.barrier()
+dist.destroy_process_group()
+open(os.path.join(os.path.dirname(sys.argv[2]), f'rank{rank}.ok'), 'w').close()
+'''
+
+
+@pytest.mark.parametrize('fuse', ['fuse', 'drop'])
+def test_ddp_two_processes_stay_in_sync(tmp_path, fuse):
+    script = tmp_path / 'ddp_train.py'
+    script.write_text(DDP_SCRIPT)
+    checkpoint = tmp_path / 'rank0.pth.tar'
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
+                             '--master_port', str(29500 + (os.getpid() % 1000)), str(script), fuse, str(checkpoint)],
+                            capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / 'rank0.ok').exists() and (tmp_path / 'rank1.ok').exists()   # both ranks finished
+    model = timm.create_model('evit_deit_tiny', fuse_token=fuse == 'fuse', img_size=32, patch_size=8, embed_dim=48,
+                              depth=4, num_heads=2, reorg_layers=(1, 2), num_classes=3, keep_rate_warmup_steps=2)
+    timm.models.load_checkpoint(model, str(checkpoint))
+    assert int(model.keep_rate_step) == 3
