@@ -130,7 +130,7 @@ def sweep_main(args: argparse.Namespace) -> int:
     try:
         rows = run_sweep(args.model, args.data_dir, args.split, args.keep_rates, args.batch_size,
                          pretrained=args.pretrained, checkpoint=args.checkpoint, num_classes=args.num_classes,
-                         fuse_token=not args.no_fuse, workers=args.workers)
+                         fuse_token=not args.no_fuse, workers=args.workers, model_kwargs=dict(args.model_kwargs))
         prefix = args.out or f'sweep_{args.model}'
         setting = f'{args.model} on {args.data_dir} ({args.split}), batch {args.batch_size}, CPU: {_machine("cpu")}'
         paths = write_sweep(rows, prefix, title=setting, plot=not args.no_plot)
@@ -158,6 +158,18 @@ def _keep_rate(text: str) -> float:
 
 def _fail(message: str):
     raise argparse.ArgumentTypeError(message)
+
+
+def _model_kwarg(text: str):
+    """``key=value`` as timm's train.py --model-kwargs: the value read as a Python literal if it is one."""
+    import ast
+    key, sep, value = text.partition('=')
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f'--model-kwargs takes key=value pairs, got {text!r}')
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
 
 
 def _non_negative_float(text: str) -> float:
@@ -217,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument('--checkpoint', help='weights file to evaluate (for example from timm\'s train.py)')
     sweep.add_argument('--num-classes', type=_positive_int, help='classes of the checkpoint (default: 1000)')
     sweep.add_argument('--no-fuse', action='store_true')
+    sweep.add_argument('--model-kwargs', nargs='*', type=_model_kwarg, default=[], metavar='KEY=VALUE',
+                       help='model arguments, as for timm\'s train.py (e.g. img_size=64 "reorg_layers=(1,3,5)")')
     sweep.add_argument('--workers', type=int, default=0)
     sweep.add_argument('--out', help='output prefix for .csv, .json and .png (default: sweep_MODEL)')
     sweep.add_argument('--no-plot', action='store_true', help='skip the chart (no matplotlib needed)')

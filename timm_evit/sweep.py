@@ -81,6 +81,7 @@ def run_sweep(
         fuse_token: bool = True,
         workers: int = 0,
         show_progress: bool = True,
+        model_kwargs: Optional[dict] = None,
 ) -> List[SweepRow]:
     """Evaluate one model at each keep rate (timm's dataset, loader and eval transforms from the
     model's pretrained_cfg), with GMACs and throughput measured in the same run."""
@@ -90,8 +91,9 @@ def run_sweep(
         raise ValueError(f'--checkpoint {checkpoint!r} is not a file')
     dataset = load_image_folder(data_dir, split)
     model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes,
-                              checkpoint_path=checkpoint or '', fuse_token=fuse_token).eval()
-    data_config = resolve_data_config({}, model=model)
+                              checkpoint_path=checkpoint or '', fuse_token=fuse_token, **(model_kwargs or {})).eval()
+    # a model built at another img_size (--model-kwargs img_size=...) is evaluated at that size
+    data_config = resolve_data_config({'input_size': (model.in_chans, *model.patch_embed.img_size)}, model=model)
     loader = create_loader(
         dataset, input_size=data_config['input_size'], batch_size=batch_size, is_training=False,
         interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
