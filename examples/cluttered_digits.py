@@ -31,7 +31,9 @@ def cluttered_digit(digit: np.ndarray, others: np.ndarray, rng: np.random.Genera
     return (image / 16 * 255).astype(np.uint8)
 
 
-def build(out: str, canvas: int = 64, scale: int = 3, fragments: int = 6, val_fraction: float = 0.2, seed: int = 0) -> None:
+def build(out: str, canvas: int = 64, scale: int = 4, fragments: int = 4, val_fraction: float = 0.2, seed: int = 0,
+          copies: int = 8) -> None:
+    """``copies`` random canvases of each training digit (one of each validation digit)."""
     from sklearn.datasets import load_digits
     digits = load_digits()
     rng = np.random.default_rng(seed)
@@ -42,9 +44,10 @@ def build(out: str, canvas: int = 64, scale: int = 3, fragments: int = 6, val_fr
         label = int(digits.target[index])
         folder = os.path.join(out, split, str(label))
         os.makedirs(folder, exist_ok=True)
-        others = digits.images[rng.integers(0, len(digits.images), size=fragments)]
-        pixels = cluttered_digit(digits.images[index], others, rng, canvas, scale, fragments)
-        Image.fromarray(pixels).convert('RGB').save(os.path.join(folder, f'{index:04d}.png'))
+        for copy in range(1 if split == 'validation' else copies):
+            others = digits.images[rng.integers(0, len(digits.images), size=fragments)]
+            pixels = cluttered_digit(digits.images[index], others, rng, canvas, scale, fragments)
+            Image.fromarray(pixels).convert('RGB').save(os.path.join(folder, f'{index:04d}_{copy}.png'))
 
 
 def main(argv=None) -> int:
@@ -52,12 +55,13 @@ def main(argv=None) -> int:
     parser.add_argument('--out', required=True, help='folder to create (train/ and validation/ inside)')
     parser.add_argument('--canvas', type=int, default=64)
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--copies', type=int, default=8, help='random canvases per training digit')
     args = parser.parse_args(argv)
     if os.path.exists(args.out) and os.listdir(args.out):
         print(f'cluttered_digits.py: --out {args.out!r} is not empty', file=sys.stderr)
         return 2
     try:
-        build(args.out, canvas=args.canvas, seed=args.seed)
+        build(args.out, canvas=args.canvas, seed=args.seed, copies=args.copies)
     except ImportError:
         print("cluttered_digits.py needs scikit-learn: pip install 'timm-evit[examples]'", file=sys.stderr)
         return 2
