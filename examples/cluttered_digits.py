@@ -16,22 +16,23 @@ from PIL import Image
 
 
 def cluttered_digit(digit: np.ndarray, others: np.ndarray, rng: np.random.Generator, canvas: int, scale: int,
-                    fragments: int) -> np.ndarray:
+                    fragments: int, fragment_size: int = 4) -> np.ndarray:
     """One canvas: ``digit`` (8 x 8, 0..16) scaled by ``scale`` at a random place, plus clutter."""
     image = np.zeros((canvas, canvas), dtype=np.float32)
     size = 8 * scale
-    for other in others[:fragments]:  # 4 x 4 pixel fragments of other digits, scaled the same way
-        y, x = rng.integers(0, 5, size=2)
-        fragment = np.kron(other[y:y + 4, x:x + 4], np.ones((scale, scale)))
-        fy, fx = rng.integers(0, canvas - 4 * scale + 1, size=2)
-        image[fy:fy + 4 * scale, fx:fx + 4 * scale] = np.maximum(image[fy:fy + 4 * scale, fx:fx + 4 * scale], fragment)
+    side = fragment_size * scale
+    for other in others[:fragments]:  # fragment_size-square pieces of other digits, scaled the same way
+        y, x = rng.integers(0, 9 - fragment_size, size=2)
+        fragment = np.kron(other[y:y + fragment_size, x:x + fragment_size], np.ones((scale, scale)))
+        fy, fx = rng.integers(0, canvas - side + 1, size=2)
+        image[fy:fy + side, fx:fx + side] = np.maximum(image[fy:fy + side, fx:fx + side], fragment)
     py, px = rng.integers(0, canvas - size + 1, size=2)
     big = np.kron(digit, np.ones((scale, scale)))
     image[py:py + size, px:px + size] = np.maximum(image[py:py + size, px:px + size], big)
     return (image / 16 * 255).astype(np.uint8)
 
 
-def build(out: str, canvas: int = 64, scale: int = 4, fragments: int = 4, val_fraction: float = 0.2, seed: int = 0,
+def build(out: str, canvas: int = 64, scale: int = 4, fragments: int = 4, fragment_size: int = 4, val_fraction: float = 0.2, seed: int = 0,
           copies: int = 8) -> None:
     """``copies`` random canvases of each training digit (one of each validation digit)."""
     from sklearn.datasets import load_digits
@@ -46,14 +47,17 @@ def build(out: str, canvas: int = 64, scale: int = 4, fragments: int = 4, val_fr
         os.makedirs(folder, exist_ok=True)
         for copy in range(1 if split == 'validation' else copies):
             others = digits.images[rng.integers(0, len(digits.images), size=fragments)]
-            pixels = cluttered_digit(digits.images[index], others, rng, canvas, scale, fragments)
+            pixels = cluttered_digit(digits.images[index], others, rng, canvas, scale, fragments, fragment_size)
             Image.fromarray(pixels).convert('RGB').save(os.path.join(folder, f'{index:04d}_{copy}.png'))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--out', required=True, help='folder to create (train/ and validation/ inside)')
-    parser.add_argument('--canvas', type=int, default=64)
+    parser.add_argument('--canvas', type=int, default=64, help='canvas side in pixels')
+    parser.add_argument('--scale', type=int, default=4, help='each 8 x 8 digit is scaled up by this factor')
+    parser.add_argument('--fragments', type=int, default=4, help='clutter fragments of other digits per canvas')
+    parser.add_argument('--fragment-size', type=int, default=4, help='side of a clutter fragment in digit pixels (1 to 8)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--copies', type=int, default=8, help='random canvases per training digit')
     args = parser.parse_args(argv)
@@ -61,7 +65,8 @@ def main(argv=None) -> int:
         print(f'cluttered_digits.py: --out {args.out!r} is not empty', file=sys.stderr)
         return 2
     try:
-        build(args.out, canvas=args.canvas, seed=args.seed, copies=args.copies)
+        build(args.out, canvas=args.canvas, scale=args.scale, fragments=args.fragments, fragment_size=args.fragment_size, seed=args.seed,
+              copies=args.copies)
     except ImportError:
         print("cluttered_digits.py needs scikit-learn: pip install 'timm-evit[examples]'", file=sys.stderr)
         return 2

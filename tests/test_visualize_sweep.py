@@ -10,8 +10,10 @@ import timm
 import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
+from timm.models.vision_transformer import VisionTransformer
 
 from conftest import tiny_evit
+from timm_evit.deit import create_plain_counterpart
 from timm_evit.sweep import SweepRow, pick_keep_rate, write_sweep
 from timm_evit.visualize import DROPPED, FUSED, KEPT, draw_masks, reorganisation_masks
 
@@ -116,12 +118,31 @@ def test_sweep_reports_the_top1_of_evaluating_by_hand(image_folder, tmp_path):
         assert rows[rate]['top1'] == pytest.approx(100 * sum(hits) / len(hits))
         assert rows[rate]['num_images'] == 12
     assert rows[0.25]['gmacs'] < rows[0.7]['gmacs'] < rows[1.0]['gmacs']
+    for row in rows.values():  # throughput is measured beside timm's own DeiT
+        assert row['plain_model'] == 'deit_tiny_patch16_224' and row['plain_images_per_s'] > 0
+        assert row['speedup_vs_plain'] == pytest.approx(row['images_per_s'] / row['plain_images_per_s'])
+    assert 'speed-up vs deit_tiny_patch16_224' in result.stdout
     assert 'use: --model-kwargs keep_rate=' in result.stdout
+
+
+def test_plain_counterpart_is_timms_model_with_the_same_architecture_and_weights():
+    kwargs = dict(img_size=64, patch_size=8, embed_dim=96, depth=6, num_heads=3, reorg_layers=(1, 3),
+                  keep_rate=0.5, keep_rate_warmup_steps=10)
+    torch.manual_seed(0)
+    evit = timm.create_model('evit_deit_tiny', num_classes=7, **kwargs).eval()
+    plain = create_plain_counterpart('evit_deit_tiny', evit, **kwargs)
+    assert type(plain) is VisionTransformer and not plain.training
+    assert plain.patch_embed.img_size == (64, 64) and len(plain.blocks) == 6 and plain.num_classes == 7
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), evit(x, keep_rate=1.0), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match='model_name must be one of'):
+        create_plain_counterpart('deit_tiny_patch16_224', evit)
 
 
 def test_pick_keep_rate():
     def row(rate, top1, ips):
-        return SweepRow(rate, top1, 100., 1., ips, None, 10)
+        return SweepRow(rate, top1, 100., 1., ips, ips / 10, 10, 'deit_tiny_patch16_224', 10.)
     rows = [row(1.0, 80.0, 10), row(0.7, 79.6, 15), row(0.5, 79.0, 20)]
     assert pick_keep_rate(rows, 0.5).keep_rate == 0.7
     assert pick_keep_rate(rows, 1.0).keep_rate == 0.5
@@ -153,7 +174,7 @@ def test_sweep_errors(tmp_path, image_folder):
 
 
 def test_write_sweep_is_whole_or_nothing(tmp_path):
-    rows = [SweepRow(1.0, 50., 90., 1.25, 10., 1.0, 12)]
+    rows = [SweepRow(1.0, 50., 90., 1.25, 10., 1.0, 12, 'deit_tiny_patch16_224', 10.)]
     with pytest.raises(ValueError, match='does not exist'):
         write_sweep(rows, str(tmp_path / 'missing' / 'sw'))
     paths = write_sweep(rows, str(tmp_path / 'sw'), plot=False)

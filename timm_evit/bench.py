@@ -18,7 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ._io import pyplot, save_figure_whole
-from .deit import PLAIN_COUNTERPARTS
+from .deit import PLAIN_COUNTERPARTS, create_plain_counterpart
 
 __all__ = [
     'BenchRow', 'set_fused_attn', 'count_gmacs', 'tokens_per_stage', 'time_interleaved', 'run_bench',
@@ -143,7 +143,7 @@ def run_bench(
 
     if model_name not in PLAIN_COUNTERPARTS:
         raise ValueError(f'model_name must be one of {sorted(PLAIN_COUNTERPARTS)}, got {model_name!r}')
-    plain_name, plain_kwargs = PLAIN_COUNTERPARTS[model_name]
+    plain_name = PLAIN_COUNTERPARTS[model_name][0]
     if dtype not in DTYPES:
         raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
     if any(a not in ('math', 'fused') for a in attn):
@@ -154,8 +154,7 @@ def run_bench(
     warmup = max(warmup, 1) if compile else warmup
 
     evit = timm.create_model(model_name, pretrained=pretrained, fuse_token=fuse_token).eval()
-    plain = timm.create_model(plain_name, **plain_kwargs).eval()
-    plain.load_state_dict(evit.state_dict())  # same weights
+    plain = create_plain_counterpart(model_name, evit)  # same weights
     input_size = evit.pretrained_cfg['input_size']
 
     # GMACs and token counts do not depend on dtype or device: count them once, fp32 on the CPU.

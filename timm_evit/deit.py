@@ -7,7 +7,9 @@ import os
 from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import timm
 import torch
+from torch import nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function
@@ -19,7 +21,7 @@ from .options import KeepRate, check_fuse_token, check_keep_rate, check_reorg_la
 from .reorg import trace_patch_token_index, trace_token_patch_ids, tokens_to_patch_grid
 from .schedule import warmup_keep_rate
 
-__all__ = ['VisionTransformerEViT', 'PLAIN_COUNTERPARTS', 'HUB_NAMESPACE', 'EVIT_DEIT_SMALL_TAGS']
+__all__ = ['VisionTransformerEViT', 'PLAIN_COUNTERPARTS', 'EVIT_ONLY_ARGS', 'create_plain_counterpart', 'HUB_NAMESPACE', 'EVIT_DEIT_SMALL_TAGS']
 
 # The plain model each EViT architecture reorganises (same weights, same shapes), with its
 # creation arguments: timm's own DeiT, or, where timm has none (LV-ViT), the model at keep 1.0.
@@ -30,6 +32,22 @@ PLAIN_COUNTERPARTS = {
     'evit_lvvit_s': ('evit_lvvit_s', {'keep_rate': 1.0}),
     'evit_lvvit_m': ('evit_lvvit_m', {'keep_rate': 1.0}),
 }
+# Arguments only EViT has; the others describe the architecture, which the plain model shares.
+EVIT_ONLY_ARGS = ('keep_rate', 'reorg_layers', 'fuse_token', 'keep_rate_warmup_start', 'keep_rate_warmup_steps')
+
+
+def create_plain_counterpart(model_name: str, evit: nn.Module, **model_kwargs) -> nn.Module:
+    """timm's plain model for ``model_name`` (see PLAIN_COUNTERPARTS), built with the architecture
+    arguments among ``model_kwargs`` and loaded with ``evit``'s weights, in eval mode."""
+    if model_name not in PLAIN_COUNTERPARTS:
+        raise ValueError(f'model_name must be one of {sorted(PLAIN_COUNTERPARTS)}, got {model_name!r}')
+    plain_name, plain_kwargs = PLAIN_COUNTERPARTS[model_name]
+    architecture = {k: v for k, v in model_kwargs.items() if k not in EVIT_ONLY_ARGS}
+    plain = timm.create_model(plain_name, num_classes=evit.num_classes, **plain_kwargs, **architecture)
+    state = evit.state_dict()
+    state.pop('keep_rate_step', None)  # warm-up progress: training state, not a weight
+    plain.load_state_dict(state)
+    return plain.eval()
 
 
 def _make_block(*, depth: int, reorg_layers: Tuple[int, ...], **kwargs):

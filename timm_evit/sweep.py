@@ -13,6 +13,7 @@ from timm.utils import accuracy
 
 from ._io import pyplot, save_figure_whole, write_whole
 from .bench import count_gmacs, time_interleaved
+from .deit import PLAIN_COUNTERPARTS, create_plain_counterpart
 
 __all__ = ['SweepRow', 'load_image_folder', 'evaluate', 'run_sweep', 'pick_keep_rate', 'write_sweep']
 
@@ -24,8 +25,10 @@ class SweepRow:
     top5: float                       # percent (top-k with k = number of classes if fewer than 5)
     gmacs: float                      # per image
     images_per_s: float
-    speedup: Optional[float]          # throughput / throughput at keep 1.0, same run (None without 1.0)
+    speedup_vs_plain: float           # throughput / throughput of timm's plain model, same run, same weights
     num_images: int
+    plain_model: str                  # that plain model (see PLAIN_COUNTERPARTS)
+    plain_images_per_s: float
 
 
 def load_image_folder(data_dir: str, split: str):
@@ -84,9 +87,12 @@ def run_sweep(
         model_kwargs: Optional[dict] = None,
 ) -> List[SweepRow]:
     """Evaluate one model at each keep rate (timm's dataset, loader and eval transforms from the
-    model's pretrained_cfg), with GMACs and throughput measured in the same run."""
+    model's pretrained_cfg), with GMACs, and throughput measured in the same run as that of timm's
+    plain model of the same architecture and weights."""
     from tqdm import tqdm
 
+    if model_name not in PLAIN_COUNTERPARTS:
+        raise ValueError(f'--model must be one of {sorted(PLAIN_COUNTERPARTS)}, got {model_name!r}')
     if checkpoint is not None and not os.path.isfile(checkpoint):
         raise ValueError(f'--checkpoint {checkpoint!r} is not a file')
     dataset = load_image_folder(data_dir, split)
@@ -109,13 +115,15 @@ def run_sweep(
 
     x = torch.randn(min(batch_size, len(dataset)), *data_config['input_size'])
     gmacs = {r: count_gmacs(model, x[:1], keep_rate=r) for r in keep_rates}
-    seconds = time_interleaved({r: (lambda r=r: model(x, keep_rate=r)) for r in keep_rates}, repeats=3, warmup=1)
+    plain = create_plain_counterpart(model_name, model, **(model_kwargs or {}))
+    forwards = {'plain': lambda: plain(x), **{r: (lambda r=r: model(x, keep_rate=r)) for r in keep_rates}}
+    seconds = time_interleaved(forwards, repeats=3, warmup=1)
+    plain_name = PLAIN_COUNTERPARTS[model_name][0]
     rows = []
     for rate in keep_rates:
         top1, top5, n = results[rate]
-        ips = x.shape[0] / seconds[rate]
-        speedup = seconds[1.0] / seconds[rate] if 1.0 in seconds else None
-        rows.append(SweepRow(rate, top1, top5, gmacs[rate], ips, speedup, n))
+        rows.append(SweepRow(rate, top1, top5, gmacs[rate], x.shape[0] / seconds[rate],
+                             seconds['plain'] / seconds[rate], n, plain_name, x.shape[0] / seconds['plain']))
     return rows
 
 
