@@ -15,39 +15,56 @@ import numpy as np
 from PIL import Image
 
 
-def cluttered_digit(digit: np.ndarray, others: np.ndarray, rng: np.random.Generator, canvas: int, scale: int,
-                    fragments: int, fragment_size: int = 4) -> np.ndarray:
-    """One canvas: ``digit`` (8 x 8, 0..16) scaled by ``scale`` at a random place, plus clutter."""
+def cluttered_digit(digit: np.ndarray, others: np.ndarray, rng: np.random.Generator, canvas: int = 64,
+                    scale: int = 4, fragment_size: int = 2) -> np.ndarray:
+    """One canvas (uint8, 0..255): ``digit`` (8 x 8, values 0..16) scaled by ``scale`` at a random
+    place, over one ``fragment_size``-square piece of each of ``others`` scaled the same way."""
     image = np.zeros((canvas, canvas), dtype=np.float32)
-    size = 8 * scale
     side = fragment_size * scale
-    for other in others[:fragments]:  # fragment_size-square pieces of other digits, scaled the same way
+    for other in others:
         y, x = rng.integers(0, 9 - fragment_size, size=2)
         fragment = np.kron(other[y:y + fragment_size, x:x + fragment_size], np.ones((scale, scale)))
         fy, fx = rng.integers(0, canvas - side + 1, size=2)
         image[fy:fy + side, fx:fx + side] = np.maximum(image[fy:fy + side, fx:fx + side], fragment)
+    size = 8 * scale
     py, px = rng.integers(0, canvas - size + 1, size=2)
     big = np.kron(digit, np.ones((scale, scale)))
     image[py:py + size, px:px + size] = np.maximum(image[py:py + size, px:px + size], big)
     return (image / 16 * 255).astype(np.uint8)
 
 
-def build(out: str, canvas: int = 64, scale: int = 4, fragments: int = 4, fragment_size: int = 4, val_fraction: float = 0.2, seed: int = 0,
-          copies: int = 8) -> None:
-    """``copies`` random canvases of each training digit (one of each validation digit)."""
-    from sklearn.datasets import load_digits
-    digits = load_digits()
+def check_options(canvas: int, scale: int, fragments: int, fragment_size: int, copies: int) -> None:
+    if scale < 1 or 8 * scale > canvas:
+        raise ValueError(f'scale (--scale) must be >= 1 with 8 * scale <= canvas ({canvas}, --canvas), got {scale}')
+    if fragments < 0:
+        raise ValueError(f'fragments (--fragments) must be >= 0, got {fragments}')
+    if not 1 <= fragment_size <= 8:
+        raise ValueError(f'fragment_size (--fragment-size) must be 1 to 8 (digit pixels), got {fragment_size}')
+    if copies < 1:
+        raise ValueError(f'copies (--copies) must be >= 1, got {copies}')
+
+
+def build(out: str, canvas: int = 64, scale: int = 4, fragments: int = 4, fragment_size: int = 2,
+          val_fraction: float = 0.2, seed: int = 0, copies: int = 8, digits=None) -> None:
+    """``copies`` random canvases of each training digit (one of each validation digit), as an
+    ImageFolder: ``out``/{train,validation}/<label>/*.png. ``digits``: (images, labels), by default
+    scikit-learn's handwritten digits."""
+    check_options(canvas, scale, fragments, fragment_size, copies)
+    if digits is None:
+        from sklearn.datasets import load_digits
+        loaded = load_digits()
+        digits = (loaded.images, loaded.target)
+    images, labels = digits
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(digits.images))
+    order = rng.permutation(len(images))
     num_val = int(len(order) * val_fraction)
     for n, index in enumerate(order):
         split = 'validation' if n < num_val else 'train'
-        label = int(digits.target[index])
-        folder = os.path.join(out, split, str(label))
+        folder = os.path.join(out, split, str(int(labels[index])))
         os.makedirs(folder, exist_ok=True)
         for copy in range(1 if split == 'validation' else copies):
-            others = digits.images[rng.integers(0, len(digits.images), size=fragments)]
-            pixels = cluttered_digit(digits.images[index], others, rng, canvas, scale, fragments, fragment_size)
+            others = images[rng.integers(0, len(images), size=fragments)]
+            pixels = cluttered_digit(images[index], others, rng, canvas, scale, fragment_size)
             Image.fromarray(pixels).convert('RGB').save(os.path.join(folder, f'{index:04d}_{copy}.png'))
 
 
@@ -57,7 +74,8 @@ def main(argv=None) -> int:
     parser.add_argument('--canvas', type=int, default=64, help='canvas side in pixels')
     parser.add_argument('--scale', type=int, default=4, help='each 8 x 8 digit is scaled up by this factor')
     parser.add_argument('--fragments', type=int, default=4, help='clutter fragments of other digits per canvas')
-    parser.add_argument('--fragment-size', type=int, default=4, help='side of a clutter fragment in digit pixels (1 to 8)')
+    parser.add_argument('--fragment-size', type=int, default=2,
+                        help='side of a clutter fragment in digit pixels (1 to 8)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--copies', type=int, default=8, help='random canvases per training digit')
     args = parser.parse_args(argv)
@@ -65,8 +83,11 @@ def main(argv=None) -> int:
         print(f'cluttered_digits.py: --out {args.out!r} is not empty', file=sys.stderr)
         return 2
     try:
-        build(args.out, canvas=args.canvas, scale=args.scale, fragments=args.fragments, fragment_size=args.fragment_size, seed=args.seed,
-              copies=args.copies)
+        build(args.out, canvas=args.canvas, scale=args.scale, fragments=args.fragments,
+              fragment_size=args.fragment_size, seed=args.seed, copies=args.copies)
+    except ValueError as e:
+        print(f'cluttered_digits.py: {e}', file=sys.stderr)
+        return 2
     except ImportError:
         print("cluttered_digits.py needs scikit-learn: pip install 'timm-evit[examples]'", file=sys.stderr)
         return 2

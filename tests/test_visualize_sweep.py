@@ -100,15 +100,15 @@ def test_sweep_reports_the_top1_of_evaluating_by_hand(image_folder, tmp_path):
     root, checkpoint, model = image_folder
     result = run_cli('sweep', '--model', 'evit_deit_tiny', '--data-dir', str(root), '--checkpoint', str(checkpoint),
                      '--num-classes', '3', '--keep-rates', '1,0.7,0.25', '--batch-size', '5', '--out',
-                     str(tmp_path / 'sw'), '--max-drop', '100')
+                     str(tmp_path / 'sw'), '--max-drop', '100', '--crop-pct', '1.0')
     assert result.returncode == 0, result.stderr
     rows = {r['keep_rate']: r for r in json.loads((tmp_path / 'sw.json').read_text())['rows']}
     with open(tmp_path / 'sw.csv') as f:
         assert [float(r['top1']) for r in csv.DictReader(f)] == [rows[k]['top1'] for k in (1.0, 0.7, 0.25)]
     assert (tmp_path / 'sw.png').read_bytes()[:4] == b'\x89PNG'
 
-    # by hand: the model's eval transform, one image at a time, sorted class folders as labels
-    transform = create_transform(**resolve_data_config({}, model=model))
+    # by hand: the model's eval transform (whole image: crop 1.0), one image at a time, sorted class folders as labels
+    transform = create_transform(**resolve_data_config({'crop_pct': 1.0}, model=model))
     files = sorted((root / 'validation').glob('*/*.png'))
     labels = {name: i for i, name in enumerate(sorted(p.name for p in (root / 'validation').iterdir()))}
     for rate in (1.0, 0.7, 0.25):
@@ -164,6 +164,7 @@ def test_sweep_errors(tmp_path, image_folder):
         (['--data-dir', str(tmp_path / 'bad')], 'unreadable image(s)'),
         (['--data-dir', str(root), '--checkpoint', str(tmp_path / 'none.pth')], 'is not a file'),
         (['--data-dir', str(root), '--keep-rates', '0.7,0.5', '--max-drop', '1'], 'needs keep rate 1.0'),
+        (['--data-dir', str(root), '--crop-pct', '1.5'], '--crop-pct must be in (0, 1]'),
         (['--data-dir', str(root), '--out', str(tmp_path / 'no' / 'such' / 'x')], 'does not exist'),
     ]
     for args, words in cases:

@@ -130,7 +130,8 @@ def sweep_main(args: argparse.Namespace) -> int:
     try:
         rows = run_sweep(args.model, args.data_dir, args.split, args.keep_rates, args.batch_size,
                          pretrained=args.pretrained, checkpoint=args.checkpoint, num_classes=args.num_classes,
-                         fuse_token=not args.no_fuse, workers=args.workers, model_kwargs=dict(args.model_kwargs))
+                         fuse_token=not args.no_fuse, workers=args.workers, model_kwargs=dict(args.model_kwargs),
+                         crop_pct=args.crop_pct)
         prefix = args.out or f'sweep_{args.model}'
         setting = f'{args.model} on {args.data_dir} ({args.split}), batch {args.batch_size}, CPU: {_machine("cpu")}'
         paths = write_sweep(rows, prefix, title=setting, plot=not args.no_plot)
@@ -233,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument('--no-fuse', action='store_true')
     sweep.add_argument('--model-kwargs', nargs='*', type=_model_kwarg, default=[], metavar='KEY=VALUE',
                        help='model arguments, as for timm\'s train.py (e.g. img_size=64 "reorg_layers=(1,3,5)")')
+    sweep.add_argument('--crop-pct', type=float, help="center-crop fraction of the eval transform, as validate.py's "
+                       "(default: the model's pretrained_cfg)")
     sweep.add_argument('--workers', type=int, default=0)
     sweep.add_argument('--out', help='output prefix for .csv, .json and .png (default: sweep_MODEL)')
     sweep.add_argument('--no-plot', action='store_true', help='skip the chart (no matplotlib needed)')

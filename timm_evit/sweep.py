@@ -85,6 +85,7 @@ def run_sweep(
         workers: int = 0,
         show_progress: bool = True,
         model_kwargs: Optional[dict] = None,
+        crop_pct: Optional[float] = None,
 ) -> List[SweepRow]:
     """Evaluate one model at each keep rate (timm's dataset, loader and eval transforms from the
     model's pretrained_cfg), with GMACs, and throughput measured in the same run as that of timm's
@@ -98,8 +99,11 @@ def run_sweep(
     dataset = load_image_folder(data_dir, split)
     model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes,
                               checkpoint_path=checkpoint or '', fuse_token=fuse_token, **(model_kwargs or {})).eval()
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise ValueError(f'--crop-pct must be in (0, 1], got {crop_pct!r}')
     # a model built at another img_size (--model-kwargs img_size=...) is evaluated at that size
-    data_config = resolve_data_config({'input_size': (model.in_chans, *model.patch_embed.img_size)}, model=model)
+    data_config = resolve_data_config({'input_size': (model.in_chans, *model.patch_embed.img_size),
+                                       'crop_pct': crop_pct}, model=model)
     loader = create_loader(
         dataset, input_size=data_config['input_size'], batch_size=batch_size, is_training=False,
         interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
