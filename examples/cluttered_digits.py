@@ -2,7 +2,8 @@
 
 Each 8 x 8 digit is scaled up and pasted at a random place on a larger canvas strewn with
 fragments of other digits (like the Cluttered MNIST benchmark), so that most patches are
-background: the situation EViT is for.
+background: the situation EViT is for. A fifth of the digits are held out: validation/ has one
+canvas of each, test/ eight more.
 
     pip install 'timm-evit[examples]'
     python examples/cluttered_digits.py --out data/cluttered_digits
@@ -45,32 +46,45 @@ def check_options(canvas: int, scale: int, fragments: int, fragment_size: int, c
 
 
 def build(out: str, canvas: int = 64, scale: int = 4, fragments: int = 4, fragment_size: int = 2,
-          val_fraction: float = 0.2, seed: int = 0, copies: int = 8, digits=None) -> None:
-    """``copies`` random canvases of each training digit (one of each validation digit), as an
-    ImageFolder: ``out``/{train,validation}/<label>/*.png. ``digits``: (images, labels), by default
-    scikit-learn's handwritten digits."""
+          val_fraction: float = 0.2, seed: int = 0, copies: int = 8, test_copies: int = 8, digits=None) -> None:
+    """An ImageFolder ``out``/{train,validation,test}/<label>/*.png: ``copies`` random canvases of
+    each training digit, one of each held-out digit in validation/ (train.py's per-epoch check) and
+    ``test_copies`` more of each held-out digit in test/ (a larger held-out set for the final table).
+    ``digits``: (images, labels), by default scikit-learn's handwritten digits."""
     check_options(canvas, scale, fragments, fragment_size, copies)
+    if test_copies < 0:
+        raise ValueError(f'test_copies (--test-copies) must be >= 0, got {test_copies}')
     if digits is None:
         from sklearn.datasets import load_digits
         loaded = load_digits()
         digits = (loaded.images, loaded.target)
     images, labels = digits
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(images))
-    num_val = int(len(order) * val_fraction)
-    for n, index in enumerate(order):
-        split = 'validation' if n < num_val else 'train'
+
+    def write(split: str, index: int, count: int, rng: np.random.Generator) -> None:
         folder = os.path.join(out, split, str(int(labels[index])))
         os.makedirs(folder, exist_ok=True)
-        for copy in range(1 if split == 'validation' else copies):
+        for copy in range(count):
             others = images[rng.integers(0, len(images), size=fragments)]
             pixels = cluttered_digit(images[index], others, rng, canvas, scale, fragment_size)
             Image.fromarray(pixels).convert('RGB').save(os.path.join(folder, f'{index:04d}_{copy}.png'))
 
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(images))
+    num_val = int(len(order) * val_fraction)
+    for n, index in enumerate(order):
+        if n < num_val:
+            write('validation', index, 1, rng)
+        else:
+            write('train', index, copies, rng)
+    if test_copies:  # its own generator, so train/ and validation/ do not depend on test_copies
+        test_rng = np.random.default_rng([seed, 1])
+        for index in order[:num_val]:
+            write('test', index, test_copies, test_rng)
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--out', required=True, help='folder to create (train/ and validation/ inside)')
+    parser.add_argument('--out', required=True, help='folder to create (train/, validation/ and test/ inside)')
     parser.add_argument('--canvas', type=int, default=64, help='canvas side in pixels')
     parser.add_argument('--scale', type=int, default=4, help='each 8 x 8 digit is scaled up by this factor')
     parser.add_argument('--fragments', type=int, default=4, help='clutter fragments of other digits per canvas')
@@ -78,20 +92,22 @@ def main(argv=None) -> int:
                         help='side of a clutter fragment in digit pixels (1 to 8)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--copies', type=int, default=8, help='random canvases per training digit')
+    parser.add_argument('--test-copies', type=int, default=8, help='random canvases per held-out digit in test/')
     args = parser.parse_args(argv)
     if os.path.exists(args.out) and os.listdir(args.out):
         print(f'cluttered_digits.py: --out {args.out!r} is not empty', file=sys.stderr)
         return 2
     try:
         build(args.out, canvas=args.canvas, scale=args.scale, fragments=args.fragments,
-              fragment_size=args.fragment_size, seed=args.seed, copies=args.copies)
+              fragment_size=args.fragment_size, seed=args.seed, copies=args.copies,
+              test_copies=args.test_copies)
     except ValueError as e:
         print(f'cluttered_digits.py: {e}', file=sys.stderr)
         return 2
     except ImportError:
         print("cluttered_digits.py needs scikit-learn: pip install 'timm-evit[examples]'", file=sys.stderr)
         return 2
-    print(f'wrote {args.out}/train and {args.out}/validation')
+    print(f'wrote {args.out}/train, {args.out}/validation' + (f' and {args.out}/test' if args.test_copies else ''))
     return 0
 
 

@@ -76,3 +76,23 @@ def test_cli_rejects_a_device_it_does_not_have():
     result = subprocess.run([sys.executable, '-m', 'timm_evit', 'bench', '--device', 'cuda'],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "device 'cuda' was asked for but torch sees no CUDA device" in result.stderr
+
+
+def test_cli_benchmarks_another_architecture_beside_the_same_plain_one(tmp_path):
+    # the cluttered-digits model of BENCHMARKS.md: 64 px images, 8 px patches, 6 blocks of width 96
+    out = tmp_path / 'bench.json'
+    result = subprocess.run(
+        [sys.executable, '-m', 'timm_evit', 'bench', '--model', 'evit_deit_tiny', '--batch-size', '2',
+         '--repeats', '1', '--warmup', '0', '--keep-rates', '1,0.7', '--attn', 'fused', '--no-latency',
+         '--json', str(out), '--model-kwargs', 'img_size=64', 'patch_size=8', 'embed_dim=96', 'depth=6',
+         'num_heads=3', 'reorg_layers=(1,3,5)'],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "with img_size=64 patch_size=8 embed_dim=96 depth=6 num_heads=3 reorg_layers=(1, 3, 5)" in result.stdout
+    plain, keep1, keep07 = json.loads(out.read_text())['rows']
+    # by hand: 64 patches; keep ceil(0.7 n) of n tokens, plus the fused one, after blocks 1, 3, 5
+    assert plain['tokens'] == [64] and keep1['tokens'] == [64] * 4 and keep07['tokens'] == [64, 46, 34, 25]
+    n, d = 65, 96  # tokens with the class token, width
+    block = 12 * d * d * n + 2 * n * n * d  # qkv, proj, mlp (4x) matmuls and the two attention products
+    expected = 6 * block + 64 * (8 * 8 * 3 * d) + d * 10 ** 3  # blocks, patch embedding, 1000-class head
+    assert plain['gmacs'] == pytest.approx(expected / 1e9, rel=1e-3) and keep1['gmacs'] == plain['gmacs']

@@ -54,12 +54,15 @@ def test_clutter_is_pieces_of_the_other_digits_and_the_digit_stays_whole():
 def test_build_writes_an_imagefolder_with_a_held_out_split(tmp_path):
     images = np.stack([_digit(s) for s in range(10)])
     labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
-    cluttered_digits.build(str(tmp_path / 'd'), canvas=32, scale=2, fragments=2, copies=3, digits=(images, labels))
-    train = sorted((tmp_path / 'd' / 'train').glob('*/*.png'))
-    val = sorted((tmp_path / 'd' / 'validation').glob('*/*.png'))
-    assert len(val) == 2 and len(train) == 8 * 3
-    assert {p.stem[:4] for p in val}.isdisjoint({p.stem[:4] for p in train})  # no digit in both splits
-    for path in train + val:
+    cluttered_digits.build(str(tmp_path / 'd'), canvas=32, scale=2, fragments=2, copies=3, test_copies=4,
+                           digits=(images, labels))
+    train, val, test = (sorted((tmp_path / 'd' / split).glob('*/*.png')) for split in ('train', 'validation', 'test'))
+    assert len(val) == 2 and len(train) == 8 * 3 and len(test) == 2 * 4
+    held_out = {p.stem[:4] for p in val}
+    assert held_out.isdisjoint({p.stem[:4] for p in train})  # no digit in both training and held-out splits
+    assert {p.stem[:4] for p in test} == held_out
+    assert len({p.read_bytes() for p in test}) == len(test)  # different canvases of the held-out digits
+    for path in train + val + test:
         index = int(path.stem[:4])
         assert path.parent.name == str(labels[index])
         with Image.open(path) as im:
@@ -72,11 +75,25 @@ def test_build_writes_an_imagefolder_with_a_held_out_split(tmp_path):
     (['--fragment-size', '0'], 'fragment_size (--fragment-size) must be 1 to 8'),
     (['--fragments', '-1'], 'fragments (--fragments) must be >= 0'),
     (['--copies', '0'], 'copies (--copies) must be >= 1'),
+    (['--test-copies', '-1'], 'test_copies (--test-copies) must be >= 0'),
 ])
 def test_bad_options_are_refused_by_name(tmp_path, capsys, args, words):
     assert cluttered_digits.main(['--out', str(tmp_path / 'd'), *args]) == 2
     assert words in capsys.readouterr().err
     assert not (tmp_path / 'd').exists()
+
+
+def test_train_and_validation_do_not_depend_on_test_copies(tmp_path):
+    images = np.stack([_digit(s) for s in range(10)])
+    labels = np.arange(10) % 3
+    for test_copies in (0, 5):
+        cluttered_digits.build(str(tmp_path / str(test_copies)), canvas=32, scale=2, copies=2,
+                               test_copies=test_copies, digits=(images, labels))
+    for split in ('train', 'validation'):
+        a, b = (sorted((tmp_path / c / split).glob('*/*.png')) for c in ('0', '5'))
+        assert [p.name for p in a] == [p.name for p in b]
+        assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
+    assert not (tmp_path / '0' / 'test').exists()
 
 
 def test_a_folder_that_is_not_empty_is_refused(tmp_path, capsys):

@@ -165,6 +165,7 @@ def test_sweep_errors(tmp_path, image_folder):
         (['--data-dir', str(root), '--checkpoint', str(tmp_path / 'none.pth')], 'is not a file'),
         (['--data-dir', str(root), '--keep-rates', '0.7,0.5', '--max-drop', '1'], 'needs keep rate 1.0'),
         (['--data-dir', str(root), '--crop-pct', '1.5'], '--crop-pct must be in (0, 1]'),
+        (['--data-dir', str(root), '--repeats', '0'], '--repeats must be an integer >= 1'),
         (['--data-dir', str(root), '--out', str(tmp_path / 'no' / 'such' / 'x')], 'does not exist'),
     ]
     for args, words in cases:

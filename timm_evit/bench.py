@@ -133,11 +133,13 @@ def run_bench(
         latency: bool = True,
         pretrained: bool = False,
         show_progress: bool = True,
+        model_kwargs: Optional[dict] = None,
 ) -> List[BenchRow]:
     """Rows for the plain timm model and for ``model_name`` at each keep rate, per attention path.
 
     ``latency`` also times batch 1 (interleaved the same way). With ``compile``, every model and
     keep rate is compiled with ``torch.compile`` during the warm-up (at least one warm-up step).
+    ``model_kwargs`` change the architecture of both models alike (e.g. ``img_size``, ``depth``).
     """
     from tqdm import tqdm
 
@@ -153,9 +155,10 @@ def run_bench(
         raise ValueError(f'device {device!r} was asked for but torch sees no CUDA device')
     warmup = max(warmup, 1) if compile else warmup
 
-    evit = timm.create_model(model_name, pretrained=pretrained, fuse_token=fuse_token).eval()
-    plain = create_plain_counterpart(model_name, evit)  # same weights
-    input_size = evit.pretrained_cfg['input_size']
+    model_kwargs = {'fuse_token': fuse_token, **(model_kwargs or {})}
+    evit = timm.create_model(model_name, pretrained=pretrained, **model_kwargs).eval()
+    plain = create_plain_counterpart(model_name, evit, **model_kwargs)  # same weights
+    input_size = (evit.in_chans, *evit.patch_embed.img_size)
 
     # GMACs and token counts do not depend on dtype or device: count them once, fp32 on the CPU.
     x1 = torch.randn(1, *input_size)

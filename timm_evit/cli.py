@@ -58,12 +58,14 @@ def bench_main(args: argparse.Namespace) -> int:
         rows = run_bench(
             args.model, args.keep_rates, fuse_token=not args.no_fuse, batch_size=args.batch_size,
             repeats=args.repeats, warmup=args.warmup, attn=attn, dtype=args.dtype, compile=args.compile,
-            device=args.device, latency=not args.no_latency, pretrained=args.pretrained)
+            device=args.device, latency=not args.no_latency, pretrained=args.pretrained,
+            model_kwargs=dict(args.model_kwargs))
     except ValueError as e:
         print(f'timm-evit bench: {e}', file=sys.stderr)
         return 2
     plain = rows[0].model if rows[0].model != args.model else f'{args.model} at keep_rate 1.0 (plain)'
-    header = (f'{args.model} vs {plain}, batch {args.batch_size}, {args.dtype}, '
+    architecture = ''.join(f' {k}={v!r}' for k, v in args.model_kwargs)
+    header = (f'{args.model} vs {plain}{" with" + architecture if architecture else ""}, batch {args.batch_size}, {args.dtype}, '
               f'{"torch.compile" if args.compile else "eager"}, {args.device}: {_machine(args.device)}, '
               f'timm {timm.__version__}; median of {args.repeats} interleaved repeats after {args.warmup} warm-up')
     print(f'# {header}')
@@ -131,7 +133,7 @@ def sweep_main(args: argparse.Namespace) -> int:
         rows = run_sweep(args.model, args.data_dir, args.split, args.keep_rates, args.batch_size,
                          pretrained=args.pretrained, checkpoint=args.checkpoint, num_classes=args.num_classes,
                          fuse_token=not args.no_fuse, workers=args.workers, model_kwargs=dict(args.model_kwargs),
-                         crop_pct=args.crop_pct)
+                         crop_pct=args.crop_pct, repeats=args.repeats)
         prefix = args.out or f'sweep_{args.model}'
         setting = f'{args.model} on {args.data_dir} ({args.split}), batch {args.batch_size}, CPU: {_machine("cpu")}'
         paths = write_sweep(rows, prefix, title=setting, plot=not args.no_plot)
@@ -144,7 +146,7 @@ def sweep_main(args: argparse.Namespace) -> int:
     print(f'| keep_rate | top-1 | top-5 | GMACs | img/s | speed-up vs {rows[0].plain_model} |')
     print('|---|---|---|---|---|---|')
     for r in rows:
-        print(f'| {r.keep_rate:g} | {r.top1:.2f} | {r.top5:.2f} | {r.gmacs:.2f} | {r.images_per_s:.1f} '
+        print(f'| {r.keep_rate:g} | {r.top1:.2f} | {r.top5:.2f} | {r.gmacs:.3g} | {r.images_per_s:.1f} '
               f'| {r.speedup_vs_plain:.2f}x |')
     print('wrote ' + ', '.join(paths))
     if args.max_drop is not None:
@@ -206,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument('--no-latency', action='store_true', help='skip the batch-1 latency measurement')
     bench.add_argument('--threads', type=_positive_int, default=None, help="torch threads (default: torch's)")
     bench.add_argument('--pretrained', action='store_true', help='use pretrained weights (must be cached offline)')
+    bench.add_argument('--model-kwargs', nargs='*', type=_model_kwarg, default=[], metavar='KEY=VALUE',
+                       help='architecture of both models, as for timm\'s train.py (e.g. img_size=64 depth=6)')
     bench.add_argument('--json', metavar='PATH', help='also write the rows as JSON')
     bench.add_argument('--plot', metavar='PNG', help='also draw speed-up and GMACs against keep rate (needs matplotlib)')
     bench.set_defaults(func=bench_main)
@@ -236,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help='model arguments, as for timm\'s train.py (e.g. img_size=64 "reorg_layers=(1,3,5)")')
     sweep.add_argument('--crop-pct', type=float, help="center-crop fraction of the eval transform, as validate.py's "
                        "(default: the model's pretrained_cfg)")
+    sweep.add_argument('--repeats', type=int, default=10, help='timed batches per model for throughput (median)')
     sweep.add_argument('--workers', type=int, default=0)
     sweep.add_argument('--out', help='output prefix for .csv, .json and .png (default: sweep_MODEL)')
     sweep.add_argument('--no-plot', action='store_true', help='skip the chart (no matplotlib needed)')

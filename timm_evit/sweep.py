@@ -86,6 +86,7 @@ def run_sweep(
         show_progress: bool = True,
         model_kwargs: Optional[dict] = None,
         crop_pct: Optional[float] = None,
+        repeats: int = 10,
 ) -> List[SweepRow]:
     """Evaluate one model at each keep rate (timm's dataset, loader and eval transforms from the
     model's pretrained_cfg), with GMACs, and throughput measured in the same run as that of timm's
@@ -99,6 +100,8 @@ def run_sweep(
     dataset = load_image_folder(data_dir, split)
     model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes,
                               checkpoint_path=checkpoint or '', fuse_token=fuse_token, **(model_kwargs or {})).eval()
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f'--repeats must be an integer >= 1, got {repeats!r}')
     if crop_pct is not None and not 0 < crop_pct <= 1:
         raise ValueError(f'--crop-pct must be in (0, 1], got {crop_pct!r}')
     # a model built at another img_size (--model-kwargs img_size=...) is evaluated at that size
@@ -121,7 +124,7 @@ def run_sweep(
     gmacs = {r: count_gmacs(model, x[:1], keep_rate=r) for r in keep_rates}
     plain = create_plain_counterpart(model_name, model, **(model_kwargs or {}))
     forwards = {'plain': lambda: plain(x), **{r: (lambda r=r: model(x, keep_rate=r)) for r in keep_rates}}
-    seconds = time_interleaved(forwards, repeats=3, warmup=1)
+    seconds = time_interleaved(forwards, repeats=repeats, warmup=1)
     plain_name = PLAIN_COUNTERPARTS[model_name][0]
     rows = []
     for rate in keep_rates:
