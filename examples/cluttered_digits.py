@@ -34,7 +34,8 @@ def cluttered_digit(digit: np.ndarray, others: np.ndarray, rng: np.random.Genera
     return (image / 16 * 255).astype(np.uint8)
 
 
-def check_options(canvas: int, scale: int, fragments: int, fragment_size: int, copies: int) -> None:
+def check_options(canvas: int, scale: int, fragments: int, fragment_size: int, copies: int,
+                  test_copies: int) -> None:
     if scale < 1 or 8 * scale > canvas:
         raise ValueError(f'scale (--scale) must be >= 1 with 8 * scale <= canvas ({canvas}, --canvas), got {scale}')
     if fragments < 0:
@@ -43,6 +44,8 @@ def check_options(canvas: int, scale: int, fragments: int, fragment_size: int, c
         raise ValueError(f'fragment_size (--fragment-size) must be 1 to 8 (digit pixels), got {fragment_size}')
     if copies < 1:
         raise ValueError(f'copies (--copies) must be >= 1, got {copies}')
+    if test_copies < 0:
+        raise ValueError(f'test_copies (--test-copies) must be >= 0, got {test_copies}')
 
 
 def build(out: str, canvas: int = 64, scale: int = 4, fragments: int = 4, fragment_size: int = 2,
@@ -51,9 +54,7 @@ def build(out: str, canvas: int = 64, scale: int = 4, fragments: int = 4, fragme
     each training digit, one of each held-out digit in validation/ (train.py's per-epoch check) and
     ``test_copies`` more of each held-out digit in test/ (a larger held-out set for the final table).
     ``digits``: (images, labels), by default scikit-learn's handwritten digits."""
-    check_options(canvas, scale, fragments, fragment_size, copies)
-    if test_copies < 0:
-        raise ValueError(f'test_copies (--test-copies) must be >= 0, got {test_copies}')
+    check_options(canvas, scale, fragments, fragment_size, copies, test_copies)
     if digits is None:
         from sklearn.datasets import load_digits
         loaded = load_digits()

@@ -65,7 +65,9 @@ def bench_main(args: argparse.Namespace) -> int:
         return 2
     plain = rows[0].model if rows[0].model != args.model else f'{args.model} at keep_rate 1.0 (plain)'
     architecture = ''.join(f' {k}={v!r}' for k, v in args.model_kwargs)
-    header = (f'{args.model} vs {plain}{" with" + architecture if architecture else ""}, batch {args.batch_size}, {args.dtype}, '
+    if architecture:
+        plain += ' with' + architecture
+    header = (f'{args.model} vs {plain}, batch {args.batch_size}, {args.dtype}, '
               f'{"torch.compile" if args.compile else "eager"}, {args.device}: {_machine(args.device)}, '
               f'timm {timm.__version__}; median of {args.repeats} interleaved repeats after {args.warmup} warm-up')
     print(f'# {header}')

@@ -21,7 +21,10 @@ from .options import KeepRate, check_fuse_token, check_keep_rate, check_reorg_la
 from .reorg import trace_patch_token_index, trace_token_patch_ids, tokens_to_patch_grid
 from .schedule import warmup_keep_rate
 
-__all__ = ['VisionTransformerEViT', 'PLAIN_COUNTERPARTS', 'EVIT_ONLY_ARGS', 'create_plain_counterpart', 'HUB_NAMESPACE', 'EVIT_DEIT_SMALL_TAGS']
+__all__ = [
+    'VisionTransformerEViT', 'PLAIN_COUNTERPARTS', 'EVIT_ONLY_ARGS', 'create_plain_counterpart', 'HUB_NAMESPACE',
+    'EVIT_DEIT_SMALL_TAGS',
+]
 
 # The plain model each EViT architecture reorganises (same weights, same shapes), with its
 # creation arguments: timm's own DeiT, or, where timm has none (LV-ViT), the model at keep 1.0.

@@ -95,15 +95,15 @@ def run_sweep(
 
     if model_name not in PLAIN_COUNTERPARTS:
         raise ValueError(f'--model must be one of {sorted(PLAIN_COUNTERPARTS)}, got {model_name!r}')
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f'--repeats must be an integer >= 1, got {repeats!r}')
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise ValueError(f'--crop-pct must be in (0, 1], got {crop_pct!r}')
     if checkpoint is not None and not os.path.isfile(checkpoint):
         raise ValueError(f'--checkpoint {checkpoint!r} is not a file')
     dataset = load_image_folder(data_dir, split)
     model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes,
                               checkpoint_path=checkpoint or '', fuse_token=fuse_token, **(model_kwargs or {})).eval()
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f'--repeats must be an integer >= 1, got {repeats!r}')
-    if crop_pct is not None and not 0 < crop_pct <= 1:
-        raise ValueError(f'--crop-pct must be in (0, 1], got {crop_pct!r}')
     # a model built at another img_size (--model-kwargs img_size=...) is evaluated at that size
     data_config = resolve_data_config({'input_size': (model.in_chans, *model.patch_embed.img_size),
                                        'crop_pct': crop_pct}, model=model)
