@@ -4,17 +4,16 @@
 (Liang et al., ICLR 2022) - https://arxiv.org/abs/2202.07800
 """
 import os
-from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
 from torch import nn
-from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models import (
+    build_model_with_cfg, checkpoint, generate_default_cfgs, get_pretrained_cfg, register_model, register_notrace_function,
+)
 from timm.models._features import feature_take_indices
-from timm.models._features_fx import register_notrace_function
-from timm.models._manipulate import checkpoint
-from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from .layers import EViTBlock
 from .options import KeepRate, check_fuse_token, check_keep_rate, check_reorg_layers
@@ -45,19 +44,13 @@ def create_plain_counterpart(model_name: str, evit: nn.Module, **model_kwargs) -
     if model_name not in PLAIN_COUNTERPARTS:
         raise ValueError(f'model_name must be one of {sorted(PLAIN_COUNTERPARTS)}, got {model_name!r}')
     plain_name, plain_kwargs = PLAIN_COUNTERPARTS[model_name]
-    architecture = {k: v for k, v in model_kwargs.items() if k not in EVIT_ONLY_ARGS}
+    # the EViT model's own num_classes (the caller's, or a checkpoint's) wins over model_kwargs
+    architecture = {k: v for k, v in model_kwargs.items() if k not in EVIT_ONLY_ARGS + ('num_classes',)}
     plain = timm.create_model(plain_name, num_classes=evit.num_classes, **plain_kwargs, **architecture)
     state = evit.state_dict()
     state.pop('keep_rate_step', None)  # warm-up progress: training state, not a weight
     plain.load_state_dict(state)
     return plain.eval()
-
-
-def _make_block(*, depth: int, reorg_layers: Tuple[int, ...], **kwargs):
-    # timm passes each block its index as `depth`: reorganising blocks are EViT blocks,
-    # the others are timm's plain Block.
-    block_cls = EViTBlock if depth in reorg_layers else Block
-    return block_cls(depth=depth, **kwargs)
 
 
 def _keep_rate_step_on_load(module, state_dict, prefix, *args) -> None:
@@ -70,7 +63,9 @@ def _keep_rate_step_on_load(module, state_dict, prefix, *args) -> None:
         state_dict.pop(key, None)
 
 
-@register_notrace_function  # branches on the input: opaque to FX (whose autowrap skips names starting with "_")
+# branches on the input: opaque to FX, in whichever module the calling forward lives (torch.fx.wrap)
+@torch.fx.wrap
+@register_notrace_function
 def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f'x must be a torch.Tensor of images [B, {in_chans}, H, W], got {type(x).__name__}')
@@ -78,6 +73,15 @@ def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
         raise ValueError(f'x must be a batch of images [B, {in_chans}, H, W] (4 dims), got shape {tuple(x.shape)}')
     if x.shape[1] != in_chans:
         raise ValueError(f'x must have {in_chans} channels (in_chans), got shape {tuple(x.shape)}')
+
+
+@torch.fx.wrap  # checks the masks against this call's keep rates: opaque to FX
+@register_notrace_function
+def check_attention_mask(attn_mask: Optional[torch.Tensor], is_causal: bool, block_keep_rates: Sequence[float]) -> None:
+    if (attn_mask is not None or is_causal) and min(block_keep_rates, default=1.0) < 1.0:
+        # A mask is laid out for the tokens entering the blocks; reorganised tokens have no place in it.
+        raise ValueError('attn_mask / is_causal need keep_rate=1.0: EViT changes the number and order of '
+                         'tokens, so a mask for the input tokens does not fit the blocks after a reorganisation')
 
 
 class VisionTransformerEViT(VisionTransformer):
@@ -88,6 +92,9 @@ class VisionTransformerEViT(VisionTransformer):
     descending order of attention) and, with ``fuse_token``, the others become one token
     weighted by their attention, appended last. No parameters are added: timm ViT / DeiT
     weights load unchanged, and ``keep_rate=1.0`` is the plain model.
+
+    Every block is an ``EViTBlock`` (timm's ``Block``, returning a tensor); the reorganising ones
+    hold their keep rate, so ``model.blocks(x)`` and forward hooks on a block behave as in timm.
 
     Args:
         keep_rate: fraction of non-class tokens kept per reorganising block, in (0, 1]; one
@@ -121,18 +128,42 @@ class VisionTransformerEViT(VisionTransformer):
         if not kwargs.get('class_token', True) or kwargs.get('reg_tokens', 0):
             raise ValueError('EViT needs exactly one class token: class_token=True and reg_tokens=0')
         if 'block_fn' in kwargs:
-            raise ValueError('block_fn is set by EViT (timm Block, EViT blocks in reorg_layers)')
+            raise ValueError('block_fn is set by EViT (EViTBlock, timm\'s Block that can reorganise)')
         reorg_layers = check_reorg_layers(reorg_layers, depth)
-        super().__init__(block_fn=partial(_make_block, reorg_layers=reorg_layers), **kwargs)
+        fuse_token = check_fuse_token(fuse_token)
+        rates = check_keep_rate(keep_rate, len(reorg_layers))
+        super().__init__(block_fn=EViTBlock, **kwargs)
         self.reorg_layers = reorg_layers
-        self.fuse_token = check_fuse_token(fuse_token)
-        self.keep_rate = check_keep_rate(keep_rate, len(reorg_layers))
+        self.fuse_token = fuse_token
+        self.set_keep_rate(rates)
         self.keep_rate_warmup_start = keep_rate_warmup_start
         self.keep_rate_warmup_steps = keep_rate_warmup_steps
         if self.has_keep_rate_warmup:
             # Training progress of the warm-up, saved with the weights so that --resume continues it.
-            self.register_buffer('keep_rate_step', torch.zeros((), dtype=torch.long))
+            self.register_buffer('keep_rate_step', torch.zeros((), dtype=torch.long, device=self.cls_token.device))
         self.register_load_state_dict_pre_hook(_keep_rate_step_on_load)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: say what to use instead of failing deep in its compiler.
+        raise RuntimeError(
+            f'{type(self).__name__} does not support TorchScript (torch.jit.script is deprecated in torch 2.x '
+            'and cannot follow the data-dependent token counts of EViT); to deploy, use torch.export.export(model, '
+            '(images,)) or export to ONNX (torch.onnx.export(model, (images,), dynamo=True))')
+
+    @property
+    def keep_rate(self) -> Tuple[float, ...]:
+        """Keep rate of each reorganising block (held by the blocks themselves)."""
+        return tuple(self.blocks[layer].keep_rate for layer in self.reorg_layers)
+
+    @property
+    def fuse_token(self) -> bool:
+        return self._fuse_token
+
+    @fuse_token.setter
+    def fuse_token(self, fuse_token: bool) -> None:
+        self._fuse_token = check_fuse_token(fuse_token)
+        for blk in self.blocks:
+            blk.fuse_token = self._fuse_token
 
     @property
     def has_keep_rate_warmup(self) -> bool:
@@ -148,9 +179,23 @@ class VisionTransformerEViT(VisionTransformer):
 
     def set_keep_rate(self, keep_rate: KeepRate) -> None:
         """Change the keep rate (one float, or one per reorganising block); no retraining needed."""
-        self.keep_rate = check_keep_rate(keep_rate, len(self.reorg_layers))
+        rates = check_keep_rate(keep_rate, len(self.reorg_layers))
+        for layer, rate in zip(self.reorg_layers, rates):
+            self.blocks[layer].keep_rate = rate
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """timm's pruning; ``reorg_layers`` (and their keep rates) keep only the blocks that remain."""
+        take_indices = super().prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+        self.reorg_layers = tuple(layer for layer in self.reorg_layers if layer < len(self.blocks))
+        return take_indices
 
     def _block_keep_rates(self, keep_rate: Optional[KeepRate]) -> List[float]:
+        """This call's keep rate for every block (1.0: the block keeps all its tokens)."""
         if isinstance(keep_rate, torch.fx.Proxy):
             # FX tracing (timm feature extraction) turns every forward argument into a Proxy;
             # a traced graph keeps the model's keep rate, fixed at tracing time.
@@ -163,19 +208,32 @@ class VisionTransformerEViT(VisionTransformer):
             rates = self.keep_rate
         if self.training and self.has_keep_rate_warmup and torch.is_grad_enabled():
             self.keep_rate_step.add_(1)  # one training forward = one optimizer step
-        per_block = [1.0] * len(self.blocks)
+        per_block = [blk.keep_rate for blk in self.blocks]
         for layer, rate in zip(self.reorg_layers, rates):
-            if layer < len(per_block):  # blocks may have been pruned (prune_intermediate_layers)
-                per_block[layer] = rate
+            per_block[layer] = rate
         return per_block
 
-    def _run_block(self, blk: torch.nn.Module, x: torch.Tensor, keep_rate: float):
-        """Runs one block; returns the tokens and the kept indices, or None if none were dropped."""
-        use_checkpoint = self.grad_checkpointing and not torch.jit.is_scripting()
-        if isinstance(blk, EViTBlock):
-            out = checkpoint(blk, x, keep_rate, self.fuse_token) if use_checkpoint else blk(x, keep_rate, self.fuse_token)
-            return out[0], out[1]
-        return (checkpoint(blk, x) if use_checkpoint else blk(x)), None
+    def _run_block(
+            self,
+            blk: nn.Module,
+            x: torch.Tensor,
+            keep_rate: float,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Runs one block through its ``__call__`` (hooks see it); returns the tokens and the kept
+        indices, or None where the block keeps every token at this rate."""
+        kept_indices = [] if keep_rate < 1.0 else None
+        kwargs = dict(keep_rate=keep_rate, kept_indices=kept_indices)
+        if keep_rate >= 1.0 and (attn_mask is not None or is_causal):
+            # (check_attention_mask has made sure that no mask meets a reorganising block; under
+            # FX tracing both are placeholders, passed on to the plain blocks as timm does)
+            kwargs.update(attn_mask=attn_mask, is_causal=is_causal)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint(blk, x, **kwargs)
+        else:
+            x = blk(x, **kwargs)
+        return x, (kept_indices[0] if kept_indices else None)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         check_image_batch(x, self.in_chans)
@@ -188,27 +246,45 @@ class VisionTransformerEViT(VisionTransformer):
             self,
             x: torch.Tensor,
             keep_rate: Optional[KeepRate],
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
             track_token_ids: bool = False,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Runs the blocks; with ``track_token_ids`` also returns which patch each remaining
         non-class token came from (-1: a fused token), ``[B, n]``."""
+        rates = self._block_keep_rates(keep_rate)
+        check_attention_mask(attn_mask, is_causal, rates)
         token_patch_ids = None
         if track_token_ids:
             token_patch_ids = torch.arange(x.shape[1] - 1, device=x.device).expand(x.shape[0], -1)
-        for blk, rate in zip(self.blocks, self._block_keep_rates(keep_rate)):
-            x, kept_idx = self._run_block(blk, x, rate)
+        for blk, rate in zip(self.blocks, rates):
+            x, kept_idx = self._run_block(blk, x, rate, attn_mask, is_causal)
             if token_patch_ids is not None and kept_idx is not None:
                 token_patch_ids = trace_token_patch_ids(token_patch_ids, kept_idx, self.fuse_token)
         return x, token_patch_ids
 
-    def forward_features(self, x: torch.Tensor, keep_rate: Optional[KeepRate] = None) -> torch.Tensor:
-        """Tokens after the final norm: ``[B, 1 + remaining tokens, C]``."""
-        x, _ = self._forward_blocks(self._embed(x), keep_rate)
+    def forward_features(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+            keep_rate: Optional[KeepRate] = None,
+    ) -> torch.Tensor:
+        """Tokens after the final norm: ``[B, 1 + remaining tokens, C]``. ``attn_mask`` /
+        ``is_causal`` go to every block's attention as in timm, with ``keep_rate`` 1.0 only."""
+        x, _ = self._forward_blocks(self._embed(x), keep_rate, attn_mask, is_causal)
         return self.norm(x)
 
-    def forward(self, x: torch.Tensor, keep_rate: Optional[KeepRate] = None) -> torch.Tensor:
+    def forward(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+            keep_rate: Optional[KeepRate] = None,
+    ) -> torch.Tensor:
         """Logits; ``keep_rate`` overrides the model's keep rate for this call only."""
-        return self.forward_head(self.forward_features(x, keep_rate=keep_rate))
+        x = self.forward_features(x, attn_mask=attn_mask, is_causal=is_causal, keep_rate=keep_rate)
+        return self.forward_head(x)
 
     def forward_intermediates(
             self,
@@ -220,6 +296,8 @@ class VisionTransformerEViT(VisionTransformer):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
             output_dict: bool = False,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
             keep_rate: Optional[KeepRate] = None,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]:
         """timm's ``forward_intermediates``, with tokens traced back to their patches.
@@ -244,10 +322,11 @@ class VisionTransformerEViT(VisionTransformer):
 
         intermediates, prefix_tokens, token_ids_out, patch_index_out = [], [], [], []
         rates = self._block_keep_rates(keep_rate)
+        check_attention_mask(attn_mask, is_causal, rates)
         last = max_index if stop_early else len(self.blocks) - 1
         for i in range(last + 1):
             num_tokens = x.shape[1] - 1
-            x, kept_idx = self._run_block(self.blocks[i], x, rates[i])
+            x, kept_idx = self._run_block(self.blocks[i], x, rates[i], attn_mask, is_causal)
             if kept_idx is not None:
                 token_patch_ids = trace_token_patch_ids(token_patch_ids, kept_idx, self.fuse_token)
                 patch_token_index = trace_patch_token_index(patch_token_index, kept_idx, num_tokens, self.fuse_token)

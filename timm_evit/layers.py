@@ -1,74 +1,105 @@
-"""timm's Attention and Block, extended to read the class attention and reorganise tokens."""
-from typing import Optional, Tuple
+"""timm's Block with EViT's step between attention and MLP, and the attention core that reads the class row."""
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
-from timm.models._features_fx import register_notrace_module
+from timm.models import register_notrace_function
 from timm.models.vision_transformer import Block
 
 from .reorg import class_attention, head_averaged_class_row, num_kept_tokens, reorganize_tokens
 
-__all__ = ['EViTAttention', 'EViTBlock']
+__all__ = ['EViTBlock', 'attention_with_class_attention', 'reorganize_at_rate']
 
 
-class EViTAttention(Attention):
-    """timm ``Attention`` that can also return the head-averaged class attention ``[B, N - 1]``.
+def attention_with_class_attention(attn: Attention, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """timm ``Attention`` forward that also returns the head-averaged class attention ``[B, N - 1]``.
 
-    ``forward`` is timm's own. ``forward_with_class_attention`` follows the same fused / unfused
-    switch (``use_fused_attn``, ``TIMM_FUSED_ATTN``): the unfused path reads the class row of the
-    attention it materialises anyway; the fused path computes only that row beside the kernel.
+    Runs the module's own layers (qkv, q/k norms, scale norm, gate, proj, dropouts) in the order of
+    timm's ``Attention.forward``, so its output is that forward's (a test compares them). It follows
+    the module's fused / unfused switch: the unfused path reads the class row of the attention it
+    materialises anyway; the fused path computes only that row beside the SDPA kernel.
     """
+    B, N, _ = x.shape
+    gate = getattr(attn, 'gate', None)  # timm added the optional gate after 1.0
+    gate = gate(x).sigmoid() if gate is not None else None
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
 
-    def forward_with_class_attention(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        B, N, _ = x.shape
-        gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+    if attn.fused_attn:
+        cls_attn = class_attention(q, k, attn.scale)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.)
+    else:
+        weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        cls_attn = head_averaged_class_row(weights)
+        x = attn.attn_drop(weights) @ v
 
-        if self.fused_attn:
-            cls_attn = class_attention(q, k, self.scale)
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
-        else:
-            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-            cls_attn = head_averaged_class_row(attn)
-            x = self.attn_drop(attn) @ v
-
-        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
-        x = self.norm(x)
-        if gate is not None:
-            x = x * gate
-        x = self.proj_drop(self.proj(x))
-        return x, cls_attn
+    x = x.transpose(1, 2).reshape(B, N, -1)
+    x = attn.norm(x)
+    if gate is not None:
+        x = x * gate
+    x = attn.proj_drop(attn.proj(x))
+    return x, cls_attn
 
 
-@register_notrace_module  # token counts depend on the input: a leaf for FX feature extraction
+@torch.fx.wrap  # the token count depends on the input's shape: opaque to FX
+@register_notrace_function
+def reorganize_at_rate(
+        x: torch.Tensor,
+        cls_attn: torch.Tensor,
+        keep_rate: float,
+        fuse_token: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``reorganize_tokens`` keeping ``ceil(keep_rate * n)`` of the ``n`` non-class tokens.
+
+    Where that keeps them all, nothing happens (DESIGN.md): ``x`` is returned unchanged with the
+    identity as kept indices, so that callers need no branch on the token count.
+    """
+    B, num_tokens = cls_attn.shape
+    num_keep = num_kept_tokens(keep_rate, num_tokens)
+    if num_keep >= num_tokens:
+        return x, torch.arange(num_tokens, device=x.device).expand(B, -1)
+    return reorganize_tokens(x, cls_attn, num_keep, fuse_token)
+
+
 class EViTBlock(Block):
-    """timm ``Block`` that reorganises its tokens between attention and MLP.
+    """timm ``Block`` that can reorganise its tokens between attention and MLP.
 
-    Same parameters (and state-dict keys) as ``Block``. With nothing to drop (``keep_rate`` such
-    that every token is kept) it runs ``Block.forward`` unchanged.
+    Same parameters, state-dict keys and output as ``Block`` (a tensor ``[B, N_out, C]``, so forward
+    hooks and ``model.blocks(x)`` work as on timm's blocks). ``keep_rate`` and ``fuse_token`` are
+    set by the model (``set_keep_rate``); at ``keep_rate`` 1.0 the block is timm's ``Block.forward``.
+
+    ``forward`` also takes ``keep_rate`` for one call, and ``kept_indices``: a list to which the
+    block appends the indices ``[B, num_keep]`` of the non-class tokens it kept, in their new order
+    (the identity when it kept them all). Models use it to trace tokens back to their patches.
     """
 
-    def __init__(self, *args, attn_layer=EViTAttention, **kwargs):
-        if attn_layer not in (Attention, EViTAttention, '', 'attn'):
-            raise ValueError(f'attn_layer must be timm Attention for EViT blocks, got {attn_layer!r}')
-        super().__init__(*args, attn_layer=EViTAttention, **kwargs)
+    keep_rate: float = 1.0
+    fuse_token: bool = True
 
     def forward(
             self,
             x: torch.Tensor,
-            keep_rate: float = 1.0,
-            fuse_token: bool = True,
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Returns the new tokens and the kept indices (``None`` when every token was kept)."""
-        num_tokens = x.shape[1] - 1
-        num_keep = num_kept_tokens(keep_rate, num_tokens)
-        if num_keep >= num_tokens:
-            return super().forward(x), None
-        attn_out, cls_attn = self.attn.forward_with_class_attention(self.norm1(x))
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+            keep_rate: Optional[float] = None,
+            kept_indices: Optional[List[torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        rate = self.keep_rate if keep_rate is None else keep_rate
+        if rate >= 1.0:
+            x = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+            if kept_indices is not None:
+                kept_indices.append(torch.arange(x.shape[1] - 1, device=x.device).expand(x.shape[0], -1))
+            return x
+        if attn_mask is not None or is_causal:
+            # A mask is laid out for the tokens before this block; the reorganised ones have no place in it.
+            raise ValueError('attn_mask / is_causal cannot be used in a block that reorganises tokens '
+                             f'(keep_rate {rate}); use keep_rate=1.0 for masked attention')
+        attn_out, cls_attn = attention_with_class_attention(self.attn, self.norm1(x))
         x = x + self.drop_path1(self.ls1(attn_out))
-        x, kept_idx = reorganize_tokens(x, cls_attn, num_keep, fuse_token)
+        x, kept_idx = reorganize_at_rate(x, cls_attn, rate, self.fuse_token)
+        if kept_indices is not None:
+            kept_indices.append(kept_idx)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x, kept_idx
+        return x

@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import PatchEmbed, get_device_dtype, resample_abs_pos_embed
+from timm.layers import PatchEmbed, resample_abs_pos_embed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from .checkpoints import ALLOWED_PICKLE_GLOBALS, require_matching_keys, unwrap_state_dict
@@ -31,23 +31,26 @@ class LVViTPatchEmbed(PatchEmbed):
     shape handling (grid size, dynamic sizes, flattening) it keeps.
     """
 
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=384, stem_chans=64, bias=True, **kwargs):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=384, stem_chans=64, bias=True,
+                 device=None, dtype=None, **kwargs):
+        # timm's factory arguments, passed on only where given (timm releases before them have none)
+        dd = {k: v for k, v in dict(device=device, dtype=dtype).items() if v is not None}
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-                         bias=bias, **kwargs)
+                         bias=bias, **kwargs, **dd)
         if any(p % 2 for p in self.patch_size):
             raise ValueError(f'patch_size must be even for the LV-ViT stem (stride 2, then patch_size / 2), got {patch_size}')
         half = tuple(p // 2 for p in self.patch_size)
         self.proj = nn.Sequential(OrderedDict([
-            ('conv1', nn.Conv2d(in_chans, stem_chans, kernel_size=7, stride=2, padding=3, bias=False)),
-            ('bn1', nn.BatchNorm2d(stem_chans)),
+            ('conv1', nn.Conv2d(in_chans, stem_chans, kernel_size=7, stride=2, padding=3, bias=False, **dd)),
+            ('bn1', nn.BatchNorm2d(stem_chans, **dd)),
             ('act1', nn.ReLU(inplace=True)),
-            ('conv2', nn.Conv2d(stem_chans, stem_chans, kernel_size=3, stride=1, padding=1, bias=False)),
-            ('bn2', nn.BatchNorm2d(stem_chans)),
+            ('conv2', nn.Conv2d(stem_chans, stem_chans, kernel_size=3, stride=1, padding=1, bias=False, **dd)),
+            ('bn2', nn.BatchNorm2d(stem_chans, **dd)),
             ('act2', nn.ReLU(inplace=True)),
-            ('conv3', nn.Conv2d(stem_chans, stem_chans, kernel_size=3, stride=1, padding=1, bias=False)),
-            ('bn3', nn.BatchNorm2d(stem_chans)),
+            ('conv3', nn.Conv2d(stem_chans, stem_chans, kernel_size=3, stride=1, padding=1, bias=False, **dd)),
+            ('bn3', nn.BatchNorm2d(stem_chans, **dd)),
             ('act3', nn.ReLU(inplace=True)),
-            ('proj', nn.Conv2d(stem_chans, embed_dim, kernel_size=half, stride=half, bias=bias)),
+            ('proj', nn.Conv2d(stem_chans, embed_dim, kernel_size=half, stride=half, bias=bias, **dd)),
         ]))
 
 
@@ -110,12 +113,16 @@ class VisionTransformerEViTLVViT(VisionTransformerEViT):
         self.skip_lam = skip_lam
         self.dense_output = dense_output
         self.mix_token = mix_token
-        self.aux_head = nn.Linear(self.embed_dim, self.num_classes) if self.num_classes > 0 else nn.Identity()
+        self.aux_head = self._new_aux_head(self.num_classes)
+
+    def _new_aux_head(self, num_classes: int) -> nn.Module:
+        # on the model's device and dtype (create_model(device='meta', dtype=...) included)
+        dd = dict(device=self.cls_token.device, dtype=self.cls_token.dtype)
+        return nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         super().reset_classifier(num_classes, global_pool)
-        dd = get_device_dtype(self)
-        self.aux_head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.aux_head = self._new_aux_head(num_classes)
         self.aux_head.train(self.training)
 
     def forward_head(
@@ -143,18 +150,30 @@ class VisionTransformerEViTLVViT(VisionTransformerEViT):
     def forward_features(
             self,
             x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
             keep_rate: Optional[KeepRate] = None,
             return_token_patch_ids: bool = False,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Tokens after the final norm; with ``return_token_patch_ids`` also ``[B, n]`` patch ids (-1: fused)."""
-        x, token_patch_ids = self._forward_blocks(self._embed(x), keep_rate, track_token_ids=return_token_patch_ids)
+        x, token_patch_ids = self._forward_blocks(
+            self._embed(x), keep_rate, attn_mask, is_causal, track_token_ids=return_token_patch_ids)
         x = self.norm(x)
         return (x, token_patch_ids) if return_token_patch_ids else x
 
-    def forward(self, x: torch.Tensor, keep_rate: Optional[KeepRate] = None):
+    def forward(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+            keep_rate: Optional[KeepRate] = None,
+    ):
         if self.dense_output and self.training:
+            if attn_mask is not None or is_causal:
+                raise ValueError('attn_mask / is_causal are not supported with dense_output=True training')
             return self._forward_dense(x, keep_rate)
-        x, token_patch_ids = self.forward_features(x, keep_rate=keep_rate, return_token_patch_ids=True)
+        x, token_patch_ids = self.forward_features(
+            x, attn_mask=attn_mask, is_causal=is_causal, keep_rate=keep_rate, return_token_patch_ids=True)
         return self.forward_head(x, token_patch_ids=token_patch_ids)
 
     def _forward_dense(self, x: torch.Tensor, keep_rate: Optional[KeepRate]):
