@@ -5,7 +5,8 @@ never see models that live in another package. ``timm_evit_autoload.pth`` runs `
 the interpreter starts: it puts a finder on ``sys.meta_path`` that waits for ``import timm``,
 lets timm import as usual, then imports every module declared under the ``timm.models``
 entry-point group. Until then it only compares module names (no torch, no timm, no metadata
-scan). A plugin that fails to load is a warning, never a crash.
+scan). A plugin that fails to load (an exception, or even ``sys.exit``) is a warning, never a
+crash, also under ``python -W error``.
 
 Switch it off with the environment variable ``TIMM_EVIT_AUTOLOAD=0``.
 """
@@ -17,8 +18,16 @@ ENV_SWITCH = 'TIMM_EVIT_AUTOLOAD'
 
 
 def _warn(message: str) -> None:
+    """A RuntimeWarning; printed to stderr where warnings are errors (``python -W error``), where
+    raising would break the ``import timm`` this hook runs inside."""
     import warnings
-    warnings.warn(message, RuntimeWarning, stacklevel=2)
+    try:
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+    except Exception:  # the warning itself, raised by the warnings filter
+        try:
+            sys.stderr.write(f'RuntimeWarning: {message}\n')
+        except Exception:  # no usable stderr: nothing more to do
+            pass
 
 
 def load_plugins() -> None:
@@ -32,7 +41,7 @@ def load_plugins() -> None:
     for ep in eps:
         try:
             ep.load()
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # a plugin calling sys.exit() must not end the interpreter
             _warn(f'timm plugin {ep.name!r} ({ep.value}) failed to load and its models are not registered: {e!r}')
 
 
