@@ -21,18 +21,49 @@ def deit_patch_tokens(sd, image, patch_size):
     return x.flatten(2)[0].T
 
 
-def reference_forward(sd, image, num_heads, patch_size, keep_rates, fuse_token):
+def most_attentive_first(block, a, num_keep):
+    """The reference's own choice: the ``num_keep`` largest of ``a``, in descending order."""
+    return sorted(range(len(a)), key=lambda j: a[j], reverse=True)[:num_keep]
+
+
+def checked_choice(model_kept, rel_tol=1e-5):
+    """A ``choose`` that adopts the model's kept tokens ``model_kept[block]`` (a list of token
+    indices) after checking them against the reference's own attention ``a``: exactly ``num_keep``
+    distinct tokens, in descending order of ``a`` and none less attended than a dropped one, up to
+    ``rel_tol * max(a)``. Two numerical paths (SDPA against this materialised softmax, another
+    CPU's vector width) may order tokens whose attention differs by a few ulps either way; such
+    near-ties are all this tolerance forgives (DESIGN.md, "Testing against references")."""
+    def choose(block, a, num_keep):
+        kept = list(model_kept[block])
+        assert len(kept) == num_keep, f'block {block}: kept {len(kept)} tokens, ceil rule says {num_keep}'
+        assert len(set(kept)) == num_keep and all(0 <= j < len(a) for j in kept), f'block {block}: bad indices'
+        tol = rel_tol * max(a)
+        for rank, (first, second) in enumerate(zip(kept, kept[1:])):
+            assert a[first] >= a[second] - tol, \
+                f'block {block}: kept token at rank {rank} is less attended than the next ({a[first]} < {a[second]})'
+        dropped = set(range(len(a))) - set(kept)
+        if dropped:
+            assert min(a[j] for j in kept) >= max(a[j] for j in dropped) - tol, \
+                f'block {block}: a dropped token is more attended than a kept one'
+        return kept
+    return choose
+
+
+def reference_forward(sd, image, num_heads, patch_size, keep_rates, fuse_token, choose=most_attentive_first):
     """DeiT + EViT: logits for one image [3, H, W], the non-class tokens after every block, events."""
     x, block_tokens, events, _ = reference_tokens(
-        sd, deit_patch_tokens(sd, image, patch_size), num_heads, keep_rates, fuse_token)
+        sd, deit_patch_tokens(sd, image, patch_size), num_heads, keep_rates, fuse_token, choose=choose)
     return _linear(x[0], sd, 'head'), block_tokens, events
 
 
-def reference_tokens(sd, patch_tokens, num_heads, keep_rates, fuse_token, eps=1e-6, skip_lam=1.0):
+def reference_tokens(sd, patch_tokens, num_heads, keep_rates, fuse_token, eps=1e-6, skip_lam=1.0,
+                     choose=most_attentive_first):
     """The transformer with EViT, one image: final normed tokens [1 + n, C], the non-class tokens
     after every block (in order), what happened to fused tokens, and which final tokens are fused.
 
     ``keep_rates`` maps block index -> keep rate; residual branches are divided by ``skip_lam``.
+    ``choose(block, a, num_keep)`` gives the kept tokens in order (``most_attentive_first``, or a
+    model's choice checked against ``a`` by ``checked_choice``).
     """
     x = torch.cat([sd['cls_token'][0], patch_tokens]) + sd['pos_embed'][0]
     is_fused = [False] * (x.shape[0] - 1)
@@ -55,8 +86,8 @@ def reference_tokens(sd, patch_tokens, num_heads, keep_rates, fuse_token, eps=1e
         if i in keep_rates and math.ceil(keep_rates[i] * n) < n:
             num_keep = math.ceil(keep_rates[i] * n)
             a = [sum(float(row[j]) for row in cls_rows) / num_heads for j in range(n)]
-            order = sorted(range(n), key=lambda j: a[j], reverse=True)
-            kept, dropped = order[:num_keep], order[num_keep:]
+            kept = choose(i, a, num_keep)
+            dropped = sorted(set(range(n)) - set(kept))
             tokens = [x[0]] + [x[1 + j] for j in kept]
             events['fused_kept'] += sum(is_fused[j] for j in kept)
             events['fused_refused'] += sum(is_fused[j] for j in dropped) if fuse_token else 0

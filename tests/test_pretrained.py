@@ -75,3 +75,48 @@ def test_pretrained_cfg_overlay_file(tmp_path, deit_small_weights):
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(model.eval()(x, keep_rate=1.0), deit(x))
+
+
+def test_unpublished_release_tags_fail_at_once_and_say_how_to_load_the_official_file(tmp_path, monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    for name, kwargs in [('evit_deit_small.keep70_fuse_in1k', {}),
+                         ('evit_deit_small', dict(pretrained_cfg='keep50_drop_in1k'))]:
+        with pytest.raises(RuntimeError) as info:
+            timm.create_model(name, pretrained=True, **kwargs)
+        message = str(info.value)
+        assert 'not published on the Hugging Face Hub yet' in message
+        assert 'pretrained_cfg_overlay=dict(file=' in message
+    assert "evit_deit_small_keep0.5_drop.pth" in message        # the official file's name
+    # without pretrained=True the tag only sets the architecture and keep rate
+    assert timm.create_model('evit_deit_small.keep70_drop_in1k').keep_rate == (0.7,) * 3
+
+
+def test_the_official_evit_file_loads_through_the_tag_with_a_file_overlay(tmp_path, deit_small_weights):
+    # the official release layout: the DeiT state dict under 'model', the training arguments beside it
+    import argparse
+    path = tmp_path / 'evit_deit_small_keep0.7_fuse.pth'
+    torch.save({'model': deit_small_weights, 'epoch': 29, 'args': argparse.Namespace(base_keep_rate=0.7)}, path)
+    model = timm.create_model('evit_deit_small.keep70_fuse_in1k', pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(path)))
+    assert model.keep_rate == (0.7,) * 3 and model.fuse_token is True
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, deit_small_weights[key]), key
+
+
+def test_the_published_switch_makes_the_tags_load_from_the_hub(tmp_path, deit_small_weights):
+    cache = tmp_path / 'hub'
+    lay_out_hf_cache(cache, 'timm-evit/evit_deit_small.keep60_drop_in1k', deit_small_weights)
+    code = """
+        import timm, timm_evit.deit
+        try:
+            timm.create_model('evit_deit_small.keep60_drop_in1k', pretrained=True)
+        except RuntimeError as e:
+            print('refused:', 'not published' in str(e))
+        timm_evit.deit.EVIT_RELEASE_PUBLISHED = True     # the one switch
+        model = timm.create_model('evit_deit_small.keep60_drop_in1k', pretrained=True)
+        print('loaded:', model.keep_rate, model.fuse_token, float(model.cls_token.sum()))
+    """
+    result = run_offline(code, cache, tmp_path)
+    assert result.returncode == 0, result.stderr
+    expected = float(deit_small_weights['cls_token'].sum())
+    assert result.stdout.split('\n')[:2] == ['refused: True', f'loaded: (0.6, 0.6, 0.6) False {expected}']

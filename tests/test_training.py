@@ -91,8 +91,8 @@ def _train_pieces(root, resume=None):
     data_config = resolve_data_config({'input_size': (3, 32, 32)}, model=model)  # as train.py --input-size
     dataset = create_dataset('', root=str(root), split='train', is_training=True)
     loader = create_loader(dataset, input_size=data_config['input_size'], batch_size=6, is_training=True,
-                           use_prefetcher=False, device=torch.device('cpu'), num_workers=0, mean=data_config['mean'],
-                           std=data_config['std'], interpolation=data_config['interpolation'])
+                           use_prefetcher=False, device=torch.device('cpu'), num_workers=0, persistent_workers=False,
+                           mean=data_config['mean'], std=data_config['std'], interpolation=data_config['interpolation'])
     mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=3)
     optimizer = create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05, layer_decay=0.75)
     scheduler, _ = create_scheduler_v2(optimizer, 'cosine', num_epochs=4, warmup_epochs=1, updates_per_epoch=2)
@@ -142,7 +142,7 @@ def test_end_to_end_with_timms_pieces_and_resume(image_folder, tmp_path):
     # the EMA model evaluates, as train.py's validate() does
     val = create_loader(create_dataset('', root=str(image_folder), split='validation'), input_size=data_config['input_size'],
                         batch_size=4, is_training=False, use_prefetcher=False, device=torch.device('cpu'),
-                        num_workers=0, mean=data_config['mean'], std=data_config['std'])
+                        num_workers=0, persistent_workers=False, mean=data_config['mean'], std=data_config['std'])
     ema.module.eval()
     with torch.no_grad():
         top1 = [float(accuracy(ema.module(x), y, topk=(1,))[0]) for x, y in val]

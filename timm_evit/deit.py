@@ -15,6 +15,7 @@ from timm.models import (
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
+from .checkpoints import ALLOWED_PICKLE_GLOBALS
 from .layers import EViTBlock
 from .options import KeepRate, check_fuse_token, check_keep_rate, check_reorg_layers
 from .reorg import trace_patch_token_index, trace_token_patch_ids, tokens_to_patch_grid
@@ -22,7 +23,7 @@ from .schedule import warmup_keep_rate
 
 __all__ = [
     'VisionTransformerEViT', 'PLAIN_COUNTERPARTS', 'EVIT_ONLY_ARGS', 'create_plain_counterpart', 'HUB_NAMESPACE',
-    'EVIT_DEIT_SMALL_TAGS',
+    'EVIT_DEIT_SMALL_TAGS', 'EVIT_RELEASE_PUBLISHED', 'release_weights_published',
 ]
 
 # The plain model each EViT architecture reorganises (same weights, same shapes), with its
@@ -375,7 +376,14 @@ def _deit_cfg(deit_name: str) -> Dict[str, Any]:
 
 
 # Hugging Face Hub namespace of this project's converted checkpoints (weights/ publishes them).
-HUB_NAMESPACE = os.environ.get('TIMM_EVIT_HUB_NAMESPACE', 'timm-evit')
+DEFAULT_HUB_NAMESPACE = 'timm-evit'
+HUB_NAMESPACE = os.environ.get('TIMM_EVIT_HUB_NAMESPACE', DEFAULT_HUB_NAMESPACE)
+
+# The switch that makes the keep*_in1k tags live: set it once weights/hub.py has published the
+# repositories under DEFAULT_HUB_NAMESPACE. Until then `pretrained=True` on such a tag fails at
+# once and says how to load the official file. A namespace of your own (TIMM_EVIT_HUB_NAMESPACE)
+# is where you published your own conversions: its tags are live.
+EVIT_RELEASE_PUBLISHED = False
 
 # The ten EViT-trained DeiT-S checkpoints of the official release: tag -> the model arguments
 # they were trained with, applied when the tag is asked for (the caller's own arguments win).
@@ -413,16 +421,44 @@ def _requested_tag(pretrained_cfg) -> Optional[str]:
     return getattr(pretrained_cfg, 'tag', None)
 
 
+def release_weights_published() -> bool:
+    """Whether the keep*_in1k repositories exist where their tags point (see EVIT_RELEASE_PUBLISHED)."""
+    return EVIT_RELEASE_PUBLISHED or HUB_NAMESPACE != DEFAULT_HUB_NAMESPACE
+
+
+def _refuse_unpublished_release_tag(pretrained: bool, kwargs: Dict[str, Any]) -> None:
+    # 'evit_deit_small.<tag>' reaches the entrypoint as pretrained_cfg='<tag>' (an hf-hub: name
+    # brings the repository's own config, a dict, and loads from there).
+    tag = kwargs.get('pretrained_cfg')
+    overlay = kwargs.get('pretrained_cfg_overlay') or {}
+    own_source = any(overlay.get(key) for key in ('file', 'state_dict', 'url', 'hf_hub_id'))
+    if not pretrained or not isinstance(tag, str) or tag not in EVIT_DEIT_SMALL_TAGS or own_source:
+        return
+    if release_weights_published():
+        return
+    rate, fuse = EVIT_DEIT_SMALL_TAGS[tag]['keep_rate'], EVIT_DEIT_SMALL_TAGS[tag]['fuse_token']
+    official = f'evit_deit_small_keep{rate}_{"fuse" if fuse else "drop"}.pth'
+    raise RuntimeError(
+        f"evit_deit_small.{tag}: these EViT-trained weights are not published on the Hugging Face Hub yet "
+        f"({HUB_NAMESPACE}/evit_deit_small.{tag} does not exist). Download the official checkpoint "
+        f"({official}, linked from the official EViT repository's README and timm-evit's weights/manifest.csv) "
+        f"and load it with timm.create_model('evit_deit_small.{tag}', pretrained=True, "
+        f"pretrained_cfg_overlay=dict(file='{official}'))")
+
+
 def _create_evit_deit(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformerEViT:
     out_indices = kwargs.pop('out_indices', 3)
-    return build_model_with_cfg(
-        VisionTransformerEViT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    # The official EViT files pickle the training script's argparse.Namespace beside the weights:
+    # allow that one harmless class in timm's weights_only loading.
+    with torch.serialization.safe_globals(ALLOWED_PICKLE_GLOBALS):
+        return build_model_with_cfg(
+            VisionTransformerEViT,
+            variant,
+            pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+            **kwargs,
+        )
 
 
 @register_model
@@ -437,6 +473,7 @@ def evit_deit_small(pretrained: bool = False, **kwargs) -> VisionTransformerEViT
     """EViT-DeiT-S (patch 16, 224 px); keep_rate 0.7 with fusion in blocks (3, 6, 9) by default."""
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
     model_args.update(EVIT_DEIT_SMALL_TAGS.get(_requested_tag(kwargs.get('pretrained_cfg')), {}))
+    _refuse_unpublished_release_tag(pretrained, kwargs)
     return _create_evit_deit('evit_deit_small', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
