@@ -4,6 +4,7 @@
 (Liang et al., ICLR 2022) - https://arxiv.org/abs/2202.07800
 """
 import os
+from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
@@ -231,7 +232,8 @@ class VisionTransformerEViT(VisionTransformer):
             # FX tracing both are placeholders, passed on to the plain blocks as timm does)
             kwargs.update(attn_mask=attn_mask, is_causal=is_causal)
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint(blk, x, **kwargs)
+            # keyword arguments bound first: reentrant checkpointing (timm's set_reentrant_ckpt) takes none
+            x = checkpoint(partial(blk, **kwargs), x)
         else:
             x = blk(x, **kwargs)
         return x, (kept_indices[0] if kept_indices else None)
