@@ -153,7 +153,7 @@ def test_backward_reaches_every_parameter_with_and_without_fusion():
 
 @pytest.mark.parametrize('reentrant', [False, True])
 def test_grad_checkpointing_gives_the_same_outputs_and_grads(reentrant):
-    from timm.layers import set_reentrant_ckpt
+    from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
     model = tiny_evit(keep_rate=0.5).train()
     x = torch.randn(2, 3, 224, 224)
     ref = model(x)
@@ -161,12 +161,13 @@ def test_grad_checkpointing_gives_the_same_outputs_and_grads(reentrant):
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     model.set_grad_checkpointing(True)
+    previous = use_reentrant_ckpt()
     set_reentrant_ckpt(reentrant)   # timm's switch between torch's two checkpoint implementations
     try:
         out = model(x)
         out.sum().backward()
     finally:
-        set_reentrant_ckpt(False)
+        set_reentrant_ckpt(previous)
     torch.testing.assert_close(out, ref)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[n], msg=n)
