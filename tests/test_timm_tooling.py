@@ -39,7 +39,8 @@ def test_model_blocks_run_on_tokens_with_the_models_keep_rates():
         out = model.blocks(tokens)
         torch.testing.assert_close(model.norm(out), model.forward_features(x), rtol=0, atol=0)
     assert out.shape == (2, 1 + 89 + 1, 48)      # 196 -> 177 + 1 -> ceil(0.5 * 178) + 1
-    model.set_keep_rate(1.0)                     # the blocks follow the model's keep rate
+    model.keep_rate = 1.0                        # the blocks follow the model's keep rate (set_keep_rate)
+    assert [blk.keep_rate for blk in model.blocks] == [1.0] * 4
     with torch.no_grad():
         torch.testing.assert_close(model.blocks(tokens), plain_deit_like(model).blocks(tokens), rtol=0, atol=0)
 

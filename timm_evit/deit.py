@@ -157,6 +157,10 @@ class VisionTransformerEViT(VisionTransformer):
         """Keep rate of each reorganising block (held by the blocks themselves)."""
         return tuple(self.blocks[layer].keep_rate for layer in self.reorg_layers)
 
+    @keep_rate.setter
+    def keep_rate(self, keep_rate: KeepRate) -> None:
+        self.set_keep_rate(keep_rate)
+
     @property
     def fuse_token(self) -> bool:
         return self._fuse_token
