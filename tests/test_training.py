@@ -35,8 +35,8 @@ def test_model_counts_training_steps_and_uses_the_schedule():
     for _ in range(8):
         tokens = model.forward_intermediates(x, output_fmt='NLC', intermediates_only=True)
         seen.append(tokens[1].shape[1])
-    rates = [warmup_keep_rate(t, 0.5, 2, 4) for t in range(8)]
-    assert seen == [math.ceil(r * 16) + (1 if math.ceil(r * 16) < 16 else 0) for r in rates]
+    # 16 tokens; rates 1, 1, 1, 0.927, 0.75, 0.573, 0.5, 0.5 -> kept ceil(16 r), plus the fused token
+    assert seen == [16, 16, 16, 16, 13, 11, 9, 9]
     assert int(model.keep_rate_step) == 8
     model.eval()
     with torch.no_grad():
@@ -119,7 +119,6 @@ def _step(model, batch, mixup, loss_fn, optimizer, ema, seed):
 
 def test_end_to_end_with_timms_pieces_and_resume(image_folder, tmp_path):
     from timm.data import create_dataset, create_loader
-    from timm.utils import accuracy
 
     model, loader, mixup, loss_fn, optimizer, scheduler, ema, data_config = _train_pieces(image_folder)
     torch.manual_seed(1)
@@ -145,8 +144,8 @@ def test_end_to_end_with_timms_pieces_and_resume(image_folder, tmp_path):
                         num_workers=0, persistent_workers=False, mean=data_config['mean'], std=data_config['std'])
     ema.module.eval()
     with torch.no_grad():
-        top1 = [float(accuracy(ema.module(x), y, topk=(1,))[0]) for x, y in val]
-    assert all(0 <= t <= 100 for t in top1) and len(top1) == 3
+        for x, y in val:   # the EMA copy is an EViT model at its keep rate: 16 patches -> 8 + 1 -> 5 + 1
+            assert ema.module.forward_features(x).shape[1] == 1 + 5 + 1 and ema.module(x).shape == (x.shape[0], 3)
 
 
 def test_distillation_task_with_an_evit_student(image_folder):
@@ -155,8 +154,13 @@ def test_distillation_task_with_an_evit_student(image_folder):
     teacher = timm.create_model('deit_tiny_patch16_224', **{k: v for k, v in SMALL.items() if k != 'reorg_layers'}).eval()
     task = LogitDistillationTask(student, teacher, criterion=torch.nn.CrossEntropyLoss(), task_loss_weight=0.5,
                                  temperature=2.0, device=torch.device('cpu'), verbose=False)
-    out = task(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))
-    assert torch.isfinite(out['loss'])
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    out = task(x, y)
+    with torch.no_grad():   # the loss of logit distillation (Hinton et al.), from the EViT student's own logits
+        s, t = student(x) / 2.0, teacher(x) / 2.0
+        kd = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1).mean() * 2.0 ** 2
+        expected = 0.5 * torch.nn.functional.cross_entropy(student(x), y) + 0.5 * kd
+    torch.testing.assert_close(out['loss'].detach(), expected, rtol=1e-5, atol=1e-6)
     out['loss'].backward()
     assert student.blocks[3].mlp.fc2.weight.grad is not None
 
