@@ -78,25 +78,56 @@ def test_no_weight_decay_and_group_matcher_drive_timm_optimizers():
     assert id(model.pos_embed) in no_decay and id(model.cls_token) in no_decay
 
 
+def _kept_indices_by_block(model, x):
+    """The indices each reorganising block reports keeping, through forward hooks."""
+    kept = {}
+    handles = [blk.register_forward_hook(
+        lambda m, args, kwargs, out, i=i: kept.__setitem__(i, kwargs['kept_indices'][-1]) if kwargs.get('kept_indices')
+        else None, with_kwargs=True) for i, blk in enumerate(model.blocks)]
+    try:
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return kept
+
+
+def _patches_carried_by_hand(kept, num_patches, num_blocks, fuse, b):
+    """After each block, for image ``b``: every token's set of patches and whether it is a fused token,
+    followed with plain Python from the kept indices alone."""
+    tokens = [({p}, False) for p in range(num_patches)]
+    stages = []
+    for i in range(num_blocks):
+        if i in kept:
+            keep = kept[i][b].tolist()
+            dropped = [t for j, t in enumerate(tokens) if j not in keep]
+            tokens = [tokens[j] for j in keep]
+            if fuse:
+                tokens.append((set().union(*(patches for patches, _ in dropped)), True))
+        stages.append(list(tokens))
+    return stages
+
+
 def _grid_checks(model, x, fuse):
     out = model.forward_intermediates(x, output_dict=True)
     nlc = model.forward_intermediates(x, output_fmt='NLC', intermediates_only=True)
+    kept = _kept_indices_by_block(model, x)
     grid_h, grid_w = model.patch_embed.dynamic_feat_size(x.shape[-2:])
-    for grid, tokens, ids, index in zip(out['image_intermediates'], nlc, out['token_patch_ids'], out['patch_token_index']):
-        assert grid.shape == (x.shape[0], model.embed_dim, grid_h, grid_w)
-        flat = grid.flatten(2).transpose(1, 2)
-        for b in range(x.shape[0]):
-            own = {int(p): t for t, p in enumerate(ids[b].tolist()) if p >= 0}
-            fused_tokens = [tokens[b, t] for t, p in enumerate(ids[b].tolist()) if p < 0]
-            for p in range(grid_h * grid_w):
-                if p in own:  # a patch with its own token shows that token, and the index agrees
-                    torch.testing.assert_close(flat[b, p], tokens[b, own[p]], rtol=0, atol=0)
-                    assert index[b, p] == own[p]
-                elif fuse:    # otherwise the fused token that absorbed it
-                    assert any(torch.equal(flat[b, p], f) for f in fused_tokens)
-                    assert ids[b, index[b, p]] == -1
-                else:         # or zeros when dropped without fusion
-                    assert not flat[b, p].any() and index[b, p] == -1
+    num_patches = grid_h * grid_w
+    for b in range(x.shape[0]):
+        stages = _patches_carried_by_hand(kept, num_patches, len(model.blocks), fuse, b)
+        for grid, tokens, ids, index, by_hand in zip(
+                out['image_intermediates'], nlc, out['token_patch_ids'], out['patch_token_index'], stages):
+            assert grid.shape == (x.shape[0], model.embed_dim, grid_h, grid_w)
+            flat = grid.flatten(2).transpose(1, 2)
+            assert ids[b].tolist() == [-1 if is_fused else min(patches) for patches, is_fused in by_hand]
+            carrier = {p: t for t, (patches, _) in enumerate(by_hand) for p in patches}
+            for p in range(num_patches):
+                if p in carrier:   # the patch shows the token that carries it (its own, or the fused one)
+                    assert index[b, p] == carrier[p]
+                    torch.testing.assert_close(flat[b, p], tokens[b, carrier[p]], rtol=0, atol=0)
+                else:              # dropped without fusion: zeros
+                    assert not fuse and index[b, p] == -1 and not flat[b, p].any()
     return out
 
 
