@@ -4,8 +4,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 
 def run_python(code, tmp_path, env=None, args=()):
     full_env = {k: v for k, v in os.environ.items() if k != 'TIMM_EVIT_AUTOLOAD'}
@@ -46,26 +44,37 @@ def test_environment_variable_switches_the_hook_off(tmp_path):
     assert result.stdout.split('\n')[:2] == ['[]', "['evit_deit_small']"]
 
 
-BROKEN_PLUGINS = {
-    'raises': 'raise RuntimeError("boom")\n',
-    'exits': 'import sys\nsys.exit("boom")\n',   # SystemExit is no Exception: it would end the interpreter
-}
-
-
-@pytest.mark.parametrize('warnings_as_errors', [False, True], ids=['', 'W-error'])
-@pytest.mark.parametrize('plugin', sorted(BROKEN_PLUGINS))
-def test_a_broken_plugin_is_a_warning_not_a_crash(tmp_path, plugin, warnings_as_errors):
-    # A second distribution declaring a plugin module that fails on import.
+def broken_plugins(tmp_path, modules):
+    """A second distribution declaring plugin modules (name -> source) that fail on import; PYTHONPATH for it."""
     dist = tmp_path / 'broken_plugin-1.0.dist-info'
     dist.mkdir()
     (dist / 'METADATA').write_text('Metadata-Version: 2.1\nName: broken-plugin\nVersion: 1.0\n')
-    (dist / 'entry_points.txt').write_text('[timm.models]\nbroken = broken_plugin_models\n')
-    (tmp_path / 'broken_plugin_models.py').write_text(BROKEN_PLUGINS[plugin])
-    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get('PYTHONPATH')) if p)
+    (dist / 'entry_points.txt').write_text('[timm.models]\n' + ''.join(f'{m} = {m}_models\n' for m in modules))
+    for module, source in modules.items():
+        (tmp_path / f'{module}_models.py').write_text(source)
+    return os.pathsep.join(p for p in (str(tmp_path), os.environ.get('PYTHONPATH')) if p)
+
+
+def test_a_broken_plugin_is_a_warning_not_a_crash(tmp_path):
+    path = broken_plugins(tmp_path, {'broken': 'raise RuntimeError("boom")\n'})
     result = run_python("""
         import timm
         print(timm.list_models('evit_deit_small'))
-    """, tmp_path, env={'PYTHONPATH': path}, args=('-W', 'error') if warnings_as_errors else ())
+    """, tmp_path, env={'PYTHONPATH': path})
     assert result.returncode == 0, result.stderr
     assert "['evit_deit_small']" in result.stdout
-    assert "timm plugin 'broken' (broken_plugin_models) failed to load" in result.stderr and 'boom' in result.stderr
+    assert "timm plugin 'broken' (broken_models) failed to load" in result.stderr and 'boom' in result.stderr
+
+
+def test_broken_plugins_are_warnings_under_w_error_and_sys_exit(tmp_path):
+    # -W error turns the warning itself into an exception; SystemExit is no Exception
+    path = broken_plugins(tmp_path, {'raising': 'raise RuntimeError("boom")\n',
+                                     'exiting': 'import sys\nsys.exit("bye")\n'})
+    result = run_python("""
+        import timm
+        print(timm.list_models('evit_deit_small'))
+    """, tmp_path, env={'PYTHONPATH': path}, args=('-W', 'error'))
+    assert result.returncode == 0, result.stderr
+    assert "['evit_deit_small']" in result.stdout
+    assert "timm plugin 'raising' (raising_models) failed to load" in result.stderr and 'boom' in result.stderr
+    assert "timm plugin 'exiting' (exiting_models) failed to load" in result.stderr and "SystemExit('bye')" in result.stderr
