@@ -96,3 +96,36 @@ def test_cli_benchmarks_another_architecture_beside_the_same_plain_one(tmp_path)
     block = 12 * d * d * n + 2 * n * n * d  # qkv, proj, mlp (4x) matmuls and the two attention products
     expected = 6 * block + 64 * (8 * 8 * 3 * d) + d * 10 ** 3  # blocks, patch embedding, 1000-class head
     assert plain['gmacs'] == pytest.approx(expected / 1e9, rel=1e-3) and keep1['gmacs'] == plain['gmacs']
+
+
+def test_cli_model_kwargs_with_num_classes_into_new_folders(tmp_path):
+    # num_classes among --model-kwargs reaches both models (it used to be passed twice to the plain one)
+    out = tmp_path / 'results'   # does not exist yet: created
+    result = subprocess.run(
+        [sys.executable, '-m', 'timm_evit', 'bench', '--model', 'evit_deit_tiny', '--batch-size', '2',
+         '--repeats', '1', '--warmup', '0', '--keep-rates', '1,0.5', '--attn', 'math', '--no-latency',
+         '--json', str(out / 'bench.json'), '--plot', str(out / 'plots' / 'bench.png'),
+         '--model-kwargs', 'num_classes=10', 'img_size=32', 'patch_size=8', 'embed_dim=48', 'depth=4',
+         'num_heads=2', 'reorg_layers=(1,2)'],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    plain, keep1, keep05 = json.loads((out / 'bench.json').read_text())['rows']
+    assert keep05['tokens'] == [16, 9, 6]            # 16 patches; ceil(0.5 n) kept plus the fused token
+    n, d = 17, 48                                     # tokens with the class token, width
+    expected = 4 * (12 * d * d * n + 2 * n * n * d) + 16 * (8 * 8 * 3 * d) + d * 10   # a 10-class head
+    assert plain['gmacs'] == pytest.approx(expected / 1e9, rel=1e-3) and keep1['gmacs'] == plain['gmacs']
+    assert (out / 'plots' / 'bench.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_cli_writes_json_and_plot_together_or_neither(tmp_path, monkeypatch, capsys):
+    import matplotlib.figure
+    from timm_evit.cli import main
+    monkeypatch.setattr(matplotlib.figure.Figure, 'savefig',
+                        lambda *a, **k: (_ for _ in ()).throw(OSError(28, 'No space left on device')))
+    code = main(['bench', '--model', 'evit_deit_tiny', '--batch-size', '1', '--repeats', '1', '--warmup', '0',
+                 '--keep-rates', '1,0.5', '--attn', 'math', '--no-latency', '--json', str(tmp_path / 'b.json'),
+                 '--plot', str(tmp_path / 'b.png'), '--model-kwargs', 'img_size=32', 'patch_size=8', 'embed_dim=48',
+                 'depth=4', 'num_heads=2', 'reorg_layers=(1,2)'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith('timm-evit bench: cannot write') and 'No space left' in err[-1]
+    assert list(tmp_path.iterdir()) == []            # the JSON is not left without its plot

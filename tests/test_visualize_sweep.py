@@ -14,10 +14,12 @@ from timm.models.vision_transformer import VisionTransformer
 
 from conftest import tiny_evit
 from timm_evit.deit import create_plain_counterpart
-from timm_evit.sweep import SweepRow, pick_keep_rate, write_sweep
+from timm_evit.sweep import SweepRow, pick_keep_rate, run_sweep, write_sweep
 from timm_evit.visualize import DROPPED, FUSED, KEPT, draw_masks, reorganisation_masks
 
 DESIGN_TOKENS = {(0.7, True): [139, 99, 71], (0.7, False): [138, 97, 68], (0.5, True): [99, 51, 27]}
+# --model-kwargs of a tiny architecture, for command-line tests that run a whole command
+TINY_CLI = ['img_size=32', 'patch_size=8', 'embed_dim=48', 'depth=4', 'num_heads=2', 'reorg_layers=(1,2)']
 
 
 def run_cli(*args):
@@ -69,14 +71,55 @@ def test_visualize_command(tmp_path):
                      '--out', str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert (tmp_path / 'img_evit.png').read_bytes()[:4] == b'\x89PNG'
-    result = run_cli('visualize', str(tmp_path / 'img.jpg'), '--out', str(tmp_path / 'fresh'))
-    assert result.returncode == 2 and 'is not a folder' in result.stderr
-    (tmp_path / 'fresh').mkdir()
     for bad, words in [('broken.jpg', "cannot read image"), ('missing.jpg', 'no such file')]:
         result = run_cli('visualize', str(tmp_path / 'img.jpg'), str(tmp_path / bad), '--model', 'evit_deit_tiny',
                          '--out', str(tmp_path / 'fresh'))
         assert result.returncode == 2 and words in result.stderr and bad in result.stderr
-        assert not list((tmp_path / 'fresh').iterdir())    # nothing drawn when one image is bad
+        assert not (tmp_path / 'fresh').exists()    # nothing drawn, not even the folder, when one image is bad
+
+
+def test_visualize_at_another_size_into_a_new_folder_one_picture_per_image(tmp_path):
+    rng = np.random.default_rng(1)
+    for folder in ('a', 'b'):   # two images of the same name: each gets its own picture
+        (tmp_path / folder).mkdir()
+        Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(tmp_path / folder / 'cat.png')
+    out = tmp_path / 'pictures'   # does not exist yet, given with a trailing slash as in the README
+    result = run_cli('visualize', str(tmp_path / 'a' / 'cat.png'), str(tmp_path / 'b' / 'cat.png'),
+                     '--model', 'evit_deit_tiny', '--img-size', '64', '--keep-rate', '0.5', '--out', f'{out}/')
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ['cat_1_evit.png', 'cat_evit.png']
+    assert result.stdout.split() == [str(out / 'cat_evit.png'), str(out / 'cat_1_evit.png')]
+    assert (out / 'cat_evit.png').read_bytes() != (out / 'cat_1_evit.png').read_bytes()
+
+
+def test_picture_names_never_collide():
+    from timm_evit.visualize import picture_names
+    paths = ['a/cat.png', 'b/cat.jpg', 'c/cat_1.png', 'd/Cat.png', 'dog.png']
+    assert picture_names(paths) == ['cat_evit.png', 'cat_1_evit.png', 'cat_1_1_evit.png', 'Cat_2_evit.png',
+                                    'dog_evit.png']
+    assert picture_names(paths) == picture_names(list(paths))   # deterministic
+
+
+def test_visualize_writes_every_picture_or_none(tmp_path, monkeypatch):
+    import matplotlib.figure
+    from timm_evit.cli import main
+    for name in ('one', 'two'):
+        Image.new('RGB', (48, 40), name == 'one' and 'red' or 'blue').save(tmp_path / f'{name}.png')
+    savefig = matplotlib.figure.Figure.savefig
+    calls = []
+
+    def disk_full_on_the_second(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, 'No space left on device')
+        return savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', disk_full_on_the_second)
+    out = tmp_path / 'out'
+    code = main(['visualize', str(tmp_path / 'one.png'), str(tmp_path / 'two.png'), '--model', 'evit_deit_tiny',
+                 '--img-size', '32', '--out', str(out)])
+    assert code == 2 and len(calls) == 2
+    assert not out.exists()   # the first picture was not left behind alone, nor the folder made for them
 
 
 @pytest.fixture(scope='module')
@@ -166,7 +209,6 @@ def test_sweep_errors(tmp_path, image_folder):
         (['--data-dir', str(root), '--keep-rates', '0.7,0.5', '--max-drop', '1'], 'needs keep rate 1.0'),
         (['--data-dir', str(root), '--crop-pct', '1.5'], '--crop-pct must be in (0, 1]'),
         (['--data-dir', str(root), '--repeats', '0'], '--repeats must be an integer >= 1'),
-        (['--data-dir', str(root), '--out', str(tmp_path / 'no' / 'such' / 'x')], 'does not exist'),
     ]
     for args, words in cases:
         result = run_cli('sweep', '--model', 'evit_deit_tiny', '--num-classes', '3', '--checkpoint', str(checkpoint),
@@ -175,12 +217,56 @@ def test_sweep_errors(tmp_path, image_folder):
     assert not list(tmp_path.glob('*.csv')) and not list(tmp_path.glob('*.json'))
 
 
-def test_write_sweep_is_whole_or_nothing(tmp_path):
+def test_write_sweep_is_whole_or_nothing(tmp_path, monkeypatch):
     rows = [SweepRow(1.0, 50., 90., 1.25, 10., 1.0, 12, 'deit_tiny_patch16_224', 10.)]
     with pytest.raises(ValueError, match='does not exist'):
         write_sweep(rows, str(tmp_path / 'missing' / 'sw'))
     paths = write_sweep(rows, str(tmp_path / 'sw'), plot=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['sw.csv', 'sw.json'] and len(paths) == 2
+    # the chart fails after the table could be written: none of the three may remain
+    import matplotlib.figure
+    monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', lambda *a, **k: (_ for _ in ()).throw(OSError('disk full')))
+    with pytest.raises(OSError, match='disk full'):
+        write_sweep(rows, str(tmp_path / 'new'))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['sw.csv', 'sw.json']   # no new file, no temporary
+
+
+def test_image_folder_refuses_truncated_images_and_missing_splits(tmp_path):
+    from timm_evit.sweep import load_image_folder
+    for split in ('train', 'validation'):
+        (tmp_path / split / 'cat').mkdir(parents=True)
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+            tmp_path / split / 'cat' / 'whole.jpg')
+    assert len(load_image_folder(str(tmp_path), 'validation')) == 1
+    assert len(load_image_folder(str(tmp_path), 'val')) == 1     # timm's synonyms of the validation split
+    with pytest.raises(ValueError, match=r"has no split 'test': it has train, validation"):
+        load_image_folder(str(tmp_path), 'test')
+    # a folder of class folders alone is the validation split, and nothing else
+    assert len(load_image_folder(str(tmp_path / 'train'), 'validation')) == 1
+    with pytest.raises(ValueError, match="no split 'test'"):
+        load_image_folder(str(tmp_path / 'train'), 'test')
+    # PIL reads only the header when opening: a JPEG cut in half opens fine, and timm would
+    # silently serve another image in its place
+    whole = (tmp_path / 'validation' / 'cat' / 'whole.jpg').read_bytes()
+    (tmp_path / 'validation' / 'cat' / 'cut.jpg').write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ValueError, match=r'unreadable image\(s\).*cut\.jpg'):
+        load_image_folder(str(tmp_path), 'validation')
+
+
+def test_sweep_with_num_classes_in_model_kwargs(tmp_path, image_folder):
+    root, _, _ = image_folder
+    tiny = ['--model-kwargs', 'num_classes=10', *TINY_CLI]
+    out = tmp_path / 'new' / 'sw'    # its folder does not exist yet
+    result = run_cli('sweep', '--model', 'evit_deit_tiny', '--data-dir', str(root), '--keep-rates', '1,0.5',
+                     '--batch-size', '2', '--repeats', '1', '--num-classes', '10', '--out', str(out), *tiny)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.parent.iterdir()) == ['sw.csv', 'sw.json', 'sw.png']
+    rows = json.loads((tmp_path / 'new' / 'sw.json').read_text())['rows']
+    assert [r['num_images'] for r in rows] == [12, 12]
+    with pytest.raises(ValueError, match='^--num-classes 3 conflicts with --model-kwargs num_classes=10$'):
+        run_sweep('evit_deit_tiny', str(root), num_classes=3, model_kwargs={'num_classes': 10})
+    with pytest.raises(ValueError, match='^--no-fuse conflicts with --model-kwargs fuse_token=True$'):
+        run_sweep('evit_deit_tiny', str(root), fuse_token=False, model_kwargs={'fuse_token': True})
 
 
 def test_commands_say_which_extra_is_missing(tmp_path, image_folder):

@@ -18,11 +18,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ._io import pyplot, save_figure_whole
+from .checkpoints import load_checkpoint_file, one_line
 from .deit import PLAIN_COUNTERPARTS, create_plain_counterpart
 
 __all__ = [
     'BenchRow', 'set_fused_attn', 'count_gmacs', 'tokens_per_stage', 'time_interleaved', 'run_bench',
-    'format_rows', 'rows_as_dicts', 'plot_rows', 'DTYPES',
+    'format_rows', 'rows_as_dicts', 'plot_rows', 'rows_figure', 'DTYPES', 'merge_model_kwargs', 'create_evit_model',
+    'check_device',
 ]
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
@@ -46,6 +48,60 @@ class BenchRow:
     efficiency: float                 # speedup / mac_ratio
     latency_ms: Optional[float] = None          # batch 1, median
     latency_speedup: Optional[float] = None     # plain latency / this latency, same run
+
+
+def merge_model_kwargs(model_kwargs: Optional[dict], **given) -> dict:
+    """``model_kwargs`` plus the arguments a tool takes on their own (``num_classes``,
+    ``fuse_token``; None: not given). An argument given both ways must agree: a ValueError names
+    both options otherwise (both would reach ``timm.create_model``)."""
+    merged = dict(model_kwargs or {})
+    for key, value in given.items():
+        if value is None:
+            continue
+        if key in merged and merged[key] != value:
+            raise ValueError(f'{_as_option(key, value)} conflicts with --model-kwargs {key}={merged[key]!r}')
+        merged[key] = value
+    return merged
+
+
+def _as_option(key: str, value) -> str:
+    if key == 'fuse_token':
+        return '--no-fuse' if value is False else f'fuse_token={value!r}'
+    return f'--{key.replace("_", "-")} {value!r}'
+
+
+def create_evit_model(model_name: str, pretrained: bool = False, checkpoint: Optional[str] = None,
+                      **kwargs) -> torch.nn.Module:
+    """``timm.create_model`` for the tools, where a user's mistake is a one-line ValueError: an
+    argument the model refuses (name or value), pretrained weights that cannot be had (not cached
+    offline, no network), a ``checkpoint`` that cannot be read safely or does not fit."""
+    try:
+        model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    except (TypeError, ValueError) as e:  # the model's constructor refusing an argument
+        arguments = ' '.join(f'{k}={v!r}' for k, v in kwargs.items())
+        raise ValueError(f'cannot build {model_name} with {arguments}: {one_line(str(e))}') from e
+    except OSError as e:  # only reading pretrained weights does I/O here (huggingface_hub's errors are OSErrors)
+        if not pretrained:
+            raise
+        raise ValueError(f'--pretrained: the weights of {model_name} cannot be loaded: {one_line(str(e))}') from e
+    if checkpoint:
+        load_checkpoint_file(model, checkpoint)
+    return model
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch.device this machine has, or a ValueError saying what is allowed."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ('cpu', 'cuda'):
+        raise ValueError(f"--device takes 'cpu' or 'cuda[:N]', got {device!r}")
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'device {device!r} was asked for but torch sees no CUDA device')
+    if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f'device {device!r} was asked for but torch sees {torch.cuda.device_count()} CUDA device(s)')
+    return dev
 
 
 def set_fused_attn(model: torch.nn.Module, fused: bool) -> None:
@@ -122,7 +178,7 @@ def time_interleaved(
 def run_bench(
         model_name: str = 'evit_deit_small',
         keep_rates: Sequence[float] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5),
-        fuse_token: bool = True,
+        fuse_token: Optional[bool] = None,
         batch_size: int = 32,
         repeats: int = 5,
         warmup: int = 2,
@@ -140,6 +196,7 @@ def run_bench(
     ``latency`` also times batch 1 (interleaved the same way). With ``compile``, every model and
     keep rate is compiled with ``torch.compile`` during the warm-up (at least one warm-up step).
     ``model_kwargs`` change the architecture of both models alike (e.g. ``img_size``, ``depth``).
+    ``fuse_token`` None: the model's own (``model_kwargs``' or the default).
     """
     from tqdm import tqdm
 
@@ -150,13 +207,12 @@ def run_bench(
         raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
     if any(a not in ('math', 'fused') for a in attn):
         raise ValueError(f"attn entries must be 'math' or 'fused', got {list(attn)!r}")
-    dev = torch.device(device)
-    if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f'device {device!r} was asked for but torch sees no CUDA device')
+    dev = check_device(device)
     warmup = max(warmup, 1) if compile else warmup
 
-    model_kwargs = {'fuse_token': fuse_token, **(model_kwargs or {})}
-    evit = timm.create_model(model_name, pretrained=pretrained, **model_kwargs).eval()
+    model_kwargs = merge_model_kwargs(model_kwargs, fuse_token=fuse_token)
+    evit = create_evit_model(model_name, pretrained=pretrained, **model_kwargs).eval()
+    fuse_token = evit.fuse_token
     plain = create_plain_counterpart(model_name, evit, **model_kwargs)  # same weights
     input_size = (evit.in_chans, *evit.patch_embed.img_size)
 
@@ -230,6 +286,16 @@ def rows_as_dicts(rows: List[BenchRow]) -> List[dict]:
 def plot_rows(rows: List[BenchRow], path: str, title: str = '') -> None:
     """Speed-up and GMACs against keep rate, as a PNG written whole (temporary file, then rename)."""
     plt = pyplot()
+    fig = rows_figure(rows, title)
+    try:
+        save_figure_whole(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def rows_figure(rows: List[BenchRow], title: str = ''):
+    """The matplotlib figure of ``plot_rows`` (close it with ``pyplot().close(fig)``)."""
+    plt = pyplot()
     fig, (ax_speed, ax_macs) = plt.subplots(1, 2, figsize=(10, 4))
     evit_rows = [r for r in rows if r.keep_rate is not None]
     for impl in dict.fromkeys(r.attn for r in evit_rows):
@@ -245,7 +311,4 @@ def plot_rows(rows: List[BenchRow], path: str, title: str = '') -> None:
     ax_macs.legend()
     fig.suptitle(textwrap.fill(title, 130), fontsize=8)
     fig.tight_layout()
-    try:
-        save_figure_whole(fig, path, dpi=120)
-    finally:
-        plt.close(fig)
+    return fig

@@ -40,15 +40,15 @@ def _machine(device: str) -> str:
 
 def bench_main(args: argparse.Namespace) -> int:
     import timm
-    from ._io import write_whole
-    from .bench import format_rows, plot_rows, rows_as_dicts, run_bench
+    from ._io import figure_writer, pyplot, write_all_whole
+    from .bench import format_rows, rows_as_dicts, rows_figure, run_bench
 
-    if args.plot:  # fail before the long run, not after it
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print("timm-evit bench: --plot needs matplotlib: pip install 'timm-evit[plot]'", file=sys.stderr)
-            return 2
+    if args.plot and not _need_matplotlib('bench'):  # fail before the long run, not after it
+        return 2
+    try:
+        _check_output_files({'--json': args.json, '--plot': args.plot})
+    except ValueError as e:
+        return _user_error('bench', e)
     if args.threads:
         torch.set_num_threads(args.threads)
     attn = ('math', 'fused') if args.attn == 'both' else (args.attn,)
@@ -56,13 +56,12 @@ def bench_main(args: argparse.Namespace) -> int:
         args.warmup = max(args.warmup, 1)  # the warm-up compiles
     try:
         rows = run_bench(
-            args.model, args.keep_rates, fuse_token=not args.no_fuse, batch_size=args.batch_size,
+            args.model, args.keep_rates, fuse_token=False if args.no_fuse else None, batch_size=args.batch_size,
             repeats=args.repeats, warmup=args.warmup, attn=attn, dtype=args.dtype, compile=args.compile,
             device=args.device, latency=not args.no_latency, pretrained=args.pretrained,
             model_kwargs=dict(args.model_kwargs))
     except ValueError as e:
-        print(f'timm-evit bench: {e}', file=sys.stderr)
-        return 2
+        return _user_error('bench', e)
     plain = rows[0].model if rows[0].model != args.model else f'{args.model} at keep_rate 1.0 (plain)'
     architecture = ''.join(f' {k}={v!r}' for k, v in args.model_kwargs)
     if architecture:
@@ -72,11 +71,37 @@ def bench_main(args: argparse.Namespace) -> int:
               f'timm {timm.__version__}; median of {args.repeats} interleaved repeats after {args.warmup} warm-up')
     print(f'# {header}')
     print(format_rows(rows))
+    outputs, figures = {}, []
     if args.json:
-        write_whole(args.json, json.dumps({'setting': header, 'rows': rows_as_dicts(rows)}, indent=2))
+        text = json.dumps({'setting': header, 'rows': rows_as_dicts(rows)}, indent=2)
+        outputs[args.json] = lambda f: f.write(text.encode('utf-8'))
     if args.plot:
-        plot_rows(rows, args.plot, title=header)
+        figures.append(rows_figure(rows, title=header))
+        outputs[args.plot] = figure_writer(figures[-1], dpi=120)
+    try:
+        write_all_whole(outputs, make_folders=True)  # both or neither
+    except ValueError as e:
+        return _user_error('bench', e)
+    finally:
+        for fig in figures:
+            pyplot().close(fig)
     return 0
+
+
+def _check_output_files(files: dict) -> None:
+    """Every output file (option -> path or None) writable, and no two the same, before any work."""
+    from ._io import check_writable
+    given = {option: path for option, path in files.items() if path}
+    for option, path in given.items():
+        check_writable(path, option)
+    if len({os.path.abspath(p) for p in given.values()}) < len(given):
+        raise ValueError(f'{" and ".join(given)} name the same file: give each its own')
+
+
+def _user_error(command: str, error: object) -> int:
+    """A user's mistake: one line on stderr, exit code 2."""
+    print(f'timm-evit {command}: {error}', file=sys.stderr)
+    return 2
 
 
 def _need_matplotlib(command: str) -> bool:
@@ -89,59 +114,80 @@ def _need_matplotlib(command: str) -> bool:
 
 
 def visualize_main(args: argparse.Namespace) -> int:
-    import timm
-    from timm.data import create_transform, resolve_data_config
-    from .visualize import draw_masks, load_image, reorganisation_masks, stage_names
+    from timm.data import create_transform
+    from ._io import check_writable, figure_writer, pyplot, write_all_whole
+    from .bench import create_evit_model
+    from .sweep import eval_data_config
+    from .visualize import load_image, masks_figure, picture_names, reorganisation_masks, stage_names
 
     if not _need_matplotlib('visualize'):
         return 2
-    if not os.path.isdir(args.out):
-        print(f'timm-evit visualize: --out {args.out!r} is not a folder', file=sys.stderr)
-        return 2
     try:
-        images = [(path, load_image(path)) for path in args.images]  # every image readable before any work
+        images = [load_image(path) for path in args.images]  # every image readable before any work
+        check_writable(args.out, '--out', folder=True)
         kwargs = {'img_size': args.img_size} if args.img_size else {}
-        model = timm.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint or '',
+        model = create_evit_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
                                   keep_rate=args.keep_rate, fuse_token=not args.no_fuse, **kwargs).eval()
     except ValueError as e:
-        print(f'timm-evit visualize: {e}', file=sys.stderr)
-        return 2
-    config = resolve_data_config({}, model=model)
+        return _user_error('visualize', e)
+    config = eval_data_config(model)  # the size the model was built at, not its pretrained_cfg's
     # The model's eval transform without normalisation, to show the very pixels the model sees.
     to_pixels = create_transform(**{**config, 'mean': (0., 0., 0.), 'std': (1., 1., 1.)})
     mean, std = torch.tensor(config['mean']).view(3, 1, 1), torch.tensor(config['std']).view(3, 1, 1)
     weights = 'pretrained' if args.pretrained else (args.checkpoint or 'random weights')
-    for path, image in images:
-        pixels = to_pixels(image)
-        masks = reorganisation_masks(model, ((pixels - mean) / std)[None])[0]
-        out = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0] + '_evit.png')
-        title = (f'{args.model} ({weights}), keep_rate {args.keep_rate:g}, '
-                 f'{"fusion (orange)" if not args.no_fuse else "no fusion"}, dropped greyed')
-        draw_masks(pixels, masks, stage_names(model), out, title=title)
-        print(out)
+    title = (f'{args.model} ({weights}), keep_rate {args.keep_rate:g}, '
+             f'{"fusion (orange)" if not args.no_fuse else "no fusion"}, dropped greyed')
+
+    def picture_writer(image):
+        def write(f):  # drawn while writing: every picture is written, or none
+            pixels = to_pixels(image)
+            masks = reorganisation_masks(model, ((pixels - mean) / std)[None])[0]
+            fig = masks_figure(pixels, masks, stage_names(model), title=title)
+            try:
+                figure_writer(fig)(f)
+            finally:
+                pyplot().close(fig)
+        return write
+
+    outputs = {os.path.join(args.out, name): picture_writer(image)
+               for name, image in zip(picture_names(args.images), images)}
+    try:
+        write_all_whole(outputs, make_folders=True)  # every picture or none
+    except ValueError as e:
+        return _user_error('visualize', e)
+    print('\n'.join(outputs))
     return 0
 
 
+def _sweep_prefix(out: Optional[str], model: str) -> str:
+    """--out as a prefix; a folder (existing, or written with a trailing slash) gets the default name in it."""
+    default = f'sweep_{model}'
+    if not out:
+        return default
+    if out.endswith(('/', os.sep)) or os.path.isdir(out):
+        return os.path.join(out, default)
+    return out
+
+
 def sweep_main(args: argparse.Namespace) -> int:
+    from ._io import check_writable
     from .sweep import pick_keep_rate, run_sweep, write_sweep
 
     if not args.no_plot and not _need_matplotlib('sweep'):
         return 2
     if args.max_drop is not None and 1.0 not in args.keep_rates:
-        print('timm-evit sweep: --max-drop needs keep rate 1.0 in --keep-rates (the accuracy it is measured from)',
-              file=sys.stderr)
-        return 2
+        return _user_error('sweep', '--max-drop needs keep rate 1.0 in --keep-rates (the accuracy it is measured from)')
+    prefix = _sweep_prefix(args.out, args.model)
+    setting = f'{args.model} on {args.data_dir} ({args.split}), batch {args.batch_size}, CPU: {_machine("cpu")}'
     try:
+        check_writable(prefix, '--out')
         rows = run_sweep(args.model, args.data_dir, args.split, args.keep_rates, args.batch_size,
                          pretrained=args.pretrained, checkpoint=args.checkpoint, num_classes=args.num_classes,
-                         fuse_token=not args.no_fuse, workers=args.workers, model_kwargs=dict(args.model_kwargs),
-                         crop_pct=args.crop_pct, repeats=args.repeats)
-        prefix = args.out or f'sweep_{args.model}'
-        setting = f'{args.model} on {args.data_dir} ({args.split}), batch {args.batch_size}, CPU: {_machine("cpu")}'
-        paths = write_sweep(rows, prefix, title=setting, plot=not args.no_plot)
+                         fuse_token=False if args.no_fuse else None, workers=args.workers,
+                         model_kwargs=dict(args.model_kwargs), crop_pct=args.crop_pct, repeats=args.repeats)
+        paths = write_sweep(rows, prefix, title=setting, plot=not args.no_plot, make_folders=True)
     except ValueError as e:
-        print(f'timm-evit sweep: {e}', file=sys.stderr)
-        return 2
+        return _user_error('sweep', e)
     print(f'# {setting}')
     print(f'# throughput beside timm\'s {rows[0].plain_model} (same weights, same run): '
           f'{rows[0].plain_images_per_s:.1f} img/s')
@@ -189,8 +235,15 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, as every other user error of the commands."""
+
+    def error(self, message):
+        self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='timm-evit', description='EViT token reorganisation for timm models.')
+    parser = _OneLineErrorParser(prog='timm-evit', description='EViT token reorganisation for timm models.')
     sub = parser.add_subparsers(dest='command', required=True)
     bench = sub.add_parser(
         'bench', help='tokens per stage, GMACs and throughput against the plain timm model, in one run')
@@ -212,8 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument('--pretrained', action='store_true', help='use pretrained weights (must be cached offline)')
     bench.add_argument('--model-kwargs', nargs='*', type=_model_kwarg, default=[], metavar='KEY=VALUE',
                        help='architecture of both models, as for timm\'s train.py (e.g. img_size=64 depth=6)')
-    bench.add_argument('--json', metavar='PATH', help='also write the rows as JSON')
-    bench.add_argument('--plot', metavar='PNG', help='also draw speed-up and GMACs against keep rate (needs matplotlib)')
+    bench.add_argument('--json', metavar='PATH', help='also write the rows as JSON (missing folders are created)')
+    bench.add_argument('--plot', metavar='PNG', help='also draw speed-up and GMACs against keep rate '
+                       '(needs matplotlib); with --json, both are written or neither')
     bench.set_defaults(func=bench_main)
 
     models = list(PLAIN_COUNTERPARTS)
@@ -225,18 +279,23 @@ def build_parser() -> argparse.ArgumentParser:
     vis.add_argument('--keep-rate', type=_keep_rate, default=0.7)
     vis.add_argument('--no-fuse', action='store_true', help='drop inattentive tokens instead of fusing them')
     vis.add_argument('--img-size', type=_positive_int, help='model input size (position embeddings resampled)')
-    vis.add_argument('--out', default='.', help='folder for the PNGs (default: current folder)')
+    vis.add_argument('--out', default='.', help='folder for the PNGs, created if missing (default: current folder); '
+                     'each image gives NAME_evit.png, images of the same NAME NAME_1_evit.png, NAME_2_evit.png, ... '
+                     'in the order given')
     vis.set_defaults(func=visualize_main)
 
     sweep = sub.add_parser('sweep', help='top-1, top-5, GMACs and throughput at several keep rates on an ImageFolder')
     sweep.add_argument('--model', default='evit_deit_small', choices=models)
     sweep.add_argument('--data-dir', required=True, help='ImageFolder root (class folders, or split folders of them)')
-    sweep.add_argument('--split', default='validation')
+    sweep.add_argument('--split', default='validation',
+                       help='split folder of --data-dir (or a timm synonym: val, eval, ...); a folder of class folders '
+                       'alone is the validation split')
     sweep.add_argument('--keep-rates', type=_keep_rates, default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
     sweep.add_argument('--batch-size', type=_positive_int, default=32)
     sweep.add_argument('--pretrained', action='store_true', help='pretrained weights (must be cached offline)')
     sweep.add_argument('--checkpoint', help='weights file to evaluate (for example from timm\'s train.py)')
-    sweep.add_argument('--num-classes', type=_positive_int, help='classes of the checkpoint (default: 1000)')
+    sweep.add_argument('--num-classes', type=_positive_int,
+                       help='classes of the checkpoint (default: 1000; or num_classes in --model-kwargs)')
     sweep.add_argument('--no-fuse', action='store_true')
     sweep.add_argument('--model-kwargs', nargs='*', type=_model_kwarg, default=[], metavar='KEY=VALUE',
                        help='model arguments, as for timm\'s train.py (e.g. img_size=64 "reorg_layers=(1,3,5)")')
@@ -244,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: the model's pretrained_cfg)")
     sweep.add_argument('--repeats', type=int, default=10, help='timed batches per model for throughput (median)')
     sweep.add_argument('--workers', type=int, default=0)
-    sweep.add_argument('--out', help='output prefix for .csv, .json and .png (default: sweep_MODEL)')
+    sweep.add_argument('--out', help='output prefix for .csv, .json and .png, all written or none; missing folders '
+                       'are created; a folder (or a path ending in /) gets sweep_MODEL.* in it (default: sweep_MODEL)')
     sweep.add_argument('--no-plot', action='store_true', help='skip the chart (no matplotlib needed)')
     sweep.add_argument('--max-drop', type=_non_negative_float,
                        help='print the fastest keep rate whose top-1 is within this many points of keep 1.0')

@@ -6,16 +6,21 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import List, Optional, Sequence
 
-import timm
 import torch
 from timm.data import create_dataset, create_loader, resolve_data_config
 from timm.utils import accuracy
 
-from ._io import pyplot, save_figure_whole, write_whole
-from .bench import count_gmacs, time_interleaved
+from ._io import figure_writer, pyplot, write_all_whole
+from .bench import count_gmacs, create_evit_model, merge_model_kwargs, time_interleaved
 from .deit import PLAIN_COUNTERPARTS, create_plain_counterpart
 
-__all__ = ['SweepRow', 'load_image_folder', 'evaluate', 'run_sweep', 'pick_keep_rate', 'write_sweep']
+__all__ = ['SweepRow', 'load_image_folder', 'split_folder', 'eval_data_config', 'evaluate', 'run_sweep',
+           'pick_keep_rate', 'write_sweep']
+
+# timm's create_dataset looks for these folders for a split of these names (timm.data.dataset_factory)
+TRAIN_SPLITS = ('train', 'training')
+EVAL_SPLITS = ('val', 'valid', 'validation', 'eval', 'evaluation')
+KNOWN_SPLITS = TRAIN_SPLITS + EVAL_SPLITS + ('test', 'testing')
 
 
 @dataclass
@@ -31,29 +36,66 @@ class SweepRow:
     plain_images_per_s: float
 
 
+def split_folder(data_dir: str, split: str) -> str:
+    """The folder of ``split`` in ``data_dir``, found as timm's create_dataset finds it (the
+    split's own name, then its synonyms); ``data_dir`` itself if it holds class folders only and
+    ``split`` is a validation split. timm would otherwise evaluate the whole root silently."""
+    for name in (split, *_synonyms(split)):
+        if os.path.isdir(os.path.join(data_dir, name)):
+            return os.path.join(data_dir, name)
+    splits = sorted(n for n in os.listdir(data_dir) if n in KNOWN_SPLITS and os.path.isdir(os.path.join(data_dir, n)))
+    if splits:
+        raise ValueError(f'--data-dir {data_dir!r} has no split {split!r}: it has {", ".join(splits)} (--split)')
+    if split not in EVAL_SPLITS:
+        raise ValueError(f'--data-dir {data_dir!r} has no split {split!r}: it has no split folders; its class '
+                         f'folders are evaluated as they are only with a validation --split ({", ".join(EVAL_SPLITS)})')
+    return data_dir
+
+
+def _synonyms(split: str) -> Sequence[str]:
+    return TRAIN_SPLITS if split in TRAIN_SPLITS else EVAL_SPLITS if split in EVAL_SPLITS else ()
+
+
 def load_image_folder(data_dir: str, split: str):
-    """timm's ImageFolder dataset, with clear errors for a bad path, no images, or unreadable files."""
-    from PIL import Image, UnidentifiedImageError
+    """timm's ImageFolder dataset of ``split`` (see ``split_folder``), with clear errors for a bad
+    path, a missing split, no images, or files that cannot be decoded."""
     if not os.path.isdir(data_dir):
         raise ValueError(f'--data-dir {data_dir!r} is not a folder')
+    root = split_folder(data_dir, split)
     try:
-        dataset = create_dataset('', root=data_dir, split=split)
+        dataset = create_dataset('', root=root, split=split, search_split=False)
     except RuntimeError as e:  # timm's ImageFolder reader finds no images
         raise ValueError(f'--data-dir {data_dir!r} (split {split!r}) holds no images: {e}') from e
     if len(dataset) == 0:
         raise ValueError(f'--data-dir {data_dir!r} (split {split!r}) holds no images')
-    # timm skips an unreadable sample and silently serves the next one: that would bias the
-    # accuracy, so refuse such a folder up front (reading headers only).
     unreadable = []
     for path, _ in dataset.reader.samples:
-        try:
-            with Image.open(path):
-                pass
-        except (UnidentifiedImageError, OSError) as e:
-            unreadable.append(f'{path}: {e}')
+        reason = _decoding_error(path)
+        if reason:
+            unreadable.append(f'{path}: {reason}')
     if unreadable:
         raise ValueError(f'{len(unreadable)} unreadable image(s) in {data_dir!r}, e.g. ' + '; '.join(unreadable[:3]))
     return dataset
+
+
+def _decoding_error(path: str) -> Optional[str]:
+    # timm skips a sample it cannot decode and silently serves the next one: that would bias the
+    # accuracy, so every image is decoded once up front (opening reads only the header: a
+    # truncated JPEG opens fine and fails in load()).
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # PIL raises SyntaxError for some broken headers
+        return str(e)
+    return None
+
+
+def eval_data_config(model, crop_pct: Optional[float] = None) -> dict:
+    """timm's eval data config of ``model`` at the input size it was built with (``img_size=...``
+    changes it; the pretrained_cfg still names the default size), ``crop_pct`` if given."""
+    input_size = (model.in_chans, *model.patch_embed.img_size)
+    return resolve_data_config({'input_size': input_size, 'crop_pct': crop_pct}, model=model)
 
 
 @torch.no_grad()
@@ -81,16 +123,17 @@ def run_sweep(
         pretrained: bool = False,
         checkpoint: Optional[str] = None,
         num_classes: Optional[int] = None,
-        fuse_token: bool = True,
+        fuse_token: Optional[bool] = None,
         workers: int = 0,
         show_progress: bool = True,
         model_kwargs: Optional[dict] = None,
         crop_pct: Optional[float] = None,
         repeats: int = 10,
 ) -> List[SweepRow]:
-    """Evaluate one model at each keep rate (timm's dataset, loader and eval transforms from the
-    model's pretrained_cfg), with GMACs, and throughput measured in the same run as that of timm's
-    plain model of the same architecture and weights."""
+    """Evaluate one model at each keep rate (timm's dataset, loader and eval transform of the model
+    at the size it is built with, see ``eval_data_config``), with GMACs, and throughput measured in the same run as that of timm's
+    plain model of the same architecture and weights. ``num_classes`` and ``fuse_token`` may also
+    be in ``model_kwargs`` (with the same value); None: the model's own."""
     from tqdm import tqdm
 
     if model_name not in PLAIN_COUNTERPARTS:
@@ -101,12 +144,10 @@ def run_sweep(
         raise ValueError(f'--crop-pct must be in (0, 1], got {crop_pct!r}')
     if checkpoint is not None and not os.path.isfile(checkpoint):
         raise ValueError(f'--checkpoint {checkpoint!r} is not a file')
+    model_kwargs = merge_model_kwargs(model_kwargs, num_classes=num_classes, fuse_token=fuse_token)
     dataset = load_image_folder(data_dir, split)
-    model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes,
-                              checkpoint_path=checkpoint or '', fuse_token=fuse_token, **(model_kwargs or {})).eval()
-    # a model built at another img_size (--model-kwargs img_size=...) is evaluated at that size
-    data_config = resolve_data_config({'input_size': (model.in_chans, *model.patch_embed.img_size),
-                                       'crop_pct': crop_pct}, model=model)
+    model = create_evit_model(model_name, pretrained=pretrained, checkpoint=checkpoint, **model_kwargs).eval()
+    data_config = eval_data_config(model, crop_pct)
     loader = create_loader(
         dataset, input_size=data_config['input_size'], batch_size=batch_size, is_training=False,
         interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
@@ -122,7 +163,7 @@ def run_sweep(
 
     x = torch.randn(min(batch_size, len(dataset)), *data_config['input_size'])
     gmacs = {r: count_gmacs(model, x[:1], keep_rate=r) for r in keep_rates}
-    plain = create_plain_counterpart(model_name, model, **(model_kwargs or {}))
+    plain = create_plain_counterpart(model_name, model, **model_kwargs)
     forwards = {'plain': lambda: plain(x), **{r: (lambda r=r: model(x, keep_rate=r)) for r in keep_rates}}
     seconds = time_interleaved(forwards, repeats=repeats, warmup=1)
     plain_name = PLAIN_COUNTERPARTS[model_name][0]
@@ -143,29 +184,37 @@ def pick_keep_rate(rows: List[SweepRow], max_drop: float) -> SweepRow:
     return max(allowed, key=lambda r: r.images_per_s)
 
 
-def write_sweep(rows: List[SweepRow], prefix: str, title: str = '', plot: bool = True) -> List[str]:
-    """``prefix``.csv, .json and (with ``plot``) .png, each written whole; returns the paths."""
+def write_sweep(rows: List[SweepRow], prefix: str, title: str = '', plot: bool = True,
+                make_folders: bool = False) -> List[str]:
+    """``prefix``.csv, .json and (with ``plot``) .png, all written whole or none of them (see
+    ``write_all_whole``, also for ``make_folders``); returns the paths."""
     names = [f.name for f in fields(SweepRow)]
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=names, lineterminator='\n')
     writer.writeheader()
     writer.writerows(asdict(r) for r in rows)
-    paths = [prefix + '.csv', prefix + '.json']
-    write_whole(paths[0], text.getvalue())
-    write_whole(paths[1], json.dumps({'setting': title, 'rows': [asdict(r) for r in rows]}, indent=2))
-    if plot:
-        plt = pyplot()
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([r.images_per_s for r in rows], [r.top1 for r in rows], 'o-')
-        for r in rows:
-            ax.annotate(f'{r.keep_rate:g}', (r.images_per_s, r.top1), textcoords='offset points', xytext=(4, 4), fontsize=8)
-        ax.set(xlabel='images / s (same run)', ylabel='top-1 (%)', title='accuracy against throughput, by keep_rate')
-        if title:
-            fig.suptitle(title, fontsize=7)
-        fig.tight_layout()
-        try:
-            save_figure_whole(fig, prefix + '.png')
-        finally:
+    table = json.dumps({'setting': title, 'rows': [asdict(r) for r in rows]}, indent=2)
+    outputs = {prefix + '.csv': lambda f: f.write(text.getvalue().encode('utf-8')),
+               prefix + '.json': lambda f: f.write(table.encode('utf-8'))}
+    plt = pyplot() if plot else None
+    fig = _accuracy_figure(plt, rows, title) if plot else None
+    if fig is not None:
+        outputs[prefix + '.png'] = figure_writer(fig)
+    try:
+        write_all_whole(outputs, make_folders=make_folders)
+    finally:
+        if fig is not None:
             plt.close(fig)
-        paths.append(prefix + '.png')
-    return paths
+    return list(outputs)
+
+
+def _accuracy_figure(plt, rows: List[SweepRow], title: str):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r.images_per_s for r in rows], [r.top1 for r in rows], 'o-')
+    for r in rows:
+        ax.annotate(f'{r.keep_rate:g}', (r.images_per_s, r.top1), textcoords='offset points', xytext=(4, 4), fontsize=8)
+    ax.set(xlabel='images / s (same run)', ylabel='top-1 (%)', title='accuracy against throughput, by keep_rate')
+    if title:
+        fig.suptitle(title, fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -7,7 +7,8 @@ import torch
 from ._io import pyplot, save_figure_whole
 from .options import KeepRate
 
-__all__ = ['KEPT', 'FUSED', 'DROPPED', 'reorganisation_masks', 'draw_masks', 'load_image', 'stage_names']
+__all__ = ['KEPT', 'FUSED', 'DROPPED', 'reorganisation_masks', 'draw_masks', 'masks_figure', 'load_image',
+           'stage_names', 'picture_names']
 
 KEPT, FUSED, DROPPED = 0, 1, 2  # patch states in the masks
 
@@ -58,6 +59,16 @@ def draw_masks(image: torch.Tensor, masks: torch.Tensor, stage_names: Sequence[s
     fused ones tinted orange. ``image`` ``[3, H, W]`` in 0..1, ``masks`` ``[stages, gh, gw]``.
     Written whole: to a temporary file, then renamed."""
     plt = pyplot()
+    fig = masks_figure(image, masks, stage_names, title)
+    try:
+        save_figure_whole(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def masks_figure(image: torch.Tensor, masks: torch.Tensor, stage_names: Sequence[str], title: str = ''):
+    """The matplotlib figure of ``draw_masks`` (close it with ``pyplot().close(fig)``)."""
+    plt = pyplot()
     height, width = image.shape[-2:]
     panels = [('input', image)]
     grey = torch.full_like(image, 0.5)
@@ -76,11 +87,25 @@ def draw_masks(image: torch.Tensor, masks: torch.Tensor, stage_names: Sequence[s
     if title:
         fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    try:
-        save_figure_whole(fig, path)
-    finally:
-        plt.close(fig)
+    return fig
 
 
 def stage_names(model) -> List[str]:
     return [f'block {layer}' for layer in model.reorg_layers]
+
+
+def picture_names(image_paths: Sequence[str], suffix: str = '_evit.png') -> List[str]:
+    """One file name per image: its name without extension plus ``suffix``. Images that share a
+    name (``a/cat.png b/cat.png``) get ``_1``, ``_2``, ... in the order given (``cat_evit.png``,
+    ``cat_1_evit.png``), so that no picture of one run overwrites another, even on a file system
+    that ignores case."""
+    taken, names = set(), []
+    for path in image_paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        name, n = stem, 0
+        while name.casefold() in taken:
+            n += 1
+            name = f'{stem}_{n}'
+        taken.add(name.casefold())
+        names.append(name + suffix)
+    return names

@@ -1,0 +1,123 @@
+"""A user's mistake in any command ends with one line on stderr naming it, exit code 2, no traceback."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=2, reorg_layers=(1, 2))
+TINY_CLI = ['img_size=32', 'patch_size=8', 'embed_dim=48', 'depth=4', 'num_heads=2', 'reorg_layers=(1,2)']
+
+
+def read_only_is_writable(folder):
+    """Whether a 0o555 folder still takes files here (root, or CAP_DAC_OVERRIDE, ignores modes)."""
+    folder.mkdir(mode=0o555)
+    try:
+        (folder / 'probe').write_text('')
+    except PermissionError:
+        return False
+    finally:
+        folder.chmod(0o755)
+    (folder / 'probe').unlink()
+    return True
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp('cli_errors')
+    (root / 'data' / 'validation' / 'cat').mkdir(parents=True)
+    Image.new('RGB', (40, 40), 'red').save(root / 'data' / 'validation' / 'cat' / '0.png')
+    Image.new('RGB', (40, 40), 'blue').save(root / 'cat.png')
+    (root / 'a_file').write_text('a regular file: nothing can be created under it, not even by root')
+    if not read_only_is_writable(root / 'read_only'):
+        (root / 'read_only').chmod(0o555)   # else left writable: the read-only cases are skipped
+    torch.save({'model': {}, 'hook': subprocess.Popen}, root / 'unsafe.pth')   # would run code if unpickled
+    torch.save(timm.create_model('evit_deit_tiny', num_classes=5, **TINY).state_dict(), root / 'five_classes.pth')
+    yield root
+    (root / 'read_only').chmod(0o755)
+
+
+def assert_one_line_error(code, err, command, *words):
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and 'Traceback' not in err, err[-3000:]
+    assert lines[0].startswith(f'timm-evit {command}: '), lines[0]
+    assert all(w in lines[0] for w in words), (words, lines[0])
+
+
+def run_main(capsys, argv):
+    from timm_evit.cli import main
+    try:
+        code = main(argv)
+    except SystemExit as e:   # argparse's own errors
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+BENCH = ['bench', '--model', 'evit_deit_tiny', '--batch-size', '1', '--repeats', '1', '--warmup', '0',
+         '--keep-rates', '1,0.5', '--attn', 'math', '--no-latency']
+SWEEP = ['sweep', '--model', 'evit_deit_tiny', '--data-dir', '{root}/data', '--keep-rates', '1,0.5', '--repeats', '1',
+         '--batch-size', '1']
+VISUALIZE = ['visualize', '{root}/cat.png', '--model', 'evit_deit_tiny', '--img-size', '32', '--out', '{root}/pics']
+
+CASES = {
+    'bench bad model-kwargs value': (BENCH + ['--model-kwargs', *TINY_CLI, 'depth=abc'], ["depth='abc'"]),
+    'bench unknown model-kwargs name': (BENCH + ['--model-kwargs', *TINY_CLI, 'nonsense=1'], ['nonsense']),
+    'bench unknown device': (BENCH + ['--device', 'banana'], ['--device', 'banana']),
+    'bench json under a file': (BENCH + ['--json', '{root}/a_file/b.json'], ['--json', 'a_file']),
+    'bench plot under a file': (BENCH + ['--plot', '{root}/a_file/b.png'], ['--plot', 'a_file']),
+    'bench json in a read-only folder': (BENCH + ['--json', '{root}/read_only/b.json'], ['--json', 'read_only']),
+    'sweep bad model-kwargs value': (SWEEP + ['--model-kwargs', 'depth=abc'], ["depth='abc'"]),
+    'sweep unknown model-kwargs name': (SWEEP + ['--model-kwargs', 'nonsense=1'], ['nonsense']),
+    'sweep missing checkpoint': (SWEEP + ['--checkpoint', '{root}/none.pth'], ['--checkpoint', 'none.pth']),
+    'sweep unsafe checkpoint': (SWEEP + ['--checkpoint', '{root}/unsafe.pth'], ['unsafe.pth', 'weights_only']),
+    'sweep checkpoint of another shape': (
+        SWEEP + ['--checkpoint', '{root}/five_classes.pth', '--model-kwargs', *TINY_CLI],
+        ['five_classes.pth', 'size mismatch for head.weight']),
+    'sweep out under a file': (SWEEP + ['--out', '{root}/a_file/sw'], ['--out', 'a_file']),
+    'sweep out in a read-only folder': (SWEEP + ['--out', '{root}/read_only/sw'], ['--out', 'read_only']),
+    'visualize missing checkpoint': (VISUALIZE + ['--checkpoint', '{root}/none.pth'], ['none.pth']),
+    'visualize unsafe checkpoint': (VISUALIZE + ['--checkpoint', '{root}/unsafe.pth'], ['unsafe.pth', 'weights_only']),
+    'visualize checkpoint of another shape': (VISUALIZE + ['--checkpoint', '{root}/five_classes.pth'],
+                                              ['five_classes.pth', 'size mismatch']),
+    'visualize out under a file': (VISUALIZE[:-1] + ['{root}/a_file/pics'], ['--out', 'a_file']),
+    'visualize out in a read-only folder': (VISUALIZE[:-1] + ['{root}/read_only/pics'], ['--out', 'read_only']),
+}
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_user_errors_are_one_line(case, files, capsys):
+    if 'read-only' in case and (files / 'read_only').stat().st_mode & 0o200:
+        pytest.skip('a read-only folder is writable here (running as root): the "under a file" cases still run')
+    argv, words = CASES[case]
+    code, err = run_main(capsys, [a.format(root=files) for a in argv])
+    assert_one_line_error(code, err, argv[0], *words)
+    assert not (files / 'pics').exists()
+
+
+# One interpreter for the three commands (huggingface_hub reads HF_HUB_OFFLINE when imported),
+# each command's stderr captured on its own.
+RUN_OFFLINE = """
+import contextlib, io, json, sys
+from timm_evit.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        results.append((main(argv), err.getvalue()))
+print(json.dumps(results))
+"""
+
+
+def test_pretrained_weights_not_in_the_cache_offline(files, tmp_path):
+    commands = [[a.format(root=files) for a in argv] + ['--pretrained'] for argv in (BENCH, SWEEP, VISUALIZE)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('HF_', 'HUGGINGFACE_'))}
+    env.update(HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'empty_home'))
+    result = subprocess.run([sys.executable, '-c', RUN_OFFLINE, json.dumps(commands)],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for argv, (code, err) in zip(commands, json.loads(result.stdout)):
+        assert_one_line_error(code, err, argv[0], '--pretrained', 'evit_deit_tiny')
