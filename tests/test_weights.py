@@ -50,7 +50,11 @@ def converted(tmp_path_factory):
     rows = {f'{r.architecture}.{r.tag}': r for r in hub.read_manifest()}
     official = official_evit_checkpoint(sources / rows[DEIT_ROW].source_file)
     save_official_lvvit(sources / rows['evit_lvvit_s.tl_in1k'].source_file, randomised_lvvit(seed=4))
-    assert hub.main(['--sources', str(sources), '--out', str(out), '--only', DEIT_ROW, 'evit_lvvit_s.tl_in1k']) == 0
+    umask = os.umask(0o027)   # an unusual umask: every file and folder written must follow it
+    try:
+        assert hub.main(['--sources', str(sources), '--out', str(out), '--only', DEIT_ROW, 'evit_lvvit_s.tl_in1k']) == 0
+    finally:
+        os.umask(umask)
     return root, official, rows
 
 
@@ -90,6 +94,75 @@ def test_hub_folder_in_timms_format(converted):
     assert 'library_name: timm' in card and 'top-1 79.1 %' in card and "keep_rate=0.6" in card
 
 
+def test_hub_config_describes_the_rows_own_weights(converted):
+    root, _, rows = converted
+    for name in (DEIT_ROW, 'evit_lvvit_s.tl_in1k'):
+        cfg = json.loads((root / 'out' / name / 'config.json').read_text())['pretrained_cfg']
+        expected = timm.create_model(name).pretrained_cfg   # the registered tag's own config
+        assert cfg['tag'] == rows[name].tag == expected['tag']
+        assert cfg.get('notes') == json.loads(json.dumps(expected.get('notes')))
+    deit = json.loads((root / 'out' / DEIT_ROW / 'config.json').read_text())['pretrained_cfg']
+    assert 'EViT-trained DeiT-S' in deit['notes'][0] and 'keep_rate 0.6' in deit['notes'][0]
+
+
+def test_hub_folders_and_files_follow_the_umask(converted):
+    root, _, _ = converted
+    for name in (DEIT_ROW, 'evit_lvvit_s.tl_in1k'):
+        folder = root / 'out' / name
+        assert folder.stat().st_mode & 0o777 == 0o777 & ~0o027
+        assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == {
+            n: 0o666 & ~0o027 for n in ('README.md', 'config.json', 'model.safetensors')}
+
+
+def test_every_row_is_checked_before_any_is_converted(tmp_path, monkeypatch, capsys):
+    sources, out = tmp_path / 'sources', tmp_path / 'out'
+    sources.mkdir()
+    (out / 'evit_lvvit_s.tl_in1k').mkdir(parents=True)   # the second row's folder exists already
+    for row in hub.read_manifest():
+        (sources / row.source_file).write_bytes(b'never read')
+    monkeypatch.setattr(hub, 'convert', lambda *a: pytest.fail('converted before every row was checked'))
+    monkeypatch.delenv('HF_TOKEN', raising=False)
+    args = ['--sources', str(sources), '--out', str(out), '--only', DEIT_ROW, 'evit_lvvit_s.tl_in1k']
+
+    def refused(extra, words):
+        assert hub.main(args + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        return len(err) == 1 and err[0].startswith('weights/hub.py: ') and words in err[0]
+
+    assert refused([], 'evit_lvvit_s.tl_in1k exists already')
+    assert os.listdir(out) == ['evit_lvvit_s.tl_in1k']
+    (out / 'evit_lvvit_s.tl_in1k').rmdir()   # no folder in the way now, but no token for --push
+    assert refused(['--push'], '--push needs a Hugging Face token in the environment variable HF_TOKEN')
+    assert os.listdir(out) == []
+
+
+def _takes_files(folder):
+    try:
+        (folder / 'probe').write_text('')
+    except PermissionError:
+        return False
+    (folder / 'probe').unlink()
+    return True
+
+
+@pytest.mark.parametrize('where', ['under a file', 'read-only folder'])
+def test_an_unwritable_out_is_refused_before_converting(tmp_path, monkeypatch, capsys, where):
+    sources = tmp_path / 'sources'
+    sources.mkdir()
+    row = next(r for r in hub.read_manifest() if r.name == DEIT_ROW)
+    (sources / row.source_file).write_bytes(b'never read')
+    (tmp_path / 'a_file').write_text('')
+    out = tmp_path / 'a_file' / 'hub' if where == 'under a file' else tmp_path / 'read_only'
+    if where == 'read-only folder':
+        out.mkdir(mode=0o555)
+        if _takes_files(out):
+            pytest.skip('a read-only folder is writable here (running as root): the "under a file" case still runs')
+    monkeypatch.setattr(hub, 'convert', lambda *a: pytest.fail('converted although --out cannot be written'))
+    assert hub.main(['--sources', str(sources), '--out', str(out), '--only', DEIT_ROW]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('weights/hub.py: --out') and str(out) in err[0], err
+
+
 def test_loaded_three_ways_offline_with_the_converted_logits(converted, tmp_path):
     root, _, rows = converted
     folder = root / 'out' / DEIT_ROW
@@ -108,7 +181,8 @@ def test_loaded_three_ways_offline_with_the_converted_logits(converted, tmp_path
     for name in os.listdir(folder):
         (snapshot / name).write_bytes((folder / name).read_bytes())
     code = f"""
-        import torch, timm
+        import torch, timm, timm_evit.deit
+        timm_evit.deit.EVIT_RELEASE_PUBLISHED = True   # as once published: the cache above is that repository
         x = torch.load({str(tmp_path / 'x.pt')!r})
         for i, name in enumerate(['{DEIT_ROW}', 'hf-hub:{HUB_NAMESPACE}/{DEIT_ROW}']):
             model = timm.create_model(name, pretrained=True).eval()
@@ -145,6 +219,7 @@ def test_namespace_is_overridable(tmp_path):
     ('missing', "missing keys ['blocks.2.attn.qkv.bias']"),
     ('unexpected', "unexpected keys ['blocks.0.attn.gamma']"),
     ('unsafe', 'cannot be read safely (weights_only=True)'),
+    ('wrong_shape', 'size mismatch for blocks.0.mlp.fc1.weight'),
 ])
 def test_bad_sources_fail_clearly_and_write_nothing(tmp_path, capsys, damage, words):
     sources, out = tmp_path / 'sources', tmp_path / 'out'
@@ -157,9 +232,13 @@ def test_bad_sources_fail_clearly_and_write_nothing(tmp_path, capsys, damage, wo
         path.write_bytes(path.read_bytes()[:100_000])
     if damage == 'unsafe':
         torch.save({'model': {}, 'hook': subprocess.Popen}, path)
+    if damage == 'wrong_shape':
+        checkpoint = torch.load(path, weights_only=False)
+        checkpoint['model']['blocks.0.mlp.fc1.weight'] = torch.zeros(1536, 100)
+        torch.save(checkpoint, path)
     assert hub.main(['--sources', str(sources), '--out', str(out), '--only', DEIT_ROW]) == 2
     err = capsys.readouterr().err
-    assert words in err and f'{DEIT_ROW} from {path}' in err
+    assert words in err and f'{DEIT_ROW} from {path}' in err and len(err.strip().splitlines()) == 1
     assert os.listdir(out) == []
 
 

@@ -24,7 +24,8 @@ import torch
 from timm.models._hub import save_for_hf
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
-from timm_evit.checkpoints import read_checkpoint, require_matching_keys, unwrap_state_dict
+from timm_evit._io import check_writable, file_mode, folder_mode
+from timm_evit.checkpoints import load_state_dict_checked, read_checkpoint, require_matching_keys, unwrap_state_dict
 from timm_evit.deit import HUB_NAMESPACE
 from timm_evit.lvvit import checkpoint_filter_fn as lvvit_checkpoint_filter_fn
 
@@ -48,6 +49,10 @@ class Row:
     weights_license: str
 
     @property
+    def name(self) -> str:
+        return f'{self.architecture}.{self.tag}'
+
+    @property
     def repo_id(self) -> str:
         return self.published_as.format(namespace=HUB_NAMESPACE)
 
@@ -65,7 +70,7 @@ class Row:
 def read_manifest(path: str = MANIFEST) -> List[Row]:
     with open(path, newline='') as f:
         rows = [Row(**r) for r in csv.DictReader(f)]
-    names = [f'{r.architecture}.{r.tag}' for r in rows]
+    names = [r.name for r in rows]
     if len(set(names)) != len(names):
         raise ValueError(f'{path}: duplicate rows')
     return rows
@@ -84,13 +89,14 @@ def convert(row: Row, source: str) -> torch.nn.Module:
     if row.sha256 and sha256_of(source) != row.sha256:
         raise ValueError(f'{source}: sha256 differs from the manifest ({row.sha256}): not the released file')
     checkpoint = read_checkpoint(source)
-    model = timm.create_model(row.architecture, **row.model_args).eval()
+    # built for the row's own tag, so that its pretrained_cfg (tag, notes) is what config.json says
+    model = timm.create_model(row.name, **row.model_args).eval()
     if row.architecture.startswith('evit_lvvit'):
         state_dict = lvvit_checkpoint_filter_fn(checkpoint, model)
     else:  # official EViT-DeiT: {'model': DeiT state dict, ...}, timm's own ViT layout
         state_dict = vit_checkpoint_filter_fn(unwrap_state_dict(checkpoint), model)
         require_matching_keys(state_dict, model)
-    model.load_state_dict(state_dict, strict=True)
+    load_state_dict_checked(model, state_dict, 'the converted state dict')
     with torch.no_grad():
         logits = model(torch.randn(2, *model.pretrained_cfg['input_size']))
     if not torch.isfinite(logits).all():
@@ -100,7 +106,7 @@ def convert(row: Row, source: str) -> torch.nn.Module:
 
 def model_card(row: Row) -> str:
     """README.md of the Hub repository, from the manifest row."""
-    name = f'{row.architecture}.{row.tag}'
+    name = row.name
     args = ', '.join(f'{k}={v!r}' for k, v in row.model_args.items()) or 'the architecture defaults'
     figures = [f'- top-1 {row.top1} %' if row.top1 else '', f'- top-5 {row.top5} %' if row.top5 else '',
                f'- {row.gmacs} GMACs' if row.gmacs else '']
@@ -142,32 +148,61 @@ model = timm.create_model('hf-hub:{row.repo_id}', pretrained=True)   # or '{name
 '''
 
 
-def write_hub_folder(row: Row, model: torch.nn.Module, out_dir: str) -> str:
-    """``out_dir/<architecture>.<tag>/`` in timm's Hub format, written whole or not at all."""
-    target = os.path.join(out_dir, f'{row.architecture}.{row.tag}')
+def hub_folder(row: Row, out_dir: str) -> str:
+    """Where ``row``'s Hub folder goes; a ValueError if something is there already."""
+    target = os.path.join(out_dir, row.name)
     if os.path.exists(target):
         raise ValueError(f'{target} exists already: remove it or choose another --out')
-    tmp = tempfile.mkdtemp(prefix='.tmp-', dir=out_dir)
+    return target
+
+
+def write_hub_folder(row: Row, model: torch.nn.Module, out_dir: str) -> str:
+    """``out_dir/<architecture>.<tag>/`` in timm's Hub format, written whole or not at all, every
+    file with the mode a new file gets (0o666 less the umask), the folder a new folder's."""
+    target = hub_folder(row, out_dir)
+    try:
+        tmp = tempfile.mkdtemp(prefix='.tmp-', dir=out_dir)
+    except OSError as e:
+        raise ValueError(f'cannot write {target}: {e}') from e
     try:
         save_for_hf(model, tmp, model_args=row.model_args, safe_serialization=True)
         with open(os.path.join(tmp, 'README.md'), 'w') as f:
             f.write(model_card(row))
-        os.chmod(tmp, 0o755)
+        for name in os.listdir(tmp):  # safetensors, json and open() need not agree on modes
+            os.chmod(os.path.join(tmp, name), file_mode())
+        os.chmod(tmp, folder_mode())  # mkdtemp makes it private
         os.rename(tmp, target)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f'cannot write {target}: {e}') from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
 
 
-def push(folder: str, repo_id: str) -> None:
+def push(folder: str, repo_id: str, token: str) -> None:
     from huggingface_hub import HfApi
-    token = os.environ.get('HF_TOKEN')
-    if not token:
-        raise ValueError('--push needs a Hugging Face token in the environment variable HF_TOKEN')
     api = HfApi(token=token)
     api.create_repo(repo_id, exist_ok=True)
     api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message='Add weights converted by timm-evit')
+
+
+def check_before_converting(rows: List[Row], sources: str, out: Optional[str], will_push: bool) -> Optional[str]:
+    """Everything that can be checked before converting any row: --out writable, no row's folder
+    there already, every source file present, a token for --push (returned)."""
+    if not out:
+        raise ValueError('--sources needs --out (the folder for the Hub folders)')
+    check_writable(out, '--out', folder=True)
+    for r in rows:
+        hub_folder(r, out)
+    missing = [r.source_file for r in rows if not os.path.isfile(os.path.join(sources, r.source_file))]
+    if missing:
+        raise ValueError(f'not in --sources {sources!r}: {missing} (use --only to convert fewer rows)')
+    token = os.environ.get('HF_TOKEN')
+    if will_push and not token:
+        raise ValueError('--push needs a Hugging Face token in the environment variable HF_TOKEN')
+    return token
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -182,34 +217,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         rows = read_manifest(args.manifest)
         if args.only:
-            unknown = set(args.only) - {f'{r.architecture}.{r.tag}' for r in rows}
+            unknown = set(args.only) - {r.name for r in rows}
             if unknown:
                 raise ValueError(f'--only names rows not in the manifest: {sorted(unknown)}')
-            rows = [r for r in rows if f'{r.architecture}.{r.tag}' in args.only]
+            rows = [r for r in rows if r.name in args.only]
         if not args.sources:
             if args.push or args.out:
                 raise ValueError('--out and --push need --sources (the downloaded official files)')
             print(f'Dry run: {len(rows)} manifest rows; nothing is read, written or uploaded.')
             for r in rows:
-                print(f'- {r.architecture}.{r.tag}: {r.source_file} ({r.source_url}, sha256 {r.sha256 or "unknown"}) '
+                print(f'- {r.name}: {r.source_file} ({r.source_url}, sha256 {r.sha256 or "unknown"}) '
                       f'-> convert, load strictly, forward -> model.safetensors, config.json '
                       f'(model_args {r.model_args}), README.md -> would upload to {r.repo_id}')
             return 0
-        if not args.out or not os.path.isdir(args.out):
-            raise ValueError(f'--out must be an existing folder, got {args.out!r}')
-        missing = [r.source_file for r in rows if not os.path.isfile(os.path.join(args.sources, r.source_file))]
-        if missing:
-            raise ValueError(f'not in --sources {args.sources!r}: {missing} (use --only to convert fewer rows)')
+        token = check_before_converting(rows, args.sources, args.out, args.push)
+        os.makedirs(args.out, exist_ok=True)
         for r in rows:
             source = os.path.join(args.sources, r.source_file)
             try:
                 model = convert(r, source)
             except ValueError as e:
-                raise ValueError(f'{r.architecture}.{r.tag} from {source}: {e}') from e
+                raise ValueError(f'{r.name} from {source}: {e}') from e
             folder = write_hub_folder(r, model, args.out)
             files = sorted(os.listdir(folder))
             if args.push:
-                push(folder, r.repo_id)
+                push(folder, r.repo_id, token)
                 print(f'uploaded {folder} ({", ".join(files)}) to {r.repo_id}')
             else:
                 print(f'wrote {folder} ({", ".join(files)}); --push would upload it to {r.repo_id}')
