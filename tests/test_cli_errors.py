@@ -89,13 +89,15 @@ CASES = {
 
 
 @pytest.mark.parametrize('case', sorted(CASES))
-def test_user_errors_are_one_line(case, files, capsys):
+def test_user_errors_are_one_line(case, files, capsys, monkeypatch):
     if 'read-only' in case and (files / 'read_only').stat().st_mode & 0o200:
         pytest.skip('a read-only folder is writable here (running as root): the "under a file" cases still run')
     argv, words = CASES[case]
+    monkeypatch.chdir(files)   # where a command's default outputs would go
+    before = sorted(files.rglob('*'))
     code, err = run_main(capsys, [a.format(root=files) for a in argv])
     assert_one_line_error(code, err, argv[0], *words)
-    assert not (files / 'pics').exists()
+    assert sorted(files.rglob('*')) == before     # nothing written, no folder made
 
 
 # One interpreter for the three commands (huggingface_hub reads HF_HUB_OFFLINE when imported),

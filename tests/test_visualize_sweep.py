@@ -97,7 +97,6 @@ def test_picture_names_never_collide():
     paths = ['a/cat.png', 'b/cat.jpg', 'c/cat_1.png', 'd/Cat.png', 'dog.png']
     assert picture_names(paths) == ['cat_evit.png', 'cat_1_evit.png', 'cat_1_1_evit.png', 'Cat_2_evit.png',
                                     'dog_evit.png']
-    assert picture_names(paths) == picture_names(list(paths))   # deterministic
 
 
 def test_visualize_writes_every_picture_or_none(tmp_path, monkeypatch):
@@ -162,8 +161,7 @@ def test_sweep_reports_the_top1_of_evaluating_by_hand(image_folder, tmp_path):
         assert rows[rate]['num_images'] == 12
     assert rows[0.25]['gmacs'] < rows[0.7]['gmacs'] < rows[1.0]['gmacs']
     for row in rows.values():  # throughput is measured beside timm's own DeiT
-        assert row['plain_model'] == 'deit_tiny_patch16_224' and row['plain_images_per_s'] > 0
-        assert row['speedup_vs_plain'] == pytest.approx(row['images_per_s'] / row['plain_images_per_s'])
+        assert row['plain_model'] == 'deit_tiny_patch16_224'
     assert 'speed-up vs deit_tiny_patch16_224' in result.stdout
     assert 'use: --model-kwargs keep_rate=' in result.stdout
 
@@ -212,9 +210,21 @@ def test_sweep_errors(tmp_path, image_folder):
     ]
     for args, words in cases:
         result = run_cli('sweep', '--model', 'evit_deit_tiny', '--num-classes', '3', '--checkpoint', str(checkpoint),
-                         *args)
+                         '--out', str(tmp_path / 'sw'), *args)
         assert result.returncode == 2 and words in result.stderr, (args, result.stderr[-500:])
-    assert not list(tmp_path.glob('*.csv')) and not list(tmp_path.glob('*.json'))
+    assert not list(tmp_path.glob('sw*'))
+
+
+def test_sweep_speed_up_is_the_plain_models_time_over_each_rates(image_folder, monkeypatch):
+    import timm_evit.sweep as sweep
+    root, checkpoint, _ = image_folder
+    seconds = {'plain': 0.2, 1.0: 0.2, 0.7: 0.1, 0.25: 0.05}   # per timed batch of 4 images
+    monkeypatch.setattr(sweep, 'time_interleaved', lambda forwards, repeats, warmup: {k: seconds[k] for k in forwards})
+    rows = sweep.run_sweep('evit_deit_tiny', str(root), keep_rates=(1.0, 0.7, 0.25), batch_size=4,
+                           checkpoint=str(checkpoint), num_classes=3, show_progress=False, repeats=1)
+    assert [r.speedup_vs_plain for r in rows] == pytest.approx([1.0, 2.0, 4.0])
+    assert [r.images_per_s for r in rows] == pytest.approx([20.0, 40.0, 80.0])
+    assert [r.plain_images_per_s for r in rows] == pytest.approx([20.0] * 3)
 
 
 def test_write_sweep_is_whole_or_nothing(tmp_path, monkeypatch):

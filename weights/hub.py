@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 
 import timm
 import torch
-from timm.models._hub import save_for_hf
+from timm.models import save_for_hf
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
 from timm_evit._io import check_writable, file_mode, folder_mode
