@@ -104,3 +104,103 @@ def reference_tokens(sd, patch_tokens, num_heads, keep_rates, fuse_token, eps=1e
         x = x + _linear(F.gelu(_linear(h, sd, p + 'mlp.fc1')), sd, p + 'mlp.fc2') / skip_lam
         block_tokens.append(x[1:])
     return _ln(x, sd, 'norm', eps), block_tokens, events, is_fused
+
+
+def _attention_by_hand(blk, x, num_prefix_tokens, key_bias=None):
+    """A timm Block's attention for one image ``x`` [N, C], materialised head by head with its own
+    layers (qkv, q/k norms, scale norm, gate, proj): the output [N, C] and the class token's
+    head-averaged attention to the non-prefix tokens (a list of floats). ``key_bias`` [N] is added
+    to every row's logits (-inf: a key masked out)."""
+    attn = blk.attn
+    h = blk.norm1(x[None])[0]
+    q, k, v = attn.qkv(h).chunk(3, dim=-1)
+    head_dim = q.shape[-1] // attn.num_heads
+    outs, cls_rows = [], []
+    for hd in range(attn.num_heads):
+        s = slice(hd * head_dim, (hd + 1) * head_dim)
+        logits = attn.q_norm(q[:, s]) @ attn.k_norm(k[:, s]).T * attn.scale
+        if key_bias is not None:
+            logits = logits + key_bias
+        probs = torch.softmax(logits, dim=-1)
+        outs.append(probs @ v[:, s])
+        cls_rows.append(probs[0, num_prefix_tokens:])
+    out = attn.norm(torch.cat(outs, dim=-1))
+    if getattr(attn, 'gate', None) is not None:
+        out = out * attn.gate(h).sigmoid()
+    a = [sum(float(row[j]) for row in cls_rows) / attn.num_heads for j in range(x.shape[0] - num_prefix_tokens)]
+    return attn.proj(out), a
+
+
+def reference_timm_vit(model, image, keep_rates, fuse_token, choose=most_attentive_first):
+    """EViT on a timm ViT of ``Block`` blocks, one image [3, H, W]: the model's own embedding and
+    per-token layers (norms, MLP, LayerScale, head), attention materialised head by head, selection
+    and fusion in Python loops. Returns the logits and, per block, the tokens after it [N_i, C]
+    (prefix tokens first). ``keep_rates`` maps block index -> keep rate."""
+    P = model.num_prefix_tokens
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(image[None]))))[0]
+    block_tokens = []
+    for i, blk in enumerate(model.blocks):
+        attn_out, a = _attention_by_hand(blk, x, P)
+        x = x + blk.ls1(attn_out)
+        n = x.shape[0] - P
+        if i in keep_rates and math.ceil(keep_rates[i] * n) < n:
+            kept = choose(i, a, math.ceil(keep_rates[i] * n))
+            tokens = [x[j] for j in range(P)] + [x[P + j] for j in kept]
+            if fuse_token:
+                fused = torch.zeros_like(x[0])
+                for j in sorted(set(range(n)) - set(kept)):
+                    fused = fused + a[j] * x[P + j]
+                tokens.append(fused)
+            x = torch.stack(tokens)
+        x = x + blk.ls2(blk.mlp(blk.norm2(x[None]))[0])
+        block_tokens.append(x)
+    return model.forward_head(model.norm(x[None]))[0], block_tokens
+
+
+def masked_reference_timm_vit(plain, image, keep_rates, choose=most_attentive_first):
+    """EViT without fusion as masking (DESIGN.md): the *unconverted* timm model ``plain``, its own
+    block forward, where a dropped token is masked out of all later attention instead (an MLP
+    works per token). Returns the logits and, per block, the indices of the tokens alive after it
+    (into the sequence entering the first block) in the order EViT would hold them."""
+    P = plain.num_prefix_tokens
+    x = plain.norm_pre(plain.patch_drop(plain._pos_embed(plain.patch_embed(image[None]))))
+    alive = list(range(x.shape[1] - P))       # non-prefix tokens, in EViT's order
+    bias = torch.zeros(x.shape[1])
+    alive_after = []
+    for i, blk in enumerate(plain.blocks):
+        n = len(alive)
+        if i in keep_rates and math.ceil(keep_rates[i] * n) < n:
+            # the selection reads this block's attention under the mask so far
+            _, a_all = _attention_by_hand(blk, x[0], P, key_bias=bias)
+            a = [a_all[j] for j in alive]
+            kept = choose(i, a, math.ceil(keep_rates[i] * n))
+            # this block's attention still sees every token alive before it; later blocks do not
+            x = blk(x, attn_mask=bias.view(1, 1, 1, -1).expand(1, 1, x.shape[1], -1))
+            bias = bias.clone()
+            for j in set(range(n)) - set(kept):
+                bias[P + alive[j]] = float('-inf')
+            alive = [alive[j] for j in kept]
+        else:
+            x = blk(x, attn_mask=bias.view(1, 1, 1, -1).expand(1, 1, x.shape[1], -1))
+        alive_after.append(list(alive))
+    return plain.forward_head(plain.norm(x))[0], alive_after
+
+
+def kept_indices_by_block(model, images):
+    """The model's logits, and the kept indices each block reported (through forward hooks, as a
+    user would see them): ``{block: [B, num_keep]}``."""
+    kept = {}
+
+    def recorder(block):
+        def hook(module, args, kwargs, output):
+            if kwargs.get('kept_indices'):
+                kept[block] = kwargs['kept_indices'][-1]
+        return hook
+    handles = [blk.register_forward_hook(recorder(i), with_kwargs=True) for i, blk in enumerate(model.blocks)]
+    try:
+        with torch.no_grad():
+            logits = model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, kept

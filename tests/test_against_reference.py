@@ -7,7 +7,7 @@ import timm
 import torch
 
 import timm_evit  # noqa: F401
-from evit_reference import checked_choice, reference_forward
+from evit_reference import checked_choice, kept_indices_by_block, reference_forward
 from timm_evit.reorg import reorganize_tokens
 
 
@@ -32,29 +32,10 @@ def build(keep_rate, fuse_token, fused_attn, **kwargs):
     return model
 
 
-def run_recording_kept_indices(model, images):
-    """Logits, and the kept indices each block reported (through forward hooks, as a user would see them)."""
-    kept = {}
-
-    def recorder(block):
-        def hook(module, args, kwargs, output):
-            if kwargs.get('kept_indices'):
-                kept[block] = kwargs['kept_indices'][-1]
-        return hook
-    handles = [blk.register_forward_hook(recorder(i), with_kwargs=True) for i, blk in enumerate(model.blocks)]
-    try:
-        with torch.no_grad():
-            logits = model(images)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return logits, kept
-
-
 def check_against_reference(model, images):
     sd = model.state_dict()
     rates = dict(zip(model.reorg_layers, model.keep_rate))
-    logits, kept = run_recording_kept_indices(model, images)
+    logits, kept = kept_indices_by_block(model, images)
     with torch.no_grad():
         tokens = model.forward_intermediates(images, output_fmt='NLC', intermediates_only=True)
     all_events = []
@@ -131,22 +112,22 @@ def test_float64_ceil_parity_with_100_tokens():
 
 # Each mutation is a plausible way to get EViT subtly wrong; the reference comparison must catch
 # every one of them (so the tolerances above cannot hide them).
-def _kept_in_position_order(x, cls_attn, num_keep, fuse_token):
-    out, kept_idx = reorganize_tokens(x, cls_attn, num_keep, fuse_token)
+def _kept_in_position_order(x, cls_attn, num_keep, fuse_token, num_prefix_tokens=1):
+    out, kept_idx = reorganize_tokens(x, cls_attn, num_keep, fuse_token, num_prefix_tokens)
     kept_sorted = kept_idx.sort(dim=1).values
     out = torch.cat([out[:, :1], x[:, 1:].gather(1, kept_sorted.unsqueeze(-1).expand(-1, -1, x.shape[-1])),
                      out[:, 1 + num_keep:]], dim=1)
     return out, kept_sorted
 
 
-def _renormalised_fusion(x, cls_attn, num_keep, fuse_token):
-    out, kept_idx = reorganize_tokens(x, cls_attn, num_keep, fuse_token)
+def _renormalised_fusion(x, cls_attn, num_keep, fuse_token, num_prefix_tokens=1):
+    out, kept_idx = reorganize_tokens(x, cls_attn, num_keep, fuse_token, num_prefix_tokens)
     weights = cls_attn.scatter(1, kept_idx, 0.)
     return torch.cat([out[:, :-1], out[:, -1:] / weights.sum(1, keepdim=True)[..., None]], dim=1), kept_idx
 
 
-def _fused_token_first(x, cls_attn, num_keep, fuse_token):
-    out, kept_idx = reorganize_tokens(x, cls_attn, num_keep, fuse_token)
+def _fused_token_first(x, cls_attn, num_keep, fuse_token, num_prefix_tokens=1):
+    out, kept_idx = reorganize_tokens(x, cls_attn, num_keep, fuse_token, num_prefix_tokens)
     return torch.cat([out[:, :1], out[:, -1:], out[:, 1:-1]], dim=1), kept_idx
 
 

@@ -50,10 +50,14 @@ def test_bad_reorg_layers(reorg_layers, error, words):
 def test_bad_fuse_token_and_token_layout():
     with pytest.raises(TypeError, match='fuse_token must be True or False'):
         timm.create_model('evit_deit_tiny', fuse_token='yes')
-    with pytest.raises(ValueError, match='exactly one class token'):
+    with pytest.raises(ValueError, match=r'EViT needs a class token \(class_token=True\)'):
         timm.create_model('evit_deit_tiny', class_token=False, global_pool='avg')
-    with pytest.raises(ValueError, match='exactly one class token'):
-        timm.create_model('evit_deit_tiny', reg_tokens=4)
+    # register tokens are prefix tokens like the class token: kept first, never reorganised
+    model = timm.create_model('evit_deit_tiny', reg_tokens=4, keep_rate=0.5, depth=4, reorg_layers=(1,))
+    with torch.no_grad():
+        out = model.forward_intermediates(torch.randn(1, 3, 224, 224), indices=[1], output_fmt='NLC',
+                                          intermediates_only=True, return_prefix_tokens=True)
+    assert out[0][0].shape[1] == 98 + 1 and out[0][1].shape[1] == 5
 
 
 @pytest.mark.parametrize('shape, words', [

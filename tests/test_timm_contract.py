@@ -6,6 +6,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
 
 from conftest import TINY, tiny_evit
+from evit_reference import kept_indices_by_block
 
 
 @pytest.mark.parametrize('name, dim', [('evit_deit_tiny', 192), ('evit_deit_small', 384), ('evit_deit_base', 768)])
@@ -78,20 +79,6 @@ def test_no_weight_decay_and_group_matcher_drive_timm_optimizers():
     assert id(model.pos_embed) in no_decay and id(model.cls_token) in no_decay
 
 
-def _kept_indices_by_block(model, x):
-    """The indices each reorganising block reports keeping, through forward hooks."""
-    kept = {}
-    handles = [blk.register_forward_hook(
-        lambda m, args, kwargs, out, i=i: kept.__setitem__(i, kwargs['kept_indices'][-1]) if kwargs.get('kept_indices')
-        else None, with_kwargs=True) for i, blk in enumerate(model.blocks)]
-    try:
-        model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return kept
-
-
 def _patches_carried_by_hand(kept, num_patches, num_blocks, fuse, b):
     """After each block, for image ``b``: every token's set of patches and whether it is a fused token,
     followed with plain Python from the kept indices alone."""
@@ -111,7 +98,7 @@ def _patches_carried_by_hand(kept, num_patches, num_blocks, fuse, b):
 def _grid_checks(model, x, fuse):
     out = model.forward_intermediates(x, output_dict=True)
     nlc = model.forward_intermediates(x, output_fmt='NLC', intermediates_only=True)
-    kept = _kept_indices_by_block(model, x)
+    _, kept = kept_indices_by_block(model, x)
     grid_h, grid_w = model.patch_embed.dynamic_feat_size(x.shape[-2:])
     num_patches = grid_h * grid_w
     for b in range(x.shape[0]):

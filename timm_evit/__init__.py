@@ -3,7 +3,10 @@
 Importing ``timm`` registers the models by itself once this package is installed (see
 ``_timm_evit_autoload``); importing this package does the same explicitly.
 """
-from .deit import EVIT_DEIT_SMALL_TAGS, HUB_NAMESPACE, PLAIN_COUNTERPARTS, VisionTransformerEViT
+from .convert import apply
+from .deit import (
+    EVIT_DEIT_SMALL_TAGS, HUB_NAMESPACE, PLAIN_COUNTERPARTS, VisionTransformerDistilledEViT, VisionTransformerEViT,
+)
 from .layers import EViTBlock, attention_with_class_attention
 from .lvvit import VisionTransformerEViTLVViT
 from .reorg import (
@@ -14,7 +17,7 @@ from .reorg import (
 __version__ = '0.1.0'
 
 __all__ = [
-    'VisionTransformerEViT', 'VisionTransformerEViTLVViT', 'EViTBlock', 'attention_with_class_attention',
+    'apply', 'VisionTransformerEViT', 'VisionTransformerDistilledEViT', 'VisionTransformerEViTLVViT', 'EViTBlock', 'attention_with_class_attention',
     'PLAIN_COUNTERPARTS', 'HUB_NAMESPACE', 'EVIT_DEIT_SMALL_TAGS',
     'num_kept_tokens', 'class_attention', 'head_averaged_class_row', 'reorganize_tokens',
     'trace_token_patch_ids', 'trace_patch_token_index', 'tokens_to_patch_grid',

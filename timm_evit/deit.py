@@ -14,6 +14,7 @@ from timm.models import (
     build_model_with_cfg, checkpoint, generate_default_cfgs, get_pretrained_cfg, register_model, register_notrace_function,
 )
 from timm.models._features import feature_take_indices
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from .checkpoints import ALLOWED_PICKLE_GLOBALS
@@ -23,7 +24,7 @@ from .reorg import trace_patch_token_index, trace_token_patch_ids, tokens_to_pat
 from .schedule import warmup_keep_rate
 
 __all__ = [
-    'VisionTransformerEViT', 'PLAIN_COUNTERPARTS', 'EVIT_ONLY_ARGS', 'create_plain_counterpart', 'HUB_NAMESPACE',
+    'VisionTransformerEViT', 'VisionTransformerDistilledEViT', 'default_reorg_layers', 'PLAIN_COUNTERPARTS', 'EVIT_ONLY_ARGS', 'create_plain_counterpart', 'HUB_NAMESPACE',
     'EVIT_DEIT_SMALL_TAGS', 'EVIT_RELEASE_PUBLISHED', 'release_weights_published',
 ]
 
@@ -77,6 +78,28 @@ def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
         raise ValueError(f'x must have {in_chans} channels (in_chans), got shape {tuple(x.shape)}')
 
 
+def default_reorg_layers(depth: int) -> Tuple[int, ...]:
+    """The paper's relative places: blocks ``depth // 4, depth // 2, 3 * depth // 4`` (3, 6, 9 of 12)."""
+    return tuple(sorted({depth // 4, depth // 2, 3 * depth // 4}))
+
+
+def check_evit_args(
+        keep_rate: KeepRate,
+        reorg_layers: Optional[Sequence[int]],
+        fuse_token: bool,
+        depth: int,
+        keep_rate_warmup_start: int = 0,
+        keep_rate_warmup_steps: int = 0,
+) -> Tuple[Tuple[int, ...], bool, Tuple[float, ...]]:
+    """The EViT arguments checked: ``(reorg_layers, fuse_token, keep rate per reorganising block)``."""
+    for name, value in (('keep_rate_warmup_start', keep_rate_warmup_start),
+                        ('keep_rate_warmup_steps', keep_rate_warmup_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f'{name} must be an integer >= 0 (optimizer steps), got {value!r}')
+    layers = default_reorg_layers(depth) if reorg_layers is None else check_reorg_layers(reorg_layers, depth)
+    return layers, check_fuse_token(fuse_token), check_keep_rate(keep_rate, len(layers))
+
+
 @torch.fx.wrap  # checks the masks against this call's keep rates: opaque to FX
 @register_notrace_function
 def check_attention_mask(attn_mask: Optional[torch.Tensor], is_causal: bool, block_keep_rates: Sequence[float]) -> None:
@@ -89,8 +112,8 @@ def check_attention_mask(attn_mask: Optional[torch.Tensor], is_causal: bool, blo
 class VisionTransformerEViT(VisionTransformer):
     """Vision Transformer with EViT token reorganisation.
 
-    In each block of ``reorg_layers``, between attention and MLP, the non-class tokens are
-    ranked by the class token's head-averaged attention; ``ceil(keep_rate * n)`` are kept (in
+    In each block of ``reorg_layers``, between attention and MLP, the tokens other than the prefix
+    tokens (class, registers) are ranked by the class token's head-averaged attention; ``ceil(keep_rate * n)`` are kept (in
     descending order of attention) and, with ``fuse_token``, the others become one token
     weighted by their attention, appended last. No parameters are added: timm ViT / DeiT
     weights load unchanged, and ``keep_rate=1.0`` is the plain model.
@@ -102,39 +125,51 @@ class VisionTransformerEViT(VisionTransformer):
         keep_rate: fraction of non-class tokens kept per reorganising block, in (0, 1]; one
             float for all or one per block of ``reorg_layers``. Changeable after creation with
             ``set_keep_rate`` or per call with ``forward(x, keep_rate=...)``.
-        reorg_layers: zero-based indices of the reorganising blocks, strictly increasing.
+        reorg_layers: zero-based indices of the reorganising blocks, strictly increasing; default
+            the paper's relative places ``depth // 4, depth // 2, 3 * depth // 4`` (3, 6, 9 of 12).
         fuse_token: fuse the inattentive tokens into one (True) or drop them (False).
         keep_rate_warmup_start: training from scratch: optimizer steps at keep rate 1.0 before
             the keep rate starts to fall (counted in training forward passes with gradients).
         keep_rate_warmup_steps: steps of the half-cosine fall from 1.0 to ``keep_rate``. With
             either set, the step count is a buffer in the state dict (resuming continues it);
             evaluation always uses ``keep_rate``.
-        **kwargs: timm ``VisionTransformer`` arguments. One class token and no register
-            tokens are required (selection reads the class token's attention).
+        **kwargs: timm ``VisionTransformer`` arguments. A class token is required (selection
+            reads its attention); register tokens, like it, are prefix tokens: never dropped or fused.
     """
 
     def __init__(
             self,
             keep_rate: KeepRate = 0.7,
-            reorg_layers: Sequence[int] = (3, 6, 9),
+            reorg_layers: Optional[Sequence[int]] = None,
             fuse_token: bool = True,
             keep_rate_warmup_start: int = 0,
             keep_rate_warmup_steps: int = 0,
             **kwargs,
     ) -> None:
-        depth = kwargs.get('depth', 12)
-        for name, value in (('keep_rate_warmup_start', keep_rate_warmup_start),
-                            ('keep_rate_warmup_steps', keep_rate_warmup_steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f'{name} must be an integer >= 0 (optimizer steps), got {value!r}')
-        if not kwargs.get('class_token', True) or kwargs.get('reg_tokens', 0):
-            raise ValueError('EViT needs exactly one class token: class_token=True and reg_tokens=0')
+        if not kwargs.get('class_token', True):
+            raise ValueError('EViT needs a class token (class_token=True): selection reads its attention')
         if 'block_fn' in kwargs:
             raise ValueError('block_fn is set by EViT (EViTBlock, timm\'s Block that can reorganise)')
-        reorg_layers = check_reorg_layers(reorg_layers, depth)
-        fuse_token = check_fuse_token(fuse_token)
-        rates = check_keep_rate(keep_rate, len(reorg_layers))
+        # checked before the (costly) construction, again in _init_evit
+        check_evit_args(keep_rate, reorg_layers, fuse_token, kwargs.get('depth', 12),
+                        keep_rate_warmup_start, keep_rate_warmup_steps)
         super().__init__(block_fn=EViTBlock, **kwargs)
+        self._init_evit(keep_rate, reorg_layers, fuse_token, keep_rate_warmup_start, keep_rate_warmup_steps)
+
+    def _init_evit(
+            self,
+            keep_rate: KeepRate,
+            reorg_layers: Optional[Sequence[int]],
+            fuse_token: bool,
+            keep_rate_warmup_start: int = 0,
+            keep_rate_warmup_steps: int = 0,
+    ) -> None:
+        """EViT's state on a built model whose blocks are EViTBlocks (from __init__, or from ``apply``)."""
+        reorg_layers, fuse_token, rates = check_evit_args(
+            keep_rate, reorg_layers, fuse_token, len(self.blocks), keep_rate_warmup_start, keep_rate_warmup_steps)
+        for blk in self.blocks:
+            blk.num_prefix_tokens = self.num_prefix_tokens
+            blk.keep_rate = 1.0
         self.reorg_layers = reorg_layers
         self.fuse_token = fuse_token
         self.set_keep_rate(rates)
@@ -263,7 +298,8 @@ class VisionTransformerEViT(VisionTransformer):
         check_attention_mask(attn_mask, is_causal, rates)
         token_patch_ids = None
         if track_token_ids:
-            token_patch_ids = torch.arange(x.shape[1] - 1, device=x.device).expand(x.shape[0], -1)
+            num_tokens = x.shape[1] - self.num_prefix_tokens
+            token_patch_ids = torch.arange(num_tokens, device=x.device).expand(x.shape[0], -1)
         for blk, rate in zip(self.blocks, rates):
             x, kept_idx = self._run_block(blk, x, rate, attn_mask, is_causal)
             if token_patch_ids is not None and kept_idx is not None:
@@ -332,15 +368,15 @@ class VisionTransformerEViT(VisionTransformer):
         check_attention_mask(attn_mask, is_causal, rates)
         last = max_index if stop_early else len(self.blocks) - 1
         for i in range(last + 1):
-            num_tokens = x.shape[1] - 1
+            num_tokens = x.shape[1] - self.num_prefix_tokens
             x, kept_idx = self._run_block(self.blocks[i], x, rates[i], attn_mask, is_causal)
             if kept_idx is not None:
                 token_patch_ids = trace_token_patch_ids(token_patch_ids, kept_idx, self.fuse_token)
                 patch_token_index = trace_patch_token_index(patch_token_index, kept_idx, num_tokens, self.fuse_token)
             if i in take_indices:
                 y = self.norm(x) if norm else x
-                prefix_tokens.append(y[:, :1])
-                tokens = y[:, 1:]
+                prefix_tokens.append(y[:, :self.num_prefix_tokens])
+                tokens = y[:, self.num_prefix_tokens:]
                 if output_fmt == 'NCHW':
                     tokens = tokens_to_patch_grid(tokens, patch_token_index)
                     tokens = tokens.reshape(B, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous()
@@ -488,3 +524,8 @@ def evit_deit_base(pretrained: bool = False, **kwargs) -> VisionTransformerEViT:
     """EViT-DeiT-B (patch 16, 224 px); keep_rate 0.7 with fusion in blocks (3, 6, 9) by default."""
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
     return _create_evit_deit('evit_deit_base', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+class VisionTransformerDistilledEViT(VisionTransformerEViT, VisionTransformerDistilled):
+    """Distilled DeiT (timm's ``VisionTransformerDistilled``: class and distillation tokens, two
+    heads) with EViT token reorganisation; both tokens are prefix tokens, never reorganised."""

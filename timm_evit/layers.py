@@ -12,8 +12,13 @@ from .reorg import class_attention, head_averaged_class_row, num_kept_tokens, re
 __all__ = ['EViTBlock', 'attention_with_class_attention', 'reorganize_at_rate']
 
 
-def attention_with_class_attention(attn: Attention, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """timm ``Attention`` forward that also returns the head-averaged class attention ``[B, N - 1]``.
+def attention_with_class_attention(
+        attn: Attention,
+        x: torch.Tensor,
+        num_prefix_tokens: int = 1,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """timm ``Attention`` forward that also returns the head-averaged class attention to the
+    ``N - P`` non-prefix tokens, ``[B, N - P]``.
 
     Runs the module's own layers (qkv, q/k norms, scale norm, gate, proj, dropouts) in the order of
     timm's ``Attention.forward``, so its output is that forward's (a test compares them). It follows
@@ -28,11 +33,11 @@ def attention_with_class_attention(attn: Attention, x: torch.Tensor) -> Tuple[to
     q, k = attn.q_norm(q), attn.k_norm(k)
 
     if attn.fused_attn:
-        cls_attn = class_attention(q, k, attn.scale)
+        cls_attn = class_attention(q, k, attn.scale, num_prefix_tokens)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.)
     else:
         weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        cls_attn = head_averaged_class_row(weights)
+        cls_attn = head_averaged_class_row(weights, num_prefix_tokens)
         x = attn.attn_drop(weights) @ v
 
     x = x.transpose(1, 2).reshape(B, N, -1)
@@ -50,8 +55,9 @@ def reorganize_at_rate(
         cls_attn: torch.Tensor,
         keep_rate: float,
         fuse_token: bool,
+        num_prefix_tokens: int = 1,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``reorganize_tokens`` keeping ``ceil(keep_rate * n)`` of the ``n`` non-class tokens.
+    """``reorganize_tokens`` keeping ``ceil(keep_rate * n)`` of the ``n`` non-prefix tokens.
 
     Where that keeps them all, nothing happens (DESIGN.md): ``x`` is returned unchanged with the
     identity as kept indices, so that callers need no branch on the token count.
@@ -60,7 +66,7 @@ def reorganize_at_rate(
     num_keep = num_kept_tokens(keep_rate, num_tokens)
     if num_keep >= num_tokens:
         return x, torch.arange(num_tokens, device=x.device).expand(B, -1)
-    return reorganize_tokens(x, cls_attn, num_keep, fuse_token)
+    return reorganize_tokens(x, cls_attn, num_keep, fuse_token, num_prefix_tokens)
 
 
 class EViTBlock(Block):
@@ -68,15 +74,17 @@ class EViTBlock(Block):
 
     Same parameters, state-dict keys and output as ``Block`` (a tensor ``[B, N_out, C]``, so forward
     hooks and ``model.blocks(x)`` work as on timm's blocks). ``keep_rate`` and ``fuse_token`` are
-    set by the model (``set_keep_rate``); at ``keep_rate`` 1.0 the block is timm's ``Block.forward``.
+    set by the model (``set_keep_rate``), as is ``num_prefix_tokens`` (class, distillation and
+    register tokens, never reorganised); at ``keep_rate`` 1.0 the block is timm's ``Block.forward``.
 
     ``forward`` also takes ``keep_rate`` for one call, and ``kept_indices``: a list to which the
-    block appends the indices ``[B, num_keep]`` of the non-class tokens it kept, in their new order
+    block appends the indices ``[B, num_keep]`` of the non-prefix tokens it kept, in their new order
     (the identity when it kept them all). Models use it to trace tokens back to their patches.
     """
 
     keep_rate: float = 1.0
     fuse_token: bool = True
+    num_prefix_tokens: int = 1
 
     def forward(
             self,
@@ -90,15 +98,16 @@ class EViTBlock(Block):
         if rate >= 1.0:
             x = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
             if kept_indices is not None:
-                kept_indices.append(torch.arange(x.shape[1] - 1, device=x.device).expand(x.shape[0], -1))
+                num_tokens = x.shape[1] - self.num_prefix_tokens
+                kept_indices.append(torch.arange(num_tokens, device=x.device).expand(x.shape[0], -1))
             return x
         if attn_mask is not None or is_causal:
             # A mask is laid out for the tokens before this block; the reorganised ones have no place in it.
             raise ValueError('attn_mask / is_causal cannot be used in a block that reorganises tokens '
                              f'(keep_rate {rate}); use keep_rate=1.0 for masked attention')
-        attn_out, cls_attn = attention_with_class_attention(self.attn, self.norm1(x))
+        attn_out, cls_attn = attention_with_class_attention(self.attn, self.norm1(x), self.num_prefix_tokens)
         x = x + self.drop_path1(self.ls1(attn_out))
-        x, kept_idx = reorganize_at_rate(x, cls_attn, rate, self.fuse_token)
+        x, kept_idx = reorganize_at_rate(x, cls_attn, rate, self.fuse_token, self.num_prefix_tokens)
         if kept_indices is not None:
             kept_indices.append(kept_idx)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

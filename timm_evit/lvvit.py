@@ -139,7 +139,7 @@ class VisionTransformerEViTLVViT(VisionTransformerEViT):
         if pre_logits or self.num_classes == 0:
             return super().forward_head(x, pre_logits=pre_logits)
         cls_logits = super().forward_head(x)
-        aux = self.aux_head(x[:, 1:])
+        aux = self.aux_head(x[:, self.num_prefix_tokens:])
         if token_patch_ids is not None:
             aux = aux.masked_fill((token_patch_ids < 0).unsqueeze(-1), float('-inf'))
         aux_max = aux.max(dim=1).values
@@ -186,13 +186,13 @@ class VisionTransformerEViTLVViT(VisionTransformerEViT):
         B = tokens.shape[0]
         patch_token_index = torch.arange(grid_h * grid_w, device=tokens.device).expand(B, -1)
         for blk, rate in zip(self.blocks, self._block_keep_rates(keep_rate)):
-            num_tokens = tokens.shape[1] - 1
+            num_tokens = tokens.shape[1] - self.num_prefix_tokens
             tokens, kept_idx = self._run_block(blk, tokens, rate)
             if kept_idx is not None:
                 patch_token_index = trace_patch_token_index(patch_token_index, kept_idx, num_tokens, self.fuse_token)
         tokens = self.norm(tokens)
         cls_logits = super().forward_head(tokens)
-        aux = tokens_to_patch_grid(self.aux_head(tokens[:, 1:]), patch_token_index)
+        aux = tokens_to_patch_grid(self.aux_head(tokens[:, self.num_prefix_tokens:]), patch_token_index)
         if self.mix_token:
             aux = _unmix_grid(aux, bbox, grid_h, grid_w)
         return cls_logits, aux, bbox

@@ -1,7 +1,9 @@
 """EViT token reorganisation as small pure tensor functions.
 
-One place to read the algorithm (DESIGN.md, "EViT, exactly"); every architecture calls these.
-Shapes: ``B`` images, ``n`` non-class tokens, ``C`` channels, ``H`` heads.
+One place to read the algorithm (DESIGN.md, "EViT, exactly" and "EViT on any timm ViT"); every
+architecture calls these. Shapes: ``B`` images, ``P`` prefix tokens (the class token first, then
+any distillation or register tokens: never dropped or fused), ``n`` other tokens, ``C`` channels,
+``H`` heads.
 """
 import math
 from typing import Tuple
@@ -25,23 +27,23 @@ def num_kept_tokens(keep_rate: float, num_tokens: int) -> int:
     return math.ceil(keep_rate * num_tokens)
 
 
-def head_averaged_class_row(attn: torch.Tensor) -> torch.Tensor:
-    """Class token's attention probabilities to the other tokens, averaged over heads.
+def head_averaged_class_row(attn: torch.Tensor, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Class token's attention probabilities to the non-prefix tokens, averaged over heads.
 
     ``attn`` holds softmax rows ``[B, H, Q, N]`` whose first row is the class token's (Q may be 1).
-    Returns ``[B, N - 1]``; the class column is dropped without renormalising.
+    Returns ``[B, N - P]``; the prefix columns are dropped without renormalising.
     """
-    return attn[:, :, 0, 1:].mean(dim=1)
+    return attn[:, :, 0, num_prefix_tokens:].mean(dim=1)
 
 
-def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Head-averaged class-token attention ``[B, N - 1]`` from ``q, k`` of shape ``[B, H, N, D]``.
+def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Head-averaged class-token attention ``[B, N - P]`` from ``q, k`` of shape ``[B, H, N, D]``.
 
     Computes only the class query's row (``[B, H, 1, N]``), never the ``N x N`` matrix, for use
     beside a fused attention kernel that does not expose its probabilities.
     """
     logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)
-    return head_averaged_class_row(logits.softmax(dim=-1))
+    return head_averaged_class_row(logits.softmax(dim=-1), num_prefix_tokens)
 
 
 def reorganize_tokens(
@@ -49,29 +51,32 @@ def reorganize_tokens(
         cls_attn: torch.Tensor,
         num_keep: int,
         fuse_token: bool,
+        num_prefix_tokens: int = 1,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Keep the ``num_keep`` most attentive tokens and, optionally, fuse the rest into one.
 
     Args:
-        x: tokens ``[B, 1 + n, C]``, class token first.
-        cls_attn: head-averaged class attention ``[B, n]`` (``class_attention``).
+        x: tokens ``[B, P + n, C]``, the ``P`` prefix tokens (class token first) before the others.
+        cls_attn: head-averaged class attention to the ``n`` others ``[B, n]`` (``class_attention``).
         num_keep: tokens to keep, ``1 <= num_keep <= n``.
         fuse_token: append ``sum_j a_j * x_j`` over the dropped tokens ``j`` (raw weights).
+        num_prefix_tokens: ``P``; they stay first, in their order.
 
     Returns:
-        ``([cls, kept..., (fused)], kept_idx)``: kept tokens ordered by attention, descending;
-        ``kept_idx`` ``[B, num_keep]`` indexes the ``n`` non-class tokens of ``x``.
+        ``([prefix..., kept..., (fused)], kept_idx)``: kept tokens ordered by attention, descending;
+        ``kept_idx`` ``[B, num_keep]`` indexes the ``n`` non-prefix tokens of ``x``.
     """
     B, N, C = x.shape
     _, kept_idx = cls_attn.topk(num_keep, dim=1, largest=True, sorted=True)
-    # One gather takes the class token (index 0) and the kept tokens together.
-    take = torch.cat([kept_idx.new_zeros(B, 1), kept_idx + 1], dim=1)
+    # One gather takes the prefix tokens and the kept tokens together.
+    prefix = torch.arange(num_prefix_tokens, device=x.device).expand(B, -1)
+    take = torch.cat([prefix, kept_idx + num_prefix_tokens], dim=1)
     out = x.gather(1, take.unsqueeze(-1).expand(-1, -1, C))
     if fuse_token:
         # Attention weights with the kept ones zeroed: the fused token is one batched matmul,
         # with no complement index and no second gather.
         weights = cls_attn.scatter(1, kept_idx, 0.).to(x.dtype)
-        fused = weights.unsqueeze(1) @ x[:, 1:]
+        fused = weights.unsqueeze(1) @ x[:, num_prefix_tokens:]
         out = torch.cat([out, fused], dim=1)
     return out, kept_idx
 
