@@ -78,3 +78,11 @@ def test_broken_plugins_are_warnings_under_w_error_and_sys_exit(tmp_path):
     assert "['evit_deit_small']" in result.stdout
     assert "timm plugin 'raising' (raising_models) failed to load" in result.stderr and 'boom' in result.stderr
     assert "timm plugin 'exiting' (exiting_models) failed to load" in result.stderr and "SystemExit('bye')" in result.stderr
+
+
+def test_module_names_do_not_collide_with_timms():
+    import timm
+    import timm_evit  # noqa: F401
+    assert not [name for name in timm.list_models(module='deit') if name.startswith('evit_')]
+    assert timm.list_models(module='evit_deit') == ['evit_deit_base', 'evit_deit_small', 'evit_deit_tiny']
+    assert timm.list_models(module='evit_lvvit') == ['evit_lvvit_m', 'evit_lvvit_s']

@@ -13,7 +13,7 @@ from timm.data import create_transform, resolve_data_config
 from timm.models.vision_transformer import VisionTransformer
 
 from conftest import tiny_evit
-from timm_evit.deit import create_plain_counterpart
+from timm_evit.evit_deit import create_plain_counterpart
 from timm_evit.sweep import SweepRow, pick_keep_rate, run_sweep, write_sweep
 from timm_evit.visualize import DROPPED, FUSED, KEPT, draw_masks, reorganisation_masks
 

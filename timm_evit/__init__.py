@@ -4,11 +4,11 @@ Importing ``timm`` registers the models by itself once this package is installed
 ``_timm_evit_autoload``); importing this package does the same explicitly.
 """
 from .convert import apply
-from .deit import (
+from .evit_deit import (
     EVIT_DEIT_SMALL_TAGS, HUB_NAMESPACE, PLAIN_COUNTERPARTS, VisionTransformerDistilledEViT, VisionTransformerEViT,
 )
 from .layers import EViTBlock, attention_with_class_attention
-from .lvvit import VisionTransformerEViTLVViT
+from .evit_lvvit import VisionTransformerEViTLVViT
 from .reorg import (
     class_attention, head_averaged_class_row, num_kept_tokens, reorganize_tokens,
     tokens_to_patch_grid, trace_patch_token_index, trace_token_patch_ids,

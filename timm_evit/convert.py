@@ -6,7 +6,7 @@ from timm.layers import Attention
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .deit import VisionTransformerDistilledEViT, VisionTransformerEViT
+from .evit_deit import VisionTransformerDistilledEViT, VisionTransformerEViT
 from .layers import EViTBlock
 from .options import KeepRate
 

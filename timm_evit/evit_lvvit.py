@@ -16,7 +16,7 @@ from timm.layers import PatchEmbed, resample_abs_pos_embed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from .checkpoints import ALLOWED_PICKLE_GLOBALS, require_matching_keys, unwrap_state_dict
-from .deit import VisionTransformerEViT
+from .evit_deit import VisionTransformerEViT
 from .options import KeepRate
 from .reorg import tokens_to_patch_grid, trace_patch_token_index
 
