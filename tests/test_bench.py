@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from timm_evit.bench import run_bench
+from timm_evit.tools.bench import run_bench
 
 # DESIGN.md: non-class tokens for DeiT at 224 px, at the input and after blocks 3, 6, 9.
 DESIGN_TOKENS = {
@@ -62,7 +62,7 @@ def test_cli_plot_and_batch_one_latency(tmp_path):
 
 
 def test_plot_without_matplotlib_says_what_to_install(monkeypatch, tmp_path):
-    from timm_evit.bench import plot_rows
+    from timm_evit.tools.bench import plot_rows
     monkeypatch.setitem(sys.modules, 'matplotlib', None)      # import matplotlib now raises ImportError
     with pytest.raises(RuntimeError, match=r"pip install 'timm-evit\[plot\]'"):
         plot_rows([], str(tmp_path / 'x.png'))
@@ -118,7 +118,7 @@ def test_cli_model_kwargs_with_num_classes_into_new_folders(tmp_path):
 
 def test_cli_writes_json_and_plot_together_or_neither(tmp_path, monkeypatch, capsys):
     import matplotlib.figure
-    from timm_evit.cli import main
+    from timm_evit.tools.cli import main
     monkeypatch.setattr(matplotlib.figure.Figure, 'savefig',
                         lambda *a, **k: (_ for _ in ()).throw(OSError(28, 'No space left on device')))
     code = main(['bench', '--model', 'evit_deit_tiny', '--batch-size', '1', '--repeats', '1', '--warmup', '0',

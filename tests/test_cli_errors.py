@@ -49,7 +49,7 @@ def assert_one_line_error(code, err, command, *words):
 
 
 def run_main(capsys, argv):
-    from timm_evit.cli import main
+    from timm_evit.tools.cli import main
     try:
         code = main(argv)
     except SystemExit as e:   # argparse's own errors
@@ -104,7 +104,7 @@ def test_user_errors_are_one_line(case, files, capsys, monkeypatch):
 # each command's stderr captured on its own.
 RUN_OFFLINE = """
 import contextlib, io, json, sys
-from timm_evit.cli import main
+from timm_evit.tools.cli import main
 results = []
 for argv in json.loads(sys.argv[1]):
     err = io.StringIO()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import timm_evit  # noqa: F401
 from evit_reference import _linear, reference_tokens
-from timm_evit.bench import run_bench
+from timm_evit.tools.bench import run_bench
 from timm_evit.evit_lvvit import _mix_tokens, _unmix_grid
 
 

@@ -13,9 +13,9 @@ from timm.data import create_transform, resolve_data_config
 from timm.models.vision_transformer import VisionTransformer
 
 from conftest import tiny_evit
-from timm_evit.evit_deit import create_plain_counterpart
-from timm_evit.sweep import SweepRow, pick_keep_rate, run_sweep, write_sweep
-from timm_evit.visualize import DROPPED, FUSED, KEPT, draw_masks, reorganisation_masks
+from timm_evit.tools.plain import create_plain_counterpart
+from timm_evit.tools.sweep import SweepRow, pick_keep_rate, run_sweep, write_sweep
+from timm_evit.tools.visualize import DROPPED, FUSED, KEPT, draw_masks, reorganisation_masks
 
 DESIGN_TOKENS = {(0.7, True): [139, 99, 71], (0.7, False): [138, 97, 68], (0.5, True): [99, 51, 27]}
 # --model-kwargs of a tiny architecture, for command-line tests that run a whole command
@@ -93,7 +93,7 @@ def test_visualize_at_another_size_into_a_new_folder_one_picture_per_image(tmp_p
 
 
 def test_picture_names_never_collide():
-    from timm_evit.visualize import picture_names
+    from timm_evit.tools.visualize import picture_names
     paths = ['a/cat.png', 'b/cat.jpg', 'c/cat_1.png', 'd/Cat.png', 'dog.png']
     assert picture_names(paths) == ['cat_evit.png', 'cat_1_evit.png', 'cat_1_1_evit.png', 'Cat_2_evit.png',
                                     'dog_evit.png']
@@ -101,7 +101,7 @@ def test_picture_names_never_collide():
 
 def test_visualize_writes_every_picture_or_none(tmp_path, monkeypatch):
     import matplotlib.figure
-    from timm_evit.cli import main
+    from timm_evit.tools.cli import main
     for name in ('one', 'two'):
         Image.new('RGB', (48, 40), name == 'one' and 'red' or 'blue').save(tmp_path / f'{name}.png')
     savefig = matplotlib.figure.Figure.savefig
@@ -216,7 +216,7 @@ def test_sweep_errors(tmp_path, image_folder):
 
 
 def test_sweep_speed_up_is_the_plain_models_time_over_each_rates(image_folder, monkeypatch):
-    import timm_evit.sweep as sweep
+    import timm_evit.tools.sweep as sweep
     root, checkpoint, _ = image_folder
     seconds = {'plain': 0.2, 1.0: 0.2, 0.7: 0.1, 0.25: 0.05}   # per timed batch of 4 images
     monkeypatch.setattr(sweep, 'time_interleaved', lambda forwards, repeats, warmup: {k: seconds[k] for k in forwards})
@@ -242,7 +242,7 @@ def test_write_sweep_is_whole_or_nothing(tmp_path, monkeypatch):
 
 
 def test_image_folder_refuses_truncated_images_and_missing_splits(tmp_path):
-    from timm_evit.sweep import load_image_folder
+    from timm_evit.tools.sweep import load_image_folder
     for split in ('train', 'validation'):
         (tmp_path / split / 'cat').mkdir(parents=True)
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
@@ -282,7 +282,7 @@ def test_sweep_with_num_classes_in_model_kwargs(tmp_path, image_folder):
 def test_commands_say_which_extra_is_missing(tmp_path, image_folder):
     root, checkpoint, _ = image_folder
     Image.new('RGB', (40, 40)).save(tmp_path / 'a.png')
-    block = "import sys; sys.modules['matplotlib'] = None; from timm_evit.cli import main; sys.exit(main(sys.argv[1:]))"
+    block = "import sys; sys.modules['matplotlib'] = None; from timm_evit.tools.cli import main; sys.exit(main(sys.argv[1:]))"
     for args in (['visualize', str(tmp_path / 'a.png'), '--model', 'evit_deit_tiny', '--out', str(tmp_path)],
                  ['sweep', '--model', 'evit_deit_tiny', '--data-dir', str(root), '--out', str(tmp_path / 'sw')]):
         result = subprocess.run([sys.executable, '-c', block, *args], capture_output=True, text=True, timeout=300)

@@ -5,7 +5,7 @@ Importing ``timm`` registers the models by itself once this package is installed
 """
 from .convert import apply
 from .evit_deit import (
-    EVIT_DEIT_SMALL_TAGS, HUB_NAMESPACE, PLAIN_COUNTERPARTS, VisionTransformerDistilledEViT, VisionTransformerEViT,
+    EVIT_DEIT_SMALL_TAGS, HUB_NAMESPACE, VisionTransformerDistilledEViT, VisionTransformerEViT,
 )
 from .layers import EViTBlock, attention_with_class_attention
 from .evit_lvvit import VisionTransformerEViTLVViT
@@ -18,7 +18,7 @@ __version__ = '0.1.0'
 
 __all__ = [
     'apply', 'VisionTransformerEViT', 'VisionTransformerDistilledEViT', 'VisionTransformerEViTLVViT', 'EViTBlock', 'attention_with_class_attention',
-    'PLAIN_COUNTERPARTS', 'HUB_NAMESPACE', 'EVIT_DEIT_SMALL_TAGS',
+    'HUB_NAMESPACE', 'EVIT_DEIT_SMALL_TAGS',
     'num_kept_tokens', 'class_attention', 'head_averaged_class_row', 'reorganize_tokens',
     'trace_token_patch_ids', 'trace_patch_token_index', 'tokens_to_patch_grid',
 ]

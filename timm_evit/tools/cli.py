@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import torch
 
-from .evit_deit import PLAIN_COUNTERPARTS
+from .plain import PLAIN_COUNTERPARTS
 
 
 def _keep_rates(text: str) -> List[float]:

@@ -18,8 +18,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ._io import pyplot, save_figure_whole
-from .checkpoints import load_checkpoint_file, one_line
-from .evit_deit import PLAIN_COUNTERPARTS, create_plain_counterpart
+from ..checkpoints import load_checkpoint_file, one_line
+from .plain import PLAIN_COUNTERPARTS, create_plain_counterpart
 
 __all__ = [
     'BenchRow', 'set_fused_attn', 'count_gmacs', 'tokens_per_stage', 'time_interleaved', 'run_bench',

@@ -5,7 +5,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ._io import pyplot, save_figure_whole
-from .options import KeepRate
+from ..options import KeepRate
 
 __all__ = ['KEPT', 'FUSED', 'DROPPED', 'reorganisation_masks', 'draw_masks', 'masks_figure', 'load_image',
            'stage_names', 'picture_names']

@@ -12,7 +12,7 @@ from timm.utils import accuracy
 
 from ._io import figure_writer, pyplot, write_all_whole
 from .bench import count_gmacs, create_evit_model, merge_model_kwargs, time_interleaved
-from .evit_deit import PLAIN_COUNTERPARTS, create_plain_counterpart
+from .plain import PLAIN_COUNTERPARTS, create_plain_counterpart
 
 __all__ = ['SweepRow', 'load_image_folder', 'split_folder', 'eval_data_config', 'evaluate', 'run_sweep',
            'pick_keep_rate', 'write_sweep']
