@@ -196,6 +196,14 @@ class VisionTransformerEViT(VisionTransformer):
         for layer, rate in zip(self.reorg_layers, rates):
             self.blocks[layer].keep_rate = rate
 
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        super().reset_classifier(num_classes, global_pool)
+        # timm before 1.0.31 builds the new heads on the default device and dtype: put them beside the weights
+        for name in ('head', 'head_dist'):
+            head = getattr(self, name, None)
+            if isinstance(head, nn.Module):
+                head.to(device=self.cls_token.device, dtype=self.cls_token.dtype)
+
     def prune_intermediate_layers(
             self,
             indices: Union[int, List[int]] = 1,
