@@ -128,3 +128,24 @@ def test_cli_writes_json_and_plot_together_or_neither(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith('timm-evit bench: cannot write') and 'No space left' in err[-1]
     assert list(tmp_path.iterdir()) == []            # the JSON is not left without its plot
+
+
+def test_cli_benchmarks_any_timm_vit_through_apply_beside_itself(tmp_path):
+    # a DeiT III (LayerScale) and a DINOv2 with 4 registers, small, converted with timm_evit.apply
+    out = tmp_path / 'bench.json'
+    for name, patch, prefix in (('deit3_small_patch16_224', 16, 1), ('vit_small_patch14_reg4_dinov2', 14, 5)):
+        result = subprocess.run(
+            [sys.executable, '-m', 'timm_evit', 'bench', '--model', name, '--batch-size', '1', '--repeats', '1',
+             '--warmup', '0', '--keep-rates', '1,0.5', '--attn', 'math', '--no-latency', '--json', str(out),
+             '--model-kwargs', f'img_size={4 * patch}', 'depth=4', 'embed_dim=48', 'num_heads=2', 'num_classes=10'],
+            capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        assert f'# {name} + EViT vs {name} with ' in result.stdout
+        plain, keep1, keep05 = json.loads(out.read_text())['rows']
+        assert plain['model'] == name and keep1['model'] == keep05['model'] == f'{name} + EViT'
+        # 16 patches; default reorganising blocks 1, 2, 3 of 4: ceil(0.5 n) kept plus the fused token
+        assert keep05['tokens'] == [16, 9, 6, 4]
+        n, d = 16 + prefix, 48
+        expected = 4 * (12 * d * d * n + 2 * n * n * d) + 16 * (patch * patch * 3 * d) + d * 10
+        assert plain['gmacs'] == pytest.approx(expected / 1e9, rel=1e-2) and keep1['gmacs'] == plain['gmacs']
+        assert keep05['gmacs'] < plain['gmacs']

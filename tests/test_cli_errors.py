@@ -67,6 +67,8 @@ CASES = {
     'bench bad model-kwargs value': (BENCH + ['--model-kwargs', *TINY_CLI, 'depth=abc'], ["depth='abc'"]),
     'bench unknown model-kwargs name': (BENCH + ['--model-kwargs', *TINY_CLI, 'nonsense=1'], ['nonsense']),
     'bench unknown device': (BENCH + ['--device', 'banana'], ['--device', 'banana']),
+    'bench unknown model': (BENCH[:2] + ['no_such_model'] + BENCH[3:], ['--model', 'no_such_model']),
+    'bench model apply refuses': (BENCH[:2] + ['resnet18'] + BENCH[3:], ['ResNet is not a supported timm class']),
     'bench json under a file': (BENCH + ['--json', '{root}/a_file/b.json'], ['--json', 'a_file']),
     'bench plot under a file': (BENCH + ['--plot', '{root}/a_file/b.png'], ['--plot', 'a_file']),
     'bench json in a read-only folder': (BENCH + ['--json', '{root}/read_only/b.json'], ['--json', 'read_only']),

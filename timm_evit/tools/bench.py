@@ -19,7 +19,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ._io import pyplot, save_figure_whole
 from ..checkpoints import load_checkpoint_file, one_line
-from .plain import PLAIN_COUNTERPARTS, create_plain_counterpart
+from ..convert import apply
+from .plain import EVIT_ONLY_ARGS, create_plain_counterpart, evit_label, is_applied, plain_model_name
 
 __all__ = [
     'BenchRow', 'set_fused_attn', 'count_gmacs', 'tokens_per_stage', 'time_interleaved', 'run_bench',
@@ -74,7 +75,17 @@ def create_evit_model(model_name: str, pretrained: bool = False, checkpoint: Opt
                       **kwargs) -> torch.nn.Module:
     """``timm.create_model`` for the tools, where a user's mistake is a one-line ValueError: an
     argument the model refuses (name or value), pretrained weights that cannot be had (not cached
-    offline, no network), a ``checkpoint`` that cannot be read safely or does not fit."""
+    offline, no network), a ``checkpoint`` that cannot be read safely or does not fit. A timm ViT
+    name (not ``evit_*``) is built as timm's model, then converted with ``timm_evit.apply`` using
+    the EViT arguments among ``kwargs``."""
+    evit_args = {}
+    if is_applied(model_name):
+        plain_model_name(model_name)   # a name timm knows
+        evit_args = {k: kwargs.pop(k) for k in EVIT_ONLY_ARGS if k in kwargs}
+        warmup = sorted(k for k in evit_args if k.startswith('keep_rate_warmup'))
+        if warmup:
+            raise ValueError(f'{", ".join(warmup)}: the keep-rate warm-up is for training evit_* models, '
+                             f'not for timm_evit.apply on {model_name}')
     try:
         model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
     except (TypeError, ValueError) as e:  # the model's constructor refusing an argument
@@ -86,6 +97,8 @@ def create_evit_model(model_name: str, pretrained: bool = False, checkpoint: Opt
         raise ValueError(f'--pretrained: the weights of {model_name} cannot be loaded: {one_line(str(e))}') from e
     if checkpoint:
         load_checkpoint_file(model, checkpoint)
+    if is_applied(model_name):
+        apply(model, **evit_args)   # its ValueError names what the model lacks
     return model
 
 
@@ -200,9 +213,7 @@ def run_bench(
     """
     from tqdm import tqdm
 
-    if model_name not in PLAIN_COUNTERPARTS:
-        raise ValueError(f'model_name must be one of {sorted(PLAIN_COUNTERPARTS)}, got {model_name!r}')
-    plain_name = PLAIN_COUNTERPARTS[model_name][0]
+    plain_name = plain_model_name(model_name)[0]
     if dtype not in DTYPES:
         raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
     if any(a not in ('math', 'fused') for a in attn):
@@ -258,7 +269,7 @@ def run_bench(
 
             rows.append(row(plain_name, None, None, [plain.patch_embed.num_patches],
                             plain_gmacs, 'plain'))
-            rows.extend(row(model_name, r, fuse_token, tokens[r], gmacs[r], r) for r in keep_rates)
+            rows.extend(row(evit_label(model_name), r, fuse_token, tokens[r], gmacs[r], r) for r in keep_rates)
     return rows
 
 

@@ -62,11 +62,12 @@ def bench_main(args: argparse.Namespace) -> int:
             model_kwargs=dict(args.model_kwargs))
     except ValueError as e:
         return _user_error('bench', e)
-    plain = rows[0].model if rows[0].model != args.model else f'{args.model} at keep_rate 1.0 (plain)'
+    evit = rows[1].model
+    plain = rows[0].model if rows[0].model != evit else f'{evit} at keep_rate 1.0 (plain)'
     architecture = ''.join(f' {k}={v!r}' for k, v in args.model_kwargs)
     if architecture:
         plain += ' with' + architecture
-    header = (f'{args.model} vs {plain}, batch {args.batch_size}, {args.dtype}, '
+    header = (f'{evit} vs {plain}, batch {args.batch_size}, {args.dtype}, '
               f'{"torch.compile" if args.compile else "eager"}, {args.device}: {_machine(args.device)}, '
               f'timm {timm.__version__}; median of {args.repeats} interleaved repeats after {args.warmup} warm-up')
     print(f'# {header}')
@@ -247,8 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest='command', required=True)
     bench = sub.add_parser(
         'bench', help='tokens per stage, GMACs and throughput against the plain timm model, in one run')
-    bench.add_argument('--model', default='evit_deit_small', choices=list(PLAIN_COUNTERPARTS),
-                       help='beside timm\'s DeiT, or for LV-ViT (not in timm) beside itself at keep_rate 1.0')
+    bench.add_argument('--model', default='evit_deit_small', metavar='MODEL',
+                       help=f'one of {", ".join(PLAIN_COUNTERPARTS)} (beside timm\'s DeiT; LV-ViT, not in timm, beside '
+                            'itself at keep_rate 1.0), or a timm ViT name (e.g. deit3_small_patch16_224, '
+                            'vit_small_patch14_reg4_dinov2.lvd142m) converted with timm_evit.apply, beside itself')
     bench.add_argument('--keep-rates', type=_keep_rates, default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5],
                        help='comma-separated keep rates (default: 1,0.9,0.8,0.7,0.6,0.5)')
     bench.add_argument('--no-fuse', action='store_true', help='drop inattentive tokens instead of fusing them')

@@ -1,8 +1,11 @@
 """The plain timm model each EViT model is measured against (same architecture, same weights)."""
+from typing import Any, Dict, Tuple
+
 import timm
 from torch import nn
 
-__all__ = ['PLAIN_COUNTERPARTS', 'EVIT_ONLY_ARGS', 'create_plain_counterpart']
+__all__ = ['PLAIN_COUNTERPARTS', 'EVIT_ONLY_ARGS', 'plain_model_name', 'is_applied', 'evit_label',
+           'create_plain_counterpart']
 
 # The plain model each EViT architecture reorganises (same weights, same shapes), with its
 # creation arguments: timm's own DeiT, or, where timm has none (LV-ViT), the model at keep 1.0.
@@ -17,12 +20,31 @@ PLAIN_COUNTERPARTS = {
 EVIT_ONLY_ARGS = ('keep_rate', 'reorg_layers', 'fuse_token', 'keep_rate_warmup_start', 'keep_rate_warmup_steps')
 
 
+def is_applied(model_name: str) -> bool:
+    """Whether the tools build ``model_name`` as timm's own model with ``timm_evit.apply`` (any timm
+    ViT name, with or without a pretrained tag) rather than as a registered ``evit_*`` model."""
+    return model_name not in PLAIN_COUNTERPARTS and not model_name.startswith('evit_')
+
+
+def plain_model_name(model_name: str) -> Tuple[str, Dict[str, Any]]:
+    """The plain timm model (and its creation arguments) that ``model_name`` is measured against."""
+    if model_name in PLAIN_COUNTERPARTS:
+        return PLAIN_COUNTERPARTS[model_name]
+    if is_applied(model_name) and timm.is_model(model_name.split('.')[0]):
+        return model_name, {}    # timm's model itself, EViT applied to a copy
+    raise ValueError(f'--model takes one of {sorted(PLAIN_COUNTERPARTS)} or a timm ViT name that timm_evit.apply '
+                     f'supports (e.g. deit3_small_patch16_224), got {model_name!r}')
+
+
+def evit_label(model_name: str) -> str:
+    """How tables name the EViT model of ``model_name``."""
+    return f'{model_name} + EViT' if is_applied(model_name) else model_name
+
+
 def create_plain_counterpart(model_name: str, evit: nn.Module, **model_kwargs) -> nn.Module:
-    """timm's plain model for ``model_name`` (see PLAIN_COUNTERPARTS), built with the architecture
+    """timm's plain model for ``model_name`` (see ``plain_model_name``), built with the architecture
     arguments among ``model_kwargs`` and loaded with ``evit``'s weights, in eval mode."""
-    if model_name not in PLAIN_COUNTERPARTS:
-        raise ValueError(f'model_name must be one of {sorted(PLAIN_COUNTERPARTS)}, got {model_name!r}')
-    plain_name, plain_kwargs = PLAIN_COUNTERPARTS[model_name]
+    plain_name, plain_kwargs = plain_model_name(model_name)
     # the EViT model's own num_classes (the caller's, or a checkpoint's) wins over model_kwargs
     architecture = {k: v for k, v in model_kwargs.items() if k not in EVIT_ONLY_ARGS + ('num_classes',)}
     plain = timm.create_model(plain_name, num_classes=evit.num_classes, **plain_kwargs, **architecture)
