@@ -468,19 +468,25 @@ def _refuse_unpublished_release_tag(pretrained: bool, kwargs: Dict[str, Any]) ->
         f"pretrained_cfg_overlay=dict(file='{official}'))")
 
 
-def _create_evit_deit(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformerEViT:
+def build_evit_model(model_cls, variant: str, pretrained: bool, pretrained_filter_fn, **kwargs) -> nn.Module:
+    """timm's ``build_model_with_cfg`` for an EViT model class, as timm builds its ViTs (feature
+    getter, out_indices). The official EViT and Token Labeling release files pickle the training
+    script's argparse.Namespace beside the weights: that one harmless class is allowed in timm's
+    weights_only loading."""
     out_indices = kwargs.pop('out_indices', 3)
-    # The official EViT files pickle the training script's argparse.Namespace beside the weights:
-    # allow that one harmless class in timm's weights_only loading.
     with torch.serialization.safe_globals(ALLOWED_PICKLE_GLOBALS):
         return build_model_with_cfg(
-            VisionTransformerEViT,
+            model_cls,
             variant,
             pretrained,
-            pretrained_filter_fn=checkpoint_filter_fn,
+            pretrained_filter_fn=pretrained_filter_fn,
             feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
             **kwargs,
         )
+
+
+def _create_evit_deit(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformerEViT:
+    return build_evit_model(VisionTransformerEViT, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 @register_model

@@ -13,10 +13,10 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed, resample_abs_pos_embed
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
-from .checkpoints import ALLOWED_PICKLE_GLOBALS, require_matching_keys, unwrap_state_dict
-from .evit_deit import VisionTransformerEViT
+from .checkpoints import require_matching_keys, unwrap_state_dict
+from .evit_deit import VisionTransformerEViT, build_evit_model
 from .options import KeepRate
 from .reorg import tokens_to_patch_grid, trace_patch_token_index
 
@@ -267,18 +267,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_evit_lvvit(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformerEViTLVViT:
-    out_indices = kwargs.pop('out_indices', 3)
-    # Token Labeling's release files pickle the training script's argparse.Namespace beside the
-    # weights: allow that one harmless class in timm's weights_only loading.
-    with torch.serialization.safe_globals(ALLOWED_PICKLE_GLOBALS):
-        return build_model_with_cfg(
-            VisionTransformerEViTLVViT,
-            variant,
-            pretrained,
-            pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-            **kwargs,
-        )
+    return build_evit_model(VisionTransformerEViTLVViT, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 @register_model
