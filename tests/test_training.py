@@ -198,8 +198,9 @@ def test_ddp_two_processes_stay_in_sync(tmp_path, fuse):
     script.write_text(DDP_SCRIPT)
     checkpoint = tmp_path / 'rank0.pth.tar'
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
-                             '--master_port', str(29500 + (os.getpid() % 1000)), str(script), fuse, str(checkpoint)],
+    # --standalone: a free port of its own, so that concurrent runs never meet on one
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                             str(script), fuse, str(checkpoint)],
                             capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / 'rank0.ok').exists() and (tmp_path / 'rank1.ok').exists()   # both ranks finished
