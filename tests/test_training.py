@@ -43,6 +43,29 @@ def test_model_counts_training_steps_and_uses_the_schedule():
     assert tokens[1].shape[1] == 9 and int(model.keep_rate_step) == 8   # eval: target rate, no counting
 
 
+def test_the_schedule_follows_every_write_of_its_step_buffer():
+    # Training forwards remember the step they wrote (on a GPU a read of the buffer would wait for
+    # it); a write by anything else, a user or a load, must still be seen.
+    kwargs = dict(keep_rate=0.5, keep_rate_warmup_start=1, keep_rate_warmup_steps=6, **SMALL)
+    model = timm.create_model('evit_deit_tiny', **kwargs).train()
+    x = torch.randn(1, 3, 32, 32)
+
+    def rates(step):
+        return tuple(warmup_keep_rate(step, 0.5, start=1, steps=6) for _ in model.reorg_layers)
+    for _ in range(3):
+        model(x)
+    assert model.scheduled_keep_rate() == rates(3)
+    with torch.no_grad():
+        model.keep_rate_step.fill_(6)
+    assert model.scheduled_keep_rate() == rates(6) != rates(3)
+    other = timm.create_model('evit_deit_tiny', **kwargs).train()
+    other(x)
+    model.load_state_dict(other.state_dict())
+    assert model.scheduled_keep_rate() == rates(1)
+    model(x)
+    assert int(model.keep_rate_step) == 2 and model.scheduled_keep_rate() == rates(2)
+
+
 def test_resume_continues_the_schedule_exactly():
     kwargs = dict(keep_rate=0.5, keep_rate_warmup_start=1, keep_rate_warmup_steps=6, **SMALL)
     a = timm.create_model('evit_deit_tiny', **kwargs).train()

@@ -186,9 +186,20 @@ class VisionTransformerEViT(VisionTransformer):
         """Keep rates the next training forward uses: the warm-up's at its current step, else the target."""
         if not self.has_keep_rate_warmup:
             return self.keep_rate
-        step = int(self.keep_rate_step)  # one host read per training step
+        step = self._warmup_step()
         return tuple(warmup_keep_rate(step, r, self.keep_rate_warmup_start, self.keep_rate_warmup_steps)
                      for r in self.keep_rate)
+
+    def _warmup_step(self) -> int:
+        """The warm-up's step. A host read of a CUDA buffer waits for the GPU, so the value the
+        last training forward wrote is remembered, and the buffer is read again only when something
+        else has written it since (a load, ``.to()``, a user): its version counter tells."""
+        buf = self.keep_rate_step
+        known = self.__dict__.get('_known_step')
+        if known is None or known[0] is not buf or known[1] != buf._version:
+            known = (buf, buf._version, int(buf))
+            self._known_step = known
+        return known[2]
 
     def set_keep_rate(self, keep_rate: KeepRate) -> None:
         """Change the keep rate (one float, or one per reorganising block); no retraining needed."""
@@ -228,7 +239,9 @@ class VisionTransformerEViT(VisionTransformer):
         else:  # evaluation always uses the target keep rate
             rates = self.keep_rate
         if self.training and self.has_keep_rate_warmup and torch.is_grad_enabled():
+            step = self._warmup_step()
             self.keep_rate_step.add_(1)  # one training forward = one optimizer step
+            self._known_step = (self.keep_rate_step, self.keep_rate_step._version, step + 1)
         per_block = [blk.keep_rate for blk in self.blocks]
         for layer, rate in zip(self.reorg_layers, rates):
             per_block[layer] = rate

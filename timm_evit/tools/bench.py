@@ -24,11 +24,12 @@ from .plain import EVIT_ONLY_ARGS, create_plain_counterpart, evit_label, is_appl
 
 __all__ = [
     'BenchRow', 'set_fused_attn', 'count_gmacs', 'tokens_per_stage', 'time_interleaved', 'run_bench',
-    'format_rows', 'rows_as_dicts', 'plot_rows', 'rows_figure', 'DTYPES', 'merge_model_kwargs', 'create_evit_model',
+    'format_rows', 'rows_as_dicts', 'plot_rows', 'rows_figure', 'DTYPES', 'COMPILE_MODES', 'min_warmup', 'merge_model_kwargs', 'create_evit_model',
     'check_device',
 ]
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 
 
 @dataclass
@@ -38,7 +39,7 @@ class BenchRow:
     fuse_token: Optional[bool]
     attn: str                         # 'fused' (SDPA) or 'math'
     dtype: str
-    compiled: bool
+    compile_mode: Optional[str]       # None: eager; else the torch.compile mode
     device: str
     batch_size: int
     tokens: List[int]                 # non-class tokens at the input, then after each reorganising block
@@ -160,6 +161,27 @@ def _dynamo():
     return dynamo
 
 
+def min_warmup(compile_mode: Optional[str]) -> int:
+    """Warm-up calls a compile mode needs before its timings mean anything: the first call
+    compiles; CUDA graph trees ('reduce-overhead') record on a later one."""
+    if compile_mode is None:
+        return 0
+    return 3 if compile_mode == 'reduce-overhead' else 1
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(enabled: bool):
+    """cuDNN picks its fastest convolution for each shape, as timm's train.py and validate.py
+    have it: left off, it may take a slow one for the patch embedding, a fixed cost that EViT
+    cannot reduce (seen on an H200 in bf16: 16 % of DeiT-S's forward at batch 256)."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled or saved
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
@@ -197,7 +219,7 @@ def run_bench(
         warmup: int = 2,
         attn: Sequence[str] = ('math', 'fused'),
         dtype: str = 'fp32',
-        compile: bool = False,
+        compile: Optional[str] = None,
         device: str = 'cpu',
         latency: bool = True,
         pretrained: bool = False,
@@ -206,8 +228,10 @@ def run_bench(
 ) -> List[BenchRow]:
     """Rows for the plain timm model and for ``model_name`` at each keep rate, per attention path.
 
-    ``latency`` also times batch 1 (interleaved the same way). With ``compile``, every model and
-    keep rate is compiled with ``torch.compile`` during the warm-up (at least one warm-up step).
+    ``latency`` also times batch 1 (interleaved the same way). With ``compile`` (a torch.compile
+    mode, one of COMPILE_MODES), every model and keep rate is compiled during the warm-up (at least
+    one warm-up step; three for 'reduce-overhead', whose CUDA graphs are recorded on a later call).
+    On CUDA, cuDNN's benchmark mode is on for the run (``cudnn_benchmark``).
     ``model_kwargs`` change the architecture of both models alike (e.g. ``img_size``, ``depth``).
     ``fuse_token`` None: the model's own (``model_kwargs``' or the default).
     """
@@ -218,8 +242,10 @@ def run_bench(
         raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
     if any(a not in ('math', 'fused') for a in attn):
         raise ValueError(f"attn entries must be 'math' or 'fused', got {list(attn)!r}")
+    if compile is not None and compile not in COMPILE_MODES:
+        raise ValueError(f'compile must be None (eager) or one of {list(COMPILE_MODES)}, got {compile!r}')
     dev = check_device(device)
-    warmup = max(warmup, 1) if compile else warmup
+    warmup = max(warmup, min_warmup(compile))
 
     model_kwargs = merge_model_kwargs(model_kwargs, fuse_token=fuse_token)
     evit = create_evit_model(model_name, pretrained=pretrained, **model_kwargs).eval()
@@ -240,13 +266,14 @@ def run_bench(
     # One model per keep rate (shared-nothing copies): the rate is then a constant of each
     # compiled graph rather than a float argument that dynamo would make symbolic.
     at_rate = {r: _copy_with_keep_rate(evit, r).to(device=dev, dtype=DTYPES[dtype]) for r in keep_rates}
-    wrap = partial(torch.compile, dynamic=False) if compile else (lambda model: model)
+    wrap = partial(torch.compile, dynamic=False, mode=compile) if compile else (lambda model: model)
 
     rows = []
     steps = len(attn) * len(batches) * (len(keep_rates) + 1) * (repeats + warmup)
     # Compiling one function per keep rate and batch size needs more than dynamo's default cache.
     compile_cache = _dynamo().config.patch(cache_size_limit=64) if compile else contextlib.nullcontext()
-    with compile_cache, tqdm(total=steps, desc=f'bench {model_name}', unit='fwd', disable=not show_progress) as bar:
+    progress = tqdm(total=steps, desc=f'bench {model_name}', unit='fwd', disable=not show_progress)
+    with compile_cache, cudnn_benchmark(dev.type == 'cuda'), progress as bar:
         for impl in attn:
             for model in (plain, *at_rate.values()):
                 set_fused_attn(model, impl == 'fused')

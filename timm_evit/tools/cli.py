@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import torch
 
+from .bench import COMPILE_MODES
 from .plain import PLAIN_COUNTERPARTS
 
 
@@ -41,7 +42,7 @@ def _machine(device: str) -> str:
 def bench_main(args: argparse.Namespace) -> int:
     import timm
     from ._io import figure_writer, pyplot, write_all_whole
-    from .bench import format_rows, rows_as_dicts, rows_figure, run_bench
+    from .bench import format_rows, min_warmup, rows_as_dicts, rows_figure, run_bench
 
     if args.plot and not _need_matplotlib('bench'):  # fail before the long run, not after it
         return 2
@@ -52,8 +53,7 @@ def bench_main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     attn = ('math', 'fused') if args.attn == 'both' else (args.attn,)
-    if args.compile:
-        args.warmup = max(args.warmup, 1)  # the warm-up compiles
+    args.warmup = max(args.warmup, min_warmup(args.compile))  # the warm-up compiles
     try:
         rows = run_bench(
             args.model, args.keep_rates, fuse_token=False if args.no_fuse else None, batch_size=args.batch_size,
@@ -68,7 +68,7 @@ def bench_main(args: argparse.Namespace) -> int:
     if architecture:
         plain += ' with' + architecture
     header = (f'{evit} vs {plain}, batch {args.batch_size}, {args.dtype}, '
-              f'{"torch.compile" if args.compile else "eager"}, {args.device}: {_machine(args.device)}, '
+              f'{f"torch.compile (mode {args.compile})" if args.compile else "eager"}, {args.device}: {_machine(args.device)}, '
               f'timm {timm.__version__}; median of {args.repeats} interleaved repeats after {args.warmup} warm-up')
     print(f'# {header}')
     print(format_rows(rows))
@@ -261,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument('--attn', choices=['math', 'fused', 'both'], default='both',
                        help="timm attention path for both models: 'fused' (SDPA, timm's default), 'math', or both")
     bench.add_argument('--dtype', choices=['fp32', 'bf16'], default='fp32', help='weights and inputs')
-    bench.add_argument('--compile', action='store_true', help='torch.compile every model (compiled in the warm-up)')
+    bench.add_argument('--compile', nargs='?', const='default', choices=COMPILE_MODES, metavar='MODE',
+                       help='torch.compile every model, compiled in the warm-up; MODE is a torch.compile mode: '
+                       f'{", ".join(COMPILE_MODES)} (default: default; reduce-overhead is CUDA graphs)')
     bench.add_argument('--device', default='cpu', help="'cpu' or 'cuda[:N]'")
     bench.add_argument('--no-latency', action='store_true', help='skip the batch-1 latency measurement')
     bench.add_argument('--threads', type=_positive_int, default=None, help="torch threads (default: torch's)")
