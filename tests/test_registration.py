@@ -20,7 +20,10 @@ def test_import_timm_alone_registers_and_creates_the_models(tmp_path):
         print(type(model).__name__, model.keep_rate, sorted(timm.list_models('evit_deit_*')))
     """, tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "VisionTransformerEViT (0.6, 0.6, 0.6) ['evit_deit_base', 'evit_deit_small', 'evit_deit_tiny']" in result.stdout
+    # the paper's names, and timm's DeiT architectures by their own names (evit_<timm name>)
+    assert "VisionTransformerEViT (0.6, 0.6, 0.6) ['evit_deit_base', 'evit_deit_base_distilled_patch16_224', " \
+           "'evit_deit_base_distilled_patch16_384', 'evit_deit_base_patch16_224'" in result.stdout
+    assert "'evit_deit_small', 'evit_deit_small_distilled_patch16_224', 'evit_deit_small_patch16_224'" in result.stdout
 
 
 def test_start_up_hook_imports_neither_torch_nor_timm(tmp_path):

@@ -177,7 +177,7 @@ def test_plain_counterpart_is_timms_model_with_the_same_architecture_and_weights
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(plain(x), evit(x, keep_rate=1.0), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match='--model takes one of .* or a timm ViT name'):
+    with pytest.raises(ValueError, match='--model takes one of .* or such a timm name itself'):
         create_plain_counterpart('no_such_model', evit)
 
 

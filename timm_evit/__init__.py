@@ -9,6 +9,7 @@ from .evit_deit import (
 )
 from .layers import EViTBlock, attention_with_class_attention
 from .evit_lvvit import VisionTransformerEViTLVViT
+from . import evit_timm  # noqa: F401  (registers evit_<timm name>)
 from .reorg import (
     class_attention, head_averaged_class_row, num_kept_tokens, reorganize_tokens,
     tokens_to_patch_grid, trace_patch_token_index, trace_token_patch_ids,

@@ -10,7 +10,7 @@ from .evit_deit import VisionTransformerDistilledEViT, VisionTransformerEViT
 from .layers import EViTBlock
 from .options import KeepRate
 
-__all__ = ['apply', 'EVIT_CLASSES']
+__all__ = ['apply', 'refusal', 'EVIT_CLASSES']
 
 # timm model class -> its EViT class (a subclass of it: isinstance checks, methods and pickling hold)
 EVIT_CLASSES = {
@@ -19,7 +19,7 @@ EVIT_CLASSES = {
 }
 
 
-def _refusal(model: nn.Module) -> Optional[str]:
+def refusal(model: nn.Module) -> Optional[str]:
     """Why EViT cannot serve ``model``, or None."""
     if type(model) not in EVIT_CLASSES:
         supported = ', '.join(cls.__name__ for cls in EVIT_CLASSES)
@@ -39,6 +39,8 @@ def apply(
         keep_rate: KeepRate = 0.7,
         reorg_layers: Optional[Sequence[int]] = None,
         fuse_token: bool = True,
+        keep_rate_warmup_start: int = 0,
+        keep_rate_warmup_steps: int = 0,
 ) -> nn.Module:
     """Convert a timm ViT in place to EViT and return it.
 
@@ -54,14 +56,17 @@ def apply(
         keep_rate: as ``VisionTransformerEViT``: one float in (0, 1] or one per reorganising block.
         reorg_layers: reorganising blocks; default ``depth // 4, depth // 2, 3 * depth // 4``.
         fuse_token: fuse the inattentive tokens into one (True) or drop them (False).
+        keep_rate_warmup_start, keep_rate_warmup_steps: fine-tuning: training steps at keep rate
+            1.0, then steps of the half-cosine fall to ``keep_rate`` (as ``VisionTransformerEViT``).
 
     Raises:
         ValueError: naming what the model lacks (class token, timm's Block / Attention) or its class.
     """
+    evit_args = (keep_rate, reorg_layers, fuse_token, keep_rate_warmup_start, keep_rate_warmup_steps)
     if isinstance(model, VisionTransformerEViT):   # already EViT: set the new arguments
-        model._init_evit(keep_rate, reorg_layers, fuse_token)
+        model._init_evit(*evit_args)
         return model
-    problem = _refusal(model)
+    problem = refusal(model)
     if problem:
         raise ValueError(f'timm_evit.apply cannot convert this model: {problem}')
     evit_cls = EVIT_CLASSES[type(model)]
@@ -70,7 +75,7 @@ def apply(
     for blk in blocks:
         blk.__class__ = EViTBlock
     try:
-        model._init_evit(keep_rate, reorg_layers, fuse_token)
+        model._init_evit(*evit_args)
     except (TypeError, ValueError):
         model.__class__ = next(cls for cls, evit in EVIT_CLASSES.items() if evit is evit_cls)   # as it was
         for blk in blocks:

@@ -3,9 +3,11 @@ import math
 import numbers
 from typing import Sequence, Tuple, Union
 
-__all__ = ['KeepRate', 'check_keep_rate', 'check_reorg_layers', 'check_fuse_token']
+__all__ = ['KeepRate', 'EVIT_ARGS', 'check_keep_rate', 'check_reorg_layers', 'check_fuse_token']
 
 KeepRate = Union[float, Sequence[float]]
+# The creation arguments only EViT has; every other argument describes the timm architecture.
+EVIT_ARGS = ('keep_rate', 'reorg_layers', 'fuse_token', 'keep_rate_warmup_start', 'keep_rate_warmup_steps')
 
 
 def _check_one_rate(value, name: str) -> float:

@@ -80,8 +80,8 @@ def create_evit_model(model_name: str, pretrained: bool = False, checkpoint: Opt
     name (not ``evit_*``) is built as timm's model, then converted with ``timm_evit.apply`` using
     the EViT arguments among ``kwargs``."""
     evit_args = {}
+    plain_model_name(model_name)   # a name the tools take (its ValueError says which)
     if is_applied(model_name):
-        plain_model_name(model_name)   # a name timm knows
         evit_args = {k: kwargs.pop(k) for k in EVIT_ONLY_ARGS if k in kwargs}
         warmup = sorted(k for k in evit_args if k.startswith('keep_rate_warmup'))
         if warmup:

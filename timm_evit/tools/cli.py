@@ -250,8 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
         'bench', help='tokens per stage, GMACs and throughput against the plain timm model, in one run')
     bench.add_argument('--model', default='evit_deit_small', metavar='MODEL',
                        help=f'one of {", ".join(PLAIN_COUNTERPARTS)} (beside timm\'s DeiT; LV-ViT, not in timm, beside '
-                            'itself at keep_rate 1.0), or a timm ViT name (e.g. deit3_small_patch16_224, '
-                            'vit_small_patch14_reg4_dinov2.lvd142m) converted with timm_evit.apply, beside itself')
+                            'itself at keep_rate 1.0), evit_<timm name> for any timm ViT that timm_evit.apply '
+                            'supports (e.g. evit_deit3_small_patch16_224, beside timm\'s deit3_small_patch16_224), '
+                            'or the timm name itself (e.g. vit_small_patch14_reg4_dinov2.lvd142m), converted with '
+                            'timm_evit.apply, beside itself')
     bench.add_argument('--keep-rates', type=_keep_rates, default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5],
                        help='comma-separated keep rates (default: 1,0.9,0.8,0.7,0.6,0.5)')
     bench.add_argument('--no-fuse', action='store_true', help='drop inattentive tokens instead of fusing them')
@@ -275,10 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
                        '(needs matplotlib); with --json, both are written or neither')
     bench.set_defaults(func=bench_main)
 
-    models = list(PLAIN_COUNTERPARTS)
+    # the models bench takes (see --model of bench); a name no tool takes is a one-line error
+    model_help = 'an evit_* name, or a timm ViT name converted with timm_evit.apply (as for bench)'
     vis = sub.add_parser('visualize', help='draw which patches each reorganising block keeps, fuses or drops')
     vis.add_argument('images', nargs='+', metavar='IMAGE')
-    vis.add_argument('--model', default='evit_deit_small', choices=models)
+    vis.add_argument('--model', default='evit_deit_small', help=model_help)
     vis.add_argument('--pretrained', action='store_true', help='pretrained weights (must be cached offline)')
     vis.add_argument('--checkpoint', help='weights file to load instead')
     vis.add_argument('--keep-rate', type=_keep_rate, default=0.7)
@@ -290,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     vis.set_defaults(func=visualize_main)
 
     sweep = sub.add_parser('sweep', help='top-1, top-5, GMACs and throughput at several keep rates on an ImageFolder')
-    sweep.add_argument('--model', default='evit_deit_small', choices=models)
+    sweep.add_argument('--model', default='evit_deit_small', help=model_help)
     sweep.add_argument('--data-dir', required=True, help='ImageFolder root (class folders, or split folders of them)')
     sweep.add_argument('--split', default='validation',
                        help='split folder of --data-dir (or a timm synonym: val, eval, ...); a folder of class folders '

@@ -4,6 +4,9 @@ from typing import Any, Dict, Tuple
 import timm
 from torch import nn
 
+from ..evit_timm import EVIT_PREFIX, TIMM_ARCHITECTURES
+from ..options import EVIT_ARGS
+
 __all__ = ['PLAIN_COUNTERPARTS', 'EVIT_ONLY_ARGS', 'plain_model_name', 'is_applied', 'evit_label',
            'create_plain_counterpart']
 
@@ -17,7 +20,7 @@ PLAIN_COUNTERPARTS = {
     'evit_lvvit_m': ('evit_lvvit_m', {'keep_rate': 1.0}),
 }
 # Arguments only EViT has; the others describe the architecture, which the plain model shares.
-EVIT_ONLY_ARGS = ('keep_rate', 'reorg_layers', 'fuse_token', 'keep_rate_warmup_start', 'keep_rate_warmup_steps')
+EVIT_ONLY_ARGS = EVIT_ARGS
 
 
 def is_applied(model_name: str) -> bool:
@@ -30,10 +33,14 @@ def plain_model_name(model_name: str) -> Tuple[str, Dict[str, Any]]:
     """The plain timm model (and its creation arguments) that ``model_name`` is measured against."""
     if model_name in PLAIN_COUNTERPARTS:
         return PLAIN_COUNTERPARTS[model_name]
-    if is_applied(model_name) and timm.is_model(model_name.split('.')[0]):
+    arch = model_name.split('.')[0]
+    if is_applied(model_name) and timm.is_model(arch):
         return model_name, {}    # timm's model itself, EViT applied to a copy
-    raise ValueError(f'--model takes one of {sorted(PLAIN_COUNTERPARTS)} or a timm ViT name that timm_evit.apply '
-                     f'supports (e.g. deit3_small_patch16_224), got {model_name!r}')
+    if arch.startswith(EVIT_PREFIX) and arch[len(EVIT_PREFIX):] in TIMM_ARCHITECTURES and timm.is_model(arch):
+        return model_name[len(EVIT_PREFIX):], {}   # evit_<timm name>[.tag]: timm's model of that name and tag
+    raise ValueError(f'--model takes one of {sorted(PLAIN_COUNTERPARTS)}, evit_<timm name> for a timm ViT that '
+                     f'timm_evit.apply supports (e.g. evit_deit3_small_patch16_224), or such a timm name itself, '
+                     f'got {model_name!r}')
 
 
 def evit_label(model_name: str) -> str:

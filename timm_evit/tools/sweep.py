@@ -12,7 +12,7 @@ from timm.utils import accuracy
 
 from ._io import figure_writer, pyplot, write_all_whole
 from .bench import count_gmacs, create_evit_model, merge_model_kwargs, time_interleaved
-from .plain import PLAIN_COUNTERPARTS, create_plain_counterpart
+from .plain import create_plain_counterpart, plain_model_name
 
 __all__ = ['SweepRow', 'load_image_folder', 'split_folder', 'eval_data_config', 'evaluate', 'run_sweep',
            'pick_keep_rate', 'write_sweep']
@@ -32,7 +32,7 @@ class SweepRow:
     images_per_s: float
     speedup_vs_plain: float           # throughput / throughput of timm's plain model, same run, same weights
     num_images: int
-    plain_model: str                  # that plain model (see PLAIN_COUNTERPARTS)
+    plain_model: str                  # that plain model (see plain_model_name)
     plain_images_per_s: float
 
 
@@ -136,8 +136,7 @@ def run_sweep(
     be in ``model_kwargs`` (with the same value); None: the model's own."""
     from tqdm import tqdm
 
-    if model_name not in PLAIN_COUNTERPARTS:
-        raise ValueError(f'--model must be one of {sorted(PLAIN_COUNTERPARTS)}, got {model_name!r}')
+    plain_name = plain_model_name(model_name)[0]   # a ValueError for a name no tool takes
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f'--repeats must be an integer >= 1, got {repeats!r}')
     if crop_pct is not None and not 0 < crop_pct <= 1:
@@ -166,7 +165,6 @@ def run_sweep(
     plain = create_plain_counterpart(model_name, model, **model_kwargs)
     forwards = {'plain': lambda: plain(x), **{r: (lambda r=r: model(x, keep_rate=r)) for r in keep_rates}}
     seconds = time_interleaved(forwards, repeats=repeats, warmup=1)
-    plain_name = PLAIN_COUNTERPARTS[model_name][0]
     rows = []
     for rate in keep_rates:
         top1, top5, n = results[rate]
