@@ -158,31 +158,47 @@ def reference_timm_vit(model, image, keep_rates, fuse_token, choose=most_attenti
 
 
 def masked_reference_timm_vit(plain, image, keep_rates, choose=most_attentive_first):
-    """EViT without fusion as masking (DESIGN.md): the *unconverted* timm model ``plain``, its own
-    block forward, where a dropped token is masked out of all later attention instead (an MLP
-    works per token). Returns the logits and, per block, the indices of the tokens alive after it
-    (into the sequence entering the first block) in the order EViT would hold them."""
+    """EViT without fusion as masking (DESIGN.md): the *unconverted* timm model ``plain`` (a
+    VisionTransformer or an Eva), its own block forward, where a dropped token is masked out of all
+    later attention instead (an MLP works per token); an Eva's blocks get timm's rotary embedding
+    of all the tokens, as in timm. Pooling and head see the tokens still alive, in EViT's order.
+    Returns the logits and, per block, the indices of the tokens alive after it (into the sequence
+    entering the first block) in the order EViT would hold them."""
     P = plain.num_prefix_tokens
-    x = plain.norm_pre(plain.patch_drop(plain._pos_embed(plain.patch_embed(image[None]))))
+    rope = None
+    if hasattr(plain, 'rope'):                                  # timm's Eva
+        x, rope = _eva_embedded(plain, image, None)
+        x = x[None]
+    else:
+        x = plain.norm_pre(plain.patch_drop(plain._pos_embed(plain.patch_embed(image[None]))))
     alive = list(range(x.shape[1] - P))       # non-prefix tokens, in EViT's order
     bias = torch.zeros(x.shape[1])
     alive_after = []
     for i, blk in enumerate(plain.blocks):
+        rope_kwargs = {}
+        if rope is not None:
+            rows = rope[i if rope.shape[0] > 1 else 0]             # [H or 1, N - P, 2D]
+            rope_kwargs = dict(rope=rows if getattr(plain, 'rope_mixed', False) else rows[0])   # as timm passes it
+        mask = bias.view(1, 1, 1, -1).expand(1, 1, x.shape[1], -1)
         n = len(alive)
         if i in keep_rates and math.ceil(keep_rates[i] * n) < n:
             # the selection reads this block's attention under the mask so far
-            _, a_all = _attention_by_hand(blk, x[0], P, key_bias=bias)
+            if rope is None:
+                _, a_all = _attention_by_hand(blk, x[0], P, key_bias=bias)
+            else:
+                _, a_all = _eva_attention_by_hand(blk, x[0], P, [rows[:, j] for j in range(rows.shape[1])], key_bias=bias)
             a = [a_all[j] for j in alive]
             kept = choose(i, a, math.ceil(keep_rates[i] * n))
             # this block's attention still sees every token alive before it; later blocks do not
-            x = blk(x, attn_mask=bias.view(1, 1, 1, -1).expand(1, 1, x.shape[1], -1))
+            x = blk(x, attn_mask=mask, **rope_kwargs)
             bias = bias.clone()
             for j in set(range(n)) - set(kept):
                 bias[P + alive[j]] = float('-inf')
             alive = [alive[j] for j in kept]
         else:
-            x = blk(x, attn_mask=bias.view(1, 1, 1, -1).expand(1, 1, x.shape[1], -1))
+            x = blk(x, attn_mask=mask, **rope_kwargs)
         alive_after.append(list(alive))
+    x = x[:, list(range(P)) + [P + j for j in alive]]         # what EViT holds at the end
     return plain.forward_head(plain.norm(x))[0], alive_after
 
 
@@ -204,3 +220,107 @@ def kept_indices_by_block(model, images):
         for handle in handles:
             handle.remove()
     return logits, kept
+
+
+def _rotate(x, sin, cos, half):
+    """RoPE by hand for one head's vectors ``x`` [D] (DESIGN.md: a token keeps its patch's angles).
+    ``half``: pairs are (i, i + D/2); else neighbours (2i, 2i + 1)."""
+    if half:
+        first, second = x.chunk(2)
+        turned = torch.cat([-second, first])
+    else:
+        turned = torch.stack([-x[1::2], x[0::2]], dim=-1).flatten()
+    return x * cos + turned * sin
+
+
+def _eva_qkv_by_hand(attn, h):
+    """q, k, v [N, H * D] of one image from an EvaAttention / AttentionRope's own weights."""
+    if attn.qkv is not None:
+        bias = attn.qkv.bias
+        if getattr(attn, 'q_bias', None) is not None:      # EvaAttention: q and v biases, no k bias
+            bias = torch.cat([attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias])
+        out = h @ attn.qkv.weight.T + (0 if bias is None else bias)
+        return out.chunk(3, dim=-1)
+    assert getattr(attn, 'num_kv_heads', attn.num_heads) == attn.num_heads, 'grouped k/v heads: not in the reference'
+    return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+
+
+def _eva_attention_by_hand(blk, x, num_prefix_tokens, token_rope, key_bias=None):
+    """An EvaBlock's attention for one image ``x`` [N, C], materialised head by head, RoPE applied
+    token by token: ``token_rope[t]`` is the rotary row [H or 1, 2D] of non-prefix token ``t``
+    (None: no rotation, as a prefix or fused token). Returns the output [N, C] and the class
+    token's head-averaged attention to the non-prefix tokens (floats)."""
+    attn, P = blk.attn, num_prefix_tokens
+    h = blk.norm1(x[None])[0]
+    q, k, v = _eva_qkv_by_hand(attn, h)
+    D = attn.head_dim
+    half = getattr(attn, 'rotate_half', False)
+    outs, cls_rows = [], []
+    for hd in range(attn.num_heads):
+        s = slice(hd * D, (hd + 1) * D)
+        qh, kh = attn.q_norm(q[:, s]), attn.k_norm(k[:, s])
+        qr, kr = [qh[t] for t in range(P)], [kh[t] for t in range(P)]
+        for t, row in enumerate(token_rope):
+            if row is None:
+                qr.append(qh[P + t]), kr.append(kh[P + t])
+            else:
+                sin, cos = row[hd if row.shape[0] > 1 else 0].chunk(2)
+                qr.append(_rotate(qh[P + t], sin, cos, half)), kr.append(_rotate(kh[P + t], sin, cos, half))
+        logits = torch.stack(qr) @ torch.stack(kr).T * attn.scale
+        if key_bias is not None:
+            logits = logits + key_bias
+        probs = torch.softmax(logits, dim=-1)
+        outs.append(probs @ v[:, s])
+        cls_rows.append(probs[0, P:])
+    out = attn.norm(torch.cat(outs, dim=-1))
+    if getattr(attn, 'gate', None) is not None:
+        out = out * attn.gate(h).sigmoid()
+    a = [sum(float(row[j]) for row in cls_rows) / attn.num_heads for j in range(x.shape[0] - P)]
+    return attn.proj(out), a
+
+
+def _eva_embedded(model, image, embedded):
+    """Tokens [N, C] entering the blocks and the rotary rows [depth or 1, H or 1, N - P, 2D] (None: no RoPE)."""
+    if embedded is None:
+        x, rope = model._pos_embed(model.patch_embed(image[None]))
+        embedded = model.norm_pre(x)[0], rope            # (in eval the rope has no batch dim)
+    x, rope = embedded
+    if rope is not None and not getattr(model, 'rope_mixed', False):
+        rope = rope.reshape(1, 1, *rope.shape[-2:])      # one for every block and head
+    return x, rope
+
+
+def _scaled(gamma, y):
+    return y if gamma is None else gamma * y
+
+
+def reference_eva(model, image, keep_rates, fuse_token, choose=most_attentive_first, embedded=None):
+    """EViT on a timm Eva of EvaBlocks, one image [3, H, W] (or ``embedded``: its tokens [N, C] and
+    rotary embedding as the model's ``_pos_embed`` gives them for this image): the model's own
+    embedding and per-token layers, attention materialised head by head with RoPE applied token by
+    token (every kept token keeps its patch's rotary row, a fused token none), selection and fusion
+    in loops. Returns the logits and, per block, the tokens after it [N_i, C] (prefix tokens first)."""
+    P = model.num_prefix_tokens
+    x, rope = _eva_embedded(model, image, embedded)
+    patch_of = list(range(x.shape[0] - P))             # the entering token each token came from; None: fused
+    block_tokens = []
+    for i, blk in enumerate(model.blocks):
+        rows = None if rope is None else rope[i if rope.shape[0] > 1 else 0]
+        token_rope = [None if rows is None or j is None else rows[:, j] for j in patch_of]
+        attn_out, a = _eva_attention_by_hand(blk, x, P, token_rope)
+        x = x + _scaled(blk.gamma_1, attn_out)
+        n = x.shape[0] - P
+        if i in keep_rates and math.ceil(keep_rates[i] * n) < n:
+            kept = choose(i, a, math.ceil(keep_rates[i] * n))
+            tokens = [x[j] for j in range(P)] + [x[P + j] for j in kept]
+            new_patch_of = [patch_of[j] for j in kept]
+            if fuse_token:
+                fused = torch.zeros_like(x[0])
+                for j in sorted(set(range(n)) - set(kept)):
+                    fused = fused + a[j] * x[P + j]
+                tokens.append(fused)
+                new_patch_of.append(None)
+            x, patch_of = torch.stack(tokens), new_patch_of
+        x = x + _scaled(blk.gamma_2, blk.mlp(blk.norm2(x[None]))[0])
+        block_tokens.append(x)
+    return model.forward_head(model.norm(x[None]))[0], block_tokens

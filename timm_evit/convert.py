@@ -4,10 +4,13 @@ from typing import Optional, Sequence
 import torch.nn as nn
 from timm.layers import Attention
 from timm.models.deit import VisionTransformerDistilled
+from timm.models.eva import Eva, EvaBlock
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from .evit_deit import VisionTransformerDistilledEViT, VisionTransformerEViT
-from .layers import EViTBlock
+from .evit_eva import EvaEViT
+from .layers import EVA_ATTENTION_CLASSES, EViTBlock, EViTEvaBlock
+from .mechanism import EViTMixin
 from .options import KeepRate
 
 __all__ = ['apply', 'refusal', 'EVIT_CLASSES']
@@ -16,6 +19,14 @@ __all__ = ['apply', 'refusal', 'EVIT_CLASSES']
 EVIT_CLASSES = {
     VisionTransformer: VisionTransformerEViT,
     VisionTransformerDistilled: VisionTransformerDistilledEViT,
+    Eva: EvaEViT,
+}
+
+# timm model class -> (timm's block class it serves, that block with EViT's step, attention classes the step follows)
+_BLOCK_STEPS = {
+    VisionTransformer: (Block, EViTBlock, (Attention,)),
+    VisionTransformerDistilled: (Block, EViTBlock, (Attention,)),
+    Eva: (EvaBlock, EViTEvaBlock, EVA_ATTENTION_CLASSES),
 }
 
 
@@ -26,11 +37,13 @@ def refusal(model: nn.Module) -> Optional[str]:
         return f'{type(model).__name__} is not a supported timm class ({supported})'
     if model.cls_token is None:
         return 'it has no class token (EViT selects tokens by the class token\'s attention)'
+    block_cls, evit_block_cls, attention_classes = _BLOCK_STEPS[type(model)]
     for i, blk in enumerate(model.blocks):
-        if type(blk) not in (Block, EViTBlock):
-            return f'block {i} is a {type(blk).__name__}, not timm\'s Block (pre-norm, attention then MLP)'
-        if type(blk.attn) is not Attention:
-            return f'block {i} has a {type(blk.attn).__name__}, not timm\'s Attention'
+        if type(blk) not in (block_cls, evit_block_cls):
+            return f'block {i} is a {type(blk).__name__}, not timm\'s {block_cls.__name__} (pre-norm, attention then MLP)'
+        if type(blk.attn) not in attention_classes:
+            names = ' or '.join(cls.__name__ for cls in attention_classes)
+            return f'block {i} has a {type(blk.attn).__name__}, not timm\'s {names}'
     return None
 
 
@@ -45,11 +58,21 @@ def apply(
     """Convert a timm ViT in place to EViT and return it.
 
     Parameters, buffers, state-dict keys and weights are untouched: at ``keep_rate=1.0`` the model
-    computes what it did before. Supported: timm's ``VisionTransformer`` with ``Block`` blocks and
-    a class token (register tokens, LayerScale, q/k norm, ``norm_pre``, ``no_embed_class``,
-    ``dynamic_img_size`` included: DeiT, DeiT III, augreg ViT, CLIP image towers, DINOv2) and
-    ``VisionTransformerDistilled`` (distilled DeiT). The prefix tokens (class, distillation,
-    registers) are never dropped or fused.
+    computes what it did before. Supported, each with a class token:
+
+    - timm's ``VisionTransformer`` with ``Block`` blocks (register tokens, LayerScale, q/k norm,
+      ``norm_pre``, ``no_embed_class``, ``dynamic_img_size`` included: DeiT, DeiT III, augreg ViT,
+      CLIP image towers, DINOv2) -> ``VisionTransformerEViT``;
+    - ``VisionTransformerDistilled`` (distilled DeiT) -> ``VisionTransformerDistilledEViT``;
+    - ``Eva`` with pre-norm ``EvaBlock`` blocks (``EvaAttention`` fused or separate q/k/v, or
+      ``AttentionRope``; rotary embedding ``cat``, ``dinov3``, ``mixed``, or none; SwiGLU, scale
+      norms, LayerScale, registers: EVA-02, DINOv3, PE, RoPE ViTs) -> ``EvaEViT``. Each kept token
+      keeps its patch's rotary position; the fused token gets no rotation.
+
+    The prefix tokens (class, distillation, registers) are never dropped or fused. Refused, with
+    a ValueError that says why: no class token (``global_pool='avg'`` / ``'map'`` models built
+    without one, SigLIP), other block types (post-norm ``EvaBlockPostNorm``, ``ResPostBlock``,
+    parallel blocks) or attention modules, other model classes.
 
     Args:
         model: the timm model (converted in place).
@@ -60,25 +83,26 @@ def apply(
             1.0, then steps of the half-cosine fall to ``keep_rate`` (as ``VisionTransformerEViT``).
 
     Raises:
-        ValueError: naming what the model lacks (class token, timm's Block / Attention) or its class.
+        ValueError: naming what the model lacks (class token, timm's block / attention type) or its class.
     """
     evit_args = (keep_rate, reorg_layers, fuse_token, keep_rate_warmup_start, keep_rate_warmup_steps)
-    if isinstance(model, VisionTransformerEViT):   # already EViT: set the new arguments
+    if isinstance(model, EViTMixin):   # already EViT: set the new arguments
         model._init_evit(*evit_args)
         return model
     problem = refusal(model)
     if problem:
         raise ValueError(f'timm_evit.apply cannot convert this model: {problem}')
-    evit_cls = EVIT_CLASSES[type(model)]
+    timm_cls = type(model)
+    block_cls, evit_block_cls, _ = _BLOCK_STEPS[timm_cls]
     blocks = list(model.blocks)
-    model.__class__ = evit_cls
+    model.__class__ = EVIT_CLASSES[timm_cls]
     for blk in blocks:
-        blk.__class__ = EViTBlock
+        blk.__class__ = evit_block_cls
     try:
         model._init_evit(*evit_args)
     except (TypeError, ValueError):
-        model.__class__ = next(cls for cls, evit in EVIT_CLASSES.items() if evit is evit_cls)   # as it was
+        model.__class__ = timm_cls   # as it was
         for blk in blocks:
-            blk.__class__ = Block
+            blk.__class__ = block_cls
         raise
     return model

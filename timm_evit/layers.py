@@ -1,15 +1,28 @@
-"""timm's Block with EViT's step between attention and MLP, and the attention core that reads the class row."""
-from typing import List, Optional, Tuple
+"""timm's blocks with EViT's step between attention and MLP, and the attention cores that read the class row.
+
+One per-block step per timm block type: ``EViTBlock`` (timm's ``Block``) and ``EViTEvaBlock``
+(``EvaBlock``, with rotary position embedding: the model gives it the rows of the tokens it holds).
+"""
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
+from timm.layers import Attention, apply_rot_embed_cat
 from timm.models import register_notrace_function
+from timm.models.eva import EvaAttention, EvaBlock
 from timm.models.vision_transformer import Block
+
+try:  # timm's RoPE attention (PE, RoPE ViTs: attn_type='rope')
+    from timm.layers import AttentionRope
+except ImportError:  # a timm without it has no Eva that uses it
+    AttentionRope = None
 
 from .reorg import class_attention, head_averaged_class_row, num_kept_tokens, reorganize_tokens
 
-__all__ = ['EViTBlock', 'attention_with_class_attention', 'reorganize_at_rate']
+__all__ = [
+    'EViTBlock', 'EViTEvaBlock', 'attention_with_class_attention', 'rope_attention_with_class_attention',
+    'reorganize_at_rate', 'EVA_ATTENTION_CLASSES',
+]
 
 
 def attention_with_class_attention(
@@ -46,6 +59,20 @@ def attention_with_class_attention(
         x = x * gate
     x = attn.proj_drop(attn.proj(x))
     return x, cls_attn
+
+
+def _report_all_kept(x: torch.Tensor, num_prefix_tokens: int, kept_indices: Optional[List[torch.Tensor]]) -> None:
+    # a block that keeps every token reports the identity (callers need no branch)
+    if kept_indices is not None:
+        num_tokens = x.shape[1] - num_prefix_tokens
+        kept_indices.append(torch.arange(num_tokens, device=x.device).expand(x.shape[0], -1))
+
+
+def _refuse_attention_mask(attn_mask: Optional[torch.Tensor], is_causal: bool, rate: float) -> None:
+    if attn_mask is not None or is_causal:
+        # A mask is laid out for the tokens before this block; the reorganised ones have no place in it.
+        raise ValueError('attn_mask / is_causal cannot be used in a block that reorganises tokens '
+                         f'(keep_rate {rate}); use keep_rate=1.0 for masked attention')
 
 
 @torch.fx.wrap  # the token count depends on the input's shape: opaque to FX
@@ -97,14 +124,9 @@ class EViTBlock(Block):
         rate = self.keep_rate if keep_rate is None else keep_rate
         if rate >= 1.0:
             x = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-            if kept_indices is not None:
-                num_tokens = x.shape[1] - self.num_prefix_tokens
-                kept_indices.append(torch.arange(num_tokens, device=x.device).expand(x.shape[0], -1))
+            _report_all_kept(x, self.num_prefix_tokens, kept_indices)
             return x
-        if attn_mask is not None or is_causal:
-            # A mask is laid out for the tokens before this block; the reorganised ones have no place in it.
-            raise ValueError('attn_mask / is_causal cannot be used in a block that reorganises tokens '
-                             f'(keep_rate {rate}); use keep_rate=1.0 for masked attention')
+        _refuse_attention_mask(attn_mask, is_causal, rate)
         attn_out, cls_attn = attention_with_class_attention(self.attn, self.norm1(x), self.num_prefix_tokens)
         x = x + self.drop_path1(self.ls1(attn_out))
         x, kept_idx = reorganize_at_rate(x, cls_attn, rate, self.fuse_token, self.num_prefix_tokens)
@@ -112,3 +134,120 @@ class EViTBlock(Block):
             kept_indices.append(kept_idx)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
+
+
+# timm's attention modules an EvaBlock can hold whose core rope_attention_with_class_attention follows
+EVA_ATTENTION_CLASSES = tuple(cls for cls in (EvaAttention, AttentionRope) if cls is not None)
+
+
+def _rope_qkv(attn: torch.nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``[B, heads, N, head_dim]`` (k, v with their own head count) as the module makes them:
+    one fused ``qkv`` (EvaAttention's separate ``q_bias`` / ``v_bias`` added as timm does) or
+    ``q_proj`` / ``k_proj`` / ``v_proj``."""
+    B, N, _ = x.shape
+    if attn.qkv is not None:
+        q_bias = getattr(attn, 'q_bias', None)   # EvaAttention only; AttentionRope's qkv has its bias
+        if q_bias is None:
+            qkv = attn.qkv(x)
+        else:
+            qkv_bias = torch.cat((q_bias, attn.k_bias, attn.v_bias))
+            if attn.qkv_bias_separate:
+                qkv = attn.qkv(x)
+                qkv += qkv_bias
+            else:
+                qkv = F.linear(x, weight=attn.qkv.weight, bias=qkv_bias)
+        return qkv.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    num_kv_heads = getattr(attn, 'num_kv_heads', attn.num_heads)   # grouped-query AttentionRope
+    q = attn.q_proj(x).reshape(B, N, attn.num_heads, -1).transpose(1, 2)
+    k = attn.k_proj(x).reshape(B, N, num_kv_heads, -1).transpose(1, 2)
+    v = attn.v_proj(x).reshape(B, N, num_kv_heads, -1).transpose(1, 2)
+    return q, k, v
+
+
+def rope_attention_with_class_attention(
+        attn: Union[EvaAttention, 'AttentionRope'],
+        x: torch.Tensor,
+        rope: Optional[torch.Tensor],
+        num_prefix_tokens: int = 1,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """timm ``EvaAttention`` / ``AttentionRope`` forward that also returns the head-averaged class
+    attention to the ``N - P`` non-prefix tokens, ``[B, N - P]``.
+
+    Runs the module's own layers in the order of its forward (projections, q/k norms, rotary
+    embedding of the non-prefix queries and keys with timm's ``apply_rot_embed_cat``, grouped k/v
+    heads, scale norm, gate, proj, dropouts), so its output is that forward's (a test compares
+    them). ``rope`` holds one row per non-prefix token in ``x``, in their order. Fused / unfused as
+    the module says: the unfused path reads the class row of the attention it materialises, the
+    fused path computes only that row beside the SDPA kernel.
+    """
+    B, N, _ = x.shape
+    gate = getattr(attn, 'gate', None)   # timm added the optional gate after 1.0.26
+    gate = gate(x).sigmoid() if gate is not None else None
+    q, k, v = _rope_qkv(attn, x)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:
+        npt, half = attn.num_prefix_tokens, getattr(attn, 'rotate_half', False)
+        q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+        k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+    num_kv_groups = getattr(attn, 'num_kv_groups', 1)
+    if num_kv_groups > 1:
+        k = k.repeat_interleave(num_kv_groups, dim=1)
+        v = v.repeat_interleave(num_kv_groups, dim=1)
+
+    if attn.fused_attn:
+        cls_attn = class_attention(q, k, attn.scale, num_prefix_tokens)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.)
+    else:
+        weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        cls_attn = head_averaged_class_row(weights, num_prefix_tokens)
+        x = attn.attn_drop(weights) @ v
+
+    x = x.transpose(1, 2).reshape(B, N, -1)
+    x = attn.norm(x)
+    if gate is not None:
+        x = x * gate
+    x = attn.proj_drop(attn.proj(x))
+    return x, cls_attn
+
+
+class EViTEvaBlock(EvaBlock):
+    """timm ``EvaBlock`` (EVA-02, DINOv3, PE, RoPE ViTs) that can reorganise its tokens between
+    attention and MLP; ``EViTBlock``'s contract (same parameters and output, ``keep_rate`` /
+    ``fuse_token`` / ``num_prefix_tokens`` set by the model, ``keep_rate`` and ``kept_indices``
+    per call; at ``keep_rate`` 1.0 it is ``EvaBlock.forward``).
+
+    ``rope`` holds the rotary rows of the non-prefix tokens entering the block, in their order:
+    the model gathers them after every reorganisation (each kept token keeps its patch's rotation,
+    a fused token gets none), so the block itself only passes them to its attention.
+    """
+
+    keep_rate: float = 1.0
+    fuse_token: bool = True
+    num_prefix_tokens: int = 1
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            rope: Optional[torch.Tensor] = None,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+            keep_rate: Optional[float] = None,
+            kept_indices: Optional[List[torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        rate = self.keep_rate if keep_rate is None else keep_rate
+        if rate >= 1.0:
+            x = super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+            _report_all_kept(x, self.num_prefix_tokens, kept_indices)
+            return x
+        _refuse_attention_mask(attn_mask, is_causal, rate)
+        attn_out, cls_attn = rope_attention_with_class_attention(self.attn, self.norm1(x), rope, self.num_prefix_tokens)
+        if self.gamma_1 is not None:
+            attn_out = self.gamma_1 * attn_out
+        x = x + self.drop_path1(attn_out)
+        x, kept_idx = reorganize_at_rate(x, cls_attn, rate, self.fuse_token, self.num_prefix_tokens)
+        if kept_indices is not None:
+            kept_indices.append(kept_idx)
+        mlp_out = self.mlp(self.norm2(x))
+        if self.gamma_2 is not None:
+            mlp_out = self.gamma_2 * mlp_out
+        return x + self.drop_path2(mlp_out)

@@ -12,7 +12,7 @@ import torch
 
 __all__ = [
     'num_kept_tokens', 'head_averaged_class_row', 'class_attention', 'reorganize_tokens',
-    'trace_token_patch_ids', 'trace_patch_token_index', 'tokens_to_patch_grid',
+    'trace_token_patch_ids', 'trace_patch_token_index', 'tokens_to_patch_grid', 'rotary_rows_for_tokens',
 ]
 
 
@@ -126,3 +126,25 @@ def tokens_to_patch_grid(tokens: torch.Tensor, patch_token_index: torch.Tensor) 
     dropped = patch_token_index < 0
     grid = tokens.gather(1, patch_token_index.clamp(min=0).unsqueeze(-1).expand(-1, -1, C))
     return grid.masked_fill(dropped.unsqueeze(-1), 0.)
+
+
+def rotary_rows_for_tokens(rope: torch.Tensor, token_patch_ids: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding for the tokens that remain: each keeps its patch's rotation.
+
+    ``rope`` is timm's concatenated layout (last dim ``[sin | cos]``, what ``apply_rot_embed_cat``
+    splits in two halves) for the ``N`` tokens entering the blocks: ``[N, 2D]`` or ``[H, N, 2D]``
+    shared by the batch, or ``[B, 1 or H, N, 2D]`` per image. ``token_patch_ids`` ``[B, n]`` gives
+    the entering token each remaining one came from (-1: a fused token, which like a prefix token
+    gets no rotation: sin 0, cos 1). Returns ``[B, 1 or H, n, 2D]``: per image, since images keep
+    different tokens.
+    """
+    B = token_patch_ids.shape[0]
+    while rope.ndim < 4:   # [N, 2D] -> [1, 1, N, 2D]; [H, N, 2D] -> [1, H, N, 2D]
+        rope = rope.unsqueeze(0)
+    rope = rope.expand(B, -1, -1, -1)
+    heads, num_rows, width = rope.shape[1], rope.shape[2], rope.shape[3]
+    identity = torch.cat([rope.new_zeros(width // 2), rope.new_ones(width - width // 2)])
+    # the identity rotation as an extra last row, where fused tokens (-1) point
+    rope = torch.cat([rope, identity.expand(B, heads, 1, width)], dim=2)
+    rows = torch.where(token_patch_ids < 0, num_rows, token_patch_ids)
+    return rope.gather(2, rows[:, None, :, None].expand(-1, heads, -1, width))
