@@ -162,3 +162,12 @@ def test_bench_in_onnxruntime(tmp_path, capsys):
     rows = json.loads((tmp_path / 'b.json').read_text())['rows']
     assert [(r['runtime'], r['keep_rate']) for r in rows] == [('onnxruntime', None), ('onnxruntime', 0.5)]
     assert all(r['images_per_s'] > 0 and r['latency_ms'] > 0 for r in rows)
+
+
+def test_onnx_refuses_a_model_over_one_file_s_limit_before_exporting(tmp_path, capsys, monkeypatch):
+    import timm_evit.tools.export as export
+    pytest.importorskip('onnxscript')
+    monkeypatch.setattr(export, '_ONNX_MAX_BYTES', 1000)   # as a model with more than 2 GiB of weights
+    code, _, err = run_cli(capsys, ['export', '--out', str(tmp_path / 'm.onnx'), '--model-kwargs', *TINY_CLI])
+    assert code == 2 and err.startswith('timm-evit export: --format onnx writes one file') and 'use --format export' in err
+    assert list(tmp_path.iterdir()) == []

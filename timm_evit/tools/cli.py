@@ -100,7 +100,7 @@ def _runtime(args: argparse.Namespace) -> str:
 def export_main(args: argparse.Namespace) -> int:
     from ._io import write_all_whole
     from .bench import create_evit_model, merge_model_kwargs
-    from .export import exported_writer, require_exporter
+    from .export import check_exportable, exported_writer, require_exporter
     from .plain import plain_model_name
     from ..checkpoints import one_line
 
@@ -112,12 +112,11 @@ def export_main(args: argparse.Namespace) -> int:
         kwargs = merge_model_kwargs(dict(args.model_kwargs), keep_rate=args.keep_rate, img_size=args.img_size,
                                     fuse_token=False if args.no_fuse else None)
         model = create_evit_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **kwargs).eval()
+        check_exportable(model, args.format)
     except ValueError as e:
         return _user_error('export', e)
     try:
         writer = exported_writer(model, args.format)
-    except ValueError as e:   # too large for one ONNX file
-        return _user_error('export', e)
     except Exception as e:  # the exporter's own failure: not the user's mistake, so exit code 1
         print(f'timm-evit export: exporting {args.model} to {args.format} failed: {one_line(str(e))}', file=sys.stderr)
         return 1

@@ -14,7 +14,7 @@ import torch
 from ._io import write_all_whole
 
 __all__ = ['FORMATS', 'INPUT_NAME', 'OUTPUT_NAME', 'BATCH_AXIS', 'example_images', 'export_program', 'onnx_program',
-           'onnx_bytes', 'exported_writer', 'export_model', 'require_exporter', 'onnxruntime_session',
+           'onnx_bytes', 'check_exportable', 'exported_writer', 'export_model', 'require_exporter', 'onnxruntime_session',
            'require_onnxruntime', 'onnxruntime_session', 'onnxruntime_forward']
 
 FORMATS: Dict[str, str] = {'onnx': '.onnx', 'export': '.pt2'}   # --format -> the file name's usual suffix
@@ -97,19 +97,25 @@ def _parameter_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
-def onnx_bytes(model: torch.nn.Module) -> bytes:
-    """The ONNX file of ``model`` (see ``onnx_program``), weights included."""
+def check_exportable(model: torch.nn.Module, format: str) -> None:
+    """A ValueError, before the export, where ``format`` cannot hold ``model`` (or is not installed)."""
+    require_exporter(format)
     size = _parameter_bytes(model)
-    if size >= _ONNX_MAX_BYTES:
+    if format == 'onnx' and size >= _ONNX_MAX_BYTES:
         raise ValueError(f'--format onnx writes one file, which holds at most 2 GiB of weights; this model has '
                          f'{size / 2 ** 30:.1f} GiB: use --format export')
+
+
+def onnx_bytes(model: torch.nn.Module) -> bytes:
+    """The ONNX file of ``model`` (see ``onnx_program``), weights included."""
+    check_exportable(model, 'onnx')
     return onnx_program(model).model_proto.SerializeToString()
 
 
 def exported_writer(model: torch.nn.Module, format: str = 'onnx') -> Writer:
     """Exports ``model`` now and returns a writer of the file's bytes (see ``_io.write_all_whole``):
     an export that fails raises here, before any file is opened."""
-    require_exporter(format)
+    check_exportable(model, format)
     if format == 'onnx':
         data = onnx_bytes(model)
         return lambda f: f.write(data)
