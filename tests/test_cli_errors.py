@@ -62,6 +62,8 @@ BENCH = ['bench', '--model', 'evit_deit_tiny', '--batch-size', '1', '--repeats',
 SWEEP = ['sweep', '--model', 'evit_deit_tiny', '--data-dir', '{root}/data', '--keep-rates', '1,0.5', '--repeats', '1',
          '--batch-size', '1']
 VISUALIZE = ['visualize', '{root}/cat.png', '--model', 'evit_deit_tiny', '--img-size', '32', '--out', '{root}/pics']
+# --format export: these cases need no ONNX package
+EXPORT = ['export', '--model', 'evit_deit_tiny', '--format', 'export', '--out', '{root}/m.pt2']
 
 CASES = {
     'bench bad model-kwargs value': (BENCH + ['--model-kwargs', *TINY_CLI, 'depth=abc'], ["depth='abc'"]),
@@ -87,6 +89,22 @@ CASES = {
                                               ['five_classes.pth', 'size mismatch']),
     'visualize out under a file': (VISUALIZE[:-1] + ['{root}/a_file/pics'], ['--out', 'a_file']),
     'visualize out in a read-only folder': (VISUALIZE[:-1] + ['{root}/read_only/pics'], ['--out', 'read_only']),
+    'bench unknown runtime': (BENCH + ['--runtime', 'tensorrt'], ['--runtime', 'tensorrt']),
+    'bench onnxruntime with compile': (BENCH + ['--runtime', 'onnxruntime', '--compile'], ['--compile', '--runtime torch']),
+    'bench onnxruntime on cuda': (BENCH + ['--runtime', 'onnxruntime', '--device', 'cuda'], ['--device must be cpu']),
+    'bench onnxruntime in bf16': (BENCH + ['--runtime', 'onnxruntime', '--dtype', 'bf16'], ['--dtype must be fp32']),
+    'export unknown format': (EXPORT[:4] + ['tflite'] + EXPORT[5:], ['--format', 'tflite']),
+    'export unknown model': (EXPORT[:2] + ['no_such_model'] + EXPORT[3:], ['--model', 'no_such_model']),
+    'export model apply refuses': (EXPORT[:2] + ['resnet18'] + EXPORT[3:], ['ResNet is not a supported timm class']),
+    'export out under a file': (EXPORT[:-1] + ['{root}/a_file/m.pt2'], ['--out', 'a_file']),
+    'export out in a read-only folder': (EXPORT[:-1] + ['{root}/read_only/m.pt2'], ['--out', 'read_only']),
+    'export out is a folder': (EXPORT[:-1] + ['{root}/data'], ['--out', 'is a folder']),
+    'export bad keep rate': (EXPORT + ['--keep-rate', '1.5'], ['--keep-rate', '1.5']),
+    'export keep rate given twice': (EXPORT + ['--keep-rate', '0.5', '--model-kwargs', 'keep_rate=0.6'],
+                                     ['--keep-rate 0.5', 'keep_rate=0.6']),
+    'export unsafe checkpoint': (EXPORT + ['--checkpoint', '{root}/unsafe.pth'], ['unsafe.pth', 'weights_only']),
+    'export checkpoint of another shape': (EXPORT + ['--checkpoint', '{root}/five_classes.pth', '--model-kwargs', *TINY_CLI],
+                                           ['five_classes.pth', 'size mismatch for head.weight']),
 }
 
 
@@ -102,7 +120,7 @@ def test_user_errors_are_one_line(case, files, capsys, monkeypatch):
     assert sorted(files.rglob('*')) == before     # nothing written, no folder made
 
 
-# One interpreter for the three commands (huggingface_hub reads HF_HUB_OFFLINE when imported),
+# One interpreter for the four commands (huggingface_hub reads HF_HUB_OFFLINE when imported),
 # each command's stderr captured on its own.
 RUN_OFFLINE = """
 import contextlib, io, json, sys
@@ -117,7 +135,7 @@ print(json.dumps(results))
 
 
 def test_pretrained_weights_not_in_the_cache_offline(files, tmp_path):
-    commands = [[a.format(root=files) for a in argv] + ['--pretrained'] for argv in (BENCH, SWEEP, VISUALIZE)]
+    commands = [[a.format(root=files) for a in argv] + ['--pretrained'] for argv in (BENCH, SWEEP, VISUALIZE, EXPORT)]
     env = {k: v for k, v in os.environ.items() if not k.startswith(('HF_', 'HUGGINGFACE_'))}
     env.update(HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'empty_home'))
     result = subprocess.run([sys.executable, '-c', RUN_OFFLINE, json.dumps(commands)],

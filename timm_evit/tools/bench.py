@@ -25,11 +25,12 @@ from .plain import EVIT_ONLY_ARGS, create_plain_counterpart, evit_label, is_appl
 __all__ = [
     'BenchRow', 'set_fused_attn', 'count_gmacs', 'tokens_per_stage', 'time_interleaved', 'run_bench',
     'format_rows', 'rows_as_dicts', 'plot_rows', 'rows_figure', 'DTYPES', 'COMPILE_MODES', 'min_warmup', 'merge_model_kwargs', 'create_evit_model',
-    'check_device',
+    'check_device', 'RUNTIMES', 'check_runtime',
 ]
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
+RUNTIMES = ('torch', 'onnxruntime')
 
 
 @dataclass
@@ -50,6 +51,7 @@ class BenchRow:
     efficiency: float                 # speedup / mac_ratio
     latency_ms: Optional[float] = None          # batch 1, median
     latency_speedup: Optional[float] = None     # plain latency / this latency, same run
+    runtime: str = 'torch'                      # or 'onnxruntime': the ONNX exports of both models
 
 
 def merge_model_kwargs(model_kwargs: Optional[dict], **given) -> dict:
@@ -116,6 +118,33 @@ def check_device(device: str) -> torch.device:
     if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f'device {device!r} was asked for but torch sees {torch.cuda.device_count()} CUDA device(s)')
     return dev
+
+
+def check_runtime(runtime: str, compile: Optional[str], device: str, dtype: str) -> None:
+    """A ValueError naming the option that ``runtime`` cannot serve: onnxruntime runs the fp32
+    ONNX export on the CPU (its CPU execution provider), without torch.compile."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f'--runtime takes one of {", ".join(RUNTIMES)}, got {runtime!r}')
+    if runtime == 'torch':
+        return
+    if compile is not None:
+        raise ValueError('--compile is for --runtime torch: onnxruntime runs the exported ONNX graph as it is')
+    if device.split(':')[0] != 'cpu':
+        raise ValueError(f'--runtime onnxruntime runs on the CPU only here: --device must be cpu, got {device!r}')
+    if dtype != 'fp32':
+        raise ValueError(f'--runtime onnxruntime times the fp32 export: --dtype must be fp32, got {dtype!r}')
+    from .export import require_exporter, require_onnxruntime
+    require_exporter('onnx')   # before the long work: the packages are there
+    require_onnxruntime()
+
+
+def _forwards(models: Dict[object, torch.nn.Module], runtime: str, wrap: Callable) -> Dict[object, Callable]:
+    """Each model's forward in ``runtime``: torch (``wrap``: eager or torch.compile), or onnxruntime on
+    the model's ONNX export (dynamic batch: one export serves every batch size)."""
+    if runtime == 'onnxruntime':
+        from .export import onnxruntime_forward
+        return {key: onnxruntime_forward(model) for key, model in models.items()}
+    return {key: wrap(model) for key, model in models.items()}
 
 
 def set_fused_attn(model: torch.nn.Module, fused: bool) -> None:
@@ -225,6 +254,7 @@ def run_bench(
         pretrained: bool = False,
         show_progress: bool = True,
         model_kwargs: Optional[dict] = None,
+        runtime: str = 'torch',
 ) -> List[BenchRow]:
     """Rows for the plain timm model and for ``model_name`` at each keep rate, per attention path.
 
@@ -234,6 +264,8 @@ def run_bench(
     On CUDA, cuDNN's benchmark mode is on for the run (``cudnn_benchmark``).
     ``model_kwargs`` change the architecture of both models alike (e.g. ``img_size``, ``depth``).
     ``fuse_token`` None: the model's own (``model_kwargs``' or the default).
+    ``runtime`` 'onnxruntime' exports every model to ONNX (per attention path) and times the
+    exports in onnxruntime on the CPU instead (fp32, no ``compile``); GMACs and tokens are torch's.
     """
     from tqdm import tqdm
 
@@ -244,6 +276,7 @@ def run_bench(
         raise ValueError(f"attn entries must be 'math' or 'fused', got {list(attn)!r}")
     if compile is not None and compile not in COMPILE_MODES:
         raise ValueError(f'compile must be None (eager) or one of {list(COMPILE_MODES)}, got {compile!r}')
+    check_runtime(runtime, compile, device, dtype)
     dev = check_device(device)
     warmup = max(warmup, min_warmup(compile))
 
@@ -278,9 +311,9 @@ def run_bench(
             for model in (plain, *at_rate.values()):
                 set_fused_attn(model, impl == 'fused')
             seconds = {}
+            runners = _forwards({'plain': plain, **at_rate}, runtime, wrap)   # exported after the attention switch
             for size, x in batches.items():
-                forwards = {'plain': partial(wrap(plain), x)}
-                forwards.update({r: partial(wrap(model), x) for r, model in at_rate.items()})
+                forwards = {key: partial(run, x) for key, run in runners.items()}
                 seconds[size] = time_interleaved(forwards, repeats, warmup, dev, progress=bar.update)
             if compile:
                 _dynamo().reset()  # the attention switch is baked into the compiled graphs
@@ -292,7 +325,7 @@ def run_bench(
                 lat = seconds[1][key] * 1e3 if latency else None
                 lat_speedup = seconds[1]['plain'] * 1e3 / lat if latency else None
                 return BenchRow(name, rate, fuse, impl, dtype, compile, str(dev), batch_size, row_tokens, row_gmacs,
-                                mac_ratio, ips, ips / plain_ips, ips / plain_ips / mac_ratio, lat, lat_speedup)
+                                mac_ratio, ips, ips / plain_ips, ips / plain_ips / mac_ratio, lat, lat_speedup, runtime)
 
             rows.append(row(plain_name, None, None, [plain.patch_embed.num_patches],
                             plain_gmacs, 'plain'))

@@ -8,7 +8,8 @@ from typing import List, Optional
 
 import torch
 
-from .bench import COMPILE_MODES
+from .bench import COMPILE_MODES, RUNTIMES
+from .export import FORMATS
 from .plain import PLAIN_COUNTERPARTS
 
 
@@ -59,7 +60,7 @@ def bench_main(args: argparse.Namespace) -> int:
             args.model, args.keep_rates, fuse_token=False if args.no_fuse else None, batch_size=args.batch_size,
             repeats=args.repeats, warmup=args.warmup, attn=attn, dtype=args.dtype, compile=args.compile,
             device=args.device, latency=not args.no_latency, pretrained=args.pretrained,
-            model_kwargs=dict(args.model_kwargs))
+            model_kwargs=dict(args.model_kwargs), runtime=args.runtime)
     except ValueError as e:
         return _user_error('bench', e)
     evit = rows[1].model
@@ -67,8 +68,8 @@ def bench_main(args: argparse.Namespace) -> int:
     architecture = ''.join(f' {k}={v!r}' for k, v in args.model_kwargs)
     if architecture:
         plain += ' with' + architecture
-    header = (f'{evit} vs {plain}, batch {args.batch_size}, {args.dtype}, '
-              f'{f"torch.compile (mode {args.compile})" if args.compile else "eager"}, {args.device}: {_machine(args.device)}, '
+    header = (f'{evit} vs {plain}, batch {args.batch_size}, {args.dtype}, {_runtime(args)}, '
+              f'{args.device}: {_machine(args.device)}, '
               f'timm {timm.__version__}; median of {args.repeats} interleaved repeats after {args.warmup} warm-up')
     print(f'# {header}')
     print(format_rows(rows))
@@ -86,6 +87,48 @@ def bench_main(args: argparse.Namespace) -> int:
     finally:
         for fig in figures:
             pyplot().close(fig)
+    return 0
+
+
+def _runtime(args: argparse.Namespace) -> str:
+    if args.runtime == 'onnxruntime':
+        import onnxruntime
+        return f'onnxruntime {onnxruntime.__version__} (ONNX export, CPU, {torch.get_num_threads()} intra-op threads)'
+    return f'torch.compile (mode {args.compile})' if args.compile else 'eager'
+
+
+def export_main(args: argparse.Namespace) -> int:
+    from ._io import write_all_whole
+    from .bench import create_evit_model, merge_model_kwargs
+    from .export import check_exportable, exported_writer, require_exporter
+    from .plain import plain_model_name
+    from ..checkpoints import one_line
+
+    out = args.out or args.model + FORMATS[args.format]
+    try:
+        require_exporter(args.format)
+        plain_model_name(args.model)   # the names bench takes
+        _check_output_files({'--out': out})
+        kwargs = merge_model_kwargs(dict(args.model_kwargs), keep_rate=args.keep_rate, img_size=args.img_size,
+                                    fuse_token=False if args.no_fuse else None)
+        model = create_evit_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **kwargs).eval()
+        check_exportable(model, args.format)
+    except ValueError as e:
+        return _user_error('export', e)
+    try:
+        writer = exported_writer(model, args.format)
+    except Exception as e:  # the exporter's own failure: not the user's mistake, so exit code 1
+        print(f'timm-evit export: exporting {args.model} to {args.format} failed: {one_line(str(e))}', file=sys.stderr)
+        return 1
+    try:
+        write_all_whole({out: writer}, make_folders=True)   # a temporary file beside it, renamed once whole
+    except ValueError as e:
+        return _user_error('export', e)
+    rates = sorted(set(model.keep_rate), key=model.keep_rate.index)
+    settings = (f'keep_rate {", ".join(f"{r:g}" for r in rates)} in blocks {model.reorg_layers}, '
+                f'{"fusion" if model.fuse_token else "no fusion"}')
+    print(f'wrote {out}: {args.model}, {settings} (fixed in the graph); input [batch, {model.in_chans}, '
+          f'{", ".join(map(str, model.patch_embed.img_size))}], batch axis dynamic')
     return 0
 
 
@@ -267,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help='torch.compile every model, compiled in the warm-up; MODE is a torch.compile mode: '
                        f'{", ".join(COMPILE_MODES)} (default: default; reduce-overhead is CUDA graphs)')
     bench.add_argument('--device', default='cpu', help="'cpu' or 'cuda[:N]'")
+    bench.add_argument('--runtime', choices=RUNTIMES, default='torch',
+                       help="'torch', or 'onnxruntime': both models exported to ONNX (as timm-evit export does) and "
+                       "timed in onnxruntime on the CPU, fp32, eager only (needs timm-evit[deploy])")
     bench.add_argument('--no-latency', action='store_true', help='skip the batch-1 latency measurement')
     bench.add_argument('--threads', type=_positive_int, default=None, help="torch threads (default: torch's)")
     bench.add_argument('--pretrained', action='store_true', help='use pretrained weights (must be cached offline)')
@@ -317,6 +363,27 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument('--max-drop', type=_non_negative_float,
                        help='print the fastest keep rate whose top-1 is within this many points of keep 1.0')
     sweep.set_defaults(func=sweep_main)
+
+    export = sub.add_parser(
+        'export', help='write the model as an ONNX file or a torch.export program; the keep rate is fixed in the graph')
+    export.add_argument('--model', default='evit_deit_small', metavar='MODEL',
+                        help='what bench --model takes: an evit_* model or a timm ViT name converted with timm_evit.apply')
+    export.add_argument('--format', default='onnx', choices=list(FORMATS),
+                        help="'onnx' (default; torch's dynamo exporter, needs timm-evit[deploy]) or 'export' "
+                        "(a torch.export program written by torch.export.save, loaded by torch.export.load)")
+    export.add_argument('--out', metavar='PATH', help='the file to write (missing folders are created); written whole '
+                        'or not at all (default: MODEL.onnx or MODEL.pt2 in the current folder)')
+    export.add_argument('--keep-rate', type=_keep_rate,
+                        help="fixed in the exported graph (token counts are constants of it; another keep rate needs "
+                        "another export); default: the model's own (0.7)")
+    export.add_argument('--no-fuse', action='store_true', help='drop inattentive tokens instead of fusing them')
+    export.add_argument('--img-size', type=_positive_int,
+                        help='input size, fixed in the graph (position embeddings resampled); the batch axis is dynamic')
+    export.add_argument('--pretrained', action='store_true', help='pretrained weights (must be cached offline)')
+    export.add_argument('--checkpoint', help='weights file to load instead (for example from timm\'s train.py)')
+    export.add_argument('--model-kwargs', nargs='*', type=_model_kwarg, default=[], metavar='KEY=VALUE',
+                        help='model arguments, as for timm\'s train.py (e.g. num_classes=10 "reorg_layers=(3,6,9)")')
+    export.set_defaults(func=export_main)
     return parser
 
 

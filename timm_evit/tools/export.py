@@ -1,0 +1,152 @@
+"""Deployment: a model as an ONNX file or a ``torch.export`` program, with a dynamic batch axis.
+
+The keep rate is fixed in the exported graph. EViT keeps ``ceil(keep_rate * n)`` tokens, where
+``n`` comes from the static image size: while tracing these are plain Python integers, so every
+token count is a constant of the graph and only the batch axis is symbolic. Another keep rate
+needs another export. Models are exported in eval mode (no keep-rate warm-up, no MixToken).
+"""
+import contextlib
+import importlib
+from typing import BinaryIO, Callable, Dict, Iterator
+
+import torch
+
+from ._io import write_all_whole
+
+__all__ = ['FORMATS', 'INPUT_NAME', 'OUTPUT_NAME', 'BATCH_AXIS', 'example_images', 'export_program', 'onnx_program',
+           'onnx_bytes', 'check_exportable', 'exported_writer', 'export_model', 'require_exporter', 'onnxruntime_session',
+           'require_onnxruntime', 'onnxruntime_session', 'onnxruntime_forward']
+
+FORMATS: Dict[str, str] = {'onnx': '.onnx', 'export': '.pt2'}   # --format -> the file name's usual suffix
+INPUT_NAME, OUTPUT_NAME, BATCH_AXIS = 'images', 'logits', 'batch'
+# torch.export specialises a dimension of size 1 to the constant 1: trace with 2 images.
+_EXAMPLE_BATCH = 2
+# One ONNX file is one protobuf message, which cannot exceed 2 GiB.
+_ONNX_MAX_BYTES = 2 ** 31
+_DEPLOY_EXTRA = "pip install 'timm-evit[deploy]'"
+
+Writer = Callable[[BinaryIO], None]
+
+
+def _import(module: str, purpose: str):
+    """``module``, or a ValueError saying what needs it and how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ValueError(f'{purpose} needs {module}: {_DEPLOY_EXTRA}') from e
+
+
+def require_exporter(format: str) -> None:
+    """A ValueError naming ``--format`` and what is allowed, or the package it is missing."""
+    if format not in FORMATS:
+        raise ValueError(f'--format takes one of {", ".join(FORMATS)}, got {format!r}')
+    if format == 'onnx':
+        for module in ('onnx', 'onnxscript'):   # torch's dynamo ONNX exporter imports both
+            _import(module, '--format onnx')
+
+
+@contextlib.contextmanager
+def _in_eval(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode for the duration, its own mode restored afterwards."""
+    training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(training)
+
+
+def example_images(model: torch.nn.Module, batch_size: int = _EXAMPLE_BATCH) -> torch.Tensor:
+    """Random images of the size the model was built for, on its device and in its dtype."""
+    weight = next(model.parameters())
+    return torch.randn(batch_size, model.in_chans, *model.patch_embed.img_size, device=weight.device,
+                       dtype=weight.dtype)
+
+
+def _batch_dynamic() -> tuple:
+    return ({0: torch.export.Dim(BATCH_AXIS, min=1)},)
+
+
+def export_program(model: torch.nn.Module) -> torch.export.ExportedProgram:
+    """``model`` (eval mode) as a ``torch.export`` program taking ``[batch, C, H, W]`` images."""
+    with _in_eval(model):
+        return torch.export.export(model, (example_images(model),), dynamic_shapes=_batch_dynamic())
+
+
+def onnx_program(model: torch.nn.Module) -> 'torch.onnx.ONNXProgram':
+    """``model`` (eval mode) exported by torch's dynamo ONNX exporter: input ``images``
+    ``[batch, C, H, W]``, output ``logits`` ``[batch, classes]``; the EViT settings are in the
+    file's metadata, since they are fixed in its graph."""
+    require_exporter('onnx')
+    with _in_eval(model):
+        program = torch.onnx.export(
+            model, (example_images(model),), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: BATCH_AXIS},), verbose=False)
+    program.model.metadata_props.update(_evit_metadata(model))
+    return program
+
+
+def _evit_metadata(model: torch.nn.Module) -> Dict[str, str]:
+    if not hasattr(model, 'reorg_layers'):
+        return {}
+    return {'timm_evit.keep_rate': repr(tuple(model.keep_rate)), 'timm_evit.reorg_layers': repr(model.reorg_layers),
+            'timm_evit.fuse_token': repr(model.fuse_token)}
+
+
+def _parameter_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def check_exportable(model: torch.nn.Module, format: str) -> None:
+    """A ValueError, before the export, where ``format`` cannot hold ``model`` (or is not installed)."""
+    require_exporter(format)
+    size = _parameter_bytes(model)
+    if format == 'onnx' and size >= _ONNX_MAX_BYTES:
+        raise ValueError(f'--format onnx writes one file, which holds at most 2 GiB of weights; this model has '
+                         f'{size / 2 ** 30:.1f} GiB: use --format export')
+
+
+def onnx_bytes(model: torch.nn.Module) -> bytes:
+    """The ONNX file of ``model`` (see ``onnx_program``), weights included."""
+    check_exportable(model, 'onnx')
+    return onnx_program(model).model_proto.SerializeToString()
+
+
+def exported_writer(model: torch.nn.Module, format: str = 'onnx') -> Writer:
+    """Exports ``model`` now and returns a writer of the file's bytes (see ``_io.write_all_whole``):
+    an export that fails raises here, before any file is opened."""
+    check_exportable(model, format)
+    if format == 'onnx':
+        data = onnx_bytes(model)
+        return lambda f: f.write(data)
+    program = export_program(model)
+    return lambda f: torch.export.save(program, f)
+
+
+def export_model(model: torch.nn.Module, path: str, format: str = 'onnx', make_folders: bool = False) -> None:
+    """Export ``model`` to ``path`` as ``format`` ('onnx', or 'export': ``torch.export.save``).
+    The file is written to a temporary file beside ``path`` and renamed into place once whole: a
+    failed export or write leaves nothing behind."""
+    write_all_whole({path: exported_writer(model, format)}, make_folders=make_folders)
+
+
+def require_onnxruntime():
+    """The onnxruntime module, or a ValueError saying how to install it."""
+    return _import('onnxruntime', '--runtime onnxruntime')
+
+
+def onnxruntime_session(model: torch.nn.Module, threads: int = 0):
+    """An onnxruntime CPU session of ``model``'s ONNX export; ``threads`` intra-op threads (0: torch's count)."""
+    ort = require_onnxruntime()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()   # the same threads as the torch rows
+    return ort.InferenceSession(onnx_bytes(model), options, providers=['CPUExecutionProvider'])
+
+
+def onnxruntime_forward(model: torch.nn.Module, threads: int = 0) -> Callable[[torch.Tensor], object]:
+    """``model``'s forward through onnxruntime: images (a CPU tensor) in, logits (a NumPy array) out."""
+    session = onnxruntime_session(model, threads)
+
+    def forward(images: torch.Tensor):
+        return session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})[0]
+    return forward
