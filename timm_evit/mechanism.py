@@ -75,13 +75,10 @@ def check_attention_mask(attn_mask: Optional[torch.Tensor], is_causal: bool, blo
         raise ValueError('attn_mask / is_causal need keep_rate=1.0: EViT changes the number and order of '
                          'tokens, so a mask for the input tokens does not fit the blocks after a reorganisation')
 
+
 @torch.fx.wrap  # the token count depends on the input's shape: opaque to FX
 @register_notrace_function
 def follow_token_patch_ids(token_patch_ids: torch.Tensor, kept_idx: torch.Tensor, fuse_token: bool) -> torch.Tensor:
-    """``trace_token_patch_ids`` after a block, unchanged where the block kept every token (its
-    kept indices are then the identity, and no fused token was made)."""
-    if kept_idx.shape[1] == token_patch_ids.shape[1]:
-        return token_patch_ids
     return trace_token_patch_ids(token_patch_ids, kept_idx, fuse_token)
 
 

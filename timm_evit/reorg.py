@@ -85,8 +85,11 @@ def trace_token_patch_ids(token_patch_ids: torch.Tensor, kept_idx: torch.Tensor,
     """Which patch each token came from, after a reorganisation.
 
     ``token_patch_ids`` ``[B, n]`` gives the patch index of each non-class token before the block
-    (-1 for a fused token); the result ``[B, num_keep (+1)]`` does so after it.
+    (-1 for a fused token); the result ``[B, num_keep (+1)]`` does so after it. A block that kept
+    every token changed nothing (its kept indices are the identity and it made no fused token).
     """
+    if kept_idx.shape[1] == token_patch_ids.shape[1]:
+        return token_patch_ids
     ids = token_patch_ids.gather(1, kept_idx)
     if fuse_token:
         ids = torch.cat([ids, ids.new_full((ids.shape[0], 1), -1)], dim=1)
