@@ -138,12 +138,18 @@ def check_runtime(runtime: str, compile: Optional[str], device: str, dtype: str)
     require_onnxruntime()
 
 
-def _forwards(models: Dict[object, torch.nn.Module], runtime: str, wrap: Callable) -> Dict[object, Callable]:
+def _forwards(models: Dict[object, torch.nn.Module], runtime: str, wrap: Callable,
+              status: Callable[[str], None] = lambda text: None) -> Dict[object, Callable]:
     """Each model's forward in ``runtime``: torch (``wrap``: eager or torch.compile), or onnxruntime on
-    the model's ONNX export (dynamic batch: one export serves every batch size)."""
+    the model's ONNX export (dynamic batch: one export serves every batch size). ``status`` hears
+    what takes long before the first forward (each export takes seconds)."""
     if runtime == 'onnxruntime':
         from .export import onnxruntime_forward
-        return {key: onnxruntime_forward(model) for key, model in models.items()}
+        forwards = {}
+        for key, model in models.items():
+            status(f'exporting {key if key == "plain" else f"keep {key:g}"} to ONNX')
+            forwards[key] = onnxruntime_forward(model)
+        return forwards
     return {key: wrap(model) for key, model in models.items()}
 
 
@@ -311,7 +317,9 @@ def run_bench(
             for model in (plain, *at_rate.values()):
                 set_fused_attn(model, impl == 'fused')
             seconds = {}
-            runners = _forwards({'plain': plain, **at_rate}, runtime, wrap)   # exported after the attention switch
+            runners = _forwards({'plain': plain, **at_rate}, runtime, wrap,   # exported after the attention switch
+                                status=lambda text: bar.set_description(f'bench {model_name}: {text}'))
+            bar.set_description(f'bench {model_name}')
             for size, x in batches.items():
                 forwards = {key: partial(run, x) for key, run in runners.items()}
                 seconds[size] = time_interleaved(forwards, repeats, warmup, dev, progress=bar.update)
