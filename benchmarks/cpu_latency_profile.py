@@ -37,6 +37,7 @@ GROUPS = {
     'aten::add': 'residual add',
     'aten::mkldnn_convolution': 'patch embedding',
 }
+EVIT_GROUP = 'EViT (top-k, index_select, cat, class row)'
 EVIT_OPS = ('aten::topk', 'aten::index_select', 'aten::gather', 'aten::cat', 'aten::bmm', 'aten::scatter', 'aten::sum',
             'aten::mean', 'aten::_softmax', 'aten::mul', 'aten::arange', 'aten::matmul')
 
@@ -179,7 +180,7 @@ def main():
                     runs[name]()
             totals = defaultdict(float)
             for event in prof.key_averages():
-                group = GROUPS.get(event.key, 'EViT (top-k, index_select, cat, class row)' if event.key in EVIT_OPS else 'other')
+                group = GROUPS.get(event.key, EVIT_GROUP if event.key in EVIT_OPS else 'other')
                 totals[group] += event.self_cpu_time_total / 10 / 1e3
             groups[name] = totals
     names = list(groups)
