@@ -25,7 +25,6 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import timm_evit  # noqa: F401  (registers the evit models)
-from timm_evit.reorg import num_kept_tokens
 
 # operator -> group for the profile table; anything else is 'other'
 GROUPS = {
@@ -42,18 +41,13 @@ EVIT_OPS = ('aten::topk', 'aten::index_select', 'aten::gather', 'aten::cat', 'at
             'aten::mean', 'aten::_softmax', 'aten::mul', 'aten::arange', 'aten::matmul')
 
 
-def block_token_counts(model, keep_rate, num_patches):
-    """(tokens into attention, tokens into the MLP) per block, as EViT runs them."""
-    counts, n = [], num_patches
-    fused = 1 if model.fuse_token else 0
-    for i in range(len(model.blocks)):
-        n_in = n
-        if i in model.reorg_layers:
-            keep = num_kept_tokens(keep_rate, n)
-            if keep < n:
-                n = keep + fused
-        counts.append((1 + n_in, 1 + n))
-    return counts
+def block_token_counts(model, keep_rate, x):
+    """(tokens into attention, tokens into the MLP) per block, measured from the model's forward."""
+    with torch.inference_mode():
+        outputs = model.forward_intermediates(x, output_fmt='NLC', intermediates_only=True, keep_rate=keep_rate)
+    tokens_out = [model.num_prefix_tokens + out.shape[1] for out in outputs]
+    tokens_in = [model.num_prefix_tokens + model.patch_embed.num_patches] + tokens_out[:-1]
+    return list(zip(tokens_in, tokens_out))
 
 
 def oracle_forward(plain, x, counts, block_times=None):
@@ -135,7 +129,7 @@ def main():
     block_times = {'plain': timed_blocks(plain)}
     counts = {}
     for rate, evit in evits.items():
-        counts[rate] = block_token_counts(evit, rate, num_patches)
+        counts[rate] = block_token_counts(evit, rate, x)
         runs[f'evit {rate:g}'] = lambda evit=evit: evit(x)
         block_times[f'evit {rate:g}'] = timed_blocks(evit)
         block_times[f'oracle {rate:g}'] = times = defaultdict(list)

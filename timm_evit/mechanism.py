@@ -243,7 +243,6 @@ class EViTMixin:
             x = blk(x, **kwargs)
         return x, (kept_indices[0] if kept_indices else None)
 
-
     def _embed_with_rope(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Tokens entering the blocks and their rotary position embedding (None: no RoPE)."""
         return self._embed(x), None
