@@ -6,6 +6,7 @@ interleaved, after a warm-up, and the median of the repeats is taken.
 """
 import contextlib
 import copy
+import math
 import statistics
 import textwrap
 import time
@@ -20,12 +21,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from ._io import pyplot, save_figure_whole
 from ..checkpoints import load_checkpoint_file, one_line
 from ..convert import apply
+from .preflight import (check_batch_fits, check_input_size, hub_offline, hub_unreachable, hub_weights,
+                        missing_weights_message, out_of_memory_as_error)
 from .plain import EVIT_ONLY_ARGS, create_plain_counterpart, evit_label, is_applied, plain_model_name
 
 __all__ = [
     'BenchRow', 'set_fused_attn', 'count_gmacs', 'tokens_per_stage', 'time_interleaved', 'run_bench',
     'format_rows', 'rows_as_dicts', 'plot_rows', 'rows_figure', 'DTYPES', 'COMPILE_MODES', 'min_warmup', 'merge_model_kwargs', 'create_evit_model',
-    'check_device', 'RUNTIMES', 'check_runtime',
+    'check_device', 'RUNTIMES', 'check_runtime', 'input_tokens',
 ]
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
@@ -75,33 +78,62 @@ def _as_option(key: str, value) -> str:
 
 
 def create_evit_model(model_name: str, pretrained: bool = False, checkpoint: Optional[str] = None,
+                      options: Optional[Dict[str, str]] = None, whole_patches: bool = False,
                       **kwargs) -> torch.nn.Module:
-    """``timm.create_model`` for the tools, where a user's mistake is a one-line ValueError: an
-    argument the model refuses (name or value), pretrained weights that cannot be had (not cached
-    offline, no network), a ``checkpoint`` that cannot be read safely or does not fit. A timm ViT
-    name (not ``evit_*``) is built as timm's model, then converted with ``timm_evit.apply`` using
-    the EViT arguments among ``kwargs``."""
+    """``timm.create_model`` for the tools, where a user's mistake is a one-line ValueError: a name
+    or pretrained tag no tool takes, an argument the model refuses (name or value, EViT's included),
+    an input size that is not a whole number of patches (``preflight.check_input_size``;
+    ``whole_patches``: even where the model pads), pretrained weights that cannot be had (not cached,
+    and offline or no network: said at once, without huggingface_hub's minute of retries) or do not
+    fit, a ``checkpoint`` that cannot be read safely or does not fit. Every argument is checked on
+    the meta device (no memory, no weights) before any weights are read. A timm ViT name (not
+    ``evit_*``) is built as timm's model, then converted with ``timm_evit.apply`` using the EViT
+    arguments among ``kwargs``. ``options``: the tool's own option for an argument, for messages
+    (``{'img_size': '--img-size'}``; the others are named as ``--model-kwargs``)."""
+    plain_model_name(model_name)   # a name and tag the tools take (its ValueError says which)
     evit_args = {}
-    plain_model_name(model_name)   # a name the tools take (its ValueError says which)
     if is_applied(model_name):
         evit_args = {k: kwargs.pop(k) for k in EVIT_ONLY_ARGS if k in kwargs}
         warmup = sorted(k for k in evit_args if k.startswith('keep_rate_warmup'))
         if warmup:
             raise ValueError(f'{", ".join(warmup)}: the keep-rate warm-up is for training evit_* models, '
                              f'not for timm_evit.apply on {model_name}')
+    with torch.device('meta'):   # every argument checked before any weights are read (or downloaded)
+        shape = _build(model_name, False, kwargs, evit_args if is_applied(model_name) else None)
+    check_input_size(shape, model_name, kwargs, options, padding_ok=not whole_patches)
+    source = hub_weights(shape.pretrained_cfg) if pretrained else None
+    unreachable = hub_unreachable(*source) if source else None
     try:
-        model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
-    except (TypeError, ValueError) as e:  # the model's constructor refusing an argument
-        arguments = ' '.join(f'{k}={v!r}' for k, v in kwargs.items())
-        raise ValueError(f'cannot build {model_name} with {arguments}: {one_line(str(e))}') from e
+        with hub_offline(unreachable is not None):   # the cache only: no retries against a Hub that does not answer
+            model = _build(model_name, pretrained, kwargs)
     except OSError as e:  # only reading pretrained weights does I/O here (huggingface_hub's errors are OSErrors)
         if not pretrained:
             raise
+        if unreachable:
+            raise ValueError(missing_weights_message(model_name, source[0], unreachable)) from e
         raise ValueError(f'--pretrained: the weights of {model_name} cannot be loaded: {one_line(str(e))}') from e
     if checkpoint:
         load_checkpoint_file(model, checkpoint)
     if is_applied(model_name):
         apply(model, **evit_args)   # its ValueError names what the model lacks
+    return model
+
+
+def _build(model_name: str, pretrained: bool, kwargs: dict, evit_args: Optional[dict] = None) -> torch.nn.Module:
+    """``timm.create_model`` (then, unless None, ``apply`` with ``evit_args``), its refusal of an argument as a
+    one-line ValueError. The arguments were checked on the meta device before ``pretrained`` weights
+    are loaded: a RuntimeError then is about those weights (not published, not fitting)."""
+    try:
+        model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    except (TypeError, ValueError, AssertionError) as e:  # the model's constructor refusing an argument
+        arguments = ' '.join(f'{k}={v!r}' for k, v in {**kwargs, **(evit_args or {})}.items())
+        raise ValueError(f'cannot build {model_name} with {arguments}: {one_line(str(e))}') from e
+    except RuntimeError as e:
+        if not pretrained or isinstance(e, torch.OutOfMemoryError):
+            raise
+        raise ValueError(f'--pretrained: the weights of {model_name} cannot be loaded: {one_line(str(e))}') from e
+    if evit_args is not None:
+        apply(model, **evit_args)   # on the meta device: the class and EViT's arguments checked
     return model
 
 
@@ -182,7 +214,12 @@ def tokens_per_stage(model: torch.nn.Module, x: torch.Tensor, keep_rate: Optiona
         kwargs = {} if keep_rate is None else {'keep_rate': keep_rate}
         tokens = model.forward_intermediates(x[:1], output_fmt='NLC', intermediates_only=True, **kwargs)
     layers = getattr(model, 'reorg_layers', ())
-    return [model.patch_embed.num_patches] + [tokens[i].shape[1] for i in layers]
+    return [input_tokens(model, x)] + [tokens[i].shape[1] for i in layers]
+
+
+def input_tokens(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Patch tokens of images ``x``: the patch grid, padded where the model pads (``dynamic_img_pad``)."""
+    return math.prod(model.patch_embed.dynamic_feat_size(tuple(x.shape[-2:])))
 
 
 def _copy_with_keep_rate(model: torch.nn.Module, keep_rate: float) -> torch.nn.Module:
@@ -288,9 +325,10 @@ def run_bench(
 
     model_kwargs = merge_model_kwargs(model_kwargs, fuse_token=fuse_token)
     evit = create_evit_model(model_name, pretrained=pretrained, **model_kwargs).eval()
+    input_size = (evit.in_chans, *evit.patch_embed.img_size)
+    check_batch_fits(batch_size, input_size, DTYPES[dtype], dev)   # before allocating it
     fuse_token = evit.fuse_token
     plain = create_plain_counterpart(model_name, evit, **model_kwargs)  # same weights
-    input_size = (evit.in_chans, *evit.patch_embed.img_size)
 
     # GMACs and token counts do not depend on dtype or device: count them once, fp32 on the CPU.
     x1 = torch.randn(1, *input_size)
@@ -298,13 +336,14 @@ def run_bench(
     gmacs = {r: count_gmacs(evit, x1, keep_rate=r) for r in keep_rates}
     tokens = {r: tokens_per_stage(evit, x1, r) for r in keep_rates}
 
-    plain.to(device=dev, dtype=DTYPES[dtype])
-    batches = {batch_size: torch.randn(batch_size, *input_size, device=dev, dtype=DTYPES[dtype])}
-    if latency:
-        batches[1] = batches[batch_size][:1].clone()
-    # One model per keep rate (shared-nothing copies): the rate is then a constant of each
-    # compiled graph rather than a float argument that dynamo would make symbolic.
-    at_rate = {r: _copy_with_keep_rate(evit, r).to(device=dev, dtype=DTYPES[dtype]) for r in keep_rates}
+    with out_of_memory_as_error(batch_size, dev):
+        plain.to(device=dev, dtype=DTYPES[dtype])
+        batches = {batch_size: torch.randn(batch_size, *input_size, device=dev, dtype=DTYPES[dtype])}
+        if latency:
+            batches[1] = batches[batch_size][:1].clone()
+        # One model per keep rate (shared-nothing copies): the rate is then a constant of each
+        # compiled graph rather than a float argument that dynamo would make symbolic.
+        at_rate = {r: _copy_with_keep_rate(evit, r).to(device=dev, dtype=DTYPES[dtype]) for r in keep_rates}
     wrap = partial(torch.compile, dynamic=False, mode=compile) if compile else (lambda model: model)
 
     rows = []
@@ -312,7 +351,7 @@ def run_bench(
     # Compiling one function per keep rate and batch size needs more than dynamo's default cache.
     compile_cache = _dynamo().config.patch(cache_size_limit=64) if compile else contextlib.nullcontext()
     progress = tqdm(total=steps, desc=f'bench {model_name}', unit='fwd', disable=not show_progress)
-    with compile_cache, cudnn_benchmark(dev.type == 'cuda'), progress as bar:
+    with out_of_memory_as_error(batch_size, dev), compile_cache, cudnn_benchmark(dev.type == 'cuda'), progress as bar:
         for impl in attn:
             for model in (plain, *at_rate.values()):
                 set_fused_attn(model, impl == 'fused')
@@ -335,7 +374,7 @@ def run_bench(
                 return BenchRow(name, rate, fuse, impl, dtype, compile, str(dev), batch_size, row_tokens, row_gmacs,
                                 mac_ratio, ips, ips / plain_ips, ips / plain_ips / mac_ratio, lat, lat_speedup, runtime)
 
-            rows.append(row(plain_name, None, None, [plain.patch_embed.num_patches],
+            rows.append(row(plain_name, None, None, [input_tokens(plain, x1)],
                             plain_gmacs, 'plain'))
             rows.extend(row(evit_label(model_name), r, fuse_token, tokens[r], gmacs[r], r) for r in keep_rates)
     return rows

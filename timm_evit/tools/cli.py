@@ -111,7 +111,8 @@ def export_main(args: argparse.Namespace) -> int:
         _check_output_files({'--out': out})
         kwargs = merge_model_kwargs(dict(args.model_kwargs), keep_rate=args.keep_rate, img_size=args.img_size,
                                     fuse_token=False if args.no_fuse else None)
-        model = create_evit_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **kwargs).eval()
+        model = create_evit_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                                  options={'img_size': '--img-size'} if args.img_size else None, **kwargs).eval()
         check_exportable(model, args.format)
     except ValueError as e:
         return _user_error('export', e)
@@ -171,7 +172,8 @@ def visualize_main(args: argparse.Namespace) -> int:
         check_writable(args.out, '--out', folder=True)
         kwargs = {'img_size': args.img_size} if args.img_size else {}
         model = create_evit_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
-                                  keep_rate=args.keep_rate, fuse_token=not args.no_fuse, **kwargs).eval()
+                                  keep_rate=args.keep_rate, fuse_token=not args.no_fuse, whole_patches=True,
+                                  options={'img_size': '--img-size'}, **kwargs).eval()   # patches drawn on pixels
     except ValueError as e:
         return _user_error('visualize', e)
     config = eval_data_config(model)  # the size the model was built at, not its pretrained_cfg's
@@ -250,11 +252,13 @@ def sweep_main(args: argparse.Namespace) -> int:
 
 
 def _keep_rate(text: str) -> float:
-    return _keep_rates(text)[0] if ',' not in text else _fail(f'--keep-rate takes one float in (0, 1], got {text!r}')
-
-
-def _fail(message: str):
-    raise argparse.ArgumentTypeError(message)
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = float('nan')
+    if not 0. < rate <= 1.:
+        raise argparse.ArgumentTypeError(f'--keep-rate takes one float in (0, 1], got {text!r}')
+    return rate
 
 
 def _model_kwarg(text: str):
@@ -296,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
                             'itself at keep_rate 1.0), evit_<timm name> for any timm ViT that timm_evit.apply '
                             'supports (e.g. evit_deit3_small_patch16_224, beside timm\'s deit3_small_patch16_224), '
                             'or the timm name itself (e.g. vit_small_patch14_reg4_dinov2.lvd142m), converted with '
-                            'timm_evit.apply, beside itself')
+                            'timm_evit.apply, beside itself; each with or without a pretrained tag (e.g. '
+                            'evit_deit_small.keep70_fuse_in1k, beside timm\'s deit_small_patch16_224 with its weights)')
     bench.add_argument('--keep-rates', type=_keep_rates, default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5],
                        help='comma-separated keep rates (default: 1,0.9,0.8,0.7,0.6,0.5)')
     bench.add_argument('--no-fuse', action='store_true', help='drop inattentive tokens instead of fusing them')

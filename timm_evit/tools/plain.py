@@ -2,13 +2,14 @@
 from typing import Any, Dict, Tuple
 
 import timm
+from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg, split_model_name_tag
 from torch import nn
 
 from ..evit_timm import EVIT_PREFIX, TIMM_ARCHITECTURES
 from ..options import EVIT_ARGS
 
-__all__ = ['PLAIN_COUNTERPARTS', 'EVIT_ONLY_ARGS', 'plain_model_name', 'is_applied', 'evit_label',
-           'create_plain_counterpart']
+__all__ = ['PLAIN_COUNTERPARTS', 'EVIT_ONLY_ARGS', 'plain_model_name', 'check_pretrained_tag', 'is_applied',
+           'evit_label', 'create_plain_counterpart']
 
 # The plain model each EViT architecture reorganises (same weights, same shapes), with its
 # creation arguments: timm's own DeiT, or, where timm has none (LV-ViT), the model at keep 1.0.
@@ -26,21 +27,53 @@ EVIT_ONLY_ARGS = EVIT_ARGS
 def is_applied(model_name: str) -> bool:
     """Whether the tools build ``model_name`` as timm's own model with ``timm_evit.apply`` (any timm
     ViT name, with or without a pretrained tag) rather than as a registered ``evit_*`` model."""
-    return model_name not in PLAIN_COUNTERPARTS and not model_name.startswith('evit_')
+    return not split_model_name_tag(model_name)[0].startswith(EVIT_PREFIX)
 
 
 def plain_model_name(model_name: str) -> Tuple[str, Dict[str, Any]]:
-    """The plain timm model (and its creation arguments) that ``model_name`` is measured against."""
-    if model_name in PLAIN_COUNTERPARTS:
-        return PLAIN_COUNTERPARTS[model_name]
-    arch = model_name.split('.')[0]
+    """The plain timm model (and its creation arguments) that ``model_name`` is measured against.
+
+    ``model_name`` is any name ``timm.create_model`` takes for an EViT model, with or without a
+    pretrained tag: a paper name (``evit_deit_small.keep70_fuse_in1k``), ``evit_<timm name>[.tag]``,
+    or a timm ViT name itself (converted with ``timm_evit.apply``). A paper name's counterpart is
+    timm's DeiT with the same tag where timm has it (``evit_deit_tiny.fb_in1k``:
+    ``deit_tiny_patch16_224.fb_in1k``), else timm's DeiT architecture: the tools load it with the
+    EViT model's own weights either way (``create_plain_counterpart``). A ValueError names what is
+    wrong: a name no tool takes, or a tag the architecture does not have."""
+    arch, tag = split_model_name_tag(model_name)
+    if arch in PLAIN_COUNTERPARTS:
+        check_pretrained_tag(model_name)
+        plain, plain_kwargs = PLAIN_COUNTERPARTS[arch]
+        return (_with_tag(plain, tag) if tag else plain), plain_kwargs
     if is_applied(model_name) and timm.is_model(arch):
+        check_pretrained_tag(model_name)
         return model_name, {}    # timm's model itself, EViT applied to a copy
-    if arch.startswith(EVIT_PREFIX) and arch[len(EVIT_PREFIX):] in TIMM_ARCHITECTURES and timm.is_model(arch):
+    if arch[len(EVIT_PREFIX):] in TIMM_ARCHITECTURES and timm.is_model(arch):
+        check_pretrained_tag(model_name)
         return model_name[len(EVIT_PREFIX):], {}   # evit_<timm name>[.tag]: timm's model of that name and tag
     raise ValueError(f'--model takes one of {sorted(PLAIN_COUNTERPARTS)}, evit_<timm name> for a timm ViT that '
                      f'timm_evit.apply supports (e.g. evit_deit3_small_patch16_224), or such a timm name itself, '
+                     f'each with or without a pretrained tag (e.g. evit_deit_small.keep70_fuse_in1k), '
                      f'got {model_name!r}')
+
+
+def check_pretrained_tag(model_name: str) -> None:
+    """A ValueError naming the tag and the architecture's tags where ``model_name`` has a pretrained
+    tag that timm's registry does not know (``timm.create_model`` would fail on it, weights or not)."""
+    arch, tag = split_model_name_tag(model_name)
+    if not tag:
+        return
+    try:
+        get_pretrained_cfg(model_name)
+    except RuntimeError as e:   # timm: 'Invalid pretrained tag (...) for ...'
+        tags = [name.partition('.')[2] for name in get_arch_pretrained_cfgs(arch)]
+        raise ValueError(f'--model {model_name}: {arch} has no pretrained tag {tag!r}; its tags: '
+                         f'{", ".join(tags) or "none"}') from e
+
+
+def _with_tag(arch: str, tag: str) -> str:
+    """``arch.tag`` where timm has that pretrained tag for ``arch``, else ``arch``."""
+    return f'{arch}.{tag}' if f'{arch}.{tag}' in get_arch_pretrained_cfgs(arch) else arch
 
 
 def evit_label(model_name: str) -> str:

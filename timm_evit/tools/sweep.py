@@ -13,6 +13,7 @@ from timm.utils import accuracy
 from ._io import figure_writer, pyplot, write_all_whole
 from .bench import count_gmacs, create_evit_model, merge_model_kwargs, time_interleaved
 from .plain import create_plain_counterpart, plain_model_name
+from .preflight import check_batch_fits
 
 __all__ = ['SweepRow', 'load_image_folder', 'split_folder', 'eval_data_config', 'evaluate', 'run_sweep',
            'pick_keep_rate', 'write_sweep']
@@ -147,6 +148,7 @@ def run_sweep(
     dataset = load_image_folder(data_dir, split)
     model = create_evit_model(model_name, pretrained=pretrained, checkpoint=checkpoint, **model_kwargs).eval()
     data_config = eval_data_config(model, crop_pct)
+    check_batch_fits(min(batch_size, len(dataset)), data_config['input_size'], torch.float32, torch.device('cpu'))
     loader = create_loader(
         dataset, input_size=data_config['input_size'], batch_size=batch_size, is_training=False,
         interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
