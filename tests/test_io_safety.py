@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from test_cli_errors import TINY, TINY_CLI, assert_one_line_error, run_main
-from timm_evit.checkpoints import read_checkpoint, require_finite
+from timm_evit.checkpoints import read_checkpoint
 from timm_evit.tools import sweep as sweep_module
 from timm_evit.tools.cli import build_parser
 from timm_evit.tools.visualize import load_image
@@ -62,6 +62,7 @@ def data(data_and_hidden):
 # ---- 1. non-finite outputs ---------------------------------------------------------------------
 
 def test_require_finite_names_what_and_where():
+    from timm_evit.checkpoints import require_finite
     require_finite(torch.ones(3), 'logits', 'm')   # finite: nothing
     require_finite(torch.arange(3), 'logits', 'm')  # integers are always finite
     with pytest.raises(ValueError, match=r"^evit_x with checkpoint 'c.pth' gives non-finite logits \(1 NaN and 1 "
@@ -97,6 +98,7 @@ def test_every_tool_refuses_non_finite_values_naming_the_weights(command, data_a
 
 def test_hub_convert_refuses_non_finite_logits_with_the_shared_check(tmp_path, capsys, monkeypatch):
     from test_weights import DEIT_ROW, hub
+    from timm_evit.checkpoints import require_finite
     sources, out = tmp_path / 'sources', tmp_path / 'out'
     sources.mkdir()
     out.mkdir()
@@ -293,6 +295,13 @@ def test_a_signal_while_writing_leaves_no_file_and_one_line(sig, code, word, tmp
     assert files_under(tmp_path) == []   # no temporary file, and the folder made for it removed
 
 
+def run_interrupted(capsys, argv):
+    try:
+        return run_main(capsys, argv)
+    except KeyboardInterrupt:   # (pytest would take it for its own Ctrl-C and stop)
+        pytest.fail('KeyboardInterrupt escaped main(): a traceback for the user')
+
+
 def test_ctrl_c_while_writing_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
     import timm_evit.tools.export as export
 
@@ -301,7 +310,7 @@ def test_ctrl_c_while_writing_is_one_line_and_exit_130(tmp_path, capsys, monkeyp
         raise KeyboardInterrupt
 
     monkeypatch.setattr(export, 'exported_writer', lambda *a, **k: interrupted)
-    code, err = run_main(capsys, EXPORT + ['--out', str(tmp_path / 'm.pt2')])
+    code, err = run_interrupted(capsys, EXPORT + ['--out', str(tmp_path / 'm.pt2')])
     assert code == 130 and err.strip() == 'timm-evit export: interrupted', err[-3000:]
     assert files_under(tmp_path) == []
 
@@ -316,7 +325,7 @@ def test_an_interrupt_right_after_the_temporary_file_is_created_leaves_nothing(t
         return fd
 
     monkeypatch.setattr(os, 'open', open_then_interrupt)
-    code, err = run_main(capsys, EXPORT + ['--out', str(tmp_path / 'm.pt2')])
+    code, err = run_interrupted(capsys, EXPORT + ['--out', str(tmp_path / 'm.pt2')])
     assert code == 130 and err.strip() == 'timm-evit export: interrupted'
     assert files_under(tmp_path) == []
 
