@@ -28,8 +28,8 @@ def pyplot():
     return plt
 
 
-# Formats whose 32-bit integer PIL images ('I') hold 16-bit samples scaled to 0..65535 (PNG
-# before Pillow 10.? opened 16-bit grey as 'I'; PGM with a maxval above 255 opens as 'I').
+# Formats whose 32-bit integer PIL images ('I') hold 16-bit samples, 0..65535: older Pillow
+# releases open a 16-bit grey PNG as 'I', and a PGM whose maxval is above 255 opens as 'I'.
 _SIXTEEN_BIT_FORMATS = ('PNG', 'PPM')
 _PIXEL_TYPES = {'i4': '32-bit integers', 'f4': '32-bit floats'}
 

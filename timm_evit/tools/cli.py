@@ -253,8 +253,8 @@ def sweep_main(args: argparse.Namespace) -> int:
     setting = f'{args.model} on {args.data_dir} ({args.split}), batch {args.batch_size}, CPU: {_machine("cpu")}'
     try:
         check_writable(prefix, '--out')
-        _check_output_files({'--out': sweep_paths(prefix, plot=not args.no_plot)},
-                            inputs={'--data-dir': image_files(args.data_dir, args.split), '--checkpoint': args.checkpoint})
+        inputs = {'--data-dir': image_files(args.data_dir, args.split), '--checkpoint': args.checkpoint}
+        _check_output_files({'--out': sweep_paths(prefix, plot=not args.no_plot)}, inputs=inputs)
         rows = run_sweep(args.model, args.data_dir, args.split, args.keep_rates, args.batch_size,
                          pretrained=args.pretrained, checkpoint=args.checkpoint, num_classes=args.num_classes,
                          fuse_token=False if args.no_fuse else None, workers=args.workers,
