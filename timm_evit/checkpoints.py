@@ -3,12 +3,14 @@ import argparse
 import os
 import pickle
 import re
-from typing import Any, Dict
+import warnings
+from typing import Any, Dict, Optional
 
 import torch
 
 __all__ = ['ALLOWED_PICKLE_GLOBALS', 'read_checkpoint', 'unwrap_state_dict', 'require_matching_keys',
-           'load_state_dict_checked', 'load_checkpoint_file', 'one_line']
+           'load_state_dict_checked', 'load_checkpoint_file', 'one_line', 'require_finite', 'require_finite_forward',
+           'weights_source']
 
 # Training scripts derived from timm's and DeiT's pickle their argparse.Namespace beside the
 # weights (official EViT and Token Labeling files). It is a plain attribute bag: safe to allow.
@@ -32,12 +34,12 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
             raise ValueError(f'checkpoint {path!r} is not a readable safetensors file (corrupted or truncated?): {e}') from e
     unsafe = f'checkpoint {path!r} cannot be read safely (weights_only=True)'
     try:
-        with torch.serialization.safe_globals(ALLOWED_PICKLE_GLOBALS):
+        # torch's warnings here (a TorchScript archive dispatched to torch.jit.load) are its refusal's reason again
+        with torch.serialization.safe_globals(ALLOWED_PICKLE_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter('ignore')
             checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:  # a pickle that is not weights-only, or garbage
-        raise ValueError(f'{unsafe}: {_unpickling_reason(e)}') from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:  # a damaged or truncated file
-        raise ValueError(f'{unsafe}: {one_line(str(e))}') from e
+    except Exception as e:  # not weights-only; damaged or truncated (the unpickler then raises anything); TorchScript
+        raise ValueError(f'{unsafe}: {_torch_reason(e)}') from e
     if not isinstance(checkpoint, dict):
         raise ValueError(f'checkpoint {path!r} holds a {type(checkpoint).__name__}, not a state dict')
     return checkpoint
@@ -81,13 +83,67 @@ def load_checkpoint_file(model: torch.nn.Module, path: str) -> None:
     load_state_dict_checked(model, unwrap_state_dict(read_checkpoint(path)), f'checkpoint {path!r}')
 
 
+def weights_source(model_name: str, pretrained: bool = False, checkpoint: Optional[str] = None) -> str:
+    """The model and its weights, as errors about what it computes name them."""
+    if checkpoint:
+        return f'{model_name} with checkpoint {checkpoint!r}'
+    return f'{model_name} with {"pretrained" if pretrained else "random"} weights'
+
+
+def require_finite(values: torch.Tensor, what: str, source: str) -> None:
+    """A ValueError naming ``what`` was computed and by which ``source`` (model, checkpoint)
+    unless every one of ``values`` is finite: NaN logits would otherwise be counted, exported or
+    drawn as if they meant something (NaN compares false, so a NaN logit is never wrong)."""
+    values = torch.as_tensor(values).detach()
+    if not values.is_floating_point() or bool(torch.isfinite(values).all()):
+        return
+    nan, inf = int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
+    raise ValueError(f'{source} gives non-finite {what} ({nan} NaN and {inf} infinite of {values.numel()} values): '
+                     'broken weights, or an overflow; nothing is computed from them')
+
+
+@torch.no_grad()
+def require_finite_forward(model: torch.nn.Module, images: torch.Tensor, source: str,
+                           keep_rate: Optional[float] = None) -> None:
+    """``require_finite`` on what an EViT ``model`` (eval mode) computes from ``images`` (at
+    ``keep_rate``; None: its own): every block's tokens, then the logits. Run on timm's math
+    attention path, where a NaN attention row makes NaN tokens: torch's fused CPU kernel can turn
+    it into finite output, while the class attention EViT chooses tokens by is still NaN."""
+    fused = {m: m.fused_attn for m in model.modules() if hasattr(m, 'fused_attn')}
+    training = model.training
+    kwargs = {} if keep_rate is None else {'keep_rate': keep_rate}
+    try:
+        model.eval()
+        for module in fused:
+            module.fused_attn = False
+        final, intermediates = model.forward_intermediates(images, output_fmt='NLC', **kwargs)
+        for block, tokens in enumerate(intermediates):
+            require_finite(tokens, f'tokens in block {block}', source)
+        require_finite(model.forward_head(final), 'logits', source)
+    finally:
+        model.train(training)
+        for module, value in fused.items():
+            module.fused_attn = value
+
+
 def one_line(text: str, limit: int = 600) -> str:
     """``text`` on one line (whitespace runs collapsed), cut to ``limit`` characters."""
     text = ' '.join(text.split())
     return text if len(text) <= limit else text[:limit - 3] + '...'
 
 
-def _unpickling_reason(error: Exception) -> str:
-    # torch's weights-only error is a page of advice; its reason is one sentence of it
-    found = re.search(r'WeightsUnpickler error: (.*?)(?: Please use|$)', ' '.join(str(error).split()))
-    return found.group(1) if found else one_line(str(error))
+# Sentences of torch's load errors that advise loading the file anyway (weights_only=False,
+# allowlisting its globals) or point to more of that advice: never passed on about an untrusted file.
+_TORCH_ADVICE = ('weights_only set to false', 'weights_only=false', 'safe_globals', 'trust', 'can still be loaded',
+                 'two options', 'alternatively', 'in pytorch 2.6', 'file an issue', 'check the documentation',
+                 'load failed')
+
+
+def _torch_reason(error: Exception) -> str:
+    """What torch says is wrong with a file it refused to load, on one line, without its advice."""
+    text = re.sub(r'\x1b\[[0-9;]*m|`', '', str(error)).replace('WeightsUnpickler error:', ' ')
+    sentences = re.split(r'(?<=\.)\s+|\s*\(\d\)\s*', ' '.join(text.split()))
+    reason = one_line(' '.join(s for s in sentences if s and not any(a in s.lower() for a in _TORCH_ADVICE)))
+    if isinstance(error, (pickle.UnpicklingError, RuntimeError)) and reason:  # torch's own prose
+        return reason
+    return f'damaged or truncated? ({type(error).__name__}{": " + reason if reason else ""})'

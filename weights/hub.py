@@ -32,6 +32,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoin
 
 from timm_evit.tools._io import _make_folders, _remove_folders, check_writable, file_mode, folder_mode
 from timm_evit.checkpoints import load_state_dict_checked, read_checkpoint, require_matching_keys, unwrap_state_dict
+from timm_evit.checkpoints import require_finite
 from timm_evit.evit_deit import HUB_NAMESPACE
 from timm_evit.evit_lvvit import checkpoint_filter_fn as lvvit_checkpoint_filter_fn
 from timm_evit.options import check_keep_rate
@@ -301,8 +302,7 @@ def convert(row: Row, source: str) -> torch.nn.Module:
     load_state_dict_checked(model, state_dict, 'the converted state dict')
     with torch.no_grad():
         logits = model(torch.randn(2, *model.pretrained_cfg['input_size']))
-    if not torch.isfinite(logits).all():
-        raise ValueError(f'{source}: the converted model gives non-finite logits')
+    require_finite(logits, 'logits', f'the model converted from {source}')
     return model
 
 

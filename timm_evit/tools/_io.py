@@ -1,11 +1,13 @@
-"""Output files: checked before the long work, written all whole or none at all; the optional plotting import."""
+"""Input images as the models take them (8-bit RGB); output files: checked before the long work
+(never an input), written all whole or none at all; the optional plotting import."""
 import contextlib
 import os
+import secrets
 import tempfile
-from typing import BinaryIO, Callable, List, Mapping
+from typing import BinaryIO, Callable, List, Mapping, Optional, Sequence
 
-__all__ = ['OutputError', 'pyplot', 'check_writable', 'write_all_whole', 'write_whole', 'save_figure_whole',
-           'figure_writer', 'file_mode', 'folder_mode']
+__all__ = ['OutputError', 'pyplot', 'rgb_image', 'check_writable', 'same_file_as', 'write_all_whole', 'write_whole',
+           'save_figure_whole', 'figure_writer', 'file_mode', 'folder_mode']
 
 Writer = Callable[[BinaryIO], None]   # writes one file's bytes
 
@@ -24,6 +26,36 @@ def pyplot():
     except ImportError as e:
         raise RuntimeError("plotting needs matplotlib: pip install 'timm-evit[plot]'") from e
     return plt
+
+
+# Formats whose 32-bit integer PIL images ('I') hold 16-bit samples, 0..65535: older Pillow
+# releases open a 16-bit grey PNG as 'I', and a PGM whose maxval is above 255 opens as 'I'.
+_SIXTEEN_BIT_FORMATS = ('PNG', 'PPM')
+_PIXEL_TYPES = {'i4': '32-bit integers', 'f4': '32-bit floats'}
+
+
+def rgb_image(image):
+    """``image`` (PIL) as the 8-bit RGB image the models' transforms take, or a ValueError saying why not.
+
+    8-bit modes (1, L, LA, P, PA, RGB, RGBA, CMYK, YCbCr, LAB, HSV, ...) go through PIL's own
+    ``convert('RGB')``. 16-bit grey is scaled to 8 bits (65535 is white): PIL's conversion clips
+    it instead, so a 16-bit photo turns white. 32-bit integer and float images have no fixed white
+    (0..1, 0..65535, anything): refused rather than guessed.
+    """
+    import numpy as np
+    from PIL import Image, ImageMode
+    typestr = ImageMode.getmode(image.mode).typestr
+    if typestr.endswith('u2') or (image.mode == 'I' and image.format in _SIXTEEN_BIT_FORMATS):
+        pixels = np.asarray(image, dtype=np.float64) * (255 / 65535)
+        image = Image.fromarray(np.clip(pixels.round(), 0, 255).astype(np.uint8))
+    elif typestr not in ('|u1', '|b1'):
+        kind = _PIXEL_TYPES.get(typestr[1:], f'{typestr!r} values')
+        raise ValueError(f'its pixels are {kind} (PIL mode {image.mode!r}), with no fixed white to scale to 8 bits: '
+                         'save it with 8 or 16 bits per channel')
+    try:
+        return image.convert('RGB')
+    except ValueError as e:  # a mode PIL cannot convert (e.g. La)
+        raise ValueError(f'its PIL mode {image.mode!r} has no RGB conversion: {e}') from e
 
 
 def _umask() -> int:
@@ -63,6 +95,21 @@ def check_writable(path: str, argument: str, folder: bool = False) -> None:
         raise ValueError(f'{argument} {path!r} cannot be written: {e}') from e
 
 
+def same_file_as(path: str, inputs: Sequence[str]) -> Optional[int]:
+    """The index of the first of ``inputs`` that ``path`` is (the same file: its own path, a
+    symbolic or hard link, compared by device and inode), or None."""
+    def identity(p):
+        try:
+            st = os.stat(p)
+        except (OSError, ValueError):  # missing: nothing there to write over
+            return None
+        return st.st_dev, st.st_ino
+    target = identity(path)
+    if target is None:
+        return None
+    return next((i for i, p in enumerate(inputs) if identity(p) == target), None)
+
+
 def _make_folders(folder: str) -> List[str]:
     """Create ``folder`` and its missing parents; the ones created, outermost first."""
     missing = []
@@ -86,18 +133,17 @@ def _remove_folders(created: List[str]) -> None:
             os.rmdir(f)
 
 
-def _write_temporary(path: str, write: Writer) -> str:
-    """``write`` into a new temporary file beside ``path``; its name."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix='.tmp-',
-                               suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-        os.chmod(tmp, file_mode())  # mkstemp makes it private; give it the usual permissions
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
+def _temporary_name(path: str) -> str:
+    """A new hidden name beside ``path`` (its suffix kept, as some writers want it)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    return os.path.join(folder, f'.tmp-{secrets.token_hex(8)}{os.path.splitext(path)[1]}')
+
+
+def _write_new(tmp: str, write: Writer) -> None:
+    """``write`` into the new file ``tmp`` (never an existing one), with the usual permissions."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_BINARY', 0), 0o666)
+    with os.fdopen(fd, 'wb') as f:
+        write(f)
 
 
 def write_all_whole(outputs: Mapping[str, Writer], make_folders: bool = False) -> None:
@@ -108,6 +154,8 @@ def write_all_whole(outputs: Mapping[str, Writer], make_folders: bool = False) -
     before a later one fails is removed again). ``make_folders`` creates missing folders (removed
     again on failure); otherwise a missing folder is an error. An ``OSError`` while writing (disk
     full, permissions) becomes an ``OutputError`` naming the file; any other error propagates as is.
+    An interrupt (KeyboardInterrupt, or any exception a signal handler raises) at any point leaves
+    no temporary file: each is named, and its cleanup in place, before it is created.
     """
     created, temporaries, renamed = [], {}, []
     try:
@@ -121,20 +169,27 @@ def write_all_whole(outputs: Mapping[str, Writer], make_folders: bool = False) -
             elif not os.path.isdir(folder):
                 raise OutputError(f'cannot write {path!r}: folder {folder!r} does not exist')
         for path, write in outputs.items():
-            try:
-                temporaries[path] = _write_temporary(path, write)
-            except OSError as e:
-                raise OutputError(f'cannot write {path!r}: {e}') from e
+            while path not in temporaries:
+                temporaries[path] = _temporary_name(path)
+                try:
+                    _write_new(temporaries[path], write)
+                except FileExistsError:  # the name is taken (never by chance in practice): not ours to remove
+                    del temporaries[path]
+                except OSError as e:
+                    raise OutputError(f'cannot write {path!r}: {e}') from e
         for path, tmp in temporaries.items():
+            renamed.append(path)   # before the rename: the cleanup tells by the temporary file whether it happened
             try:
                 os.replace(tmp, path)
             except OSError as e:
                 raise OutputError(f'cannot write {path!r}: {e}') from e
-            renamed.append(path)
     except BaseException:
         for path, tmp in temporaries.items():
             with contextlib.suppress(OSError):
-                os.unlink(path if path in renamed else tmp)
+                if os.path.lexists(tmp):   # not renamed (or never created: then nothing is there)
+                    os.unlink(tmp)
+                elif path in renamed:      # renamed into place: written over whatever was there, so removed
+                    os.unlink(path)
         _remove_folders(created)
         raise
 

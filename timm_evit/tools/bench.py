@@ -19,7 +19,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ._io import pyplot, save_figure_whole
-from ..checkpoints import load_checkpoint_file, one_line
+from ..checkpoints import load_checkpoint_file, one_line, require_finite_forward, weights_source
 from ..convert import apply
 from .preflight import (check_batch_fits, check_input_size, hub_offline, hub_unreachable, hub_weights,
                         missing_weights_message, out_of_memory_as_error)
@@ -28,7 +28,7 @@ from .plain import EVIT_ONLY_ARGS, create_plain_counterpart, evit_label, is_appl
 __all__ = [
     'BenchRow', 'set_fused_attn', 'count_gmacs', 'tokens_per_stage', 'time_interleaved', 'run_bench',
     'format_rows', 'rows_as_dicts', 'plot_rows', 'rows_figure', 'DTYPES', 'COMPILE_MODES', 'min_warmup', 'merge_model_kwargs', 'create_evit_model',
-    'check_device', 'RUNTIMES', 'check_runtime', 'input_tokens',
+    'check_device', 'RUNTIMES', 'check_runtime', 'input_tokens', 'require_distinct_keep_rates',
 ]
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
@@ -282,6 +282,16 @@ def time_interleaved(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def require_distinct_keep_rates(keep_rates: Sequence[float]) -> None:
+    """A ValueError naming ``--keep-rates`` and the first rate listed twice: each rate is measured
+    once, and two rows from one measurement would look like two measurements that agree."""
+    seen = set()
+    for rate in keep_rates:
+        if rate in seen:
+            raise ValueError(f'--keep-rates lists {rate:g} twice: give each keep rate once')
+        seen.add(rate)
+
+
 def run_bench(
         model_name: str = 'evit_deit_small',
         keep_rates: Sequence[float] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5),
@@ -313,6 +323,7 @@ def run_bench(
     from tqdm import tqdm
 
     plain_name = plain_model_name(model_name)[0]
+    require_distinct_keep_rates(keep_rates)
     if dtype not in DTYPES:
         raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
     if any(a not in ('math', 'fused') for a in attn):
@@ -332,6 +343,8 @@ def run_bench(
 
     # GMACs and token counts do not depend on dtype or device: count them once, fp32 on the CPU.
     x1 = torch.randn(1, *input_size)
+    for r in keep_rates:   # before the long run: a model computing NaN is not benchmarked as if it worked
+        require_finite_forward(evit, x1, f'{weights_source(model_name, pretrained)} at keep_rate {r:g}', keep_rate=r)
     plain_gmacs = count_gmacs(plain, x1)
     gmacs = {r: count_gmacs(evit, x1, keep_rate=r) for r in keep_rates}
     tokens = {r: tokens_per_stage(evit, x1, r) for r in keep_rates}

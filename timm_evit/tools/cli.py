@@ -1,14 +1,17 @@
 """``timm-evit`` command line (also ``python -m timm_evit``)."""
 import argparse
+import contextlib
 import json
 import os
 import platform
+import signal
 import sys
+import threading
 from typing import List, Optional
 
 import torch
 
-from .bench import COMPILE_MODES, RUNTIMES
+from .bench import COMPILE_MODES, RUNTIMES, require_distinct_keep_rates
 from .export import FORMATS
 from .plain import PLAIN_COUNTERPARTS
 
@@ -20,6 +23,10 @@ def _keep_rates(text: str) -> List[float]:
         rates = []
     if not rates or any(not 0. < r <= 1. for r in rates):
         raise argparse.ArgumentTypeError(f'--keep-rates takes comma-separated floats in (0, 1], got {text!r}')
+    try:
+        require_distinct_keep_rates(rates)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f'{e}, got {text!r}') from e
     return rates
 
 
@@ -100,24 +107,26 @@ def _runtime(args: argparse.Namespace) -> str:
 def export_main(args: argparse.Namespace) -> int:
     from ._io import write_all_whole
     from .bench import create_evit_model, merge_model_kwargs
-    from .export import check_exportable, exported_writer, require_exporter
+    from .export import check_exportable, example_images, exported_writer, require_exporter
     from .plain import plain_model_name
-    from ..checkpoints import one_line
+    from ..checkpoints import one_line, require_finite_forward, weights_source
 
     out = args.out or args.model + FORMATS[args.format]
+    source = weights_source(args.model, args.pretrained, args.checkpoint)
     try:
         require_exporter(args.format)
         plain_model_name(args.model)   # the names bench takes
-        _check_output_files({'--out': out})
+        _check_output_files({'--out': out}, inputs={'--checkpoint': args.checkpoint})
         kwargs = merge_model_kwargs(dict(args.model_kwargs), keep_rate=args.keep_rate, img_size=args.img_size,
                                     fuse_token=False if args.no_fuse else None)
         model = create_evit_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
                                   options={'img_size': '--img-size'} if args.img_size else None, **kwargs).eval()
         check_exportable(model, args.format)
+        require_finite_forward(model, example_images(model), source)   # no file of NaN outputs
     except ValueError as e:
         return _user_error('export', e)
     try:
-        writer = exported_writer(model, args.format)
+        writer = exported_writer(model, args.format, source)
     except Exception as e:  # the exporter's own failure: not the user's mistake, so exit code 1
         print(f'timm-evit export: exporting {args.model} to {args.format} failed: {one_line(str(e))}', file=sys.stderr)
         return 1
@@ -133,14 +142,27 @@ def export_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_output_files(files: dict) -> None:
-    """Every output file (option -> path or None) writable, and no two the same, before any work."""
-    from ._io import check_writable
-    given = {option: path for option, path in files.items() if path}
-    for option, path in given.items():
+def _check_output_files(files: dict, inputs: Optional[dict] = None) -> None:
+    """Every output file (option -> path, list of paths, or None) writable, no two the same, and
+    none of them an input file (option -> path, list of paths, or None), links included: before
+    any work. Every command's outputs are checked here."""
+    from ._io import check_writable, same_file_as
+    given = [(option, path) for option, paths in files.items() for path in _listed(paths)]
+    for option, path in given:
         check_writable(path, option)
-    if len({os.path.abspath(p) for p in given.values()}) < len(given):
-        raise ValueError(f'{" and ".join(given)} name the same file: give each its own')
+    if len({os.path.abspath(p) for _, p in given}) < len(given):
+        raise ValueError(f'{" and ".join(dict(given))} name the same file: give each its own')
+    read = [(option, path) for option, paths in (inputs or {}).items() for path in _listed(paths)]
+    for option, path in given:
+        written_over = same_file_as(path, [p for _, p in read])
+        if written_over is not None:
+            input_option, input_path = read[written_over]
+            raise ValueError(f'{option} would write {path!r}, which is {input_option} {input_path!r} (an input of '
+                             f'this command, the same file): give another {option}')
+
+
+def _listed(paths) -> List[str]:
+    return [p for p in ([paths] if isinstance(paths, str) else paths or []) if p]
 
 
 def _user_error(command: str, error: object) -> int:
@@ -164,12 +186,15 @@ def visualize_main(args: argparse.Namespace) -> int:
     from .bench import create_evit_model
     from .sweep import eval_data_config
     from .visualize import load_image, masks_figure, picture_names, reorganisation_masks, stage_names
+    from ..checkpoints import require_finite_forward, weights_source
 
     if not _need_matplotlib('visualize'):
         return 2
+    paths = [os.path.join(args.out, name) for name in picture_names(args.images)]
     try:
         images = [load_image(path) for path in args.images]  # every image readable before any work
         check_writable(args.out, '--out', folder=True)
+        _check_output_files({'--out': paths}, inputs={'IMAGE': args.images, '--checkpoint': args.checkpoint})
         kwargs = {'img_size': args.img_size} if args.img_size else {}
         model = create_evit_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
                                   keep_rate=args.keep_rate, fuse_token=not args.no_fuse, whole_patches=True,
@@ -184,10 +209,14 @@ def visualize_main(args: argparse.Namespace) -> int:
     title = (f'{args.model} ({weights}), keep_rate {args.keep_rate:g}, '
              f'{"fusion (orange)" if not args.no_fuse else "no fusion"}, dropped greyed')
 
+    source = weights_source(args.model, args.pretrained, args.checkpoint)
+
     def picture_writer(image):
         def write(f):  # drawn while writing: every picture is written, or none
             pixels = to_pixels(image)
-            masks = reorganisation_masks(model, ((pixels - mean) / std)[None])[0]
+            x = ((pixels - mean) / std)[None]
+            require_finite_forward(model, x, source)   # masks chosen from NaN attention mean nothing
+            masks = reorganisation_masks(model, x)[0]
             fig = masks_figure(pixels, masks, stage_names(model), title=title)
             try:
                 figure_writer(fig)(f)
@@ -195,8 +224,7 @@ def visualize_main(args: argparse.Namespace) -> int:
                 pyplot().close(fig)
         return write
 
-    outputs = {os.path.join(args.out, name): picture_writer(image)
-               for name, image in zip(picture_names(args.images), images)}
+    outputs = {path: picture_writer(image) for path, image in zip(paths, images)}
     try:
         write_all_whole(outputs, make_folders=True)  # every picture or none
     except ValueError as e:
@@ -217,7 +245,7 @@ def _sweep_prefix(out: Optional[str], model: str) -> str:
 
 def sweep_main(args: argparse.Namespace) -> int:
     from ._io import check_writable
-    from .sweep import pick_keep_rate, run_sweep, write_sweep
+    from .sweep import image_files, pick_keep_rate, run_sweep, sweep_paths, write_sweep
 
     if not args.no_plot and not _need_matplotlib('sweep'):
         return 2
@@ -227,6 +255,8 @@ def sweep_main(args: argparse.Namespace) -> int:
     setting = f'{args.model} on {args.data_dir} ({args.split}), batch {args.batch_size}, CPU: {_machine("cpu")}'
     try:
         check_writable(prefix, '--out')
+        inputs = {'--data-dir': image_files(args.data_dir, args.split), '--checkpoint': args.checkpoint}
+        _check_output_files({'--out': sweep_paths(prefix, plot=not args.no_plot)}, inputs=inputs)
         rows = run_sweep(args.model, args.data_dir, args.split, args.keep_rates, args.batch_size,
                          pretrained=args.pretrained, checkpoint=args.checkpoint, num_classes=args.num_classes,
                          fuse_token=False if args.no_fuse else None, workers=args.workers,
@@ -303,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                             'timm_evit.apply, beside itself; each with or without a pretrained tag (e.g. '
                             'evit_deit_small.keep70_fuse_in1k, beside timm\'s deit_small_patch16_224 with its weights)')
     bench.add_argument('--keep-rates', type=_keep_rates, default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5],
-                       help='comma-separated keep rates (default: 1,0.9,0.8,0.7,0.6,0.5)')
+                       help='comma-separated keep rates, each once (a repeated rate is refused, not '
+                       'measured twice; default: 1,0.9,0.8,0.7,0.6,0.5)')
     bench.add_argument('--no-fuse', action='store_true', help='drop inattentive tokens instead of fusing them')
     bench.add_argument('--batch-size', type=_positive_int, default=32)
     bench.add_argument('--repeats', type=_positive_int, default=5)
@@ -349,7 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument('--split', default='validation',
                        help='split folder of --data-dir (or a timm synonym: val, eval, ...); a folder of class folders '
                        'alone is the validation split')
-    sweep.add_argument('--keep-rates', type=_keep_rates, default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
+    sweep.add_argument('--keep-rates', type=_keep_rates, default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5],
+                       help='comma-separated keep rates, each once (a repeated rate is refused, not '
+                       'measured twice; default: 1,0.9,0.8,0.7,0.6,0.5)')
     sweep.add_argument('--batch-size', type=_positive_int, default=32)
     sweep.add_argument('--pretrained', action='store_true', help='pretrained weights (must be cached offline)')
     sweep.add_argument('--checkpoint', help='weights file to evaluate (for example from timm\'s train.py)')
@@ -392,9 +425,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the command is, so that it unwinds through every cleanup (temporary
+    files) as Ctrl-C's KeyboardInterrupt does; a BaseException, which no ``except Exception`` takes."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises ``Terminated`` (once: a second one while unwinding would cut the cleanup short)."""
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+    if threading.current_thread() is not threading.main_thread():  # only the main thread handles signals
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        with _sigterm_raises():
+            return args.func(args)
+    # Every file is written whole or not at all: an interrupt leaves none behind, so one line says it,
+    # with the exit code a shell gives a process that the signal ended.
+    except KeyboardInterrupt:
+        return _interrupted(args.command, 'interrupted', 128 + int(signal.SIGINT))
+    except Terminated:
+        return _interrupted(args.command, 'terminated', 128 + int(signal.SIGTERM))
+
+
+def _interrupted(command: str, what: str, code: int) -> int:
+    print(f'timm-evit {command}: {what}', file=sys.stderr)
+    return code
 
 
 if __name__ == '__main__':

@@ -12,6 +12,7 @@ from typing import BinaryIO, Callable, Dict, Iterator
 import torch
 
 from ._io import write_all_whole
+from ..checkpoints import require_finite_forward
 
 __all__ = ['FORMATS', 'INPUT_NAME', 'OUTPUT_NAME', 'BATCH_AXIS', 'example_images', 'export_program', 'onnx_program',
            'onnx_bytes', 'check_exportable', 'exported_writer', 'export_model', 'require_exporter', 'onnxruntime_session',
@@ -112,10 +113,12 @@ def onnx_bytes(model: torch.nn.Module) -> bytes:
     return onnx_program(model).model_proto.SerializeToString()
 
 
-def exported_writer(model: torch.nn.Module, format: str = 'onnx') -> Writer:
+def exported_writer(model: torch.nn.Module, format: str = 'onnx', source: str = 'the model') -> Writer:
     """Exports ``model`` now and returns a writer of the file's bytes (see ``_io.write_all_whole``):
-    an export that fails raises here, before any file is opened."""
+    an export that fails, or a model that computes non-finite values from the example images (a
+    ValueError naming ``source``), raises here, before any file is opened."""
     check_exportable(model, format)
+    require_finite_forward(model, example_images(model), source)
     if format == 'onnx':
         data = onnx_bytes(model)
         return lambda f: f.write(data)

@@ -10,13 +10,14 @@ import torch
 from timm.data import create_dataset, create_loader, resolve_data_config
 from timm.utils import accuracy
 
-from ._io import figure_writer, pyplot, write_all_whole
-from .bench import count_gmacs, create_evit_model, merge_model_kwargs, time_interleaved
+from ._io import figure_writer, pyplot, rgb_image, write_all_whole
+from ..checkpoints import require_finite, require_finite_forward, weights_source
+from .bench import count_gmacs, create_evit_model, merge_model_kwargs, require_distinct_keep_rates, time_interleaved
 from .plain import create_plain_counterpart, plain_model_name
 from .preflight import check_batch_fits
 
-__all__ = ['SweepRow', 'load_image_folder', 'split_folder', 'eval_data_config', 'evaluate', 'run_sweep',
-           'pick_keep_rate', 'write_sweep']
+__all__ = ['SweepRow', 'load_image_folder', 'image_files', 'with_rgb_images', 'split_folder', 'eval_data_config',
+           'evaluate', 'run_sweep', 'pick_keep_rate', 'sweep_paths', 'write_sweep']
 
 # timm's create_dataset looks for these folders for a split of these names (timm.data.dataset_factory)
 TRAIN_SPLITS = ('train', 'training')
@@ -57,18 +58,32 @@ def _synonyms(split: str) -> Sequence[str]:
     return TRAIN_SPLITS if split in TRAIN_SPLITS else EVAL_SPLITS if split in EVAL_SPLITS else ()
 
 
-def load_image_folder(data_dir: str, split: str):
-    """timm's ImageFolder dataset of ``split`` (see ``split_folder``), with clear errors for a bad
-    path, a missing split, no images, or files that cannot be decoded."""
+def _image_dataset(data_dir: str, split: str):
+    """timm's ImageFolder dataset of ``split`` (see ``split_folder``), images not yet read: timm's
+    conversion to RGB clips 16-bit images, so ``load_image_folder`` converts them itself."""
     if not os.path.isdir(data_dir):
         raise ValueError(f'--data-dir {data_dir!r} is not a folder')
     root = split_folder(data_dir, split)
     try:
-        dataset = create_dataset('', root=root, split=split, search_split=False)
+        dataset = create_dataset('', root=root, split=split, search_split=False, input_img_mode='')
     except RuntimeError as e:  # timm's ImageFolder reader finds no images
         raise ValueError(f'--data-dir {data_dir!r} (split {split!r}) holds no images: {e}') from e
     if len(dataset) == 0:
         raise ValueError(f'--data-dir {data_dir!r} (split {split!r}) holds no images')
+    return dataset
+
+
+def image_files(data_dir: str, split: str) -> List[str]:
+    """The image files ``load_image_folder`` reads, without reading them."""
+    return [path for path, _ in _image_dataset(data_dir, split).reader.samples]
+
+
+def load_image_folder(data_dir: str, split: str):
+    """timm's ImageFolder dataset of ``split`` (see ``split_folder``), with clear errors for a bad
+    path, a missing split, no images, or files that cannot be decoded or have no 8-bit RGB
+    equivalent (see ``rgb_image``). It yields 8-bit RGB images: ``with_rgb_images`` puts the
+    conversion in front of the transform a loader gives it."""
+    dataset = _image_dataset(data_dir, split)
     unreadable = []
     for path, _ in dataset.reader.samples:
         reason = _decoding_error(path)
@@ -81,15 +96,21 @@ def load_image_folder(data_dir: str, split: str):
 
 def _decoding_error(path: str) -> Optional[str]:
     # timm skips a sample it cannot decode and silently serves the next one: that would bias the
-    # accuracy, so every image is decoded once up front (opening reads only the header: a
-    # truncated JPEG opens fine and fails in load()).
+    # accuracy, so every image is decoded (and converted) once up front (opening reads only the
+    # header: a truncated JPEG opens fine and fails in load()).
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as img:
-            img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # PIL raises SyntaxError for some broken headers
+            rgb_image(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # SyntaxError: some broken headers
         return str(e)
     return None
+
+
+def with_rgb_images(dataset) -> None:
+    """Put ``rgb_image`` in front of ``dataset``'s transform (as timm's ``create_loader`` set it)."""
+    from torchvision import transforms
+    dataset.transform = transforms.Compose([rgb_image] + ([dataset.transform] if dataset.transform else []))
 
 
 def eval_data_config(model, crop_pct: Optional[float] = None) -> dict:
@@ -100,12 +121,18 @@ def eval_data_config(model, crop_pct: Optional[float] = None) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, loader, keep_rate: float, progress=None):
-    """(top-1 %, top-5 %, images) of ``model`` at ``keep_rate`` over ``loader``."""
+def evaluate(model, loader, keep_rate: float, progress=None, source: str = 'the model'):
+    """(top-1 %, top-5 %, images) of ``model`` at ``keep_rate`` over ``loader``; a ValueError naming
+    ``source`` for non-finite values, in the first batch's every block (``require_finite_forward``) or
+    in any batch's logits (a NaN logit is never ranked above the target: it would count as correct)."""
     model.eval()
     correct1 = correct5 = total = 0.
+    source = f'{source} at keep_rate {keep_rate:g}'
     for images, targets in loader:
+        if not total:
+            require_finite_forward(model, images, source, keep_rate=keep_rate)
         logits = model(images, keep_rate=keep_rate)
+        require_finite(logits, 'logits', source)
         top1, top5 = accuracy(logits, targets, topk=(1, min(5, logits.shape[-1])))
         correct1 += float(top1) * targets.shape[0] / 100
         correct5 += float(top5) * targets.shape[0] / 100
@@ -138,6 +165,7 @@ def run_sweep(
     from tqdm import tqdm
 
     plain_name = plain_model_name(model_name)[0]   # a ValueError for a name no tool takes
+    require_distinct_keep_rates(keep_rates)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f'--repeats must be an integer >= 1, got {repeats!r}')
     if crop_pct is not None and not 0 < crop_pct <= 1:
@@ -154,13 +182,15 @@ def run_sweep(
         interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
         crop_pct=data_config['crop_pct'], crop_mode=data_config['crop_mode'], num_workers=workers,
         use_prefetcher=False, device=torch.device('cpu'), persistent_workers=False)
+    with_rgb_images(dataset)
 
     results = {}
     with tqdm(total=len(dataset) * len(keep_rates), desc=f'sweep {model_name}', unit='img',
               disable=not show_progress) as bar:
         for rate in keep_rates:
             bar.set_postfix(keep_rate=rate)
-            results[rate] = evaluate(model, loader, rate, progress=bar.update)
+            results[rate] = evaluate(model, loader, rate, progress=bar.update,
+                                     source=weights_source(model_name, pretrained, checkpoint))
 
     x = torch.randn(min(batch_size, len(dataset)), *data_config['input_size'])
     gmacs = {r: count_gmacs(model, x[:1], keep_rate=r) for r in keep_rates}
@@ -184,6 +214,11 @@ def pick_keep_rate(rows: List[SweepRow], max_drop: float) -> SweepRow:
     return max(allowed, key=lambda r: r.images_per_s)
 
 
+def sweep_paths(prefix: str, plot: bool = True) -> List[str]:
+    """The files ``write_sweep`` writes: ``prefix``.csv, .json and (with ``plot``) .png."""
+    return [prefix + suffix for suffix in ('.csv', '.json', '.png')[:3 if plot else 2]]
+
+
 def write_sweep(rows: List[SweepRow], prefix: str, title: str = '', plot: bool = True,
                 make_folders: bool = False) -> List[str]:
     """``prefix``.csv, .json and (with ``plot``) .png, all written whole or none of them (see
@@ -194,12 +229,13 @@ def write_sweep(rows: List[SweepRow], prefix: str, title: str = '', plot: bool =
     writer.writeheader()
     writer.writerows(asdict(r) for r in rows)
     table = json.dumps({'setting': title, 'rows': [asdict(r) for r in rows]}, indent=2)
-    outputs = {prefix + '.csv': lambda f: f.write(text.getvalue().encode('utf-8')),
-               prefix + '.json': lambda f: f.write(table.encode('utf-8'))}
+    csv_path, json_path, *png_path = sweep_paths(prefix, plot)
+    outputs = {csv_path: lambda f: f.write(text.getvalue().encode('utf-8')),
+               json_path: lambda f: f.write(table.encode('utf-8'))}
     plt = pyplot() if plot else None
     fig = _accuracy_figure(plt, rows, title) if plot else None
     if fig is not None:
-        outputs[prefix + '.png'] = figure_writer(fig)
+        outputs[png_path[0]] = figure_writer(fig)
     try:
         write_all_whole(outputs, make_folders=make_folders)
     finally:

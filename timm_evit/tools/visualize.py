@@ -4,7 +4,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ._io import pyplot, save_figure_whole
+from ._io import pyplot, rgb_image, save_figure_whole
 from ..options import KeepRate
 
 __all__ = ['KEPT', 'FUSED', 'DROPPED', 'reorganisation_masks', 'draw_masks', 'masks_figure', 'load_image',
@@ -43,14 +43,15 @@ def reorganisation_masks(model, images: torch.Tensor, keep_rate: Optional[KeepRa
 
 
 def load_image(path: str):
-    """An RGB PIL image, or a ValueError that names the file and says why it cannot be read."""
+    """An 8-bit RGB PIL image (see ``rgb_image``: 16-bit images scaled, not clipped), or a
+    ValueError that names the file and says why it cannot be read."""
     from PIL import Image, UnidentifiedImageError
     if not os.path.isfile(path):
         raise ValueError(f'cannot read image {path!r}: no such file')
     try:
         with Image.open(path) as img:
-            return img.convert('RGB')
-    except (UnidentifiedImageError, OSError) as e:
+            return rgb_image(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f'cannot read image {path!r}: {e}') from e
 
 
