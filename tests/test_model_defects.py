@@ -91,3 +91,73 @@ def test_features_only_loads_timms_pretrained_weights(tmp_path):
     theirs = timm.create_model(f'{arch}.fb_in22k_ft_in1k', pretrained=True, features_only=True, **kwargs,
                                pretrained_cfg_overlay=dict(file=str(weights)))
     assert evit.pretrained_cfg == theirs.pretrained_cfg
+
+
+# --- item 9: state dicts ---------------------------------------------------------------------
+
+WARMUP = dict(keep_rate_warmup_start=1, keep_rate_warmup_steps=4)
+SMALL_DEIT = dict(img_size=64, embed_dim=48, depth=4, num_heads=2)
+
+
+def _images64(batch=1):
+    return torch.randn(batch, 3, 64, 64)
+
+
+def _plain_and_evit(**evit_args):
+    torch.manual_seed(0)
+    plain = timm.create_model('deit_tiny_patch16_224', **SMALL_DEIT)
+    evit = timm.create_model('evit_deit_tiny', **TINY, img_size=64, **evit_args)
+    return plain, evit
+
+
+def _train_steps(model, steps=3):
+    model.train()
+    for _ in range(steps):
+        model(_images64()).sum().backward()
+    return model.eval()
+
+
+@pytest.mark.parametrize('warmup', [False, True], ids=['no warm-up', 'warm-up'])
+def test_plain_weights_load_into_evit_strictly(warmup):
+    plain, evit = _plain_and_evit(**(WARMUP if warmup else {}))
+    evit.load_state_dict(plain.state_dict())            # strict
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(evit.state_dict()[name], tensor), name
+    assert set(evit.state_dict()) - set(plain.state_dict()) == ({'keep_rate_step'} if warmup else set())
+    if warmup:
+        assert int(evit.keep_rate_step) == 0            # a warm-up starts at its first step
+
+
+def test_evit_weights_load_into_timms_plain_model(tmp_path):
+    plain, evit = _plain_and_evit()
+    plain.load_state_dict(_train_steps(evit).state_dict())   # no warm-up: the same keys, strict
+
+    plain, evit = _plain_and_evit(**WARMUP)
+    _train_steps(evit)
+    checkpoint = tmp_path / 'last.pth.tar'
+    torch.save({'epoch': 0, 'state_dict': evit.state_dict()}, checkpoint)   # as train.py saves it
+    with pytest.raises(RuntimeError, match='Unexpected key.*keep_rate_step'):
+        plain.load_state_dict(evit.state_dict())        # the warm-up's progress is the one extra key
+    # the README's line
+    plain.load_state_dict({k: v for k, v in timm.models.load_state_dict(str(checkpoint)).items() if k != 'keep_rate_step'})
+    x = _images64(2)
+    with torch.no_grad():
+        assert torch.equal(plain(x), evit(x, keep_rate=1.0))
+
+
+@pytest.mark.parametrize('first, then', [
+    ({}, {}), ({}, WARMUP), (WARMUP, {}), (WARMUP, WARMUP), (WARMUP, dict(keep_rate_warmup_steps=9)),
+], ids=['none-none', 'none-warmup', 'warmup-none', 'warmup-warmup', 'warmup-other'])
+def test_own_state_dict_loads_back_strictly_whatever_was_applied(first, then):
+    import timm_evit
+    _, model = _plain_and_evit(keep_rate=0.5, **first)
+    _train_steps(model)
+    before = model.state_dict()
+    timm_evit.apply(model, keep_rate=0.7, reorg_layers=(1, 2), **then)
+    model.load_state_dict(model.state_dict())           # strict: its own state dict
+    model.load_state_dict(before)                       # and the one saved before the re-apply
+    assert ('keep_rate_step' in model.state_dict()) == bool(then)
+    assert [name for name, _ in model.named_buffers()] == (['keep_rate_step'] if then else [])
+    copy = timm.create_model('evit_deit_tiny', **TINY, img_size=64, keep_rate=0.7, **then)
+    copy.load_state_dict(model.state_dict())            # and into a model built with those arguments
+    model.train()(_images64())          # trains on: the warm-up counts, or nothing does
