@@ -378,7 +378,7 @@ class EViTMixin:
             tokens = y[:, self.num_prefix_tokens:]
             if output_fmt == 'NCHW':
                 tokens = tokens_to_patch_grid(tokens, patch_token_index)
-                tokens = tokens.reshape(B, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous()
+                tokens = tokens.unflatten(1, (grid_h, grid_w)).permute(0, 3, 1, 2).contiguous()
             intermediates.append(tokens)
             token_ids_out.append(token_patch_ids)
             patch_index_out.append(patch_token_index)
