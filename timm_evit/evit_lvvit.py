@@ -206,7 +206,7 @@ def _mix_tokens(tokens: torch.Tensor, grid_h: int, grid_w: int):
     cy, cx = int(torch.randint(grid_h, ())), int(torch.randint(grid_w, ()))
     y1, y2 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, grid_h)
     x1, x2 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, grid_w)
-    patches = tokens[:, 1:].reshape(tokens.shape[0], grid_h, grid_w, -1)
+    patches = tokens[:, 1:].unflatten(1, (grid_h, grid_w))
     mixed = patches.clone()
     mixed[:, y1:y2, x1:x2] = patches.flip(0)[:, y1:y2, x1:x2]
     return torch.cat([tokens[:, :1], mixed.flatten(1, 2)], dim=1), (y1, x1, y2, x2)
@@ -214,7 +214,7 @@ def _mix_tokens(tokens: torch.Tensor, grid_h: int, grid_w: int):
 
 def _unmix_grid(aux: torch.Tensor, bbox, grid_h: int, grid_w: int) -> torch.Tensor:
     y1, x1, y2, x2 = bbox
-    grid = aux.reshape(aux.shape[0], grid_h, grid_w, -1)
+    grid = aux.unflatten(1, (grid_h, grid_w))
     out = grid.clone()
     out[:, y1:y2, x1:x2] = grid.flip(0)[:, y1:y2, x1:x2]
     return out.flatten(1, 2)

@@ -21,6 +21,7 @@ from timm.models import DefaultCfg, get_arch_pretrained_cfgs, is_model, model_en
 from torch import nn
 
 from .convert import apply
+from .evit_deit import build_evit_model
 from .options import EVIT_ARGS
 
 __all__ = ['EVIT_PREFIX', 'TIMM_ARCHITECTURES', 'GENERATED_WITH_TIMM', 'read_architectures']
@@ -44,12 +45,26 @@ def read_architectures() -> Tuple[str, Tuple[str, ...]]:
 GENERATED_WITH_TIMM, TIMM_ARCHITECTURES = read_architectures()
 
 
+# The arguments timm's builder takes for the weights' source (named parameters of build_model_with_cfg)
+_SOURCE_ARGS = ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir', 'pretrained_model_args')
+
+
 def _entrypoint(arch: str, name: str) -> Callable[..., nn.Module]:
     def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
         evit_args = {key: kwargs.pop(key) for key in EVIT_ARGS if key in kwargs}
         # timm passes this name's pretrained cfg (a copy of the architecture's), so timm's own
         # entrypoint loads timm's weights for the tag
-        return apply(model_entrypoint(arch)(pretrained=pretrained, **kwargs), **evit_args)
+        if not kwargs.get('features_only', False):
+            return apply(model_entrypoint(arch)(pretrained=pretrained, **kwargs), **evit_args)
+        # features_only: timm's entrypoint would wrap its plain model (and prune its blocks)
+        # before apply could convert it. So timm's builder wraps the converted model instead, in
+        # timm's feature wrapper for its ViTs and Evas (out_indices, feature_cls as for timm's
+        # name); reorg_layers count the full depth, as for the paper's names.
+        source = {key: kwargs[key] for key in _SOURCE_ARGS if key in kwargs}
+
+        def evit_model(**model_kwargs) -> nn.Module:
+            return apply(model_entrypoint(arch)(pretrained=pretrained, **source, **model_kwargs), **evit_args)
+        return build_evit_model(evit_model, arch, False, None, **kwargs)
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = __name__
     entrypoint.__doc__ = f"timm's ``{arch}`` converted with ``timm_evit.apply`` (its pretrained tags are timm's)."

@@ -53,7 +53,7 @@ def attention_with_class_attention(
         cls_attn = head_averaged_class_row(weights, num_prefix_tokens)
         x = attn.attn_drop(weights) @ v
 
-    x = x.transpose(1, 2).reshape(B, N, -1)
+    x = x.transpose(1, 2).flatten(2)   # heads joined; no size inferred: an empty batch works
     x = attn.norm(x)
     if gate is not None:
         x = x * gate
@@ -156,11 +156,11 @@ def _rope_qkv(attn: torch.nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, tor
                 qkv += qkv_bias
             else:
                 qkv = F.linear(x, weight=attn.qkv.weight, bias=qkv_bias)
-        return qkv.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     num_kv_heads = getattr(attn, 'num_kv_heads', attn.num_heads)   # grouped-query AttentionRope
-    q = attn.q_proj(x).reshape(B, N, attn.num_heads, -1).transpose(1, 2)
-    k = attn.k_proj(x).reshape(B, N, num_kv_heads, -1).transpose(1, 2)
-    v = attn.v_proj(x).reshape(B, N, num_kv_heads, -1).transpose(1, 2)
+    q = attn.q_proj(x).reshape(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).reshape(B, N, num_kv_heads, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).reshape(B, N, num_kv_heads, attn.head_dim).transpose(1, 2)
     return q, k, v
 
 
@@ -202,7 +202,7 @@ def rope_attention_with_class_attention(
         cls_attn = head_averaged_class_row(weights, num_prefix_tokens)
         x = attn.attn_drop(weights) @ v
 
-    x = x.transpose(1, 2).reshape(B, N, -1)
+    x = x.transpose(1, 2).flatten(2)   # heads joined; no size inferred: an empty batch works
     x = attn.norm(x)
     if gate is not None:
         x = x * gate

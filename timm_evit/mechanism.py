@@ -23,16 +23,6 @@ __all__ = [
 ]
 
 
-def _keep_rate_step_on_load(module, state_dict, prefix, *args) -> None:
-    # Weights without warm-up progress (timm's DeiT, a model trained without warm-up) load into a
-    # model with warm-up at step 0; progress in a file is irrelevant to a model without warm-up.
-    key = prefix + 'keep_rate_step'
-    if getattr(module, 'has_keep_rate_warmup', False):
-        state_dict.setdefault(key, torch.zeros((), dtype=torch.long))
-    else:
-        state_dict.pop(key, None)
-
-
 # branches on the input: opaque to FX, in whichever module the calling forward lives (torch.fx.wrap)
 @torch.fx.wrap
 @register_notrace_function
@@ -117,9 +107,23 @@ class EViTMixin:
         self.keep_rate_warmup_start = keep_rate_warmup_start
         self.keep_rate_warmup_steps = keep_rate_warmup_steps
         if self.has_keep_rate_warmup:
-            # Training progress of the warm-up, saved with the weights so that --resume continues it.
+            # Training progress of the warm-up (a new warm-up starts at step 0), saved with the
+            # weights: timm's resume_checkpoint restores a model through its state dict alone, so
+            # that is where --resume finds it. A buffer, not a parameter.
             self.register_buffer('keep_rate_step', torch.zeros((), dtype=torch.long, device=self.cls_token.device))
-        self.register_load_state_dict_pre_hook(_keep_rate_step_on_load)
+        else:
+            # no warm-up, no progress: the state dict holds only what the model uses, so it loads back
+            self._buffers.pop('keep_rate_step', None)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Weights without warm-up progress (timm's model, a model trained without warm-up) load
+        # into a model with warm-up at step 0; progress in a file is irrelevant to a model without.
+        key = prefix + 'keep_rate_step'
+        if self.has_keep_rate_warmup:
+            state_dict.setdefault(key, torch.zeros((), dtype=torch.long))
+        else:
+            state_dict.pop(key, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this first: say what to use instead of failing deep in its compiler.
@@ -374,7 +378,7 @@ class EViTMixin:
             tokens = y[:, self.num_prefix_tokens:]
             if output_fmt == 'NCHW':
                 tokens = tokens_to_patch_grid(tokens, patch_token_index)
-                tokens = tokens.reshape(B, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous()
+                tokens = tokens.unflatten(1, (grid_h, grid_w)).permute(0, 3, 1, 2).contiguous()
             intermediates.append(tokens)
             token_ids_out.append(token_patch_ids)
             patch_index_out.append(patch_token_index)

@@ -71,8 +71,8 @@ def reorganize_tokens(
     # The kept tokens as rows of x flattened to [B * N, C], taken by one index_select: it copies
     # whole rows, where a gather with the index expanded over channels goes element by element
     # (3x slower at batch 1, over 10x at batch 32 on a CPU). Few operations: at batch 1 each one's
-    # fixed cost is what this step costs.
-    rows = kept_idx + torch.arange(num_prefix_tokens, B * N, N, device=x.device).unsqueeze(1)
+    # fixed cost is what this step costs. (The range's end leaves an empty batch no rows.)
+    rows = kept_idx + torch.arange(num_prefix_tokens, B * N + num_prefix_tokens, N, device=x.device).unsqueeze(1)
     kept = x.reshape(B * N, C).index_select(0, rows.flatten()).view(B, num_keep, C)
     parts = [x[:, :num_prefix_tokens], kept]
     if fuse_token:

@@ -21,25 +21,29 @@ def reorganisation_masks(model, images: torch.Tensor, keep_rate: Optional[KeepRa
     (possibly after several stages: a patch fused once stays fused, even if its fused token is
     kept later). ``DROPPED``: no token carries it (``fuse_token=False``). The model's
     ``forward_intermediates`` traces each patch through all stages, so a patch dropped in the
-    first stage is shown dropped in every later one.
+    first stage is shown dropped in every later one. A model without reorganising blocks
+    (``reorg_layers=()``) has no stages: ``[B, 0, grid_h, grid_w]``, the input alone.
     """
     was_training = model.training
     model.eval()
     try:
-        out = model.forward_intermediates(images, indices=list(model.reorg_layers), output_dict=True,
-                                          intermediates_only=True, keep_rate=keep_rate)
+        # every block's trace (timm's indices take at least one block), the reorganising ones read below
+        out = model.forward_intermediates(images, output_fmt='NLC', output_dict=True, intermediates_only=True,
+                                          keep_rate=keep_rate)
     finally:
         model.train(was_training)
     grid_h, grid_w = model.patch_embed.dynamic_feat_size(images.shape[-2:])
-    stages = []
-    for token_patch_ids, patch_token_index in zip(out['token_patch_ids'], out['patch_token_index']):
+    shape = (images.shape[0], len(model.reorg_layers), grid_h, grid_w)
+    masks = torch.empty(shape, dtype=torch.int8, device=images.device)
+    for stage, layer in enumerate(model.reorg_layers):
+        token_patch_ids, patch_token_index = out['token_patch_ids'][layer], out['patch_token_index'][layer]
         carried = patch_token_index >= 0
         carrier_is_patch = token_patch_ids.gather(1, patch_token_index.clamp(min=0)) >= 0
         state = torch.full_like(patch_token_index, DROPPED)
         state[carried & carrier_is_patch] = KEPT
         state[carried & ~carrier_is_patch] = FUSED
-        stages.append(state.reshape(-1, grid_h, grid_w))
-    return torch.stack(stages, dim=1).to(torch.int8)
+        masks[:, stage] = state.unflatten(1, (grid_h, grid_w))
+    return masks
 
 
 def load_image(path: str):
