@@ -209,6 +209,11 @@ def test_masks_of_a_model_without_reorganising_blocks_are_the_input_alone():
     model = timm.create_model('evit_deit3_small_patch16_224', reorg_layers=(), **VIT)
     masks = reorganisation_masks(model, _images(VIT))
     assert masks.shape == (2, 0, 2, 2) and masks.dtype == torch.int8     # zero stages
+    from timm_evit.tools._io import pyplot
+    from timm_evit.tools.visualize import masks_figure
+    fig = masks_figure(torch.rand(3, 32, 32), masks[0], [])               # the input panel alone
+    assert len(fig.axes) == 1
+    pyplot().close(fig)
     model = timm.create_model('evit_deit3_small_patch16_224', keep_rate=0.5, reorg_layers=(1, 3), **VIT)
     assert reorganisation_masks(model, _images(VIT, batch=0)).shape == (0, 2, 2, 2)
     masks = reorganisation_masks(model, _images(VIT, batch=1), keep_rate=1.0)

@@ -84,8 +84,9 @@ def masks_figure(image: torch.Tensor, masks: torch.Tensor, stage_names: Sequence
         shown = torch.where(state == FUSED, 0.4 * image + 0.6 * orange, shown)
         kept = int((mask == KEPT).sum())
         panels.append((f'{name}: {kept} kept', shown))
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.9))
-    for ax, (name, img) in zip(axes, panels):
+    # squeeze=False: a model without reorganising blocks has the input panel alone
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.9), squeeze=False)
+    for ax, (name, img) in zip(axes[0], panels):
         ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
         ax.set_title(name, fontsize=8)
         ax.axis('off')
