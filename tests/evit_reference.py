@@ -1,5 +1,6 @@
 """An independent, plain EViT reference for the tests: materialised attention, one image at a
-time, Python loops for the selection (DESIGN.md, "EViT, exactly"). Reads timm-style state dicts."""
+time, Python loops for the selection (docs/design.md, "EViT, exactly"). Reads timm-style state
+dicts."""
 import math
 
 import torch
@@ -32,7 +33,7 @@ def checked_choice(model_kept, rel_tol=1e-5):
     distinct tokens, in descending order of ``a`` and none less attended than a dropped one, up to
     ``rel_tol * max(a)``. Two numerical paths (SDPA against this materialised softmax, another
     CPU's vector width) may order tokens whose attention differs by a few ulps either way; such
-    near-ties are all this tolerance forgives (DESIGN.md, "Testing against references")."""
+    near-ties are all this tolerance forgives (docs/design.md, "Testing")."""
     def choose(block, a, num_keep):
         kept = list(model_kept[block])
         assert len(kept) == num_keep, f'block {block}: kept {len(kept)} tokens, ceil rule says {num_keep}'
@@ -158,12 +159,12 @@ def reference_timm_vit(model, image, keep_rates, fuse_token, choose=most_attenti
 
 
 def masked_reference_timm_vit(plain, image, keep_rates, choose=most_attentive_first):
-    """EViT without fusion as masking (DESIGN.md): the *unconverted* timm model ``plain`` (a
-    VisionTransformer or an Eva), its own block forward, where a dropped token is masked out of all
-    later attention instead (an MLP works per token); an Eva's blocks get timm's rotary embedding
-    of all the tokens, as in timm. Pooling and head see the tokens still alive, in EViT's order.
-    Returns the logits and, per block, the indices of the tokens alive after it (into the sequence
-    entering the first block) in the order EViT would hold them."""
+    """EViT without fusion as masking (docs/design.md, "EViT on any timm ViT"): the *unconverted*
+    timm model ``plain`` (a VisionTransformer or an Eva), its own block forward, where a dropped
+    token is masked out of all later attention instead (an MLP works per token); an Eva's blocks
+    get timm's rotary embedding of all the tokens, as in timm. Pooling and head see the tokens
+    still alive, in EViT's order. Returns the logits and, per block, the indices of the tokens alive
+    after it (into the sequence entering the first block) in the order EViT would hold them."""
     P = plain.num_prefix_tokens
     rope = None
     if hasattr(plain, 'rope'):                                  # timm's Eva
@@ -223,8 +224,8 @@ def kept_indices_by_block(model, images):
 
 
 def _rotate(x, sin, cos, half):
-    """RoPE by hand for one head's vectors ``x`` [D] (DESIGN.md: a token keeps its patch's angles).
-    ``half``: pairs are (i, i + D/2); else neighbours (2i, 2i + 1)."""
+    """RoPE by hand for one head's vectors ``x`` [D] (docs/design.md, "EViT on any timm ViT": a
+    token keeps its angles). ``half``: pairs are (i, i + D/2); else neighbours (2i, 2i + 1)."""
     if half:
         first, second = x.chunk(2)
         turned = torch.cat([-second, first])

@@ -1,5 +1,5 @@
 """EViT-DeiT logits against an independent, plain reference: materialised attention, one image
-at a time, Python loops for the selection (DESIGN.md, "EViT, exactly")."""
+at a time, Python loops for the selection (docs/design.md, "EViT, exactly")."""
 import math
 
 import pytest

@@ -3,7 +3,7 @@ with registers, CLIP (OpenAI and LAION configurations), distilled DeiT. Each at 
 random weights scaled so that every part matters (LayerScale, prefix tokens, position embeddings):
 keep 1.0 is the original model exactly; lower keep rates equal a stepped reference (attention by
 hand, selection and fusion in loops) and, without fusion, the original model with the dropped
-tokens masked out of all later attention (DESIGN.md)."""
+tokens masked out of all later attention (docs/design.md, "Testing")."""
 import copy
 import math
 import pickle

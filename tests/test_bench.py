@@ -7,7 +7,7 @@ import pytest
 
 from timm_evit.tools.bench import run_bench
 
-# DESIGN.md: non-class tokens for DeiT at 224 px, at the input and after blocks 3, 6, 9.
+# docs/design.md, "EViT, exactly": non-class tokens for DeiT at 224 px, at the input and after blocks 3, 6, 9.
 DESIGN_TOKENS = {
     (0.9, True): [196, 178, 162, 147], (0.9, False): [196, 177, 160, 144],
     (0.7, True): [196, 139, 99, 71], (0.7, False): [196, 138, 97, 68],

@@ -1,4 +1,4 @@
-"""An evit model is a timm model in every way timm's tools use one (DESIGN.md, the timm contract)."""
+"""An evit model is a timm model in every way timm's tools use one (docs/design.md, "The timm contract")."""
 import pytest
 import timm
 import timm.optim

@@ -39,7 +39,7 @@ def test_masks_agree_with_the_token_indices(keep_rate, fuse):
             flat = masks[b, s].flatten()
             assert set(torch.nonzero(flat == KEPT).flatten().tolist()) == own      # kept = has its own token
             num_fused_tokens = int((ids[b] < 0).sum())
-            assert len(own) + num_fused_tokens == DESIGN_TOKENS[keep_rate, fuse][s]   # DESIGN.md's table
+            assert len(own) + num_fused_tokens == DESIGN_TOKENS[keep_rate, fuse][s]   # docs/design.md, "EViT, exactly"
             assert not (flat == (DROPPED if fuse else FUSED)).any()
             if s:  # a patch that lost its own token never gets it back
                 assert not ((masks[b, s - 1] != KEPT) & (masks[b, s] == KEPT)).any()

@@ -1,7 +1,7 @@
 """EViT on timm's ``Eva`` (EVA-02, DINOv3, PE, RoPE ViTs): the shared mechanism over ``EvaBlock``.
 
 Every kept token keeps the rotary position of the patch it came from and a fused token, like a
-prefix token, gets no rotation (DESIGN.md, "EViT on any timm ViT"); the block loop gathers those
+prefix token, gets no rotation (docs/design.md, "EViT on any timm ViT"); the block loop gathers those
 rows (``EViTMixin``), ``EViTEvaBlock`` passes them to its attention.
 """
 from typing import Optional, Sequence, Tuple

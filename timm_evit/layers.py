@@ -86,8 +86,8 @@ def reorganize_at_rate(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``reorganize_tokens`` keeping ``ceil(keep_rate * n)`` of the ``n`` non-prefix tokens.
 
-    Where that keeps them all, nothing happens (DESIGN.md): ``x`` is returned unchanged with the
-    identity as kept indices, so that callers need no branch on the token count.
+    Where that keeps them all, nothing happens (docs/design.md, "EViT, exactly"): ``x`` is returned
+    unchanged with the identity as kept indices, so that callers need no branch on the token count.
     """
     B, num_tokens = cls_attn.shape
     num_keep = num_kept_tokens(keep_rate, num_tokens)

@@ -1,5 +1,5 @@
-"""The EViT mechanism over a timm ViT, written once for every family (DESIGN.md, "One mechanism,
-many families"): keep rates held by the blocks, the one block loop (per-block keep rates, rotary
+"""The EViT mechanism over a timm ViT, written once for every family (docs/design.md, "Layers and
+file ownership"): keep rates held by the blocks, the one block loop (per-block keep rates, rotary
 rows for the tokens that remain, tracing tokens to their patches), ``forward_intermediates``.
 
 A family class is ``class XEViT(EViTMixin, TimmClass)``: it provides ``_embed_with_rope`` (the

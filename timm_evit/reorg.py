@@ -1,6 +1,6 @@
 """EViT token reorganisation as small pure tensor functions.
 
-One place to read the algorithm (DESIGN.md, "EViT, exactly" and "EViT on any timm ViT"); every
+One place to read the algorithm (docs/design.md, "EViT, exactly" and "EViT on any timm ViT"); every
 architecture calls these. Shapes: ``B`` images, ``P`` prefix tokens (the class token first, then
 any distillation or register tokens: never dropped or fused), ``n`` other tokens, ``C`` channels,
 ``H`` heads.
