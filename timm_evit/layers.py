@@ -39,7 +39,7 @@ def attention_with_class_attention(
     materialises anyway; the fused path computes only that row beside the SDPA kernel.
     """
     B, N, _ = x.shape
-    gate = getattr(attn, 'gate', None)  # timm added the optional gate after 1.0
+    gate = getattr(attn, 'gate', None)  # timm added the optional gate after 1.0.26 (1.0.26 has none)
     gate = gate(x).sigmoid() if gate is not None else None
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
@@ -181,7 +181,7 @@ def rope_attention_with_class_attention(
     fused path computes only that row beside the SDPA kernel.
     """
     B, N, _ = x.shape
-    gate = getattr(attn, 'gate', None)   # timm added the optional gate after 1.0.26
+    gate = getattr(attn, 'gate', None)   # timm added the optional gate after 1.0.26 (1.0.26 has none)
     gate = gate(x).sigmoid() if gate is not None else None
     q, k, v = _rope_qkv(attn, x)
     q, k = attn.q_norm(q), attn.k_norm(k)

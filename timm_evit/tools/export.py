@@ -15,7 +15,7 @@ from ._io import write_all_whole
 from ..checkpoints import require_finite_forward
 
 __all__ = ['FORMATS', 'INPUT_NAME', 'OUTPUT_NAME', 'BATCH_AXIS', 'example_images', 'export_program', 'onnx_program',
-           'onnx_bytes', 'check_exportable', 'exported_writer', 'export_model', 'require_exporter', 'onnxruntime_session',
+           'onnx_bytes', 'check_exportable', 'exported_writer', 'export_model', 'require_exporter',
            'require_onnxruntime', 'onnxruntime_session', 'onnxruntime_forward']
 
 FORMATS: Dict[str, str] = {'onnx': '.onnx', 'export': '.pt2'}   # --format -> the file name's usual suffix
