@@ -33,7 +33,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoin
 from timm_evit.tools._io import _make_folders, _remove_folders, check_writable, file_mode, folder_mode
 from timm_evit.checkpoints import load_state_dict_checked, read_checkpoint, require_matching_keys, unwrap_state_dict
 from timm_evit.checkpoints import require_finite
-from timm_evit.evit_deit import HUB_NAMESPACE
+from timm_evit.release import HUB_NAMESPACE
 from timm_evit.evit_lvvit import checkpoint_filter_fn as lvvit_checkpoint_filter_fn
 from timm_evit.options import check_keep_rate
 
