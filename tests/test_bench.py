@@ -62,10 +62,11 @@ def test_cli_plot_and_batch_one_latency(tmp_path):
 
 
 def test_plot_without_matplotlib_says_what_to_install(monkeypatch, tmp_path):
-    from timm_evit.tools.bench import plot_rows
+    from timm_evit.tools.bench import rows_figure
+    from timm_evit.tools.files import figure_writer, write_all_whole
     monkeypatch.setitem(sys.modules, 'matplotlib', None)      # import matplotlib now raises ImportError
     with pytest.raises(RuntimeError, match=r"pip install 'timm-evit\[plot\]'"):
-        plot_rows([], str(tmp_path / 'x.png'))
+        write_all_whole({str(tmp_path / 'x.png'): figure_writer(rows_figure([]), dpi=120)})
     assert not list(tmp_path.iterdir())
 
 

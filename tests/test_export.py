@@ -7,9 +7,10 @@ import pytest
 import timm
 import torch
 
-from timm_evit.tools.bench import create_evit_model
 from timm_evit.tools.cli import main
-from timm_evit.tools.export import export_model
+from timm_evit.tools.export import exported_writer
+from timm_evit.tools.files import write_all_whole
+from timm_evit.tools.models import create_evit_model
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=2, reorg_layers=(1, 2))
 TINY_CLI = ['img_size=32', 'patch_size=8', 'embed_dim=48', 'depth=4', 'num_heads=2', 'reorg_layers=(1,2)']
@@ -53,7 +54,7 @@ def test_onnx_logits_match_pytorch_at_two_batch_sizes(case, tmp_path):
     pytest.importorskip('onnxscript')
     name, kwargs = MODELS[case]
     model = randomised(create_evit_model(name, **kwargs))
-    export_model(model, str(tmp_path / 'model.onnx'))
+    write_all_whole({str(tmp_path / 'model.onnx'): exported_writer(model)})
     for batch_size in (1, 3):   # traced with 2: the batch axis is dynamic
         x = images(model, batch_size)
         with torch.no_grad():

@@ -107,12 +107,12 @@ def test_the_published_switch_makes_the_tags_load_from_the_hub(tmp_path, deit_sm
     cache = tmp_path / 'hub'
     lay_out_hf_cache(cache, 'timm-evit/evit_deit_small.keep60_drop_in1k', deit_small_weights)
     code = """
-        import timm, timm_evit.evit_deit
+        import timm, timm_evit.release
         try:
             timm.create_model('evit_deit_small.keep60_drop_in1k', pretrained=True)
         except RuntimeError as e:
             print('refused:', 'not published' in str(e))
-        timm_evit.evit_deit.EVIT_RELEASE_PUBLISHED = True     # the one switch
+        timm_evit.release.EVIT_RELEASE_PUBLISHED = True     # the one switch
         model = timm.create_model('evit_deit_small.keep60_drop_in1k', pretrained=True)
         print('loaded:', model.keep_rate, model.fuse_token, float(model.cls_token.sum()))
     """

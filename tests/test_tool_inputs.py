@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from timm_evit.tools import bench as bench_module
-from timm_evit.tools.bench import create_evit_model, run_bench
+from timm_evit.tools.bench import run_bench
+from timm_evit.tools.models import create_evit_model
 from timm_evit.tools.plain import plain_model_name
 
 # a DeiT-Ti at 4 blocks and width 48: patch 16 as the paper's
@@ -180,7 +181,7 @@ def test_keep_rate_errors_name_keep_rate(argv, value, root, capsys):
 # huggingface_hub's retries took about a minute; the weights not cached fail at once, cached ones load.
 RUN_WITHOUT_NETWORK = """
 import contextlib, io, json, sys, torch
-from timm_evit.tools.bench import create_evit_model
+from timm_evit.tools.models import create_evit_model
 from timm_evit.tools.cli import main
 err = io.StringIO()
 with contextlib.redirect_stderr(err):

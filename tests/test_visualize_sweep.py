@@ -15,7 +15,9 @@ from timm.models.vision_transformer import VisionTransformer
 from conftest import tiny_evit
 from timm_evit.tools.plain import create_plain_counterpart
 from timm_evit.tools.sweep import SweepRow, pick_keep_rate, run_sweep, write_sweep
-from timm_evit.tools.visualize import DROPPED, FUSED, KEPT, draw_masks, reorganisation_masks
+from timm_evit.tools._io import pyplot
+from timm_evit.tools.files import figure_writer, write_all_whole
+from timm_evit.tools.visualize import DROPPED, FUSED, KEPT, masks_figure, reorganisation_masks
 
 DESIGN_TOKENS = {(0.7, True): [139, 99, 71], (0.7, False): [138, 97, 68], (0.5, True): [99, 51, 27]}
 # --model-kwargs of a tiny architecture, for command-line tests that run a whole command
@@ -50,6 +52,15 @@ def test_masks_on_another_image_size():
     masks = reorganisation_masks(model, torch.randn(1, 3, 160, 256))
     assert masks.shape == (1, 2, 10, 16)
     assert int((masks[0, 0] == KEPT).sum()) == 80
+
+
+def draw_masks(image, masks, stage_names, path):
+    """The PNG of ``masks_figure``, written whole as the visualize command writes its pictures."""
+    fig = masks_figure(image, masks, stage_names)
+    try:
+        write_all_whole({path: figure_writer(fig)})
+    finally:
+        pyplot().close(fig)
 
 
 def test_draw_is_whole_or_nothing(tmp_path, monkeypatch):

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 import timm_evit  # noqa: F401
 from test_lvvit import randomised as randomised_lvvit, save_official as save_official_lvvit
 from timm_evit.checkpoints import read_checkpoint
-from timm_evit.evit_deit import EVIT_DEIT_SMALL_TAGS, HUB_NAMESPACE
+from timm_evit.evit_deit import EVIT_DEIT_SMALL_TAGS
+from timm_evit.release import HUB_NAMESPACE
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'weights'))
@@ -180,8 +181,8 @@ def test_loaded_three_ways_offline_with_the_converted_logits(converted, tmp_path
     for name in os.listdir(folder):
         (snapshot / name).write_bytes((folder / name).read_bytes())
     code = f"""
-        import torch, timm, timm_evit.evit_deit
-        timm_evit.evit_deit.EVIT_RELEASE_PUBLISHED = True   # as once published: the cache above is that repository
+        import torch, timm, timm_evit.release
+        timm_evit.release.EVIT_RELEASE_PUBLISHED = True   # as once published: the cache above is that repository
         x = torch.load({str(tmp_path / 'x.pt')!r})
         for i, name in enumerate(['{DEIT_ROW}', 'hf-hub:{HUB_NAMESPACE}/{DEIT_ROW}']):
             model = timm.create_model(name, pretrained=True).eval()

@@ -3,7 +3,6 @@
 `Not All Patches are What You Need: Expediting Vision Transformers via Token Reorganizations`
 (Liang et al., ICLR 2022) - https://arxiv.org/abs/2202.07800
 """
-import os
 from typing import Any, Dict, Optional, Sequence
 
 import torch
@@ -16,10 +15,10 @@ from .checkpoints import ALLOWED_PICKLE_GLOBALS
 from .layers import EViTBlock
 from .mechanism import EViTMixin, check_evit_args, check_image_batch, default_reorg_layers
 from .options import KeepRate
+from .release import HUB_NAMESPACE, release_weights_published
 
 __all__ = [
-    'VisionTransformerEViT', 'VisionTransformerDistilledEViT', 'default_reorg_layers', 'HUB_NAMESPACE',
-    'EVIT_DEIT_SMALL_TAGS', 'EVIT_RELEASE_PUBLISHED', 'release_weights_published',
+    'VisionTransformerEViT', 'VisionTransformerDistilledEViT', 'default_reorg_layers', 'EVIT_DEIT_SMALL_TAGS',
 ]
 
 
@@ -97,16 +96,6 @@ def _deit_cfg(deit_name: str) -> Dict[str, Any]:
     return cfg
 
 
-# Hugging Face Hub namespace of this project's converted checkpoints (weights/ publishes them).
-DEFAULT_HUB_NAMESPACE = 'timm-evit'
-HUB_NAMESPACE = os.environ.get('TIMM_EVIT_HUB_NAMESPACE', DEFAULT_HUB_NAMESPACE)
-
-# The switch that makes the keep*_in1k tags live: set it once weights/hub.py has published the
-# repositories under DEFAULT_HUB_NAMESPACE. Until then `pretrained=True` on such a tag fails at
-# once and says how to load the official file. A namespace of your own (TIMM_EVIT_HUB_NAMESPACE)
-# is where you published your own conversions: its tags are live.
-EVIT_RELEASE_PUBLISHED = False
-
 # The ten EViT-trained DeiT-S checkpoints of the official release: tag -> the model arguments
 # they were trained with, applied when the tag is asked for (the caller's own arguments win).
 EVIT_DEIT_SMALL_TAGS = {
@@ -141,11 +130,6 @@ def _requested_tag(pretrained_cfg) -> Optional[str]:
     if isinstance(pretrained_cfg, dict):
         return pretrained_cfg.get('tag')
     return getattr(pretrained_cfg, 'tag', None)
-
-
-def release_weights_published() -> bool:
-    """Whether the keep*_in1k repositories exist where their tags point (see EVIT_RELEASE_PUBLISHED)."""
-    return EVIT_RELEASE_PUBLISHED or HUB_NAMESPACE != DEFAULT_HUB_NAMESPACE
 
 
 def _refuse_unpublished_release_tag(pretrained: bool, kwargs: Dict[str, Any]) -> None:

@@ -30,10 +30,10 @@ import torch
 from timm.models import is_model_in_modules, save_for_hf
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
-from timm_evit.tools._io import _make_folders, _remove_folders, check_writable, file_mode, folder_mode
+from timm_evit.tools.files import check_writable, create_folders, file_mode, folder_mode, remove_folders
 from timm_evit.checkpoints import load_state_dict_checked, read_checkpoint, require_matching_keys, unwrap_state_dict
 from timm_evit.checkpoints import require_finite
-from timm_evit.evit_deit import HUB_NAMESPACE
+from timm_evit.release import HUB_NAMESPACE
 from timm_evit.evit_lvvit import checkpoint_filter_fn as lvvit_checkpoint_filter_fn
 from timm_evit.options import check_keep_rate
 
@@ -455,14 +455,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         token = check_before_converting(rows, args.sources, args.out, args.push)
         try:
-            created = _make_folders(os.path.abspath(args.out))
+            created = create_folders(os.path.abspath(args.out))
         except OSError as e:
             raise ValueError(f'--out {args.out!r} cannot be created: {e}') from e
         try:
             for r in rows:
                 convert_and_publish(r, args.sources, args.out, token if args.push else None)
         finally:
-            _remove_folders(created)   # only those still empty: a run that wrote nothing leaves no --out
+            remove_folders(created)   # only those still empty: a run that wrote nothing leaves no --out
     except ValueError as e:
         print(f'weights/hub.py: {e}', file=sys.stderr)
         return 2

@@ -14,21 +14,19 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence
 
-import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ._io import pyplot, save_figure_whole
-from ..checkpoints import load_checkpoint_file, one_line, require_finite_forward, weights_source
-from ..convert import apply
-from .preflight import (check_batch_fits, check_input_size, hub_offline, hub_unreachable, hub_weights,
-                        missing_weights_message, out_of_memory_as_error)
-from .plain import EVIT_ONLY_ARGS, create_plain_counterpart, evit_label, is_applied, plain_model_name
+from ._io import pyplot
+from ..checkpoints import require_finite_forward, weights_source
+from .models import check_device, create_evit_model, merge_model_kwargs
+from .preflight import check_batch_fits, out_of_memory_as_error
+from .plain import create_plain_counterpart, evit_label, plain_model_name
 
 __all__ = [
     'BenchRow', 'set_fused_attn', 'count_gmacs', 'tokens_per_stage', 'time_interleaved', 'run_bench',
-    'format_rows', 'rows_as_dicts', 'plot_rows', 'rows_figure', 'DTYPES', 'COMPILE_MODES', 'min_warmup', 'merge_model_kwargs', 'create_evit_model',
-    'check_device', 'RUNTIMES', 'check_runtime', 'input_tokens', 'require_distinct_keep_rates',
+    'markdown_table', 'format_rows', 'rows_as_dicts', 'rows_figure', 'DTYPES', 'COMPILE_MODES', 'min_warmup',
+    'RUNTIMES', 'check_runtime', 'input_tokens', 'require_distinct_keep_rates',
 ]
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
@@ -55,101 +53,6 @@ class BenchRow:
     latency_ms: Optional[float] = None          # batch 1, median
     latency_speedup: Optional[float] = None     # plain latency / this latency, same run
     runtime: str = 'torch'                      # or 'onnxruntime': the ONNX exports of both models
-
-
-def merge_model_kwargs(model_kwargs: Optional[dict], **given) -> dict:
-    """``model_kwargs`` plus the arguments a tool takes on their own (``num_classes``,
-    ``fuse_token``; None: not given). An argument given both ways must agree: a ValueError names
-    both options otherwise (both would reach ``timm.create_model``)."""
-    merged = dict(model_kwargs or {})
-    for key, value in given.items():
-        if value is None:
-            continue
-        if key in merged and merged[key] != value:
-            raise ValueError(f'{_as_option(key, value)} conflicts with --model-kwargs {key}={merged[key]!r}')
-        merged[key] = value
-    return merged
-
-
-def _as_option(key: str, value) -> str:
-    if key == 'fuse_token':
-        return '--no-fuse' if value is False else f'fuse_token={value!r}'
-    return f'--{key.replace("_", "-")} {value!r}'
-
-
-def create_evit_model(model_name: str, pretrained: bool = False, checkpoint: Optional[str] = None,
-                      options: Optional[Dict[str, str]] = None, whole_patches: bool = False,
-                      **kwargs) -> torch.nn.Module:
-    """``timm.create_model`` for the tools, where a user's mistake is a one-line ValueError: a name
-    or pretrained tag no tool takes, an argument the model refuses (name or value, EViT's included),
-    an input size that is not a whole number of patches (``preflight.check_input_size``;
-    ``whole_patches``: even where the model pads), pretrained weights that cannot be had (not cached,
-    and offline or no network: said at once, without huggingface_hub's minute of retries) or do not
-    fit, a ``checkpoint`` that cannot be read safely or does not fit. Every argument is checked on
-    the meta device (no memory, no weights) before any weights are read. A timm ViT name (not
-    ``evit_*``) is built as timm's model, then converted with ``timm_evit.apply`` using the EViT
-    arguments among ``kwargs``. ``options``: the tool's own option for an argument, for messages
-    (``{'img_size': '--img-size'}``; the others are named as ``--model-kwargs``)."""
-    plain_model_name(model_name)   # a name and tag the tools take (its ValueError says which)
-    evit_args = {}
-    if is_applied(model_name):
-        evit_args = {k: kwargs.pop(k) for k in EVIT_ONLY_ARGS if k in kwargs}
-        warmup = sorted(k for k in evit_args if k.startswith('keep_rate_warmup'))
-        if warmup:
-            raise ValueError(f'{", ".join(warmup)}: the keep-rate warm-up is for training evit_* models, '
-                             f'not for timm_evit.apply on {model_name}')
-    with torch.device('meta'):   # every argument checked before any weights are read (or downloaded)
-        shape = _build(model_name, False, kwargs, evit_args if is_applied(model_name) else None)
-    check_input_size(shape, model_name, kwargs, options, padding_ok=not whole_patches)
-    source = hub_weights(shape.pretrained_cfg) if pretrained else None
-    unreachable = hub_unreachable(*source) if source else None
-    try:
-        with hub_offline(unreachable is not None):   # the cache only: no retries against a Hub that does not answer
-            model = _build(model_name, pretrained, kwargs)
-    except OSError as e:  # only reading pretrained weights does I/O here (huggingface_hub's errors are OSErrors)
-        if not pretrained:
-            raise
-        if unreachable:
-            raise ValueError(missing_weights_message(model_name, source[0], unreachable)) from e
-        raise ValueError(f'--pretrained: the weights of {model_name} cannot be loaded: {one_line(str(e))}') from e
-    if checkpoint:
-        load_checkpoint_file(model, checkpoint)
-    if is_applied(model_name):
-        apply(model, **evit_args)   # its ValueError names what the model lacks
-    return model
-
-
-def _build(model_name: str, pretrained: bool, kwargs: dict, evit_args: Optional[dict] = None) -> torch.nn.Module:
-    """``timm.create_model`` (then, unless None, ``apply`` with ``evit_args``), its refusal of an argument as a
-    one-line ValueError. The arguments were checked on the meta device before ``pretrained`` weights
-    are loaded: a RuntimeError then is about those weights (not published, not fitting)."""
-    try:
-        model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
-    except (TypeError, ValueError, AssertionError) as e:  # the model's constructor refusing an argument
-        arguments = ' '.join(f'{k}={v!r}' for k, v in {**kwargs, **(evit_args or {})}.items())
-        raise ValueError(f'cannot build {model_name} with {arguments}: {one_line(str(e))}') from e
-    except RuntimeError as e:
-        if not pretrained or isinstance(e, torch.OutOfMemoryError):
-            raise
-        raise ValueError(f'--pretrained: the weights of {model_name} cannot be loaded: {one_line(str(e))}') from e
-    if evit_args is not None:
-        apply(model, **evit_args)   # on the meta device: the class and EViT's arguments checked
-    return model
-
-
-def check_device(device: str) -> torch.device:
-    """``device`` as a torch.device this machine has, or a ValueError saying what is allowed."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in ('cpu', 'cuda'):
-        raise ValueError(f"--device takes 'cpu' or 'cuda[:N]', got {device!r}")
-    if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f'device {device!r} was asked for but torch sees no CUDA device')
-    if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f'device {device!r} was asked for but torch sees {torch.cuda.device_count()} CUDA device(s)')
-    return dev
 
 
 def check_runtime(runtime: str, compile: Optional[str], device: str, dtype: str) -> None:
@@ -393,39 +296,39 @@ def run_bench(
     return rows
 
 
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table of ``header`` and ``rows`` (cells as text): the table bench and sweep print."""
+    lines = [_markdown_line(header), '|---' * len(header) + '|']
+    return '\n'.join(lines + [_markdown_line(row) for row in rows])
+
+
+def _markdown_line(cells: Sequence[str]) -> str:
+    return '| ' + ' | '.join(cells) + ' |'
+
+
 def format_rows(rows: List[BenchRow]) -> str:
     """A Markdown table."""
     latency = rows[0].latency_ms is not None
-    head = '| model | attn | keep_rate | fuse | tokens per stage | GMACs | MAC ratio | img/s | speed-up | efficiency |'
-    lines = [head + (' batch-1 ms | latency speed-up |' if latency else ''),
-             '|---' * (10 + 2 * latency) + '|']
+    header = ['model', 'attn', 'keep_rate', 'fuse', 'tokens per stage', 'GMACs', 'MAC ratio', 'img/s', 'speed-up',
+              'efficiency'] + (['batch-1 ms', 'latency speed-up'] if latency else [])
+    lines = []
     for r in rows:
         keep = '-' if r.keep_rate is None else f'{r.keep_rate:g}'
         fuse = '-' if r.fuse_token is None else ('yes' if r.fuse_token else 'no')
-        line = (f'| {r.model} | {r.attn} | {keep} | {fuse} | {", ".join(map(str, r.tokens))} | {r.gmacs:.2f} '
-                f'| {r.mac_ratio:.2f}x | {r.images_per_s:.1f} | {r.speedup:.2f}x | {r.efficiency:.2f} |')
+        line = [r.model, r.attn, keep, fuse, ', '.join(map(str, r.tokens)), f'{r.gmacs:.2f}', f'{r.mac_ratio:.2f}x',
+                f'{r.images_per_s:.1f}', f'{r.speedup:.2f}x', f'{r.efficiency:.2f}']
         if latency:
-            line += f' {r.latency_ms:.1f} | {r.latency_speedup:.2f}x |'
+            line += [f'{r.latency_ms:.1f}', f'{r.latency_speedup:.2f}x']
         lines.append(line)
-    return '\n'.join(lines)
+    return markdown_table(header, lines)
 
 
 def rows_as_dicts(rows: List[BenchRow]) -> List[dict]:
     return [asdict(r) for r in rows]
 
 
-def plot_rows(rows: List[BenchRow], path: str, title: str = '') -> None:
-    """Speed-up and GMACs against keep rate, as a PNG written whole (temporary file, then rename)."""
-    plt = pyplot()
-    fig = rows_figure(rows, title)
-    try:
-        save_figure_whole(fig, path, dpi=120)
-    finally:
-        plt.close(fig)
-
-
 def rows_figure(rows: List[BenchRow], title: str = ''):
-    """The matplotlib figure of ``plot_rows`` (close it with ``pyplot().close(fig)``)."""
+    """Speed-up and GMACs against keep rate, as a matplotlib figure (close it with ``pyplot().close(fig)``)."""
     plt = pyplot()
     fig, (ax_speed, ax_macs) = plt.subplots(1, 2, figsize=(10, 4))
     evit_rows = [r for r in rows if r.keep_rate is not None]

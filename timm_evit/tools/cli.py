@@ -49,8 +49,9 @@ def _machine(device: str) -> str:
 
 def bench_main(args: argparse.Namespace) -> int:
     import timm
-    from ._io import figure_writer, pyplot, write_all_whole
+    from ._io import pyplot
     from .bench import format_rows, min_warmup, rows_as_dicts, rows_figure, run_bench
+    from .files import figure_writer, write_all_whole
 
     if args.plot and not _need_matplotlib('bench'):  # fail before the long run, not after it
         return 2
@@ -105,9 +106,9 @@ def _runtime(args: argparse.Namespace) -> str:
 
 
 def export_main(args: argparse.Namespace) -> int:
-    from ._io import write_all_whole
-    from .bench import create_evit_model, merge_model_kwargs
     from .export import check_exportable, example_images, exported_writer, require_exporter
+    from .files import write_all_whole
+    from .models import create_evit_model, merge_model_kwargs
     from .plain import plain_model_name
     from ..checkpoints import one_line, require_finite_forward, weights_source
 
@@ -146,7 +147,7 @@ def _check_output_files(files: dict, inputs: Optional[dict] = None) -> None:
     """Every output file (option -> path, list of paths, or None) writable, no two the same, and
     none of them an input file (option -> path, list of paths, or None), links included: before
     any work. Every command's outputs are checked here."""
-    from ._io import check_writable, same_file_as
+    from .files import check_writable, same_file_as
     given = [(option, path) for option, paths in files.items() for path in _listed(paths)]
     for option, path in given:
         check_writable(path, option)
@@ -182,8 +183,9 @@ def _need_matplotlib(command: str) -> bool:
 
 def visualize_main(args: argparse.Namespace) -> int:
     from timm.data import create_transform
-    from ._io import check_writable, figure_writer, pyplot, write_all_whole
-    from .bench import create_evit_model
+    from ._io import pyplot
+    from .files import check_writable, figure_writer, write_all_whole
+    from .models import create_evit_model
     from .sweep import eval_data_config
     from .visualize import load_image, masks_figure, picture_names, reorganisation_masks, stage_names
     from ..checkpoints import require_finite_forward, weights_source
@@ -244,8 +246,8 @@ def _sweep_prefix(out: Optional[str], model: str) -> str:
 
 
 def sweep_main(args: argparse.Namespace) -> int:
-    from ._io import check_writable
-    from .sweep import image_files, pick_keep_rate, run_sweep, sweep_paths, write_sweep
+    from .files import check_writable
+    from .sweep import format_rows, image_files, pick_keep_rate, run_sweep, sweep_paths, write_sweep
 
     if not args.no_plot and not _need_matplotlib('sweep'):
         return 2
@@ -267,11 +269,7 @@ def sweep_main(args: argparse.Namespace) -> int:
     print(f'# {setting}')
     print(f'# throughput beside timm\'s {rows[0].plain_model} (same weights, same run): '
           f'{rows[0].plain_images_per_s:.1f} img/s')
-    print(f'| keep_rate | top-1 | top-5 | GMACs | img/s | speed-up vs {rows[0].plain_model} |')
-    print('|---|---|---|---|---|---|')
-    for r in rows:
-        print(f'| {r.keep_rate:g} | {r.top1:.2f} | {r.top5:.2f} | {r.gmacs:.3g} | {r.images_per_s:.1f} '
-              f'| {r.speedup_vs_plain:.2f}x |')
+    print(format_rows(rows))
     print('wrote ' + ', '.join(paths))
     if args.max_drop is not None:
         best = pick_keep_rate(rows, args.max_drop)
@@ -292,7 +290,9 @@ def _keep_rate(text: str) -> float:
 
 
 def _model_kwarg(text: str):
-    """``key=value`` as timm's train.py --model-kwargs: the value read as a Python literal if it is one."""
+    """``key=value`` as timm's train.py --model-kwargs: the value read as a Python literal if it is one.
+    Not timm's ``ParseKwargs``: it raises a traceback for a pair without ``=`` (and, in timm 1.0.26, for
+    a value holding ``=`` or one that is not valid Python), where this is a one-line usage error."""
     import ast
     key, sep, value = text.partition('=')
     if not sep or not key.isidentifier():
@@ -320,22 +320,41 @@ class _OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
 
 
+# the models bench takes (see --model of bench); a name no tool takes is a one-line error
+_MODEL_HELP = 'an evit_* name, or a timm ViT name converted with timm_evit.apply (as for bench)'
+
+
+def _add_model_options(parser: argparse.ArgumentParser, model_help: str = _MODEL_HELP, checkpoint: bool = True,
+                       model_kwargs_help: Optional[str] = None) -> None:
+    """The model options the commands share, declared once: --model, --pretrained, --checkpoint (unless
+    ``checkpoint`` is False), --no-fuse, and --model-kwargs where ``model_kwargs_help`` says what they change."""
+    parser.add_argument('--model', default='evit_deit_small', metavar='MODEL', help=model_help)
+    parser.add_argument('--pretrained', action='store_true', help='pretrained weights (must be cached offline)')
+    if checkpoint:
+        parser.add_argument('--checkpoint', help='weights file to load instead (for example from timm\'s train.py)')
+    parser.add_argument('--no-fuse', action='store_true', help='drop inattentive tokens instead of fusing them')
+    if model_kwargs_help:
+        parser.add_argument('--model-kwargs', nargs='*', type=_model_kwarg, default=[], metavar='KEY=VALUE',
+                            help=model_kwargs_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineErrorParser(prog='timm-evit', description='EViT token reorganisation for timm models.')
     sub = parser.add_subparsers(dest='command', required=True)
     bench = sub.add_parser(
         'bench', help='tokens per stage, GMACs and throughput against the plain timm model, in one run')
-    bench.add_argument('--model', default='evit_deit_small', metavar='MODEL',
-                       help=f'one of {", ".join(PLAIN_COUNTERPARTS)} (beside timm\'s DeiT; LV-ViT, not in timm, beside '
-                            'itself at keep_rate 1.0), evit_<timm name> for any timm ViT that timm_evit.apply '
-                            'supports (e.g. evit_deit3_small_patch16_224, beside timm\'s deit3_small_patch16_224), '
-                            'or the timm name itself (e.g. vit_small_patch14_reg4_dinov2.lvd142m), converted with '
-                            'timm_evit.apply, beside itself; each with or without a pretrained tag (e.g. '
-                            'evit_deit_small.keep70_fuse_in1k, beside timm\'s deit_small_patch16_224 with its weights)')
+    _add_model_options(
+        bench, checkpoint=False,
+        model_help=f'one of {", ".join(PLAIN_COUNTERPARTS)} (beside timm\'s DeiT; LV-ViT, not in timm, beside '
+                   'itself at keep_rate 1.0), evit_<timm name> for any timm ViT that timm_evit.apply '
+                   'supports (e.g. evit_deit3_small_patch16_224, beside timm\'s deit3_small_patch16_224), '
+                   'or the timm name itself (e.g. vit_small_patch14_reg4_dinov2.lvd142m), converted with '
+                   'timm_evit.apply, beside itself; each with or without a pretrained tag (e.g. '
+                   'evit_deit_small.keep70_fuse_in1k, beside timm\'s deit_small_patch16_224 with its weights)',
+        model_kwargs_help='architecture of both models, as for timm\'s train.py (e.g. img_size=64 depth=6)')
     bench.add_argument('--keep-rates', type=_keep_rates, default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5],
                        help='comma-separated keep rates, each once (a repeated rate is refused, not '
                        'measured twice; default: 1,0.9,0.8,0.7,0.6,0.5)')
-    bench.add_argument('--no-fuse', action='store_true', help='drop inattentive tokens instead of fusing them')
     bench.add_argument('--batch-size', type=_positive_int, default=32)
     bench.add_argument('--repeats', type=_positive_int, default=5)
     bench.add_argument('--warmup', type=int, default=2)
@@ -351,23 +370,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "timed in onnxruntime on the CPU, fp32, eager only (needs timm-evit[deploy])")
     bench.add_argument('--no-latency', action='store_true', help='skip the batch-1 latency measurement')
     bench.add_argument('--threads', type=_positive_int, default=None, help="torch threads (default: torch's)")
-    bench.add_argument('--pretrained', action='store_true', help='use pretrained weights (must be cached offline)')
-    bench.add_argument('--model-kwargs', nargs='*', type=_model_kwarg, default=[], metavar='KEY=VALUE',
-                       help='architecture of both models, as for timm\'s train.py (e.g. img_size=64 depth=6)')
     bench.add_argument('--json', metavar='PATH', help='also write the rows as JSON (missing folders are created)')
     bench.add_argument('--plot', metavar='PNG', help='also draw speed-up and GMACs against keep rate '
                        '(needs matplotlib); with --json, both are written or neither')
     bench.set_defaults(func=bench_main)
 
-    # the models bench takes (see --model of bench); a name no tool takes is a one-line error
-    model_help = 'an evit_* name, or a timm ViT name converted with timm_evit.apply (as for bench)'
     vis = sub.add_parser('visualize', help='draw which patches each reorganising block keeps, fuses or drops')
     vis.add_argument('images', nargs='+', metavar='IMAGE')
-    vis.add_argument('--model', default='evit_deit_small', help=model_help)
-    vis.add_argument('--pretrained', action='store_true', help='pretrained weights (must be cached offline)')
-    vis.add_argument('--checkpoint', help='weights file to load instead')
+    _add_model_options(vis)
     vis.add_argument('--keep-rate', type=_keep_rate, default=0.7)
-    vis.add_argument('--no-fuse', action='store_true', help='drop inattentive tokens instead of fusing them')
     vis.add_argument('--img-size', type=_positive_int, help='model input size (position embeddings resampled)')
     vis.add_argument('--out', default='.', help='folder for the PNGs, created if missing (default: current folder); '
                      'each image gives NAME_evit.png, images of the same NAME NAME_1_evit.png, NAME_2_evit.png, ... '
@@ -375,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     vis.set_defaults(func=visualize_main)
 
     sweep = sub.add_parser('sweep', help='top-1, top-5, GMACs and throughput at several keep rates on an ImageFolder')
-    sweep.add_argument('--model', default='evit_deit_small', help=model_help)
+    _add_model_options(sweep, model_kwargs_help='model arguments, as for timm\'s train.py (e.g. img_size=64 '
+                       '"reorg_layers=(1,3,5)")')
     sweep.add_argument('--data-dir', required=True, help='ImageFolder root (class folders, or split folders of them)')
     sweep.add_argument('--split', default='validation',
                        help='split folder of --data-dir (or a timm synonym: val, eval, ...); a folder of class folders '
@@ -384,13 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help='comma-separated keep rates, each once (a repeated rate is refused, not '
                        'measured twice; default: 1,0.9,0.8,0.7,0.6,0.5)')
     sweep.add_argument('--batch-size', type=_positive_int, default=32)
-    sweep.add_argument('--pretrained', action='store_true', help='pretrained weights (must be cached offline)')
-    sweep.add_argument('--checkpoint', help='weights file to evaluate (for example from timm\'s train.py)')
     sweep.add_argument('--num-classes', type=_positive_int,
                        help='classes of the checkpoint (default: 1000; or num_classes in --model-kwargs)')
-    sweep.add_argument('--no-fuse', action='store_true')
-    sweep.add_argument('--model-kwargs', nargs='*', type=_model_kwarg, default=[], metavar='KEY=VALUE',
-                       help='model arguments, as for timm\'s train.py (e.g. img_size=64 "reorg_layers=(1,3,5)")')
     sweep.add_argument('--crop-pct', type=float, help="center-crop fraction of the eval transform, as validate.py's "
                        "(default: the model's pretrained_cfg)")
     sweep.add_argument('--repeats', type=int, default=10, help='timed batches per model for throughput (median)')
@@ -404,8 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser(
         'export', help='write the model as an ONNX file or a torch.export program; the keep rate is fixed in the graph')
-    export.add_argument('--model', default='evit_deit_small', metavar='MODEL',
-                        help='what bench --model takes: an evit_* model or a timm ViT name converted with timm_evit.apply')
+    _add_model_options(export, model_kwargs_help='model arguments, as for timm\'s train.py (e.g. num_classes=10 '
+                       '"reorg_layers=(3,6,9)")')
     export.add_argument('--format', default='onnx', choices=list(FORMATS),
                         help="'onnx' (default; torch's dynamo exporter, needs timm-evit[deploy]) or 'export' "
                         "(a torch.export program written by torch.export.save, loaded by torch.export.load)")
@@ -414,13 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument('--keep-rate', type=_keep_rate,
                         help="fixed in the exported graph (token counts are constants of it; another keep rate needs "
                         "another export); default: the model's own (0.7)")
-    export.add_argument('--no-fuse', action='store_true', help='drop inattentive tokens instead of fusing them')
     export.add_argument('--img-size', type=_positive_int,
                         help='input size, fixed in the graph (position embeddings resampled); the batch axis is dynamic')
-    export.add_argument('--pretrained', action='store_true', help='pretrained weights (must be cached offline)')
-    export.add_argument('--checkpoint', help='weights file to load instead (for example from timm\'s train.py)')
-    export.add_argument('--model-kwargs', nargs='*', type=_model_kwarg, default=[], metavar='KEY=VALUE',
-                        help='model arguments, as for timm\'s train.py (e.g. num_classes=10 "reorg_layers=(3,6,9)")')
     export.set_defaults(func=export_main)
     return parser
 

@@ -7,15 +7,15 @@ needs another export. Models are exported in eval mode (no keep-rate warm-up, no
 """
 import contextlib
 import importlib
-from typing import BinaryIO, Callable, Dict, Iterator
+from typing import Callable, Dict, Iterator
 
 import torch
 
-from ._io import write_all_whole
+from .files import Writer
 from ..checkpoints import require_finite_forward
 
 __all__ = ['FORMATS', 'INPUT_NAME', 'OUTPUT_NAME', 'BATCH_AXIS', 'example_images', 'export_program', 'onnx_program',
-           'onnx_bytes', 'check_exportable', 'exported_writer', 'export_model', 'require_exporter',
+           'onnx_bytes', 'check_exportable', 'exported_writer', 'require_exporter',
            'require_onnxruntime', 'onnxruntime_session', 'onnxruntime_forward']
 
 FORMATS: Dict[str, str] = {'onnx': '.onnx', 'export': '.pt2'}   # --format -> the file name's usual suffix
@@ -25,8 +25,6 @@ _EXAMPLE_BATCH = 2
 # One ONNX file is one protobuf message, which cannot exceed 2 GiB.
 _ONNX_MAX_BYTES = 2 ** 31
 _DEPLOY_EXTRA = "pip install 'timm-evit[deploy]'"
-
-Writer = Callable[[BinaryIO], None]
 
 
 def _import(module: str, purpose: str):
@@ -114,7 +112,7 @@ def onnx_bytes(model: torch.nn.Module) -> bytes:
 
 
 def exported_writer(model: torch.nn.Module, format: str = 'onnx', source: str = 'the model') -> Writer:
-    """Exports ``model`` now and returns a writer of the file's bytes (see ``_io.write_all_whole``):
+    """Exports ``model`` now and returns a writer of the file's bytes (see ``files.write_all_whole``):
     an export that fails, or a model that computes non-finite values from the example images (a
     ValueError naming ``source``), raises here, before any file is opened."""
     check_exportable(model, format)
@@ -124,13 +122,6 @@ def exported_writer(model: torch.nn.Module, format: str = 'onnx', source: str = 
         return lambda f: f.write(data)
     program = export_program(model)
     return lambda f: torch.export.save(program, f)
-
-
-def export_model(model: torch.nn.Module, path: str, format: str = 'onnx', make_folders: bool = False) -> None:
-    """Export ``model`` to ``path`` as ``format`` ('onnx', or 'export': ``torch.export.save``).
-    The file is written to a temporary file beside ``path`` and renamed into place once whole: a
-    failed export or write leaves nothing behind."""
-    write_all_whole({path: exported_writer(model, format)}, make_folders=make_folders)
 
 
 def require_onnxruntime():

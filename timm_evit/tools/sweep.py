@@ -8,20 +8,23 @@ from typing import List, Optional, Sequence
 
 import torch
 from timm.data import create_dataset, create_loader, resolve_data_config
+from timm.data.dataset_factory import _EVAL_SYNONYM, _TRAIN_SYNONYM
 from timm.utils import accuracy
 
-from ._io import figure_writer, pyplot, rgb_image, write_all_whole
+from ._io import pyplot, rgb_image
 from ..checkpoints import require_finite, require_finite_forward, weights_source
-from .bench import count_gmacs, create_evit_model, merge_model_kwargs, require_distinct_keep_rates, time_interleaved
+from .bench import count_gmacs, markdown_table, require_distinct_keep_rates, time_interleaved
+from .files import figure_writer, write_all_whole
+from .models import create_evit_model, merge_model_kwargs
 from .plain import create_plain_counterpart, plain_model_name
 from .preflight import check_batch_fits
 
 __all__ = ['SweepRow', 'load_image_folder', 'image_files', 'with_rgb_images', 'split_folder', 'eval_data_config',
-           'evaluate', 'run_sweep', 'pick_keep_rate', 'sweep_paths', 'write_sweep']
+           'evaluate', 'run_sweep', 'pick_keep_rate', 'format_rows', 'sweep_paths', 'write_sweep']
 
-# timm's create_dataset looks for these folders for a split of these names (timm.data.dataset_factory)
-TRAIN_SPLITS = ('train', 'training')
-EVAL_SPLITS = ('val', 'valid', 'validation', 'eval', 'evaluation')
+# timm's create_dataset looks for these folders for a split of these names: its own synonyms
+TRAIN_SPLITS = tuple(_TRAIN_SYNONYM)
+EVAL_SPLITS = tuple(_EVAL_SYNONYM)
 KNOWN_SPLITS = TRAIN_SPLITS + EVAL_SPLITS + ('test', 'testing')
 
 
@@ -212,6 +215,13 @@ def pick_keep_rate(rows: List[SweepRow], max_drop: float) -> SweepRow:
         raise ValueError('--max-drop needs keep rate 1.0 in --keep-rates (the accuracy it is measured from)')
     allowed = [r for r in rows if r.top1 >= reference.top1 - max_drop]
     return max(allowed, key=lambda r: r.images_per_s)
+
+
+def format_rows(rows: List[SweepRow]) -> str:
+    """A Markdown table (see ``bench.markdown_table``), speed-up against the plain model of the rows."""
+    header = ['keep_rate', 'top-1', 'top-5', 'GMACs', 'img/s', f'speed-up vs {rows[0].plain_model}']
+    return markdown_table(header, [[f'{r.keep_rate:g}', f'{r.top1:.2f}', f'{r.top5:.2f}', f'{r.gmacs:.3g}',
+                                    f'{r.images_per_s:.1f}', f'{r.speedup_vs_plain:.2f}x'] for r in rows])
 
 
 def sweep_paths(prefix: str, plot: bool = True) -> List[str]:

@@ -4,10 +4,10 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ._io import pyplot, rgb_image, save_figure_whole
+from ._io import pyplot, rgb_image
 from ..options import KeepRate
 
-__all__ = ['KEPT', 'FUSED', 'DROPPED', 'reorganisation_masks', 'draw_masks', 'masks_figure', 'load_image',
+__all__ = ['KEPT', 'FUSED', 'DROPPED', 'reorganisation_masks', 'masks_figure', 'load_image',
            'stage_names', 'picture_names']
 
 KEPT, FUSED, DROPPED = 0, 1, 2  # patch states in the masks
@@ -59,20 +59,10 @@ def load_image(path: str):
         raise ValueError(f'cannot read image {path!r}: {e}') from e
 
 
-def draw_masks(image: torch.Tensor, masks: torch.Tensor, stage_names: Sequence[str], path: str, title: str = '') -> None:
-    """PNG with the input and one panel per stage: kept patches as they are, dropped ones greyed,
-    fused ones tinted orange. ``image`` ``[3, H, W]`` in 0..1, ``masks`` ``[stages, gh, gw]``.
-    Written whole: to a temporary file, then renamed."""
-    plt = pyplot()
-    fig = masks_figure(image, masks, stage_names, title)
-    try:
-        save_figure_whole(fig, path)
-    finally:
-        plt.close(fig)
-
-
 def masks_figure(image: torch.Tensor, masks: torch.Tensor, stage_names: Sequence[str], title: str = ''):
-    """The matplotlib figure of ``draw_masks`` (close it with ``pyplot().close(fig)``)."""
+    """The input and one panel per stage: kept patches as they are, dropped ones greyed, fused ones
+    tinted orange. ``image`` ``[3, H, W]`` in 0..1, ``masks`` ``[stages, gh, gw]``. A matplotlib
+    figure: close it with ``pyplot().close(fig)``."""
     plt = pyplot()
     height, width = image.shape[-2:]
     panels = [('input', image)]
