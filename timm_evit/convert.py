@@ -11,7 +11,7 @@ from .evit_deit import VisionTransformerDistilledEViT, VisionTransformerEViT
 from .evit_eva import EvaEViT
 from .layers import EVA_ATTENTION_CLASSES, EViTBlock, EViTEvaBlock
 from .mechanism import EViTMixin
-from .options import KeepRate
+from .options import EViTOptions, KeepRate
 
 __all__ = ['apply', 'refusal', 'EVIT_CLASSES']
 
@@ -49,11 +49,11 @@ def refusal(model: nn.Module) -> Optional[str]:
 
 def apply(
         model: nn.Module,
-        keep_rate: KeepRate = 0.7,
-        reorg_layers: Optional[Sequence[int]] = None,
-        fuse_token: bool = True,
-        keep_rate_warmup_start: int = 0,
-        keep_rate_warmup_steps: int = 0,
+        keep_rate: KeepRate = EViTOptions.keep_rate,
+        reorg_layers: Optional[Sequence[int]] = EViTOptions.reorg_layers,
+        fuse_token: bool = EViTOptions.fuse_token,
+        keep_rate_warmup_start: int = EViTOptions.keep_rate_warmup_start,
+        keep_rate_warmup_steps: int = EViTOptions.keep_rate_warmup_steps,
 ) -> nn.Module:
     """Convert a timm ViT in place to EViT and return it.
 
@@ -85,9 +85,10 @@ def apply(
     Raises:
         ValueError: naming what the model lacks (class token, timm's block / attention type) or its class.
     """
-    evit_args = (keep_rate, reorg_layers, fuse_token, keep_rate_warmup_start, keep_rate_warmup_steps)
+    options = EViTOptions(keep_rate=keep_rate, reorg_layers=reorg_layers, fuse_token=fuse_token,
+                          keep_rate_warmup_start=keep_rate_warmup_start, keep_rate_warmup_steps=keep_rate_warmup_steps)
     if isinstance(model, EViTMixin):   # already EViT: set the new arguments
-        model._init_evit(*evit_args)
+        model._init_evit(options)
         return model
     problem = refusal(model)
     if problem:
@@ -99,7 +100,7 @@ def apply(
     for blk in blocks:
         blk.__class__ = evit_block_cls
     try:
-        model._init_evit(*evit_args)
+        model._init_evit(options)
     except (TypeError, ValueError):
         model.__class__ = timm_cls   # as it was
         for blk in blocks:

@@ -13,8 +13,8 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 
 from .checkpoints import ALLOWED_PICKLE_GLOBALS
 from .layers import EViTBlock
-from .mechanism import EViTMixin, check_evit_args, check_image_batch, default_reorg_layers
-from .options import KeepRate
+from .mechanism import EViTMixin, check_image_batch, default_reorg_layers
+from .options import EViTOptions, KeepRate, check_class_token
 from .release import HUB_NAMESPACE, release_weights_published
 
 __all__ = [
@@ -56,22 +56,23 @@ class VisionTransformerEViT(EViTMixin, VisionTransformer):
 
     def __init__(
             self,
-            keep_rate: KeepRate = 0.7,
-            reorg_layers: Optional[Sequence[int]] = None,
-            fuse_token: bool = True,
-            keep_rate_warmup_start: int = 0,
-            keep_rate_warmup_steps: int = 0,
+            keep_rate: KeepRate = EViTOptions.keep_rate,
+            reorg_layers: Optional[Sequence[int]] = EViTOptions.reorg_layers,
+            fuse_token: bool = EViTOptions.fuse_token,
+            keep_rate_warmup_start: int = EViTOptions.keep_rate_warmup_start,
+            keep_rate_warmup_steps: int = EViTOptions.keep_rate_warmup_steps,
             **kwargs,
     ) -> None:
-        if not kwargs.get('class_token', True):
-            raise ValueError('EViT needs a class token (class_token=True): selection reads its attention')
+        check_class_token(kwargs.get('class_token', True))
         if 'block_fn' in kwargs:
             raise ValueError('block_fn is set by EViT (EViTBlock, timm\'s Block that can reorganise)')
         # checked before the (costly) construction, again in _init_evit
-        check_evit_args(keep_rate, reorg_layers, fuse_token, kwargs.get('depth', 12),
-                        keep_rate_warmup_start, keep_rate_warmup_steps)
+        options = EViTOptions(keep_rate=keep_rate, reorg_layers=reorg_layers, fuse_token=fuse_token,
+                              keep_rate_warmup_start=keep_rate_warmup_start,
+                              keep_rate_warmup_steps=keep_rate_warmup_steps)
+        options.checked(kwargs.get('depth', 12))
         super().__init__(block_fn=EViTBlock, **kwargs)
-        self._init_evit(keep_rate, reorg_layers, fuse_token, keep_rate_warmup_start, keep_rate_warmup_steps)
+        self._init_evit(options)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         check_image_batch(x, self.in_chans)

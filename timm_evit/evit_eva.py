@@ -10,8 +10,8 @@ import torch
 from timm.models.eva import Eva
 
 from .layers import EViTEvaBlock
-from .mechanism import EViTMixin, check_evit_args, check_image_batch
-from .options import KeepRate
+from .mechanism import EViTMixin, check_image_batch
+from .options import EViTOptions, KeepRate, check_class_token
 
 __all__ = ['EvaEViT']
 
@@ -35,23 +35,24 @@ class EvaEViT(EViTMixin, Eva):
 
     def __init__(
             self,
-            keep_rate: KeepRate = 0.7,
-            reorg_layers: Optional[Sequence[int]] = None,
-            fuse_token: bool = True,
-            keep_rate_warmup_start: int = 0,
-            keep_rate_warmup_steps: int = 0,
+            keep_rate: KeepRate = EViTOptions.keep_rate,
+            reorg_layers: Optional[Sequence[int]] = EViTOptions.reorg_layers,
+            fuse_token: bool = EViTOptions.fuse_token,
+            keep_rate_warmup_start: int = EViTOptions.keep_rate_warmup_start,
+            keep_rate_warmup_steps: int = EViTOptions.keep_rate_warmup_steps,
             **kwargs,
     ) -> None:
-        if not kwargs.get('class_token', True):
-            raise ValueError('EViT needs a class token (class_token=True): selection reads its attention')
+        check_class_token(kwargs.get('class_token', True))
         if kwargs.get('use_post_norm', False):
             raise ValueError('use_post_norm=True is not supported: EViT serves pre-norm EvaBlocks')
-        check_evit_args(keep_rate, reorg_layers, fuse_token, kwargs.get('depth', 12),
-                        keep_rate_warmup_start, keep_rate_warmup_steps)
+        options = EViTOptions(keep_rate=keep_rate, reorg_layers=reorg_layers, fuse_token=fuse_token,
+                              keep_rate_warmup_start=keep_rate_warmup_start,
+                              keep_rate_warmup_steps=keep_rate_warmup_steps)
+        options.checked(kwargs.get('depth', 12))
         super().__init__(**kwargs)
         for blk in self.blocks:
             blk.__class__ = EViTEvaBlock   # same module, EViT's step between attention and MLP
-        self._init_evit(keep_rate, reorg_layers, fuse_token, keep_rate_warmup_start, keep_rate_warmup_steps)
+        self._init_evit(options)
 
     def _embed_with_rope(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         check_image_batch(x, self.in_chans)

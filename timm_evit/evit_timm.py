@@ -3,8 +3,8 @@
 ``timm.create_model('evit_vit_base_patch16_clip_224.openai', pretrained=True, keep_rate=0.7)``
 builds timm's own ``vit_base_patch16_clip_224`` with the pretrained tag's weights (timm's Hub
 repository: the pretrained tags are timm's, not EViT-trained weights) and converts it with
-``apply``. The EViT arguments (``keep_rate``, ``reorg_layers``, ``fuse_token``, the keep-rate
-warm-up) go to ``apply``; every other argument to timm's model. So timm's ``train.py --model
+``apply``. The EViT arguments (``options.EVIT_ARGS``: ``keep_rate``, ``reorg_layers``,
+``fuse_token``, the keep-rate warm-up) go to ``apply``; every other argument to timm's model. So timm's ``train.py --model
 evit_deit3_small_patch16_224.fb_in22k_ft_in1k --pretrained --model-kwargs keep_rate=0.7
 keep_rate_warmup_steps=...`` fine-tunes any of them with EViT.
 
@@ -22,7 +22,7 @@ from torch import nn
 
 from .convert import apply
 from .evit_deit import build_evit_model
-from .options import EVIT_ARGS
+from .options import pop_evit_args
 
 __all__ = ['EVIT_PREFIX', 'TIMM_ARCHITECTURES', 'GENERATED_WITH_TIMM', 'read_architectures']
 
@@ -51,7 +51,7 @@ _SOURCE_ARGS = ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir', 'pretra
 
 def _entrypoint(arch: str, name: str) -> Callable[..., nn.Module]:
     def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
-        evit_args = {key: kwargs.pop(key) for key in EVIT_ARGS if key in kwargs}
+        evit_args = pop_evit_args(kwargs)
         # timm passes this name's pretrained cfg (a copy of the architecture's), so timm's own
         # entrypoint loads timm's weights for the tag
         if not kwargs.get('features_only', False):

@@ -14,12 +14,12 @@ from torch import nn
 from timm.models import checkpoint, register_notrace_function
 from timm.models._features import feature_take_indices
 
-from .options import KeepRate, check_fuse_token, check_keep_rate, check_reorg_layers
+from .options import EViTOptions, KeepRate, check_fuse_token, check_keep_rate, default_reorg_layers
 from .reorg import rotary_rows_for_tokens, tokens_to_patch_grid, trace_patch_token_index, trace_token_patch_ids
 from .schedule import warmup_keep_rate
 
 __all__ = [
-    'EViTMixin', 'check_attention_mask', 'check_evit_args', 'check_image_batch', 'default_reorg_layers',
+    'EViTMixin', 'check_attention_mask', 'check_image_batch', 'default_reorg_layers',
 ]
 
 
@@ -33,28 +33,6 @@ def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
         raise ValueError(f'x must be a batch of images [B, {in_chans}, H, W] (4 dims), got shape {tuple(x.shape)}')
     if x.shape[1] != in_chans:
         raise ValueError(f'x must have {in_chans} channels (in_chans), got shape {tuple(x.shape)}')
-
-
-def default_reorg_layers(depth: int) -> Tuple[int, ...]:
-    """The paper's relative places: blocks ``depth // 4, depth // 2, 3 * depth // 4`` (3, 6, 9 of 12)."""
-    return tuple(sorted({depth // 4, depth // 2, 3 * depth // 4}))
-
-
-def check_evit_args(
-        keep_rate: KeepRate,
-        reorg_layers: Optional[Sequence[int]],
-        fuse_token: bool,
-        depth: int,
-        keep_rate_warmup_start: int = 0,
-        keep_rate_warmup_steps: int = 0,
-) -> Tuple[Tuple[int, ...], bool, Tuple[float, ...]]:
-    """The EViT arguments checked: ``(reorg_layers, fuse_token, keep rate per reorganising block)``."""
-    for name, value in (('keep_rate_warmup_start', keep_rate_warmup_start),
-                        ('keep_rate_warmup_steps', keep_rate_warmup_steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f'{name} must be an integer >= 0 (optimizer steps), got {value!r}')
-    layers = default_reorg_layers(depth) if reorg_layers is None else check_reorg_layers(reorg_layers, depth)
-    return layers, check_fuse_token(fuse_token), check_keep_rate(keep_rate, len(layers))
 
 
 @torch.fx.wrap  # checks the masks against this call's keep rates: opaque to FX
@@ -87,25 +65,17 @@ class EViTMixin:
     class gives ``_embed_with_rope`` (default: ``_embed`` without RoPE) and blocks that reorganise.
     """
 
-    def _init_evit(
-            self,
-            keep_rate: KeepRate,
-            reorg_layers: Optional[Sequence[int]],
-            fuse_token: bool,
-            keep_rate_warmup_start: int = 0,
-            keep_rate_warmup_steps: int = 0,
-    ) -> None:
+    def _init_evit(self, options: EViTOptions) -> None:
         """EViT's state on a built model whose blocks are EViTBlocks (from __init__, or from ``apply``)."""
-        reorg_layers, fuse_token, rates = check_evit_args(
-            keep_rate, reorg_layers, fuse_token, len(self.blocks), keep_rate_warmup_start, keep_rate_warmup_steps)
+        options = options.checked(len(self.blocks))
         for blk in self.blocks:
             blk.num_prefix_tokens = self.num_prefix_tokens
             blk.keep_rate = 1.0
-        self.reorg_layers = reorg_layers
-        self.fuse_token = fuse_token
-        self.set_keep_rate(rates)
-        self.keep_rate_warmup_start = keep_rate_warmup_start
-        self.keep_rate_warmup_steps = keep_rate_warmup_steps
+        self.reorg_layers = options.reorg_layers
+        self.fuse_token = options.fuse_token
+        self.set_keep_rate(options.keep_rate)
+        self.keep_rate_warmup_start = options.keep_rate_warmup_start
+        self.keep_rate_warmup_steps = options.keep_rate_warmup_steps
         if self.has_keep_rate_warmup:
             # Training progress of the warm-up (a new warm-up starts at step 0), saved with the
             # weights: timm's resume_checkpoint restores a model through its state dict alone, so

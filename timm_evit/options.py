@@ -1,13 +1,66 @@
-"""Validation of the EViT model arguments: clear errors, nothing silently clamped."""
+"""The EViT model arguments, declared once (``EViTOptions``) and checked in one place
+(``EViTOptions.checked``): clear errors, nothing silently clamped. Every family, ``apply``, the
+generated ``evit_<timm name>`` registrations, the tools and ``weights/hub.py`` take their names and
+defaults from here; a new argument is one field here (and its check in ``checked``)."""
+import dataclasses
 import math
 import numbers
-from typing import Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
-__all__ = ['KeepRate', 'EVIT_ARGS', 'check_keep_rate', 'check_reorg_layers', 'check_fuse_token']
+__all__ = [
+    'KeepRate', 'EViTOptions', 'EVIT_ARGS', 'TRAINING_ARGS', 'pop_evit_args', 'default_reorg_layers',
+    'check_keep_rate', 'check_reorg_layers', 'check_fuse_token', 'check_class_token',
+]
 
 KeepRate = Union[float, Sequence[float]]
-# The creation arguments only EViT has; every other argument describes the timm architecture.
-EVIT_ARGS = ('keep_rate', 'reorg_layers', 'fuse_token', 'keep_rate_warmup_start', 'keep_rate_warmup_steps')
+
+
+def default_reorg_layers(depth: int) -> Tuple[int, ...]:
+    """The paper's relative places: blocks ``depth // 4, depth // 2, 3 * depth // 4`` (3, 6, 9 of 12)."""
+    return tuple(sorted({depth // 4, depth // 2, 3 * depth // 4}))
+
+
+@dataclass(frozen=True)
+class EViTOptions:
+    """The creation arguments only EViT has (every other argument describes the timm architecture),
+    with their defaults. As given: ``checked(depth)`` validates them against a model's depth.
+
+    Fields marked ``training`` in their metadata only act in training (the keep-rate warm-up)."""
+    keep_rate: KeepRate = 0.7                       # one float in (0, 1] or one per reorganising block
+    reorg_layers: Optional[Sequence[int]] = None    # None: default_reorg_layers(depth)
+    fuse_token: bool = True                         # fuse the inattentive tokens (True) or drop them
+    keep_rate_warmup_start: int = dataclasses.field(default=0, metadata={'training': True})
+    keep_rate_warmup_steps: int = dataclasses.field(default=0, metadata={'training': True})
+
+    def checked(self, depth: int) -> 'EViTOptions':
+        """The options checked for a model of ``depth`` blocks, resolved: ``reorg_layers`` a tuple
+        of block indices (the default places for None), ``keep_rate`` one float per reorganising
+        block. A TypeError or ValueError names the argument otherwise."""
+        for name in TRAINING_ARGS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f'{name} must be an integer >= 0 (optimizer steps), got {value!r}')
+        layers = default_reorg_layers(depth) if self.reorg_layers is None else check_reorg_layers(self.reorg_layers, depth)
+        fuse_token = check_fuse_token(self.fuse_token)
+        return dataclasses.replace(self, keep_rate=check_keep_rate(self.keep_rate, len(layers)),
+                                   reorg_layers=layers, fuse_token=fuse_token)
+
+
+# The EViT arguments by name, in declaration order; those that act only in training.
+EVIT_ARGS: Tuple[str, ...] = tuple(f.name for f in dataclasses.fields(EViTOptions))
+TRAINING_ARGS: Tuple[str, ...] = tuple(f.name for f in dataclasses.fields(EViTOptions) if f.metadata.get('training'))
+
+
+def pop_evit_args(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """EViT's arguments taken out of ``kwargs`` (which keeps the architecture's), as given."""
+    return {name: kwargs.pop(name) for name in EVIT_ARGS if name in kwargs}
+
+
+def check_class_token(class_token: bool) -> None:
+    """EViT's selection reads the class token's attention: a model without one is refused."""
+    if not class_token:
+        raise ValueError('EViT needs a class token (class_token=True): selection reads its attention')
 
 
 def _check_one_rate(value, name: str) -> float:

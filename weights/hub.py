@@ -35,7 +35,7 @@ from timm_evit.checkpoints import load_state_dict_checked, read_checkpoint, requ
 from timm_evit.checkpoints import require_finite
 from timm_evit.release import HUB_NAMESPACE
 from timm_evit.evit_lvvit import checkpoint_filter_fn as lvvit_checkpoint_filter_fn
-from timm_evit.options import check_keep_rate
+from timm_evit.options import EVIT_ARGS, check_keep_rate
 
 MANIFEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'manifest.csv')
 
@@ -73,12 +73,8 @@ class Row:
     @property
     def model_args(self) -> Dict[str, object]:
         """keep_rate / fuse_token the checkpoint was trained with (none: not EViT-trained)."""
-        args = {}
-        if self.keep_rate is not None:
-            args['keep_rate'] = self.keep_rate
-        if self.fuse_token is not None:
-            args['fuse_token'] = self.fuse_token
-        return args
+        # the manifest's columns that are EViT arguments (timm_evit.options.EVIT_ARGS), where given
+        return {name: getattr(self, name) for name in EVIT_ARGS if getattr(self, name, None) is not None}
 
     @property
     def checkpoint_filter(self) -> Callable:

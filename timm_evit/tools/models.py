@@ -8,7 +8,8 @@ import torch
 
 from ..checkpoints import load_checkpoint_file, one_line
 from ..convert import apply
-from .plain import EVIT_ONLY_ARGS, is_applied, plain_model_name
+from ..options import TRAINING_ARGS, pop_evit_args
+from .plain import is_applied, plain_model_name
 from .preflight import check_input_size, hub_offline, hub_unreachable, hub_weights, missing_weights_message
 
 __all__ = ['create_evit_model', 'merge_model_kwargs', 'check_device']
@@ -50,8 +51,8 @@ def create_evit_model(model_name: str, pretrained: bool = False, checkpoint: Opt
     plain_model_name(model_name)   # a name and tag the tools take (its ValueError says which)
     evit_args = {}
     if is_applied(model_name):
-        evit_args = {k: kwargs.pop(k) for k in EVIT_ONLY_ARGS if k in kwargs}
-        warmup = sorted(k for k in evit_args if k.startswith('keep_rate_warmup'))
+        evit_args = pop_evit_args(kwargs)
+        warmup = sorted(k for k in evit_args if k in TRAINING_ARGS)
         if warmup:
             raise ValueError(f'{", ".join(warmup)}: the keep-rate warm-up is for training evit_* models, '
                              f'not for timm_evit.apply on {model_name}')

@@ -6,9 +6,9 @@ from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg, split_mode
 from torch import nn
 
 from ..evit_timm import EVIT_PREFIX, TIMM_ARCHITECTURES
-from ..options import EVIT_ARGS
+from ..options import pop_evit_args
 
-__all__ = ['PLAIN_COUNTERPARTS', 'EVIT_ONLY_ARGS', 'plain_model_name', 'check_pretrained_tag', 'is_applied',
+__all__ = ['PLAIN_COUNTERPARTS', 'plain_model_name', 'check_pretrained_tag', 'is_applied',
            'evit_label', 'create_plain_counterpart']
 
 # The plain model each EViT architecture reorganises (same weights, same shapes), with its
@@ -20,8 +20,6 @@ PLAIN_COUNTERPARTS = {
     'evit_lvvit_s': ('evit_lvvit_s', {'keep_rate': 1.0}),
     'evit_lvvit_m': ('evit_lvvit_m', {'keep_rate': 1.0}),
 }
-# Arguments only EViT has; the others describe the architecture, which the plain model shares.
-EVIT_ONLY_ARGS = EVIT_ARGS
 
 
 def is_applied(model_name: str) -> bool:
@@ -85,8 +83,11 @@ def create_plain_counterpart(model_name: str, evit: nn.Module, **model_kwargs) -
     """timm's plain model for ``model_name`` (see ``plain_model_name``), built with the architecture
     arguments among ``model_kwargs`` and loaded with ``evit``'s weights, in eval mode."""
     plain_name, plain_kwargs = plain_model_name(model_name)
-    # the EViT model's own num_classes (the caller's, or a checkpoint's) wins over model_kwargs
-    architecture = {k: v for k, v in model_kwargs.items() if k not in EVIT_ONLY_ARGS + ('num_classes',)}
+    # EViT's arguments left out (the plain model shares only the architecture's); the EViT model's
+    # own num_classes (the caller's, or a checkpoint's) wins over model_kwargs
+    architecture = dict(model_kwargs)
+    pop_evit_args(architecture)
+    architecture.pop('num_classes', None)
     plain = timm.create_model(plain_name, num_classes=evit.num_classes, **plain_kwargs, **architecture)
     state = evit.state_dict()
     state.pop('keep_rate_step', None)  # warm-up progress: training state, not a weight
