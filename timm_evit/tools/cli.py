@@ -127,7 +127,7 @@ def export_main(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _user_error('export', e)
     try:
-        writer = exported_writer(model, args.format, source)
+        writer = exported_writer(model, args.format)
     except Exception as e:  # the exporter's own failure: not the user's mistake, so exit code 1
         print(f'timm-evit export: exporting {args.model} to {args.format} failed: {one_line(str(e))}', file=sys.stderr)
         return 1

@@ -12,7 +12,6 @@ from typing import Callable, Dict, Iterator
 import torch
 
 from .files import Writer
-from ..checkpoints import require_finite_forward
 
 __all__ = ['FORMATS', 'INPUT_NAME', 'OUTPUT_NAME', 'BATCH_AXIS', 'example_images', 'export_program', 'onnx_program',
            'onnx_bytes', 'check_exportable', 'exported_writer', 'require_exporter',
@@ -111,12 +110,11 @@ def onnx_bytes(model: torch.nn.Module) -> bytes:
     return onnx_program(model).model_proto.SerializeToString()
 
 
-def exported_writer(model: torch.nn.Module, format: str = 'onnx', source: str = 'the model') -> Writer:
+def exported_writer(model: torch.nn.Module, format: str = 'onnx') -> Writer:
     """Exports ``model`` now and returns a writer of the file's bytes (see ``files.write_all_whole``):
-    an export that fails, or a model that computes non-finite values from the example images (a
-    ValueError naming ``source``), raises here, before any file is opened."""
+    an export that fails raises here, before any file is opened. (``timm-evit export`` has refused a
+    model that computes non-finite values before this: ``checkpoints.require_finite_forward``.)"""
     check_exportable(model, format)
-    require_finite_forward(model, example_images(model), source)
     if format == 'onnx':
         data = onnx_bytes(model)
         return lambda f: f.write(data)
