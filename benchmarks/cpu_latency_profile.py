@@ -82,7 +82,7 @@ def _line_fit(points):
 def own_step_cost(repeats=200):
     """Median us of EViT's class row + reorganisation: back to back, and after a timm block."""
     from timm.models.vision_transformer import Block
-    from timm_evit.layers import reorganize_at_rate
+    from timm_evit.reorg import reorganize_at_rate
     from timm_evit.reorg import class_attention
     torch.manual_seed(0)
     blocks = [Block(384, 6, qkv_bias=True).eval() for _ in range(12)]

@@ -133,11 +133,11 @@ def _fused_token_first(x, cls_attn, num_keep, fuse_token, num_prefix_tokens=1):
 
 @pytest.mark.parametrize('mutation', ['position order', 'floor', 'renormalised weights', 'fused token first'])
 def test_the_reference_comparison_catches_each_mutation(monkeypatch, mutation):
-    import timm_evit.layers as layers
+    import timm_evit.reorg as reorg
     if mutation == 'floor':
-        monkeypatch.setattr(layers, 'num_kept_tokens', lambda rate, n: max(1, math.floor(rate * n)))
+        monkeypatch.setattr(reorg, 'num_kept_tokens', lambda rate, n: max(1, math.floor(rate * n)))
     else:
-        monkeypatch.setattr(layers, 'reorganize_tokens', {
+        monkeypatch.setattr(reorg, 'reorganize_tokens', {
             'position order': _kept_in_position_order,
             'renormalised weights': _renormalised_fusion,
             'fused token first': _fused_token_first,

@@ -14,7 +14,7 @@ import torch
 from timm.layers import apply_rot_embed_cat
 
 import timm_evit
-import timm_evit.mechanism as mechanism
+import timm_evit.opaque as opaque
 from evit_reference import (
     checked_choice, kept_indices_by_block, masked_reference_timm_vit, reference_eva,
 )
@@ -316,7 +316,7 @@ def _rows_not_gathered(rope, ids):
 @pytest.mark.parametrize('mutation', ['fused token rotated', 'rows in patch order', 'rows not gathered'])
 @pytest.mark.parametrize('family', family_params(['eva02', 'dinov3']))
 def test_the_reference_comparison_catches_each_mutation(monkeypatch, family, mutation):
-    monkeypatch.setattr(mechanism, 'rope_for_tokens', {
+    monkeypatch.setattr(opaque, 'rotary_rows_for_tokens', {
         'fused token rotated': _fused_token_rotated,
         'rows in patch order': _rows_in_patch_order,
         'rows not gathered': _rows_not_gathered,

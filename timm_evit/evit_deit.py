@@ -13,17 +13,13 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 
 from .checkpoints import ALLOWED_PICKLE_GLOBALS
 from .layers import EViTBlock
-from .mechanism import EViTMixin, check_image_batch, default_reorg_layers
+from .mechanism import EViTMixin, default_reorg_layers
 from .options import EViTOptions, KeepRate, check_class_token
 from .release import HUB_NAMESPACE, release_weights_published
 
 __all__ = [
     'VisionTransformerEViT', 'VisionTransformerDistilledEViT', 'default_reorg_layers', 'EVIT_DEIT_SMALL_TAGS',
 ]
-
-
-# FX wraps a function by name in the module that calls it: _embed calls this one here.
-torch.fx.wrap('check_image_batch')
 
 
 class VisionTransformerEViT(EViTMixin, VisionTransformer):
@@ -75,7 +71,7 @@ class VisionTransformerEViT(EViTMixin, VisionTransformer):
         self._init_evit(options)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_batch(x, self.in_chans)
+        # timm's embedding steps, as its own _embed (which timm 1.0.26 does not have yet)
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)

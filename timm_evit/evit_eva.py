@@ -10,14 +10,10 @@ import torch
 from timm.models.eva import Eva
 
 from .layers import EViTEvaBlock
-from .mechanism import EViTMixin, check_image_batch
+from .mechanism import EViTMixin
 from .options import EViTOptions, KeepRate, check_class_token
 
 __all__ = ['EvaEViT']
-
-# FX wraps a function by name in the module that calls it: _embed_with_rope calls this one here.
-torch.fx.wrap('check_image_batch')
-
 
 class EvaEViT(EViTMixin, Eva):
     """timm's ``Eva`` with EViT token reorganisation (``VisionTransformerEViT``'s API and behaviour).
@@ -55,7 +51,6 @@ class EvaEViT(EViTMixin, Eva):
         self._init_evit(options)
 
     def _embed_with_rope(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        check_image_batch(x, self.in_chans)
         x = self.patch_embed(x)
         x, rot_pos_embed = self._pos_embed(x)   # timm's: absolute position, prefix tokens, patch dropout
         return self.norm_pre(x), rot_pos_embed

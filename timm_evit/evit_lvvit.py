@@ -18,7 +18,7 @@ from timm.models import generate_default_cfgs, register_model
 from .checkpoints import require_matching_keys, unwrap_state_dict
 from .evit_deit import VisionTransformerEViT, build_evit_model
 from .options import KeepRate
-from .reorg import tokens_to_patch_grid, trace_patch_token_index
+from .reorg import tokens_to_patch_grid
 
 __all__ = ['LVViTPatchEmbed', 'ResidualScale', 'VisionTransformerEViTLVViT', 'checkpoint_filter_fn']
 
@@ -156,10 +156,12 @@ class VisionTransformerEViTLVViT(VisionTransformerEViT):
             return_token_patch_ids: bool = False,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Tokens after the final norm; with ``return_token_patch_ids`` also ``[B, n]`` patch ids (-1: fused)."""
-        x, token_patch_ids = self._forward_blocks(
-            self._embed(x), keep_rate, attn_mask, is_causal, track_token_ids=return_token_patch_ids)
+        x, _ = self._entering_tokens(x)
+        rates = self._keep_rates_for_call(keep_rate)
+        self._advance_warmup()
+        x, trace, _ = self._block_loop(x, rates, attn_mask, is_causal, trace=return_token_patch_ids)
         x = self.norm(x)
-        return (x, token_patch_ids) if return_token_patch_ids else x
+        return (x, trace.token_patch_ids) if return_token_patch_ids else x
 
     def forward(
             self,
@@ -178,21 +180,17 @@ class VisionTransformerEViTLVViT(VisionTransformerEViT):
 
     def _forward_dense(self, x: torch.Tensor, keep_rate: Optional[KeepRate]):
         grid_h, grid_w = self.patch_embed.dynamic_feat_size(x.shape[-2:])
-        tokens = self._embed(x)
+        tokens, _ = self._entering_tokens(x)
         bbox = (0, 0, 0, 0)
         if self.mix_token:
             tokens, bbox = _mix_tokens(tokens, grid_h, grid_w)
-        # trace every patch to the token that carries it, to put the aux logits back on the grid
-        B = tokens.shape[0]
-        patch_token_index = torch.arange(grid_h * grid_w, device=tokens.device).expand(B, -1)
-        for blk, rate in zip(self.blocks, self._block_keep_rates(keep_rate)):
-            num_tokens = tokens.shape[1] - self.num_prefix_tokens
-            tokens, kept_idx = self._run_block(blk, tokens, rate)
-            if kept_idx is not None:
-                patch_token_index = trace_patch_token_index(patch_token_index, kept_idx, num_tokens, self.fuse_token)
+        rates = self._keep_rates_for_call(keep_rate)
+        self._advance_warmup()
+        # every patch traced to the token that carries it, to put the aux logits back on the grid
+        tokens, trace, _ = self._block_loop(tokens, rates, trace_patches=True)
         tokens = self.norm(tokens)
         cls_logits = super().forward_head(tokens)
-        aux = tokens_to_patch_grid(self.aux_head(tokens[:, self.num_prefix_tokens:]), patch_token_index)
+        aux = tokens_to_patch_grid(self.aux_head(tokens[:, self.num_prefix_tokens:]), trace.patch_token_index)
         if self.mix_token:
             aux = _unmix_grid(aux, bbox, grid_h, grid_w)
         return cls_logits, aux, bbox

@@ -8,7 +8,6 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention, apply_rot_embed_cat
-from timm.models import register_notrace_function
 from timm.models.eva import EvaAttention, EvaBlock
 from timm.models.vision_transformer import Block
 
@@ -17,34 +16,29 @@ try:  # timm's RoPE attention (PE, RoPE ViTs: attn_type='rope')
 except ImportError:  # a timm without it has no Eva that uses it
     AttentionRope = None
 
-from .reorg import class_attention, head_averaged_class_row, num_kept_tokens, reorganize_tokens
+from . import opaque
+from .reorg import class_attention, head_averaged_class_row
 
 __all__ = [
     'EViTBlock', 'EViTEvaBlock', 'attention_with_class_attention', 'rope_attention_with_class_attention',
-    'reorganize_at_rate', 'EVA_ATTENTION_CLASSES',
+    'EVA_ATTENTION_CLASSES',
 ]
 
 
-def attention_with_class_attention(
-        attn: Attention,
-        x: torch.Tensor,
-        num_prefix_tokens: int = 1,
+def _attend_with_class_row(
+        attn: torch.nn.Module,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        gate: Optional[torch.Tensor],
+        num_prefix_tokens: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """timm ``Attention`` forward that also returns the head-averaged class attention to the
-    ``N - P`` non-prefix tokens, ``[B, N - P]``.
+    """The end both timm attention modules share, from ``q, k, v`` ``[B, H, N, D]`` on: attention,
+    heads joined, scale norm, gate, projection; also the head-averaged class row ``[B, N - P]``.
 
-    Runs the module's own layers (qkv, q/k norms, scale norm, gate, proj, dropouts) in the order of
-    timm's ``Attention.forward``, so its output is that forward's (a test compares them). It follows
-    the module's fused / unfused switch: the unfused path reads the class row of the attention it
+    Fused / unfused as the module says: the unfused path reads the class row of the attention it
     materialises anyway; the fused path computes only that row beside the SDPA kernel.
     """
-    B, N, _ = x.shape
-    gate = getattr(attn, 'gate', None)  # timm added the optional gate after 1.0.26 (1.0.26 has none)
-    gate = gate(x).sigmoid() if gate is not None else None
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-
     if attn.fused_attn:
         cls_attn = class_attention(q, k, attn.scale, num_prefix_tokens)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.)
@@ -57,46 +51,69 @@ def attention_with_class_attention(
     x = attn.norm(x)
     if gate is not None:
         x = x * gate
-    x = attn.proj_drop(attn.proj(x))
-    return x, cls_attn
+    return attn.proj_drop(attn.proj(x)), cls_attn
 
 
-def _report_all_kept(x: torch.Tensor, num_prefix_tokens: int, kept_indices: Optional[List[torch.Tensor]]) -> None:
-    # a block that keeps every token reports the identity (callers need no branch)
-    if kept_indices is not None:
-        num_tokens = x.shape[1] - num_prefix_tokens
-        kept_indices.append(torch.arange(num_tokens, device=x.device).expand(x.shape[0], -1))
-
-
-def _refuse_attention_mask(attn_mask: Optional[torch.Tensor], is_causal: bool, rate: float) -> None:
-    if attn_mask is not None or is_causal:
-        # A mask is laid out for the tokens before this block; the reorganised ones have no place in it.
-        raise ValueError('attn_mask / is_causal cannot be used in a block that reorganises tokens '
-                         f'(keep_rate {rate}); use keep_rate=1.0 for masked attention')
-
-
-@torch.fx.wrap  # the token count depends on the input's shape: opaque to FX
-@register_notrace_function
-def reorganize_at_rate(
+def attention_with_class_attention(
+        attn: Attention,
         x: torch.Tensor,
-        cls_attn: torch.Tensor,
-        keep_rate: float,
-        fuse_token: bool,
         num_prefix_tokens: int = 1,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``reorganize_tokens`` keeping ``ceil(keep_rate * n)`` of the ``n`` non-prefix tokens.
+    """timm ``Attention`` forward that also returns the head-averaged class attention to the
+    ``N - P`` non-prefix tokens, ``[B, N - P]``.
 
-    Where that keeps them all, nothing happens (docs/design.md, "EViT, exactly"): ``x`` is returned
-    unchanged with the identity as kept indices, so that callers need no branch on the token count.
+    Runs the module's own layers (qkv, q/k norms, scale norm, gate, proj, dropouts) in the order of
+    timm's ``Attention.forward``, so its output is that forward's (a test compares them), on the
+    module's fused or unfused path.
     """
-    B, num_tokens = cls_attn.shape
-    num_keep = num_kept_tokens(keep_rate, num_tokens)
-    if num_keep >= num_tokens:
-        return x, torch.arange(num_tokens, device=x.device).expand(B, -1)
-    return reorganize_tokens(x, cls_attn, num_keep, fuse_token, num_prefix_tokens)
+    B, N, _ = x.shape
+    gate = getattr(attn, 'gate', None)  # timm added the optional gate after 1.0.26 (1.0.26 has none)
+    gate = gate(x).sigmoid() if gate is not None else None
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+
+    return _attend_with_class_row(attn, q, k, v, gate, num_prefix_tokens)
 
 
-class EViTBlock(Block):
+class _ReorganisingStep:
+    """What EViT's two block types share (docs/design.md, "Layers and file ownership"): the state the
+    model sets, and the choice per call between timm's own forward (keep rate 1.0) and the block's
+    reorganising step, which each block writes out after the timm block it follows."""
+
+    keep_rate: float = 1.0
+    fuse_token: bool = True
+    num_prefix_tokens: int = 1
+
+    def _rate(self, keep_rate: Optional[float], attn_mask: Optional[torch.Tensor], is_causal: bool) -> float:
+        rate = self.keep_rate if keep_rate is None else keep_rate
+        if rate < 1.0 and (attn_mask is not None or is_causal):
+            # A mask is laid out for the tokens before this block; the reorganised ones have no place in it.
+            raise ValueError('attn_mask / is_causal cannot be used in a block that reorganises tokens '
+                             f'(keep_rate {rate}); use keep_rate=1.0 for masked attention')
+        return rate
+
+    def _kept_all(self, x: torch.Tensor, kept_indices: Optional[List[torch.Tensor]]) -> torch.Tensor:
+        # a block that keeps every token reports the identity (callers need no branch)
+        if kept_indices is not None:
+            num_tokens = x.shape[1] - self.num_prefix_tokens
+            kept_indices.append(torch.arange(num_tokens, device=x.device).expand(x.shape[0], -1))
+        return x
+
+    def _reorganise(
+            self,
+            x: torch.Tensor,
+            cls_attn: torch.Tensor,
+            rate: float,
+            kept_indices: Optional[List[torch.Tensor]],
+    ) -> torch.Tensor:
+        x, kept_idx = opaque.reorganize_at_rate(x, cls_attn, rate, self.fuse_token, self.num_prefix_tokens)
+        if kept_indices is not None:
+            kept_indices.append(kept_idx)
+        return x
+
+
+class EViTBlock(_ReorganisingStep, Block):
     """timm ``Block`` that can reorganise its tokens between attention and MLP.
 
     Same parameters, state-dict keys and output as ``Block`` (a tensor ``[B, N_out, C]``, so forward
@@ -109,10 +126,6 @@ class EViTBlock(Block):
     (the identity when it kept them all). Models use it to trace tokens back to their patches.
     """
 
-    keep_rate: float = 1.0
-    fuse_token: bool = True
-    num_prefix_tokens: int = 1
-
     def forward(
             self,
             x: torch.Tensor,
@@ -121,19 +134,14 @@ class EViTBlock(Block):
             keep_rate: Optional[float] = None,
             kept_indices: Optional[List[torch.Tensor]] = None,
     ) -> torch.Tensor:
-        rate = self.keep_rate if keep_rate is None else keep_rate
+        rate = self._rate(keep_rate, attn_mask, is_causal)
         if rate >= 1.0:
-            x = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-            _report_all_kept(x, self.num_prefix_tokens, kept_indices)
-            return x
-        _refuse_attention_mask(attn_mask, is_causal, rate)
+            return self._kept_all(super().forward(x, attn_mask=attn_mask, is_causal=is_causal), kept_indices)
+        # Block.forward with the reorganisation between its two residual branches
         attn_out, cls_attn = attention_with_class_attention(self.attn, self.norm1(x), self.num_prefix_tokens)
         x = x + self.drop_path1(self.ls1(attn_out))
-        x, kept_idx = reorganize_at_rate(x, cls_attn, rate, self.fuse_token, self.num_prefix_tokens)
-        if kept_indices is not None:
-            kept_indices.append(kept_idx)
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x
+        x = self._reorganise(x, cls_attn, rate, kept_indices)
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 # timm's attention modules an EvaBlock can hold whose core rope_attention_with_class_attention follows
@@ -176,9 +184,8 @@ def rope_attention_with_class_attention(
     Runs the module's own layers in the order of its forward (projections, q/k norms, rotary
     embedding of the non-prefix queries and keys with timm's ``apply_rot_embed_cat``, grouped k/v
     heads, scale norm, gate, proj, dropouts), so its output is that forward's (a test compares
-    them). ``rope`` holds one row per non-prefix token in ``x``, in their order. Fused / unfused as
-    the module says: the unfused path reads the class row of the attention it materialises, the
-    fused path computes only that row beside the SDPA kernel.
+    them), on the module's fused or unfused path. ``rope`` holds one row per non-prefix token in
+    ``x``, in their order.
     """
     B, N, _ = x.shape
     gate = getattr(attn, 'gate', None)   # timm added the optional gate after 1.0.26 (1.0.26 has none)
@@ -194,23 +201,10 @@ def rope_attention_with_class_attention(
         k = k.repeat_interleave(num_kv_groups, dim=1)
         v = v.repeat_interleave(num_kv_groups, dim=1)
 
-    if attn.fused_attn:
-        cls_attn = class_attention(q, k, attn.scale, num_prefix_tokens)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.)
-    else:
-        weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        cls_attn = head_averaged_class_row(weights, num_prefix_tokens)
-        x = attn.attn_drop(weights) @ v
-
-    x = x.transpose(1, 2).flatten(2)   # heads joined; no size inferred: an empty batch works
-    x = attn.norm(x)
-    if gate is not None:
-        x = x * gate
-    x = attn.proj_drop(attn.proj(x))
-    return x, cls_attn
+    return _attend_with_class_row(attn, q, k, v, gate, num_prefix_tokens)
 
 
-class EViTEvaBlock(EvaBlock):
+class EViTEvaBlock(_ReorganisingStep, EvaBlock):
     """timm ``EvaBlock`` (EVA-02, DINOv3, PE, RoPE ViTs) that can reorganise its tokens between
     attention and MLP; ``EViTBlock``'s contract (same parameters and output, ``keep_rate`` /
     ``fuse_token`` / ``num_prefix_tokens`` set by the model, ``keep_rate`` and ``kept_indices``
@@ -221,10 +215,6 @@ class EViTEvaBlock(EvaBlock):
     a fused token gets none), so the block itself only passes them to its attention.
     """
 
-    keep_rate: float = 1.0
-    fuse_token: bool = True
-    num_prefix_tokens: int = 1
-
     def forward(
             self,
             x: torch.Tensor,
@@ -234,19 +224,16 @@ class EViTEvaBlock(EvaBlock):
             keep_rate: Optional[float] = None,
             kept_indices: Optional[List[torch.Tensor]] = None,
     ) -> torch.Tensor:
-        rate = self.keep_rate if keep_rate is None else keep_rate
+        rate = self._rate(keep_rate, attn_mask, is_causal)
         if rate >= 1.0:
             x = super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-            _report_all_kept(x, self.num_prefix_tokens, kept_indices)
-            return x
-        _refuse_attention_mask(attn_mask, is_causal, rate)
+            return self._kept_all(x, kept_indices)
+        # EvaBlock.forward with the reorganisation between its two residual branches
         attn_out, cls_attn = rope_attention_with_class_attention(self.attn, self.norm1(x), rope, self.num_prefix_tokens)
         if self.gamma_1 is not None:
             attn_out = self.gamma_1 * attn_out
         x = x + self.drop_path1(attn_out)
-        x, kept_idx = reorganize_at_rate(x, cls_attn, rate, self.fuse_token, self.num_prefix_tokens)
-        if kept_indices is not None:
-            kept_indices.append(kept_idx)
+        x = self._reorganise(x, cls_attn, rate, kept_indices)
         mlp_out = self.mlp(self.norm2(x))
         if self.gamma_2 is not None:
             mlp_out = self.gamma_2 * mlp_out

@@ -4,59 +4,28 @@ rows for the tokens that remain, tracing tokens to their patches), ``forward_int
 
 A family class is ``class XEViT(EViTMixin, TimmClass)``: it provides ``_embed_with_rope`` (the
 tokens entering the blocks and, for RoPE families, their rotary embedding) and blocks whose forward
-takes ``keep_rate`` and ``kept_indices`` (``EViTBlock``, ``EViTEvaBlock``).
+takes ``keep_rate`` and ``kept_indices`` (``EViTBlock``, ``EViTEvaBlock``). Its parts: the warm-up
+(``schedule.KeepRateWarmup``), token tracing (``tracing.TokenTrace``), the functions FX keeps whole
+(``opaque``).
 """
 from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-from timm.models import checkpoint, register_notrace_function
+from timm.models import checkpoint
 from timm.models._features import feature_take_indices
 
+from . import opaque
 from .options import EViTOptions, KeepRate, check_fuse_token, check_keep_rate, default_reorg_layers
-from .reorg import rotary_rows_for_tokens, tokens_to_patch_grid, trace_patch_token_index, trace_token_patch_ids
-from .schedule import warmup_keep_rate
+from .reorg import tokens_to_patch_grid
+from .schedule import KeepRateWarmup
+from .tracing import TokenTrace
 
-__all__ = [
-    'EViTMixin', 'check_attention_mask', 'check_image_batch', 'default_reorg_layers',
-]
-
-
-# branches on the input: opaque to FX, in whichever module the calling forward lives (torch.fx.wrap)
-@torch.fx.wrap
-@register_notrace_function
-def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f'x must be a torch.Tensor of images [B, {in_chans}, H, W], got {type(x).__name__}')
-    if x.ndim != 4:
-        raise ValueError(f'x must be a batch of images [B, {in_chans}, H, W] (4 dims), got shape {tuple(x.shape)}')
-    if x.shape[1] != in_chans:
-        raise ValueError(f'x must have {in_chans} channels (in_chans), got shape {tuple(x.shape)}')
+__all__ = ['EViTMixin', 'default_reorg_layers']
 
 
-@torch.fx.wrap  # checks the masks against this call's keep rates: opaque to FX
-@register_notrace_function
-def check_attention_mask(attn_mask: Optional[torch.Tensor], is_causal: bool, block_keep_rates: Sequence[float]) -> None:
-    if (attn_mask is not None or is_causal) and min(block_keep_rates, default=1.0) < 1.0:
-        # A mask is laid out for the tokens entering the blocks; reorganised tokens have no place in it.
-        raise ValueError('attn_mask / is_causal need keep_rate=1.0: EViT changes the number and order of '
-                         'tokens, so a mask for the input tokens does not fit the blocks after a reorganisation')
-
-
-@torch.fx.wrap  # the token count depends on the input's shape: opaque to FX
-@register_notrace_function
-def follow_token_patch_ids(token_patch_ids: torch.Tensor, kept_idx: torch.Tensor, fuse_token: bool) -> torch.Tensor:
-    return trace_token_patch_ids(token_patch_ids, kept_idx, fuse_token)
-
-
-@torch.fx.wrap  # branches on the embedding's layout: opaque to FX
-@register_notrace_function
-def rope_for_tokens(rope: torch.Tensor, token_patch_ids: torch.Tensor) -> torch.Tensor:
-    return rotary_rows_for_tokens(rope, token_patch_ids)
-
-
-class EViTMixin:
+class EViTMixin(KeepRateWarmup):
     """EViT on a timm ViT class: put it first among the bases (``class XEViT(EViTMixin, TimmViT)``).
 
     Holds what every family shares: ``keep_rate`` (held by the reorganising blocks), ``fuse_token``,
@@ -74,26 +43,7 @@ class EViTMixin:
         self.reorg_layers = options.reorg_layers
         self.fuse_token = options.fuse_token
         self.set_keep_rate(options.keep_rate)
-        self.keep_rate_warmup_start = options.keep_rate_warmup_start
-        self.keep_rate_warmup_steps = options.keep_rate_warmup_steps
-        if self.has_keep_rate_warmup:
-            # Training progress of the warm-up (a new warm-up starts at step 0), saved with the
-            # weights: timm's resume_checkpoint restores a model through its state dict alone, so
-            # that is where --resume finds it. A buffer, not a parameter.
-            self.register_buffer('keep_rate_step', torch.zeros((), dtype=torch.long, device=self.cls_token.device))
-        else:
-            # no warm-up, no progress: the state dict holds only what the model uses, so it loads back
-            self._buffers.pop('keep_rate_step', None)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # Weights without warm-up progress (timm's model, a model trained without warm-up) load
-        # into a model with warm-up at step 0; progress in a file is irrelevant to a model without.
-        key = prefix + 'keep_rate_step'
-        if self.has_keep_rate_warmup:
-            state_dict.setdefault(key, torch.zeros((), dtype=torch.long))
-        else:
-            state_dict.pop(key, None)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._init_warmup(options.keep_rate_warmup_start, options.keep_rate_warmup_steps, self.cls_token.device)
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this first: say what to use instead of failing deep in its compiler.
@@ -121,29 +71,6 @@ class EViTMixin:
         for blk in self.blocks:
             blk.fuse_token = self._fuse_token
 
-    @property
-    def has_keep_rate_warmup(self) -> bool:
-        return self.keep_rate_warmup_start > 0 or self.keep_rate_warmup_steps > 0
-
-    def scheduled_keep_rate(self) -> Tuple[float, ...]:
-        """Keep rates the next training forward uses: the warm-up's at its current step, else the target."""
-        if not self.has_keep_rate_warmup:
-            return self.keep_rate
-        step = self._warmup_step()
-        return tuple(warmup_keep_rate(step, r, self.keep_rate_warmup_start, self.keep_rate_warmup_steps)
-                     for r in self.keep_rate)
-
-    def _warmup_step(self) -> int:
-        """The warm-up's step. A host read of a CUDA buffer waits for the GPU, so the value the
-        last training forward wrote is remembered, and the buffer is read again only when something
-        else has written it since (a load, ``.to()``, a user): its version counter tells."""
-        buf = self.keep_rate_step
-        known = self.__dict__.get('_known_step')
-        if known is None or known[0] is not buf or known[1] != buf._version:
-            known = (buf, buf._version, int(buf))
-            self._known_step = known
-        return known[2]
-
     def set_keep_rate(self, keep_rate: KeepRate) -> None:
         """Change the keep rate (one float, or one per reorganising block); no retraining needed."""
         rates = check_keep_rate(keep_rate, len(self.reorg_layers))
@@ -169,7 +96,7 @@ class EViTMixin:
         self.reorg_layers = tuple(layer for layer in self.reorg_layers if layer < len(self.blocks))
         return take_indices
 
-    def _block_keep_rates(self, keep_rate: Optional[KeepRate]) -> List[float]:
+    def _keep_rates_for_call(self, keep_rate: Optional[KeepRate]) -> List[float]:
         """This call's keep rate for every block (1.0: the block keeps all its tokens)."""
         if isinstance(keep_rate, torch.fx.Proxy):
             # FX tracing (timm feature extraction) turns every forward argument into a Proxy;
@@ -181,10 +108,6 @@ class EViTMixin:
             rates = self.scheduled_keep_rate()
         else:  # evaluation always uses the target keep rate
             rates = self.keep_rate
-        if self.training and self.has_keep_rate_warmup and torch.is_grad_enabled():
-            step = self._warmup_step()
-            self.keep_rate_step.add_(1)  # one training forward = one optimizer step
-            self._known_step = (self.keep_rate_step, self.keep_rate_step._version, step + 1)
         per_block = [blk.keep_rate for blk in self.blocks]
         for layer, rate in zip(self.reorg_layers, rates):
             per_block[layer] = rate
@@ -221,6 +144,10 @@ class EViTMixin:
         """Tokens entering the blocks and their rotary position embedding (None: no RoPE)."""
         return self._embed(x), None
 
+    def _entering_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        opaque.check_image_batch(x, self.in_chans)
+        return self._embed_with_rope(x)
+
     def _block_loop(
             self,
             x: torch.Tensor,
@@ -228,58 +155,41 @@ class EViTMixin:
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
             rope: Optional[torch.Tensor] = None,
-            track_token_ids: bool = False,
+            trace: bool = False,
+            trace_patches: bool = False,
             take_indices: Sequence[int] = (),
             num_blocks: Optional[int] = None,
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    ) -> Tuple[torch.Tensor, Optional[TokenTrace], List[Tuple[torch.Tensor, TokenTrace]]]:
         """The one block loop: the first ``num_blocks`` blocks (default all) at their keep ``rates``.
 
         With ``rope`` (timm's rotary embedding of the entering tokens; ``[depth, ...]`` where the model
         has one per block, ``rope_mixed``), each block gets the rows of the tokens that remain: every
-        kept token its patch's rotation, a fused token none. Returns the tokens, which entering token
-        each non-prefix token came from (``[B, n]``, -1: fused; None unless tracked or needed), and
-        for each block in ``take_indices`` its tokens, those ids and ``patch_token_index``.
+        kept token its patch's rotation, a fused token none. Returns the tokens, their ``TokenTrace``
+        (None unless ``trace``, ``trace_patches`` or ``rope`` asked for one; its ``patch_token_index``
+        only with ``trace_patches``), and for each block in ``take_indices`` its tokens and trace.
         """
-        check_attention_mask(attn_mask, is_causal, rates)
+        opaque.check_attention_mask(attn_mask, is_causal, rates)
         take_indices = list(take_indices)
-        token_patch_ids = patch_token_index = None
-        if track_token_ids or rope is not None or take_indices:
-            num_tokens = x.shape[1] - self.num_prefix_tokens
-            token_patch_ids = torch.arange(num_tokens, device=x.device).expand(x.shape[0], -1)
-            patch_token_index = token_patch_ids
+        token_trace = None
+        if trace or trace_patches or take_indices or rope is not None:
+            token_trace = TokenTrace.start(x, self.num_prefix_tokens, trace_patches or bool(take_indices))
         rope_per_block = rope is not None and getattr(self, 'rope_mixed', False)
         reorganised, block_rope, taken = False, rope, []
         for i in range(len(self.blocks) if num_blocks is None else num_blocks):
             if rope_per_block:
-                block_rope = rope_for_tokens(rope[i], token_patch_ids) if reorganised else rope[i]
-            num_tokens = x.shape[1] - self.num_prefix_tokens
+                block_rope = rope[i]
+                if reorganised:
+                    block_rope = opaque.rotary_rows_for_tokens(block_rope, token_trace.token_patch_ids)
             x, kept_idx = self._run_block(self.blocks[i], x, rates[i], attn_mask, is_causal, block_rope)
-            if kept_idx is not None and token_patch_ids is not None:
-                token_patch_ids = follow_token_patch_ids(token_patch_ids, kept_idx, self.fuse_token)
-                if take_indices:
-                    patch_token_index = trace_patch_token_index(patch_token_index, kept_idx, num_tokens, self.fuse_token)
+            if kept_idx is not None and token_trace is not None:
+                token_trace = token_trace.after(kept_idx, self.fuse_token)
                 # before any reorganisation, timm's own rope goes to the blocks (keep_rate 1.0 is timm's model)
                 reorganised = True
                 if rope is not None and not rope_per_block:
-                    block_rope = rope_for_tokens(rope, token_patch_ids)
+                    block_rope = opaque.rotary_rows_for_tokens(rope, token_trace.token_patch_ids)
             if i in take_indices:
-                taken.append((x, token_patch_ids, patch_token_index))
-        return x, token_patch_ids, taken
-
-    def _forward_blocks(
-            self,
-            x: torch.Tensor,
-            keep_rate: Optional[KeepRate],
-            attn_mask: Optional[torch.Tensor] = None,
-            is_causal: bool = False,
-            track_token_ids: bool = False,
-            rope: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Runs the blocks; with ``track_token_ids`` also returns which patch each remaining
-        non-class token came from (-1: a fused token), ``[B, n]``."""
-        x, token_patch_ids, _ = self._block_loop(
-            x, self._block_keep_rates(keep_rate), attn_mask, is_causal, rope, track_token_ids)
-        return x, (token_patch_ids if track_token_ids else None)
+                taken.append((x, token_trace))
+        return x, token_trace, taken
 
     def forward_features(
             self,
@@ -290,8 +200,10 @@ class EViTMixin:
     ) -> torch.Tensor:
         """Tokens after the final norm: ``[B, prefix + remaining tokens, C]``. ``attn_mask`` /
         ``is_causal`` go to every block's attention as in timm, with ``keep_rate`` 1.0 only."""
-        x, rope = self._embed_with_rope(x)
-        x, _ = self._forward_blocks(x, keep_rate, attn_mask, is_causal, rope=rope)
+        x, rope = self._entering_tokens(x)
+        rates = self._keep_rates_for_call(keep_rate)
+        self._advance_warmup()
+        x, _, _ = self._block_loop(x, rates, attn_mask, is_causal, rope)
         return self.norm(x)
 
     def forward(
@@ -331,27 +243,29 @@ class EViTMixin:
         if output_fmt not in ('NCHW', 'NLC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        check_image_batch(x, self.in_chans)
-        B, _, height, width = x.shape
-        x, rope = self._embed_with_rope(x)
-        grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))
+        images = x
+        x, rope = self._entering_tokens(images)
+        grid_h, grid_w = self.patch_embed.dynamic_feat_size(images.shape[-2:])
+        if output_fmt == 'NCHW':
+            opaque.check_patch_grid(x.shape[1] - self.num_prefix_tokens, (grid_h, grid_w))
 
-        rates = self._block_keep_rates(keep_rate)
+        rates = self._keep_rates_for_call(keep_rate)
+        self._advance_warmup()
         num_blocks = max_index + 1 if stop_early else len(self.blocks)
         x, _, taken = self._block_loop(
             x, rates, attn_mask, is_causal, rope, take_indices=take_indices, num_blocks=num_blocks)
 
         intermediates, prefix_tokens, token_ids_out, patch_index_out = [], [], [], []
-        for y, token_patch_ids, patch_token_index in taken:
+        for y, trace in taken:
             y = self.norm(y) if norm else y
             prefix_tokens.append(y[:, :self.num_prefix_tokens])
             tokens = y[:, self.num_prefix_tokens:]
             if output_fmt == 'NCHW':
-                tokens = tokens_to_patch_grid(tokens, patch_token_index)
+                tokens = tokens_to_patch_grid(tokens, trace.patch_token_index)
                 tokens = tokens.unflatten(1, (grid_h, grid_w)).permute(0, 3, 1, 2).contiguous()
             intermediates.append(tokens)
-            token_ids_out.append(token_patch_ids)
-            patch_index_out.append(patch_token_index)
+            token_ids_out.append(trace.token_patch_ids)
+            patch_index_out.append(trace.patch_token_index)
 
         if output_dict:
             result = {

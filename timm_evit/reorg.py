@@ -4,6 +4,12 @@ One place to read the algorithm (docs/design.md, "EViT, exactly" and "EViT on an
 architecture calls these. Shapes: ``B`` images, ``P`` prefix tokens (the class token first, then
 any distillation or register tokens: never dropped or fused), ``n`` other tokens, ``C`` channels,
 ``H`` heads.
+
+Tracing names two indices, each with one meaning (docs/design.md, "Traced indices"). A *patch* is a
+non-prefix token as it entered the blocks, numbered in that order (the image's patches in raster
+order; under timm's patch dropout, in training, the patches it kept). ``token_patch_ids`` ``[B, n]``:
+for each token now present, the patch it came from (-1: a fused token). ``patch_token_index``
+``[B, patches]``: for each patch, the token now carrying it (-1: dropped without fusion).
 """
 import math
 from typing import Tuple
@@ -11,7 +17,7 @@ from typing import Tuple
 import torch
 
 __all__ = [
-    'num_kept_tokens', 'head_averaged_class_row', 'class_attention', 'reorganize_tokens',
+    'num_kept_tokens', 'head_averaged_class_row', 'class_attention', 'reorganize_tokens', 'reorganize_at_rate',
     'trace_token_patch_ids', 'trace_patch_token_index', 'tokens_to_patch_grid', 'rotary_rows_for_tokens',
 ]
 
@@ -83,12 +89,31 @@ def reorganize_tokens(
     return torch.cat(parts, dim=1), kept_idx
 
 
-def trace_token_patch_ids(token_patch_ids: torch.Tensor, kept_idx: torch.Tensor, fuse_token: bool) -> torch.Tensor:
-    """Which patch each token came from, after a reorganisation.
+def reorganize_at_rate(
+        x: torch.Tensor,
+        cls_attn: torch.Tensor,
+        keep_rate: float,
+        fuse_token: bool,
+        num_prefix_tokens: int = 1,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``reorganize_tokens`` keeping ``ceil(keep_rate * n)`` of the ``n`` non-prefix tokens.
 
-    ``token_patch_ids`` ``[B, n]`` gives the patch index of each non-class token before the block
-    (-1 for a fused token); the result ``[B, num_keep (+1)]`` does so after it. A block that kept
-    every token changed nothing (its kept indices are the identity and it made no fused token).
+    Where that keeps them all, nothing happens (docs/design.md, "EViT, exactly"): ``x`` is returned
+    unchanged with the identity as kept indices, so that callers need no branch on the token count.
+    """
+    B, num_tokens = cls_attn.shape
+    num_keep = num_kept_tokens(keep_rate, num_tokens)
+    if num_keep >= num_tokens:
+        return x, torch.arange(num_tokens, device=x.device).expand(B, -1)
+    return reorganize_tokens(x, cls_attn, num_keep, fuse_token, num_prefix_tokens)
+
+
+def trace_token_patch_ids(token_patch_ids: torch.Tensor, kept_idx: torch.Tensor, fuse_token: bool) -> torch.Tensor:
+    """``token_patch_ids`` after a reorganisation: the patch each token came from (-1: fused).
+
+    ``token_patch_ids`` ``[B, n]`` holds it for the non-prefix tokens before the block; the result
+    ``[B, num_keep (+1)]`` after it. A block that kept every token changed nothing (its kept
+    indices are the identity and it made no fused token).
     """
     if kept_idx.shape[1] == token_patch_ids.shape[1]:
         return token_patch_ids
@@ -104,12 +129,12 @@ def trace_patch_token_index(
         num_tokens: int,
         fuse_token: bool,
 ) -> torch.Tensor:
-    """Which token now carries each patch, after a reorganisation.
+    """``patch_token_index`` after a reorganisation: the token now carrying each patch (-1: none).
 
-    ``patch_token_index`` ``[B, P]`` maps each of the ``P`` patches of the image to the index of
-    the non-class token holding it before the block (-1: dropped). A kept token moves to its
-    rank; a dropped one is carried by the fused token (index ``num_keep``) or, without fusion,
-    by none (-1). Composing this per block traces every patch through all stages.
+    ``patch_token_index`` ``[B, patches]`` indexes the ``num_tokens`` non-prefix tokens before the
+    block. A kept token moves to its rank; a dropped one is carried by the fused token (index
+    ``num_keep``) or, without fusion, by none (-1). Composing this per block traces every patch
+    through all stages.
     """
     B, num_keep = kept_idx.shape
     # remap[b, j]: new index of old token j; the extra last column sends -1 to -1.
@@ -122,7 +147,7 @@ def trace_patch_token_index(
 
 
 def tokens_to_patch_grid(tokens: torch.Tensor, patch_token_index: torch.Tensor) -> torch.Tensor:
-    """Put tokens ``[B, n, C]`` back on the patch grid: ``[B, P, C]``.
+    """Put tokens ``[B, n, C]`` back on the patches: ``[B, patches, C]``.
 
     Each patch gets the token that carries it (``trace_patch_token_index``): its own token if
     kept, the fused token it went into, or zeros if it was dropped without fusion.
@@ -139,7 +164,7 @@ def rotary_rows_for_tokens(rope: torch.Tensor, token_patch_ids: torch.Tensor) ->
     ``rope`` is timm's concatenated layout (last dim ``[sin | cos]``, what ``apply_rot_embed_cat``
     splits in two halves) for the ``N`` tokens entering the blocks: ``[N, 2D]`` or ``[H, N, 2D]``
     shared by the batch, or ``[B, 1 or H, N, 2D]`` per image. ``token_patch_ids`` ``[B, n]`` gives
-    the entering token each remaining one came from (-1: a fused token, which like a prefix token
+    the patch (entering token) each remaining one came from (-1: a fused token, which like a prefix token
     gets no rotation: sin 0, cos 1). Returns ``[B, 1 or H, n, 2D]``: per image, since images keep
     different tokens.
     """

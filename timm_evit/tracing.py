@@ -1,0 +1,32 @@
+"""Token tracing, a part of the block loop: which patch each token now present came from, and which
+token now carries each patch (docs/design.md, "Traced indices", for the two names)."""
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import opaque
+
+__all__ = ['TokenTrace']
+
+
+class TokenTrace(NamedTuple):
+    """``token_patch_ids`` ``[B, n]`` and, where asked for, ``patch_token_index`` ``[B, patches]``,
+    for the non-prefix tokens present at one point of the block loop."""
+
+    token_patch_ids: torch.Tensor
+    patch_token_index: Optional[torch.Tensor] = None
+
+    @classmethod
+    def start(cls, x: torch.Tensor, num_prefix_tokens: int, with_patch_index: bool) -> 'TokenTrace':
+        """Before the blocks every patch is its own token: both indices are the identity."""
+        num_patches = x.shape[1] - num_prefix_tokens
+        identity = torch.arange(num_patches, device=x.device).expand(x.shape[0], -1)
+        return cls(identity, identity if with_patch_index else None)
+
+    def after(self, kept_idx: torch.Tensor, fuse_token: bool) -> 'TokenTrace':
+        """The trace after a block that kept ``kept_idx`` ``[B, num_keep]`` of the tokens before it."""
+        patch_token_index = self.patch_token_index
+        if patch_token_index is not None:
+            num_tokens = self.token_patch_ids.shape[1]
+            patch_token_index = opaque.trace_patch_token_index(patch_token_index, kept_idx, num_tokens, fuse_token)
+        return TokenTrace(opaque.trace_token_patch_ids(self.token_patch_ids, kept_idx, fuse_token), patch_token_index)
