@@ -338,6 +338,13 @@ def _add_model_options(parser: argparse.ArgumentParser, model_help: str = _MODEL
                             help=model_kwargs_help)
 
 
+def _add_keep_rates_option(parser: argparse.ArgumentParser) -> None:
+    # bench and sweep measure the same list of keep rates
+    parser.add_argument('--keep-rates', type=_keep_rates, default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5],
+                        help='comma-separated keep rates, each once (a repeated rate is refused, not '
+                        'measured twice; default: 1,0.9,0.8,0.7,0.6,0.5)')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineErrorParser(prog='timm-evit', description='EViT token reorganisation for timm models.')
     sub = parser.add_subparsers(dest='command', required=True)
@@ -352,9 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
                    'timm_evit.apply, beside itself; each with or without a pretrained tag (e.g. '
                    'evit_deit_small.keep70_fuse_in1k, beside timm\'s deit_small_patch16_224 with its weights)',
         model_kwargs_help='architecture of both models, as for timm\'s train.py (e.g. img_size=64 depth=6)')
-    bench.add_argument('--keep-rates', type=_keep_rates, default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5],
-                       help='comma-separated keep rates, each once (a repeated rate is refused, not '
-                       'measured twice; default: 1,0.9,0.8,0.7,0.6,0.5)')
+    _add_keep_rates_option(bench)
     bench.add_argument('--batch-size', type=_positive_int, default=32)
     bench.add_argument('--repeats', type=_positive_int, default=5)
     bench.add_argument('--warmup', type=int, default=2)
@@ -392,9 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument('--split', default='validation',
                        help='split folder of --data-dir (or a timm synonym: val, eval, ...); a folder of class folders '
                        'alone is the validation split')
-    sweep.add_argument('--keep-rates', type=_keep_rates, default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5],
-                       help='comma-separated keep rates, each once (a repeated rate is refused, not '
-                       'measured twice; default: 1,0.9,0.8,0.7,0.6,0.5)')
+    _add_keep_rates_option(sweep)
     sweep.add_argument('--batch-size', type=_positive_int, default=32)
     sweep.add_argument('--num-classes', type=_positive_int,
                        help='classes of the checkpoint (default: 1000; or num_classes in --model-kwargs)')
