@@ -247,9 +247,9 @@ def _no_network(*args, **kwargs):
 
 @pytest.fixture
 def offline_hub(tmp_path, monkeypatch):
-    """huggingface_hub offline (as under HF_HUB_OFFLINE=1, which it reads when imported) with the
-    cache ``offline_hub / 'hub'`` (empty until a test lays one out), and no socket that connects:
-    nothing is ever downloaded. Returns the cache folder."""
+    """huggingface_hub offline (as under HF_HUB_OFFLINE=1, which it reads when imported), its cache
+    a new folder (returned: empty until the test lays out a repository), and no socket that
+    connects: nothing is ever downloaded, in this interpreter."""
     from huggingface_hub import constants
     cache = tmp_path / 'offline_hub' / 'hub'
     monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
@@ -259,7 +259,7 @@ def offline_hub(tmp_path, monkeypatch):
     return cache
 
 
-# ---- official checkpoint layouts, and weights/hub.py -----------------------------------------------
+# ---- official checkpoint layouts, weights/hub.py, folders -----------------------------------------------
 
 def load_hub():
     """weights/hub.py (not a package module)."""
@@ -315,6 +315,16 @@ def save_official_lvvit(path, model, nesting='state_dict', prefix='module.', dro
         sd[prefix + extra] = torch.zeros(1)
     checkpoint = {nesting: sd, 'epoch': 299, 'arch': 'lvvit_s', 'args': argparse.Namespace(lr=1.6e-3, model='lvvit_s')}
     torch.save(checkpoint, path)
+
+
+def takes_files(folder):
+    """Whether ``folder`` takes a new file (as root, or with CAP_DAC_OVERRIDE, a read-only folder does)."""
+    try:
+        (folder / 'probe').write_text('')
+    except PermissionError:
+        return False
+    (folder / 'probe').unlink()
+    return True
 
 
 def without_hf_environment(**env):

@@ -6,20 +6,7 @@ import timm
 import torch
 from PIL import Image
 
-from helpers import TINY_IMG32, TINY_IMG32_CLI, assert_one_line_error, run_cli
-
-
-def read_only_is_writable(folder):
-    """Whether a 0o555 folder still takes files here (root, or CAP_DAC_OVERRIDE, ignores modes)."""
-    folder.mkdir(mode=0o555)
-    try:
-        (folder / 'probe').write_text('')
-    except PermissionError:
-        return False
-    finally:
-        folder.chmod(0o755)
-    (folder / 'probe').unlink()
-    return True
+from helpers import TINY_IMG32, TINY_IMG32_CLI, assert_one_line_error, run_cli, takes_files
 
 
 @pytest.fixture(scope='module')
@@ -29,8 +16,9 @@ def files(tmp_path_factory):
     Image.new('RGB', (40, 40), 'red').save(root / 'data' / 'validation' / 'cat' / '0.png')
     Image.new('RGB', (40, 40), 'blue').save(root / 'cat.png')
     (root / 'a_file').write_text('a regular file: nothing can be created under it, not even by root')
-    if not read_only_is_writable(root / 'read_only'):
-        (root / 'read_only').chmod(0o555)   # else left writable: the read-only cases are skipped
+    (root / 'read_only').mkdir(mode=0o555)
+    if takes_files(root / 'read_only'):
+        (root / 'read_only').chmod(0o755)   # modes are ignored here: the read-only cases are skipped
     torch.save({'model': {}, 'hook': subprocess.Popen}, root / 'unsafe.pth')   # would run code if unpickled
     torch.save(timm.create_model('evit_deit_tiny', num_classes=5, **TINY_IMG32).state_dict(), root / 'five_classes.pth')
     yield root
@@ -83,7 +71,8 @@ CASES = {
     'export keep rate given twice': (EXPORT + ['--keep-rate', '0.5', '--model-kwargs', 'keep_rate=0.6'],
                                      ['--keep-rate 0.5', 'keep_rate=0.6']),
     'export unsafe checkpoint': (EXPORT + ['--checkpoint', '{root}/unsafe.pth'], ['unsafe.pth', 'weights_only']),
-    'export checkpoint of another shape': (EXPORT + ['--checkpoint', '{root}/five_classes.pth', '--model-kwargs', *TINY_IMG32_CLI],
+    'export checkpoint of another shape': (EXPORT + ['--checkpoint', '{root}/five_classes.pth',
+                                                     '--model-kwargs', *TINY_IMG32_CLI],
                                            ['five_classes.pth', 'size mismatch for head.weight']),
 }
 

@@ -109,7 +109,8 @@ def _train_pieces(root, resume=None):
     from timm.utils import ModelEmaV3
 
     torch.manual_seed(0)
-    model = timm.create_model('evit_deit_tiny', drop_path_rate=0.1, keep_rate=0.5, keep_rate_warmup_steps=4, **TINY_IMG32_3_CLASSES)
+    model = timm.create_model('evit_deit_tiny', drop_path_rate=0.1, keep_rate=0.5, keep_rate_warmup_steps=4,
+                              **TINY_IMG32_3_CLASSES)
     data_config = resolve_data_config({'input_size': (3, 32, 32)}, model=model)  # as train.py --input-size
     dataset = create_dataset('', root=str(root), split='train', is_training=True)
     loader = create_loader(dataset, input_size=data_config['input_size'], batch_size=6, is_training=True,
@@ -173,7 +174,8 @@ def test_end_to_end_with_timms_pieces_and_resume(image_folder, tmp_path):
 def test_distillation_task_with_an_evit_student(image_folder):
     from timm.task import LogitDistillationTask
     student = timm.create_model('evit_deit_tiny', keep_rate=0.5, **TINY_IMG32_3_CLASSES)
-    teacher = timm.create_model('deit_tiny_patch16_224', **{k: v for k, v in TINY_IMG32_3_CLASSES.items() if k != 'reorg_layers'}).eval()
+    plain_kwargs = {k: v for k, v in TINY_IMG32_3_CLASSES.items() if k != 'reorg_layers'}
+    teacher = timm.create_model('deit_tiny_patch16_224', **plain_kwargs).eval()
     task = LogitDistillationTask(student, teacher, criterion=torch.nn.CrossEntropyLoss(), task_loss_weight=0.5,
                                  temperature=2.0, device=torch.device('cpu'), verbose=False)
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])

@@ -88,8 +88,8 @@ def test_visualize_at_another_size_into_a_new_folder_one_picture_per_image(tmp_p
         (tmp_path / folder).mkdir()
         Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(tmp_path / folder / 'cat.png')
     out = tmp_path / 'pictures'   # does not exist yet, given with a trailing slash as in the README
-    result = run_cli(capsys, ['visualize', str(tmp_path / 'a' / 'cat.png'), str(tmp_path / 'b' / 'cat.png'),
-                              '--model', 'evit_deit_tiny', '--img-size', '64', '--keep-rate', '0.5', '--out', f'{out}/'])
+    result = run_cli(capsys, ['visualize', str(tmp_path / 'a' / 'cat.png'), str(tmp_path / 'b' / 'cat.png'), '--model',
+                              'evit_deit_tiny', '--img-size', '64', '--keep-rate', '0.5', '--out', f'{out}/'])
     assert result.code == 0, result.err
     assert sorted(p.name for p in out.iterdir()) == ['cat_1_evit.png', 'cat_evit.png']
     assert result.out.split() == [str(out / 'cat_evit.png'), str(out / 'cat_1_evit.png')]

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import timm_evit.release
 from helpers import (
-    DEIT_ROW, lay_out_hf_cache, load_hub, official_evit_checkpoint, randomised_lvvit, save_official_lvvit,
+    DEIT_ROW, lay_out_hf_cache, load_hub, official_evit_checkpoint, randomised_lvvit, save_official_lvvit, takes_files,
 )
 from timm_evit.checkpoints import read_checkpoint
 from timm_evit.evit_deit import EVIT_DEIT_SMALL_TAGS
@@ -114,15 +114,6 @@ def test_every_row_is_checked_before_any_is_converted(tmp_path, monkeypatch, cap
     assert os.listdir(out) == []
 
 
-def _takes_files(folder):
-    try:
-        (folder / 'probe').write_text('')
-    except PermissionError:
-        return False
-    (folder / 'probe').unlink()
-    return True
-
-
 @pytest.mark.parametrize('where', ['under a file', 'read-only folder'])
 def test_an_unwritable_out_is_refused_before_converting(tmp_path, monkeypatch, capsys, where):
     sources = tmp_path / 'sources'
@@ -133,7 +124,7 @@ def test_an_unwritable_out_is_refused_before_converting(tmp_path, monkeypatch, c
     out = tmp_path / 'a_file' / 'hub' if where == 'under a file' else tmp_path / 'read_only'
     if where == 'read-only folder':
         out.mkdir(mode=0o555)
-        if _takes_files(out):
+        if takes_files(out):
             pytest.skip('a read-only folder is writable here (running as root): the "under a file" case still runs')
     monkeypatch.setattr(hub, 'convert', lambda *a: pytest.fail('converted although --out cannot be written'))
     assert hub.main(['--sources', str(sources), '--out', str(out), '--only', DEIT_ROW]) == 2
