@@ -6,54 +6,30 @@ import pytest
 import timm
 import torch
 
-import timm_evit  # noqa: F401
-from evit_reference import checked_choice, kept_indices_by_block, reference_forward
+from evit_reference import reference_forward
+from helpers import assert_tokens_match, compare_with_reference, randomised_evit_deit, set_attention_path
 from timm_evit.reorg import reorganize_tokens
 
 
-def randomise(model, seed=0):
-    """Weights that make the test meaningful: peaky class attention and O(1) logits."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith('norm1.weight') or name.endswith('norm2.weight') or name == 'norm.weight':
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                std = {'cls_token': 0.5, 'pos_embed': 0.5}.get(name, 0.1 if 'qkv' in name or 'head' in name else 0.05)
-                p.copy_(std * torch.randn(p.shape, generator=g))
-    return model
-
-
-def build(keep_rate, fuse_token, fused_attn, **kwargs):
-    model = randomise(timm.create_model('evit_deit_tiny', keep_rate=keep_rate, fuse_token=fuse_token, **kwargs)).eval()
-    for m in model.modules():
-        if hasattr(m, 'fused_attn'):
-            m.fused_attn = fused_attn
-    return model
-
-
 def check_against_reference(model, images):
+    """Logits and tokens image by image against ``reference_forward``; the fused tokens' events."""
     sd = model.state_dict()
     rates = dict(zip(model.reorg_layers, model.keep_rate))
-    logits, kept = kept_indices_by_block(model, images)
     with torch.no_grad():
         tokens = model.forward_intermediates(images, output_fmt='NLC', intermediates_only=True)
     all_events = []
-    for b in range(images.shape[0]):
-        # the reference adopts the model's selection only where it agrees with its own attention
-        # up to near-ties (checked_choice); everything else it computes itself
-        choose = checked_choice({block: idx[b].tolist() for block, idx in kept.items()})
+
+    def reference(b, choose):
         ref, ref_tokens, events = reference_forward(
             sd, images[b], model.blocks[0].attn.num_heads, model.patch_embed.patch_size[0], rates, model.fuse_token,
             choose=choose)
-        scale = max(1., float(ref.abs().max()))
-        assert (logits[b] - ref).abs().max() < 5e-5 * scale
         # token by token, in order: the logits alone cannot see the order of tokens
         assert [t.shape[1] for t in tokens] == [t.shape[0] for t in ref_tokens]
         for ours, theirs in zip(tokens, ref_tokens):
-            assert (ours[b] - theirs).abs().max() < 1e-4 * max(1., float(theirs.abs().max()))
+            assert_tokens_match(ours[b], theirs)
         all_events.append(events)
-    assert logits.std() > 0.1   # the tolerances are small against the logits themselves
+        return ref
+    compare_with_reference(model, images, reference)
     return all_events
 
 
@@ -62,28 +38,26 @@ def check_against_reference(model, images):
 @pytest.mark.parametrize('fuse_token', [True, False], ids=['fuse', 'drop'])
 @pytest.mark.parametrize('keep_rate', [1.0, 0.9, 0.7, 0.5, 0.25])
 def test_logits_match_reference(keep_rate, fuse_token, batch, fused_attn):
-    model = build(keep_rate, fuse_token, fused_attn)
+    model = randomised_evit_deit(keep_rate, fuse_token, fused_attn)
     check_against_reference(model, torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch)))
 
 
 def test_attention_paths_agree_and_keep_rate_one_is_timms_deit_exactly():
     images = torch.randn(2, 3, 224, 224)
-    math_model, sdpa_model = build(0.5, True, False), build(0.5, True, True)
+    math_model, sdpa_model = randomised_evit_deit(0.5, True, False), randomised_evit_deit(0.5, True, True)
     with torch.no_grad():
         assert (math_model(images) - sdpa_model(images)).abs().max() < 1e-5
         for model in (math_model, sdpa_model):
             deit = timm.create_model('deit_tiny_patch16_224').eval()
             deit.load_state_dict(model.state_dict())
-            for m in deit.modules():
-                if hasattr(m, 'fused_attn'):
-                    m.fused_attn = model.blocks[0].attn.fused_attn
+            set_attention_path(deit, model.blocks[0].attn.fused_attn)
             assert torch.equal(model(images, keep_rate=1.0), deit(images))
 
 
 def test_an_images_output_does_not_depend_on_its_batch():
     images = torch.randn(4, 3, 224, 224)
     for fuse_token in (True, False):
-        model = build(0.5, fuse_token, True)
+        model = randomised_evit_deit(0.5, fuse_token, True)
         with torch.no_grad():
             batched = model(images)
             for b in range(4):
@@ -93,7 +67,7 @@ def test_an_images_output_does_not_depend_on_its_batch():
 def test_fused_tokens_count_in_the_ceil_rule_and_can_be_kept_or_fused_again():
     # 16 patches, reorganising in every one of the first 4 blocks at keep 0.5, with fusion:
     # 16 -> ceil(8) + 1 = 9 -> ceil(4.5) + 1 = 6 -> ceil(3) + 1 = 4 -> ceil(2) + 1 = 3
-    model = build(0.5, True, True, img_size=64, reorg_layers=(0, 1, 2, 3))
+    model = randomised_evit_deit(0.5, True, True, img_size=64, reorg_layers=(0, 1, 2, 3))
     events = check_against_reference(model, torch.randn(16, 3, 64, 64))
     with torch.no_grad():
         counts = [t.shape[1] for t in model.forward_intermediates(torch.randn(1, 3, 64, 64), output_fmt='NLC', intermediates_only=True)]
@@ -103,7 +77,7 @@ def test_fused_tokens_count_in_the_ceil_rule_and_can_be_kept_or_fused_again():
 
 def test_float64_ceil_parity_with_100_tokens():
     # 160 px = 10 x 10 = 100 patches; ceil(0.7 * 100) in float64 is 70 (0.7 * 100 rounds to 70.0)
-    model = build(0.7, True, True, img_size=160)
+    model = randomised_evit_deit(0.7, True, True, img_size=160)
     check_against_reference(model, torch.randn(1, 3, 160, 160))
     with torch.no_grad():
         tokens = model.forward_intermediates(torch.randn(1, 3, 160, 160), output_fmt='NLC', intermediates_only=True)
@@ -142,6 +116,6 @@ def test_the_reference_comparison_catches_each_mutation(monkeypatch, mutation):
             'renormalised weights': _renormalised_fusion,
             'fused token first': _fused_token_first,
         }[mutation])
-    model = build(0.7, True, False)   # 196 -> ceil(137.2) = 138: floor would keep 137
+    model = randomised_evit_deit(0.7, True, False)   # 196 -> ceil(137.2) = 138: floor would keep 137
     with pytest.raises(AssertionError):
         check_against_reference(model, torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1)))

@@ -1,10 +1,11 @@
 """The benchmark's token counts and GMACs (not its timings): a change that stops reducing tokens fails here."""
 import json
-import subprocess
 import sys
 
 import pytest
+import torch
 
+from helpers import run_cli
 from timm_evit.tools.bench import run_bench
 
 # docs/design.md, "EViT, exactly": non-class tokens for DeiT at 224 px, at the input and after blocks 3, 6, 9.
@@ -30,35 +31,32 @@ def test_tokens_and_gmacs_per_keep_rate(fuse):
     assert evit[0.9].gmacs > evit[0.7].gmacs > evit[0.5].gmacs
 
 
-def test_cli_writes_json(tmp_path):
+def test_cli_writes_json(tmp_path, capsys):
     out = tmp_path / 'bench.json'
-    result = subprocess.run(
-        [sys.executable, '-m', 'timm_evit', 'bench', '--model', 'evit_deit_tiny', '--batch-size', '1',
-         '--repeats', '1', '--warmup', '0', '--keep-rates', '1,0.5', '--attn', 'both', '--json', str(out)],
-        capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    assert '| evit_deit_tiny | fused | 0.5 | yes | 196, 99, 51, 27 |' in result.stdout
+    result = run_cli(capsys, [
+        'bench', '--model', 'evit_deit_tiny', '--batch-size', '1',
+        '--repeats', '1', '--warmup', '0', '--keep-rates', '1,0.5', '--attn', 'both', '--json', str(out)])
+    assert result.code == 0, result.err
+    assert '| evit_deit_tiny | fused | 0.5 | yes | 196, 99, 51, 27 |' in result.out
     rows = json.loads(out.read_text())['rows']
     assert [(r['attn'], r['keep_rate']) for r in rows] == [
         ('math', None), ('math', 1.0), ('math', 0.5), ('fused', None), ('fused', 1.0), ('fused', 0.5)]
 
 
-def test_cli_rejects_bad_keep_rates():
-    result = subprocess.run([sys.executable, '-m', 'timm_evit', 'bench', '--keep-rates', '0.7,1.5'],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and '--keep-rates takes comma-separated floats in (0, 1]' in result.stderr
+def test_cli_rejects_bad_keep_rates(capsys):
+    result = run_cli(capsys, ['bench', '--keep-rates', '0.7,1.5'])
+    assert result.code == 2 and '--keep-rates takes comma-separated floats in (0, 1]' in result.err
 
 
-def test_cli_plot_and_batch_one_latency(tmp_path):
+def test_cli_plot_and_batch_one_latency(tmp_path, capsys):
     png = tmp_path / 'bench.png'
-    result = subprocess.run(
-        [sys.executable, '-m', 'timm_evit', 'bench', '--model', 'evit_deit_tiny', '--batch-size', '2', '--repeats', '1',
-         '--warmup', '0', '--keep-rates', '1,0.5', '--attn', 'fused', '--plot', str(png)],
-        capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
+    result = run_cli(capsys, [
+        'bench', '--model', 'evit_deit_tiny', '--batch-size', '2', '--repeats', '1',
+        '--warmup', '0', '--keep-rates', '1,0.5', '--attn', 'fused', '--plot', str(png)])
+    assert result.code == 0, result.err
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     assert list(tmp_path.iterdir()) == [png]                  # written whole: no temporary left behind
-    assert 'batch-1 ms' in result.stdout
+    assert 'batch-1 ms' in result.out
 
 
 def test_plot_without_matplotlib_says_what_to_install(monkeypatch, tmp_path):
@@ -70,25 +68,23 @@ def test_plot_without_matplotlib_says_what_to_install(monkeypatch, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_cli_rejects_a_device_it_does_not_have():
-    if __import__('torch').cuda.is_available():
+def test_cli_rejects_a_device_it_does_not_have(capsys):
+    if torch.cuda.is_available():
         pytest.skip('this machine has CUDA')
-    result = subprocess.run([sys.executable, '-m', 'timm_evit', 'bench', '--device', 'cuda'],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "device 'cuda' was asked for but torch sees no CUDA device" in result.stderr
+    result = run_cli(capsys, ['bench', '--device', 'cuda'])
+    assert result.code == 2 and "device 'cuda' was asked for but torch sees no CUDA device" in result.err
 
 
-def test_cli_benchmarks_another_architecture_beside_the_same_plain_one(tmp_path):
+def test_cli_benchmarks_another_architecture_beside_the_same_plain_one(tmp_path, capsys):
     # the cluttered-digits model of BENCHMARKS.md: 64 px images, 8 px patches, 6 blocks of width 96
     out = tmp_path / 'bench.json'
-    result = subprocess.run(
-        [sys.executable, '-m', 'timm_evit', 'bench', '--model', 'evit_deit_tiny', '--batch-size', '2',
-         '--repeats', '1', '--warmup', '0', '--keep-rates', '1,0.7', '--attn', 'fused', '--no-latency',
-         '--json', str(out), '--model-kwargs', 'img_size=64', 'patch_size=8', 'embed_dim=96', 'depth=6',
-         'num_heads=3', 'reorg_layers=(1,3,5)'],
-        capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    assert "with img_size=64 patch_size=8 embed_dim=96 depth=6 num_heads=3 reorg_layers=(1, 3, 5)" in result.stdout
+    result = run_cli(capsys, [
+        'bench', '--model', 'evit_deit_tiny', '--batch-size', '2',
+        '--repeats', '1', '--warmup', '0', '--keep-rates', '1,0.7', '--attn', 'fused', '--no-latency',
+        '--json', str(out), '--model-kwargs', 'img_size=64', 'patch_size=8', 'embed_dim=96', 'depth=6',
+        'num_heads=3', 'reorg_layers=(1,3,5)'])
+    assert result.code == 0, result.err
+    assert "with img_size=64 patch_size=8 embed_dim=96 depth=6 num_heads=3 reorg_layers=(1, 3, 5)" in result.out
     plain, keep1, keep07 = json.loads(out.read_text())['rows']
     # by hand: 64 patches; keep ceil(0.7 n) of n tokens, plus the fused one, after blocks 1, 3, 5
     assert plain['tokens'] == [64] and keep1['tokens'] == [64] * 4 and keep07['tokens'] == [64, 46, 34, 25]
@@ -98,17 +94,16 @@ def test_cli_benchmarks_another_architecture_beside_the_same_plain_one(tmp_path)
     assert plain['gmacs'] == pytest.approx(expected / 1e9, rel=1e-3) and keep1['gmacs'] == plain['gmacs']
 
 
-def test_cli_model_kwargs_with_num_classes_into_new_folders(tmp_path):
+def test_cli_model_kwargs_with_num_classes_into_new_folders(tmp_path, capsys):
     # num_classes among --model-kwargs reaches both models (it used to be passed twice to the plain one)
     out = tmp_path / 'results'   # does not exist yet: created
-    result = subprocess.run(
-        [sys.executable, '-m', 'timm_evit', 'bench', '--model', 'evit_deit_tiny', '--batch-size', '2',
-         '--repeats', '1', '--warmup', '0', '--keep-rates', '1,0.5', '--attn', 'math', '--no-latency',
-         '--json', str(out / 'bench.json'), '--plot', str(out / 'plots' / 'bench.png'),
-         '--model-kwargs', 'num_classes=10', 'img_size=32', 'patch_size=8', 'embed_dim=48', 'depth=4',
-         'num_heads=2', 'reorg_layers=(1,2)'],
-        capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
+    result = run_cli(capsys, [
+        'bench', '--model', 'evit_deit_tiny', '--batch-size', '2',
+        '--repeats', '1', '--warmup', '0', '--keep-rates', '1,0.5', '--attn', 'math', '--no-latency',
+        '--json', str(out / 'bench.json'), '--plot', str(out / 'plots' / 'bench.png'),
+        '--model-kwargs', 'num_classes=10', 'img_size=32', 'patch_size=8', 'embed_dim=48', 'depth=4',
+        'num_heads=2', 'reorg_layers=(1,2)'])
+    assert result.code == 0, result.err
     plain, keep1, keep05 = json.loads((out / 'bench.json').read_text())['rows']
     assert keep05['tokens'] == [16, 9, 6]            # 16 patches; ceil(0.5 n) kept plus the fused token
     n, d = 17, 48                                     # tokens with the class token, width
@@ -119,29 +114,28 @@ def test_cli_model_kwargs_with_num_classes_into_new_folders(tmp_path):
 
 def test_cli_writes_json_and_plot_together_or_neither(tmp_path, monkeypatch, capsys):
     import matplotlib.figure
-    from timm_evit.tools.cli import main
     monkeypatch.setattr(matplotlib.figure.Figure, 'savefig',
                         lambda *a, **k: (_ for _ in ()).throw(OSError(28, 'No space left on device')))
-    code = main(['bench', '--model', 'evit_deit_tiny', '--batch-size', '1', '--repeats', '1', '--warmup', '0',
-                 '--keep-rates', '1,0.5', '--attn', 'math', '--no-latency', '--json', str(tmp_path / 'b.json'),
-                 '--plot', str(tmp_path / 'b.png'), '--model-kwargs', 'img_size=32', 'patch_size=8', 'embed_dim=48',
-                 'depth=4', 'num_heads=2', 'reorg_layers=(1,2)'])
-    err = capsys.readouterr().err.strip().splitlines()
+    code, _, err = run_cli(capsys, [
+        'bench', '--model', 'evit_deit_tiny', '--batch-size', '1', '--repeats', '1', '--warmup', '0',
+        '--keep-rates', '1,0.5', '--attn', 'math', '--no-latency', '--json', str(tmp_path / 'b.json'),
+        '--plot', str(tmp_path / 'b.png'), '--model-kwargs', 'img_size=32', 'patch_size=8', 'embed_dim=48',
+        'depth=4', 'num_heads=2', 'reorg_layers=(1,2)'])
+    err = err.strip().splitlines()
     assert code == 2 and err[-1].startswith('timm-evit bench: cannot write') and 'No space left' in err[-1]
     assert list(tmp_path.iterdir()) == []            # the JSON is not left without its plot
 
 
-def test_cli_benchmarks_any_timm_vit_through_apply_beside_itself(tmp_path):
+def test_cli_benchmarks_any_timm_vit_through_apply_beside_itself(tmp_path, capsys):
     # a DeiT III (LayerScale) and a DINOv2 with 4 registers, small, converted with timm_evit.apply
     out = tmp_path / 'bench.json'
     for name, patch, prefix in (('deit3_small_patch16_224', 16, 1), ('vit_small_patch14_reg4_dinov2', 14, 5)):
-        result = subprocess.run(
-            [sys.executable, '-m', 'timm_evit', 'bench', '--model', name, '--batch-size', '1', '--repeats', '1',
-             '--warmup', '0', '--keep-rates', '1,0.5', '--attn', 'math', '--no-latency', '--json', str(out),
-             '--model-kwargs', f'img_size={4 * patch}', 'depth=4', 'embed_dim=48', 'num_heads=2', 'num_classes=10'],
-            capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr
-        assert f'# {name} + EViT vs {name} with ' in result.stdout
+        result = run_cli(capsys, [
+            'bench', '--model', name, '--batch-size', '1', '--repeats', '1',
+            '--warmup', '0', '--keep-rates', '1,0.5', '--attn', 'math', '--no-latency', '--json', str(out),
+            '--model-kwargs', f'img_size={4 * patch}', 'depth=4', 'embed_dim=48', 'num_heads=2', 'num_classes=10'])
+        assert result.code == 0, result.err
+        assert f'# {name} + EViT vs {name} with ' in result.out
         plain, keep1, keep05 = json.loads(out.read_text())['rows']
         assert plain['model'] == name and keep1['model'] == keep05['model'] == f'{name} + EViT'
         # 16 patches; default reorganising blocks 1, 2, 3 of 4: ceil(0.5 n) kept plus the fused token

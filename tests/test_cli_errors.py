@@ -1,29 +1,12 @@
 """A user's mistake in any command ends with one line on stderr naming it, exit code 2, no traceback."""
-import json
-import os
 import subprocess
-import sys
 
 import pytest
 import timm
 import torch
 from PIL import Image
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=2, reorg_layers=(1, 2))
-TINY_CLI = ['img_size=32', 'patch_size=8', 'embed_dim=48', 'depth=4', 'num_heads=2', 'reorg_layers=(1,2)']
-
-
-def read_only_is_writable(folder):
-    """Whether a 0o555 folder still takes files here (root, or CAP_DAC_OVERRIDE, ignores modes)."""
-    folder.mkdir(mode=0o555)
-    try:
-        (folder / 'probe').write_text('')
-    except PermissionError:
-        return False
-    finally:
-        folder.chmod(0o755)
-    (folder / 'probe').unlink()
-    return True
+from helpers import TINY_IMG32, TINY_IMG32_CLI, assert_one_line_error, run_cli, takes_files
 
 
 @pytest.fixture(scope='module')
@@ -33,28 +16,13 @@ def files(tmp_path_factory):
     Image.new('RGB', (40, 40), 'red').save(root / 'data' / 'validation' / 'cat' / '0.png')
     Image.new('RGB', (40, 40), 'blue').save(root / 'cat.png')
     (root / 'a_file').write_text('a regular file: nothing can be created under it, not even by root')
-    if not read_only_is_writable(root / 'read_only'):
-        (root / 'read_only').chmod(0o555)   # else left writable: the read-only cases are skipped
+    (root / 'read_only').mkdir(mode=0o555)
+    if takes_files(root / 'read_only'):
+        (root / 'read_only').chmod(0o755)   # modes are ignored here: the read-only cases are skipped
     torch.save({'model': {}, 'hook': subprocess.Popen}, root / 'unsafe.pth')   # would run code if unpickled
-    torch.save(timm.create_model('evit_deit_tiny', num_classes=5, **TINY).state_dict(), root / 'five_classes.pth')
+    torch.save(timm.create_model('evit_deit_tiny', num_classes=5, **TINY_IMG32).state_dict(), root / 'five_classes.pth')
     yield root
     (root / 'read_only').chmod(0o755)
-
-
-def assert_one_line_error(code, err, command, *words):
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and 'Traceback' not in err, err[-3000:]
-    assert lines[0].startswith(f'timm-evit {command}: '), lines[0]
-    assert all(w in lines[0] for w in words), (words, lines[0])
-
-
-def run_main(capsys, argv):
-    from timm_evit.tools.cli import main
-    try:
-        code = main(argv)
-    except SystemExit as e:   # argparse's own errors
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 BENCH = ['bench', '--model', 'evit_deit_tiny', '--batch-size', '1', '--repeats', '1', '--warmup', '0',
@@ -66,8 +34,8 @@ VISUALIZE = ['visualize', '{root}/cat.png', '--model', 'evit_deit_tiny', '--img-
 EXPORT = ['export', '--model', 'evit_deit_tiny', '--format', 'export', '--out', '{root}/m.pt2']
 
 CASES = {
-    'bench bad model-kwargs value': (BENCH + ['--model-kwargs', *TINY_CLI, 'depth=abc'], ["depth='abc'"]),
-    'bench unknown model-kwargs name': (BENCH + ['--model-kwargs', *TINY_CLI, 'nonsense=1'], ['nonsense']),
+    'bench bad model-kwargs value': (BENCH + ['--model-kwargs', *TINY_IMG32_CLI, 'depth=abc'], ["depth='abc'"]),
+    'bench unknown model-kwargs name': (BENCH + ['--model-kwargs', *TINY_IMG32_CLI, 'nonsense=1'], ['nonsense']),
     'bench unknown device': (BENCH + ['--device', 'banana'], ['--device', 'banana']),
     'bench unknown model': (BENCH[:2] + ['no_such_model'] + BENCH[3:], ['--model', 'no_such_model']),
     'bench model apply refuses': (BENCH[:2] + ['resnet18'] + BENCH[3:], ['ResNet is not a supported timm class']),
@@ -79,7 +47,7 @@ CASES = {
     'sweep missing checkpoint': (SWEEP + ['--checkpoint', '{root}/none.pth'], ['--checkpoint', 'none.pth']),
     'sweep unsafe checkpoint': (SWEEP + ['--checkpoint', '{root}/unsafe.pth'], ['unsafe.pth', 'weights_only']),
     'sweep checkpoint of another shape': (
-        SWEEP + ['--checkpoint', '{root}/five_classes.pth', '--model-kwargs', *TINY_CLI],
+        SWEEP + ['--checkpoint', '{root}/five_classes.pth', '--model-kwargs', *TINY_IMG32_CLI],
         ['five_classes.pth', 'size mismatch for head.weight']),
     'sweep out under a file': (SWEEP + ['--out', '{root}/a_file/sw'], ['--out', 'a_file']),
     'sweep out in a read-only folder': (SWEEP + ['--out', '{root}/read_only/sw'], ['--out', 'read_only']),
@@ -103,7 +71,8 @@ CASES = {
     'export keep rate given twice': (EXPORT + ['--keep-rate', '0.5', '--model-kwargs', 'keep_rate=0.6'],
                                      ['--keep-rate 0.5', 'keep_rate=0.6']),
     'export unsafe checkpoint': (EXPORT + ['--checkpoint', '{root}/unsafe.pth'], ['unsafe.pth', 'weights_only']),
-    'export checkpoint of another shape': (EXPORT + ['--checkpoint', '{root}/five_classes.pth', '--model-kwargs', *TINY_CLI],
+    'export checkpoint of another shape': (EXPORT + ['--checkpoint', '{root}/five_classes.pth',
+                                                     '--model-kwargs', *TINY_IMG32_CLI],
                                            ['five_classes.pth', 'size mismatch for head.weight']),
 }
 
@@ -115,31 +84,13 @@ def test_user_errors_are_one_line(case, files, capsys, monkeypatch):
     argv, words = CASES[case]
     monkeypatch.chdir(files)   # where a command's default outputs would go
     before = sorted(files.rglob('*'))
-    code, err = run_main(capsys, [a.format(root=files) for a in argv])
+    code, _, err = run_cli(capsys, [a.format(root=files) for a in argv])
     assert_one_line_error(code, err, argv[0], *words)
     assert sorted(files.rglob('*')) == before     # nothing written, no folder made
 
 
-# One interpreter for the four commands (huggingface_hub reads HF_HUB_OFFLINE when imported),
-# each command's stderr captured on its own.
-RUN_OFFLINE = """
-import contextlib, io, json, sys
-from timm_evit.tools.cli import main
-results = []
-for argv in json.loads(sys.argv[1]):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        results.append((main(argv), err.getvalue()))
-print(json.dumps(results))
-"""
-
-
-def test_pretrained_weights_not_in_the_cache_offline(files, tmp_path):
-    commands = [[a.format(root=files) for a in argv] + ['--pretrained'] for argv in (BENCH, SWEEP, VISUALIZE, EXPORT)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(('HF_', 'HUGGINGFACE_'))}
-    env.update(HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'empty_home'))
-    result = subprocess.run([sys.executable, '-c', RUN_OFFLINE, json.dumps(commands)],
-                            capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    for argv, (code, err) in zip(commands, json.loads(result.stdout)):
+def test_pretrained_weights_not_in_the_cache_offline(files, offline_hub, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)   # where a command's default outputs would go
+    for argv in (BENCH, SWEEP, VISUALIZE, EXPORT):
+        code, _, err = run_cli(capsys, [a.format(root=files) for a in argv] + ['--pretrained'])
         assert_one_line_error(code, err, argv[0], '--pretrained', 'evit_deit_tiny')

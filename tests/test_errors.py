@@ -3,7 +3,7 @@ import pytest
 import timm
 import torch
 
-from conftest import tiny_evit
+from helpers import tiny_evit
 
 
 @pytest.mark.parametrize('keep_rate, error, words', [

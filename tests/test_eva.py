@@ -1,9 +1,9 @@
-"""``timm_evit.apply`` on timm's ``Eva``: EVA-02 (fused qkv with q/v biases, or separate q/k/v),
-DINOv3 (its RoPE, registers, LayerScale), PE (``AttentionRope``, ``map`` pooling) and RoPE-Mixed
-(rotary rows per block and head). Small sizes from timm's own registered configurations, random
-weights scaled so that every part matters: keep 1.0 is the original model exactly; lower keep
-rates equal a stepped reference (attention and RoPE by hand, selection and fusion in loops) and,
-without fusion, the original model with the dropped tokens masked out of all later attention."""
+"""``timm_evit.apply`` on timm's ``Eva``, its own pieces: EVA-02 (fused qkv with q/v biases, or
+separate q/k/v), DINOv3 (its RoPE, registers, LayerScale), PE (``AttentionRope``, ``map`` pooling)
+and RoPE-Mixed (rotary rows per block and head). The attention core against timm's, rotary rows per
+kept token and per image, prefix tokens, masks, refusals, and the RoPE mistakes the reference
+comparison must catch. Keep 1.0, the stepped reference and masking for every family, Eva's
+included: test_any_vit.py."""
 import copy
 import math
 import pickle
@@ -15,72 +15,14 @@ from timm.layers import apply_rot_embed_cat
 
 import timm_evit
 import timm_evit.opaque as opaque
-from evit_reference import (
-    checked_choice, kept_indices_by_block, masked_reference_timm_vit, reference_eva,
+from helpers import (
+    EVA_FAMILIES, EVA_SMALL, FAMILIES, check_against_family_reference, converted, family_params, images,
+    randomised_original, set_attention_path,
 )
 from timm_evit.layers import rope_attention_with_class_attention
 from timm_evit.reorg import rotary_rows_for_tokens
 
-SMALL = dict(depth=4, embed_dim=64, num_heads=4, patch_size=8, img_size=48, num_classes=10)
-SIZE = 48
-# family -> (timm model name, overrides beside SMALL, what it exercises)
-FAMILIES = {
-    'eva02': ('eva02_small_patch14_224', {}),                    # RoPE 'cat' (interleaved), qkv + q/v bias, SwiGLU, avg pool
-    'eva02_separate_qkv': ('eva02_base_patch14_224', {}),        # q_proj / k_proj / v_proj, SwiGLU with scale norm
-    'dinov3': ('vit_small_patch16_dinov3', {}),                  # RoPE 'dinov3' (half), 4 registers, LayerScale
-    'pe': ('vit_pe_core_tiny_patch16_384', dict(attn_pool_num_heads=4)),   # AttentionRope, norm_pre, 'map' pool
-    'rope_mixed': ('vit_small_patch16_rope_mixed_224', {}),      # AttentionRope, rows per block and head
-}
-PREFIX_TOKENS = {'dinov3': 5}
-
-
-def _missing(family):
-    """Why this timm cannot build the family (feature detection), or None."""
-    name, _ = FAMILIES[family]
-    if not timm.is_model(name):
-        return f'timm {timm.__version__} has no {name}'
-    return None
-
-
-def family_params(families=tuple(FAMILIES)):
-    return [pytest.param(f, marks=pytest.mark.skipif(bool(_missing(f)), reason=_missing(f) or '')) for f in families]
-
-
-def randomised_original(family, seed=0, **overrides):
-    name, arch = FAMILIES[family]
-    model = timm.create_model(name, **{**SMALL, **arch, **overrides}).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if key.startswith('rope.'):                                 # learnt RoPE frequencies (mixed): as built
-                continue
-            if 'gamma' in key:                                          # LayerScale: large enough to matter
-                p.copy_(0.5 + 0.2 * torch.randn(p.shape, generator=g))
-            elif 'norm' in key and key.endswith('weight'):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif key in ('cls_token', 'reg_token', 'pos_embed'):
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-            else:
-                std = 0.15 if any(s in key for s in ('qkv', 'q_proj', 'k_proj', 'q_bias', 'head')) else 0.05
-                p.copy_(std * torch.randn(p.shape, generator=g))
-    return model
-
-
-def images(batch=2, seed=1):
-    return torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
-
-
-def set_fused_attn(model, fused_attn):
-    for m in model.modules():
-        if hasattr(m, 'fused_attn'):
-            m.fused_attn = fused_attn
-
-
-def converted(family, keep_rate, fuse_token, fused_attn=True, **overrides):
-    original = randomised_original(family, **overrides)
-    set_fused_attn(original, fused_attn)
-    model = timm_evit.apply(copy.deepcopy(original), keep_rate=keep_rate, fuse_token=fuse_token)
-    return original, model
+SIZE = EVA_SMALL['img_size']
 
 
 def test_rotary_rows_keep_each_tokens_rotation_and_give_a_fused_token_none():
@@ -100,12 +42,11 @@ def test_rotary_rows_keep_each_tokens_rotation_and_give_a_fused_token_none():
 
 
 @pytest.mark.parametrize('fused_attn', [True, False], ids=['sdpa', 'math'])
-@pytest.mark.parametrize('family', family_params())
+@pytest.mark.parametrize('family', family_params(EVA_FAMILIES))
 def test_the_attention_core_is_timms_attention_forward(family, fused_attn):
-    model = randomised_original(family)
-    set_fused_attn(model, fused_attn)
+    model = set_attention_path(randomised_original(family), fused_attn)
     with torch.no_grad():
-        x, rope = model._pos_embed(model.patch_embed(images()))
+        x, rope = model._pos_embed(model.patch_embed(images(SIZE)))
         x = model.norm_pre(x)
         P = model.num_prefix_tokens
         for i, blk in enumerate(model.blocks):
@@ -123,79 +64,13 @@ def test_the_attention_core_is_timms_attention_forward(family, fused_attn):
             x = blk(x, rope=block_rope)
 
 
-@pytest.mark.parametrize('fused_attn', [True, False], ids=['sdpa', 'math'])
-@pytest.mark.parametrize('family', family_params())
-def test_keep_rate_one_is_the_original_model(family, fused_attn):
-    original, model = converted(family, 0.5, True, fused_attn)
-    assert type(model).__name__ == 'EvaEViT' and type(model.blocks[0]).__name__ == 'EViTEvaBlock'
-    assert model.state_dict().keys() == original.state_dict().keys()
-    x = images()
-    with torch.no_grad():
-        expected = original(x)
-        torch.testing.assert_close(model(x, keep_rate=1.0), expected, rtol=0, atol=0)
-        assert not torch.allclose(model(x), expected)                   # keep 0.5 does change it
-        model.set_keep_rate(1.0)
-        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
-        torch.testing.assert_close(model.forward_intermediates(x, output_fmt='NLC', intermediates_only=True),
-                                   original.forward_intermediates(x, output_fmt='NLC', intermediates_only=True),
-                                   rtol=0, atol=0)
-
-
-def check_against_reference(model, x, embedded=None):
-    """The model's logits and tokens per block against ``reference_eva``, image by image."""
-    logits, kept = kept_indices_by_block(model, x)
-    rates = dict(zip(model.reorg_layers, model.keep_rate))
-    P = model.num_prefix_tokens
-    if embedded is None:
-        with torch.no_grad():
-            out = model.forward_intermediates(x, output_fmt='NLC', intermediates_only=True, return_prefix_tokens=True)
-    for b in range(x.shape[0]):
-        choose = checked_choice({block: idx[b].tolist() for block, idx in kept.items()})
-        with torch.no_grad():
-            ref, ref_tokens = reference_eva(model, x[b], rates, model.fuse_token, choose=choose,
-                                            embedded=None if embedded is None else embedded(b))
-        assert (logits[b] - ref).abs().max() < 5e-5 * max(1., float(ref.abs().max()))
-        if embedded is None:
-            for (tokens, prefix), theirs in zip(out, ref_tokens):
-                ours = torch.cat([prefix[b], tokens[b]])                 # prefix tokens first, unchanged in count
-                assert prefix.shape[1] == P and ours.shape == theirs.shape
-                assert (ours - theirs).abs().max() < 1e-4 * max(1., float(theirs.abs().max()))
-    assert logits.std() > 0.1
-
-
-@pytest.mark.parametrize('fuse_token', [True, False], ids=['fuse', 'drop'])
-@pytest.mark.parametrize('keep_rate', [0.7, 0.5])
-@pytest.mark.parametrize('family', family_params())
-def test_against_the_stepped_reference(family, keep_rate, fuse_token):
-    _, model = converted(family, keep_rate, fuse_token)
-    assert model.num_prefix_tokens == PREFIX_TOKENS.get(family, 1)
-    check_against_reference(model, images())
-
-
-@pytest.mark.parametrize('keep_rate', [0.7, 0.5])
-@pytest.mark.parametrize('family', family_params())
-def test_dropping_equals_masking_in_the_original_model(family, keep_rate):
-    original, model = converted(family, keep_rate, False)
-    x = images(seed=2)
-    logits, kept = kept_indices_by_block(model, x)
-    with torch.no_grad():
-        ids = model.forward_intermediates(x, output_dict=True, intermediates_only=True)['token_patch_ids']
-    rates = dict(zip(model.reorg_layers, model.keep_rate))
-    for b in range(x.shape[0]):
-        choose = checked_choice({block: idx[b].tolist() for block, idx in kept.items()})
-        with torch.no_grad():
-            ref, alive_after = masked_reference_timm_vit(original, x[b], rates, choose=choose)
-        assert (logits[b] - ref).abs().max() < 5e-5 * max(1., float(ref.abs().max()))
-        assert [ids_i[b].tolist() for ids_i in ids] == alive_after   # the same patches, in the same order
-
-
 @pytest.mark.parametrize('family', family_params(['eva02', 'rope_mixed']))
 def test_patch_dropout_rows_are_per_image(family):
     # training with patch dropout: timm's rotary rows arrive per image ([B, 1, N, 2D], or per block
     # [depth, B, H, N, 2D] for mixed); the model's own embedding of the same draw feeds the reference
     _, model = converted(family, 0.5, True, patch_drop_rate=0.4)
     model.train()
-    x = images(batch=3)
+    x = images(SIZE, batch=3)
     torch.manual_seed(7)
     with torch.no_grad():
         tokens, rope = model._pos_embed(model.patch_embed(x))
@@ -203,19 +78,19 @@ def test_patch_dropout_rows_are_per_image(family):
     assert rope.ndim == (5 if model.rope_mixed else 4)
     per_image = (lambda b: (tokens[b], rope[:, b])) if model.rope_mixed else (lambda b: (tokens[b], rope[b]))
     torch.manual_seed(7)
-    check_against_reference(model, x, embedded=per_image)
+    check_against_family_reference(model, family, x, embedded=per_image)
 
 
 @pytest.mark.parametrize('family', family_params(['dinov3', 'eva02']))
 def test_prefix_tokens_stay_and_token_counts_follow_the_ceil_rule(family):
     _, model = converted(family, 0.7, True)
-    P = PREFIX_TOKENS.get(family, 1)
+    P = FAMILIES[family].prefix_tokens
     n, expected = (SIZE // 8) ** 2, []
     for block in range(len(model.blocks)):
         if block in model.reorg_layers:
             n = math.ceil(0.7 * n) + 1
         expected.append(n)
-    x = images()
+    x = images(SIZE)
     with torch.no_grad():
         out = model.forward_intermediates(x, output_fmt='NLC', intermediates_only=True, return_prefix_tokens=True)
         ids = model.forward_intermediates(x, output_dict=True, intermediates_only=True)['token_patch_ids']
@@ -233,7 +108,7 @@ def test_prefix_tokens_stay_and_token_counts_follow_the_ceil_rule(family):
 
 def test_a_converted_eva_pickles_deep_copies_and_prints_as_a_named_class():
     original, model = converted('dinov3', 0.5, True)
-    x = images()
+    x = images(SIZE)
     restored = pickle.loads(pickle.dumps(model))
     twin = copy.deepcopy(model)
     with torch.no_grad():
@@ -254,7 +129,7 @@ def test_a_converted_eva_pickles_deep_copies_and_prints_as_a_named_class():
 
 def test_attention_masks_pass_through_at_keep_rate_one_and_are_refused_with_reorganisation():
     original, model = converted('eva02', 0.7, True)
-    x = images()
+    x = images(SIZE)
     N = 1 + (SIZE // 8) ** 2
     mask = torch.zeros(1, 1, N, N)
     mask[..., -5:] = float('-inf')
@@ -267,7 +142,7 @@ def test_attention_masks_pass_through_at_keep_rate_one_and_are_refused_with_reor
 
 
 def test_what_apply_refuses_on_eva_is_named():
-    arch = dict(SMALL)
+    arch = dict(EVA_SMALL)
     cases = [
         (timm.create_model('eva02_small_patch14_224', class_token=False, **arch), 'no class token'),
         (timm.create_model('eva02_small_patch14_224', use_post_norm=True, **arch),
@@ -288,13 +163,13 @@ def test_what_apply_refuses_on_eva_is_named():
 
 
 def test_an_eva_built_directly_is_the_converted_one():
-    kwargs = dict(SMALL, use_rot_pos_emb=True, swiglu_mlp=True, ref_feat_shape=(6, 6))
+    kwargs = dict(EVA_SMALL, use_rot_pos_emb=True, swiglu_mlp=True, ref_feat_shape=(6, 6))
     torch.manual_seed(0)
     direct = timm_evit.EvaEViT(keep_rate=0.6, fuse_token=False, **kwargs).eval()
     plain = timm.models.eva.Eva(**kwargs).eval()
     plain.load_state_dict(direct.state_dict())
     converted_model = timm_evit.apply(plain, keep_rate=0.6, fuse_token=False)
-    x = images()
+    x = images(SIZE)
     with torch.no_grad():
         torch.testing.assert_close(direct(x), converted_model(x), rtol=0, atol=0)
 
@@ -323,4 +198,4 @@ def test_the_reference_comparison_catches_each_mutation(monkeypatch, family, mut
     }[mutation])
     _, model = converted(family, 0.7, True)
     with pytest.raises(AssertionError):
-        check_against_reference(model, images())
+        check_against_family_reference(model, family, images(SIZE))

@@ -7,31 +7,21 @@ import pytest
 import timm
 import torch
 
-from timm_evit.tools.cli import main
+from helpers import SMALL_VIT, TINY_IMG32, TINY_IMG32_CLI, randomise_weights, run_cli
 from timm_evit.tools.export import exported_writer
 from timm_evit.tools.files import write_all_whole
 from timm_evit.tools.models import create_evit_model
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=2, reorg_layers=(1, 2))
-TINY_CLI = ['img_size=32', 'patch_size=8', 'embed_dim=48', 'depth=4', 'num_heads=2', 'reorg_layers=(1,2)']
-SMALL = dict(embed_dim=48, depth=4, num_heads=2, num_classes=10)
+SMALL_VIT_10_CLASSES = dict(SMALL_VIT, num_classes=10)
 
 # name -> model arguments: small, with fusion, at keep rate 0.5 (without fusion: the CLI test below)
 MODELS = {
-    'evit_deit_tiny': ('evit_deit_tiny', dict(TINY, keep_rate=0.5)),
-    'evit_lvvit_s': ('evit_lvvit_s', dict(SMALL, img_size=64, reorg_layers=(1, 2), keep_rate=0.5)),
+    'evit_deit_tiny': ('evit_deit_tiny', dict(TINY_IMG32, keep_rate=0.5)),
+    'evit_lvvit_s': ('evit_lvvit_s', dict(SMALL_VIT_10_CLASSES, img_size=64, reorg_layers=(1, 2), keep_rate=0.5)),
     # DINOv2 with 4 registers (prefix tokens never reorganised), LayerScale: timm_evit.apply
-    'dinov2 registers applied': ('vit_small_patch14_reg4_dinov2', dict(SMALL, img_size=56, keep_rate=0.5)),
+    'dinov2 registers applied': ('vit_small_patch14_reg4_dinov2',
+                                 dict(SMALL_VIT_10_CLASSES, img_size=56, keep_rate=0.5)),
 }
-
-
-def randomised(model):
-    """``model`` with every weight drawn anew: timm's small LayerScale and zero heads would make the
-    logits too small for an absolute tolerance to mean anything."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.5 / max(1, p.shape[-1]) ** 0.5 if p.ndim > 1 else 0.1).add_(1.0 if p.ndim == 1 else 0)
-    return model.eval()
 
 
 def images(model, batch_size):
@@ -53,7 +43,7 @@ def onnxruntime_logits(path, x):
 def test_onnx_logits_match_pytorch_at_two_batch_sizes(case, tmp_path):
     pytest.importorskip('onnxscript')
     name, kwargs = MODELS[case]
-    model = randomised(create_evit_model(name, **kwargs))
+    model = randomise_weights(create_evit_model(name, **kwargs)).eval()
     write_all_whole({str(tmp_path / 'model.onnx'): exported_writer(model)})
     for batch_size in (1, 3):   # traced with 2: the batch axis is dynamic
         x = images(model, batch_size)
@@ -65,19 +55,10 @@ def test_onnx_logits_match_pytorch_at_two_batch_sizes(case, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ['model.onnx']   # no temporary left
 
 
-def run_cli(capsys, argv):
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_cli_exports_an_applied_timm_vit_without_fusion(tmp_path, capsys):
     pytest.importorskip('onnxscript')
-    kwargs = dict(SMALL, img_size=64)
-    model = randomised(timm.create_model('deit3_small_patch16_224', **kwargs))
+    kwargs = dict(SMALL_VIT_10_CLASSES, img_size=64)
+    model = randomise_weights(timm.create_model('deit3_small_patch16_224', **kwargs)).eval()
     torch.save(model.state_dict(), tmp_path / 'deit3.pth')
     out = tmp_path / 'new' / 'deit3.onnx'
     code, stdout, err = run_cli(capsys, [
@@ -97,12 +78,12 @@ def test_cli_exports_an_applied_timm_vit_without_fusion(tmp_path, capsys):
 
 
 def test_export_format_round_trip(tmp_path, capsys):
-    model = randomised(create_evit_model('evit_deit_tiny', **TINY))
+    model = randomise_weights(create_evit_model('evit_deit_tiny', **TINY_IMG32)).eval()
     torch.save(model.state_dict(), tmp_path / 'tiny.pth')
     out = tmp_path / 'tiny.pt2'
     code, _, err = run_cli(capsys, ['export', '--format', 'export', '--model', 'evit_deit_tiny', '--checkpoint',
                                     str(tmp_path / 'tiny.pth'), '--out', str(out), '--no-fuse', '--keep-rate', '0.6',
-                                    '--model-kwargs', *TINY_CLI])
+                                    '--model-kwargs', *TINY_IMG32_CLI])
     assert code == 0, err
     program = torch.export.load(str(out)).module()
     model.fuse_token = False
@@ -119,7 +100,7 @@ def test_a_failed_export_leaves_no_file(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(torch.export, 'export', exporter_fails)
     argv = ['export', '--format', 'export', '--model', 'evit_deit_tiny', '--out', str(tmp_path / 'sub' / 'm.pt2'),
-            '--model-kwargs', *TINY_CLI]
+            '--model-kwargs', *TINY_IMG32_CLI]
     code, _, err = run_cli(capsys, argv)
     assert code == 1 and err.strip() == ('timm-evit export: exporting evit_deit_tiny to export failed: '
                                          'the exporter failed over two lines')
@@ -133,7 +114,7 @@ def test_a_failed_write_leaves_no_file(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(torch.export, 'save', save_fails_halfway)
     argv = ['export', '--format', 'export', '--model', 'evit_deit_tiny', '--out', str(tmp_path / 'sub' / 'm.pt2'),
-            '--model-kwargs', *TINY_CLI]
+            '--model-kwargs', *TINY_IMG32_CLI]
     code, _, err = run_cli(capsys, argv)
     assert code == 2 and err.startswith('timm-evit export: cannot write') and 'No space left' in err
     assert list(tmp_path.iterdir()) == []   # neither the temporary file nor the folder made for it
@@ -155,7 +136,7 @@ def test_bench_in_onnxruntime(tmp_path, capsys):
     code, out, err = run_cli(capsys, [
         'bench', '--runtime', 'onnxruntime', '--model', 'evit_deit_tiny', '--batch-size', '2', '--repeats', '1',
         '--warmup', '0', '--keep-rates', '0.5', '--attn', 'fused', '--json', str(tmp_path / 'b.json'),
-        '--model-kwargs', *TINY_CLI])
+        '--model-kwargs', *TINY_IMG32_CLI])
     assert code == 0, err
     assert 'fp32, onnxruntime ' in out and '(ONNX export, CPU, ' in out
     assert '| deit_tiny_patch16_224 | fused | - | - | 16 |' in out
@@ -169,6 +150,6 @@ def test_onnx_refuses_a_model_over_one_file_s_limit_before_exporting(tmp_path, c
     import timm_evit.tools.export as export
     pytest.importorskip('onnxscript')
     monkeypatch.setattr(export, '_ONNX_MAX_BYTES', 1000)   # as a model with more than 2 GiB of weights
-    code, _, err = run_cli(capsys, ['export', '--out', str(tmp_path / 'm.onnx'), '--model-kwargs', *TINY_CLI])
+    code, _, err = run_cli(capsys, ['export', '--out', str(tmp_path / 'm.onnx'), '--model-kwargs', *TINY_IMG32_CLI])
     assert code == 2 and err.startswith('timm-evit export: --format onnx writes one file') and 'use --format export' in err
     assert list(tmp_path.iterdir()) == []

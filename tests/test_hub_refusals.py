@@ -6,21 +6,15 @@ A manifest mistake is one line naming the file and the row, exit 2, in the dry r
 """
 import csv
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tiny_evit
-from test_lvvit import randomised as randomised_lvvit, save_official as save_official_lvvit
-from test_weights import DEIT_ROW, official_evit_checkpoint
+from helpers import (
+    DEIT_ROW, LVVIT_ROW, load_hub, official_evit_checkpoint, randomised_lvvit, save_official_lvvit, tiny_evit,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'weights'))
-import hub  # noqa: E402  (weights/hub.py)
-
-LVVIT_ROW = 'evit_lvvit_s.tl_in1k'
+hub = load_hub()
 
 
 def manifest_row(name):

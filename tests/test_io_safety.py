@@ -15,7 +15,7 @@ import timm
 import torch
 from PIL import Image
 
-from test_cli_errors import TINY, TINY_CLI, assert_one_line_error, run_main
+from helpers import DEIT_ROW, TINY_IMG32, TINY_IMG32_CLI, assert_one_line_error, load_hub, run_cli
 from timm_evit.checkpoints import read_checkpoint
 from timm_evit.tools import sweep as sweep_module
 from timm_evit.tools.cli import build_parser
@@ -24,7 +24,7 @@ from timm_evit.tools.visualize import load_image
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ['sweep', '--model', 'evit_deit_tiny', '--keep-rates', '1,0.5', '--repeats', '1', '--batch-size', '2',
          '--no-plot']
-EXPORT = ['export', '--model', 'evit_deit_tiny', '--format', 'export', '--model-kwargs', *TINY_CLI]
+EXPORT = ['export', '--model', 'evit_deit_tiny', '--format', 'export', '--model-kwargs', *TINY_IMG32_CLI]
 
 
 def files_under(folder):
@@ -33,7 +33,7 @@ def files_under(folder):
 
 @pytest.fixture(scope='module')
 def data_and_hidden(tmp_path_factory):
-    """An image folder, a checkpoint of TINY, one of TINY with a NaN weight, and one of
+    """An image folder, a checkpoint of TINY_IMG32, one of TINY_IMG32 with a NaN weight, and one of
     evit_deit_tiny at 32 px (what visualize --img-size 32 builds) with a NaN weight. The NaN is in
     the first block's attention, which reorganises nothing: torch's fused CPU attention turns the
     NaN row into finite output there, so the logits of timm's default path look fine."""
@@ -43,7 +43,7 @@ def data_and_hidden(tmp_path_factory):
         for i in range(2):
             Image.new('RGB', (40, 40), (200 * c, 60 * i, 90)).save(root / 'data' / 'validation' / name / f'{i}.png')
     Image.new('RGB', (40, 40), 'blue').save(root / 'photo.png')
-    model = timm.create_model('evit_deit_tiny', num_classes=2, **TINY)
+    model = timm.create_model('evit_deit_tiny', num_classes=2, **TINY_IMG32)
     torch.save(model.state_dict(), root / 'tiny.pth')
     vis = timm.create_model('evit_deit_tiny', img_size=32)
     for m, name in ((model, 'nan.pth'), (vis, 'nan_vis.pth')):
@@ -78,16 +78,16 @@ def test_every_tool_refuses_non_finite_values_naming_the_weights(command, data_a
     nan = str(data / 'nan.pth')
     argv = {
         'sweep': SWEEP + ['--data-dir', str(data / 'data'), '--checkpoint', nan, '--num-classes', '2',
-                          '--model-kwargs', *TINY_CLI, '--out', str(tmp_path / 'out' / 'sw')],
+                          '--model-kwargs', *TINY_IMG32_CLI, '--out', str(tmp_path / 'out' / 'sw')],
         'export': EXPORT + ['num_classes=2', '--checkpoint', nan, '--out', str(tmp_path / 'out' / 'm.pt2')],
         'visualize': ['visualize', str(data / 'photo.png'), '--model', 'evit_deit_tiny', '--img-size', '32',
                       '--checkpoint', str(data / 'nan_vis.pth'), '--out', str(tmp_path / 'out')],
         # no checkpoint in bench: an infinite LayerScale makes the logits NaN as broken weights do
         'bench': ['bench', '--model', 'evit_deit_tiny', '--batch-size', '1', '--repeats', '1', '--warmup', '0',
-                  '--keep-rates', '1,0.5', '--attn', 'math', '--no-latency', '--model-kwargs', *TINY_CLI,
+                  '--keep-rates', '1,0.5', '--attn', 'math', '--no-latency', '--model-kwargs', *TINY_IMG32_CLI,
                   'init_values=1e999', '--json', str(tmp_path / 'out' / 'b.json')],
     }[command]
-    code, err = run_main(capsys, argv)
+    code, _, err = run_cli(capsys, argv)
     err = '\n'.join(line for line in err.replace('\r', '\n').splitlines() if not line.startswith('sweep '))  # its bar
     weights = 'random weights' if command == 'bench' else 'nan'
     assert_one_line_error(code, err, command, 'evit_deit_tiny with', weights, 'non-finite')
@@ -97,7 +97,7 @@ def test_every_tool_refuses_non_finite_values_naming_the_weights(command, data_a
 
 
 def test_hub_convert_refuses_non_finite_logits_with_the_shared_check(tmp_path, capsys, monkeypatch):
-    from test_weights import DEIT_ROW, hub
+    hub = load_hub()
     from timm_evit.checkpoints import require_finite
     sources, out = tmp_path / 'sources', tmp_path / 'out'
     sources.mkdir()
@@ -145,7 +145,7 @@ def test_images_without_a_fixed_white_are_refused_naming_the_file(dtype, mode, t
     assert Image.open(path).mode == mode
     with pytest.raises(ValueError, match=f"cannot read image '{path}': .*PIL mode '{mode}'"):
         load_image(str(path))
-    code, err = run_main(capsys, ['visualize', str(path), '--model', 'evit_deit_tiny', '--img-size', '32', '--out',
+    code, _, err = run_cli(capsys, ['visualize', str(path), '--model', 'evit_deit_tiny', '--img-size', '32', '--out',
                                   str(tmp_path / 'pics')])
     assert_one_line_error(code, err, 'visualize', 'deep.tiff', f"PIL mode '{mode}'")
 
@@ -165,7 +165,7 @@ def test_sweep_evaluates_a_16_bit_image_as_what_it_shows(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep_module, 'evaluate', first_batch)
     with pytest.raises(Seen) as seen:
         sweep_module.run_sweep('evit_deit_tiny', str(tmp_path), keep_rates=[1.0], batch_size=1, show_progress=False,
-                               model_kwargs=dict(TINY))
+                               model_kwargs=dict(TINY_IMG32))
     pixels = seen.value.args[0]
     torch.testing.assert_close(pixels, torch.full_like(pixels, 128 / 255), rtol=0, atol=1e-3)   # not white
 
@@ -177,7 +177,7 @@ def test_a_keep_rate_given_twice_is_refused(command, data, capsys):
     argv = [command, '--model', 'evit_deit_tiny', '--keep-rates', '1,0.5,0.50']
     if command == 'sweep':
         argv += ['--data-dir', str(data / 'data')]
-    code, err = run_main(capsys, argv)
+    code, _, err = run_cli(capsys, argv)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert '--keep-rates lists 0.5 twice' in err and 'Traceback' not in err
     help_text = build_parser()._subparsers._group_actions[0].choices[command].format_help()
@@ -187,7 +187,7 @@ def test_a_keep_rate_given_twice_is_refused(command, data, capsys):
 def test_the_python_api_refuses_a_keep_rate_given_twice(data):
     from timm_evit.tools.bench import run_bench
     with pytest.raises(ValueError, match='--keep-rates lists 0.7 twice'):
-        run_bench('evit_deit_tiny', keep_rates=[0.7, 1.0, 0.7], model_kwargs=dict(TINY), show_progress=False)
+        run_bench('evit_deit_tiny', keep_rates=[0.7, 1.0, 0.7], model_kwargs=dict(TINY_IMG32), show_progress=False)
     with pytest.raises(ValueError, match='--keep-rates lists 0.7 twice'):
         sweep_module.run_sweep('evit_deit_tiny', str(data / 'data'), keep_rates=[0.7, 0.7], show_progress=False)
 
@@ -216,7 +216,7 @@ def test_export_never_writes_over_its_checkpoint(kind, data, tmp_path, capsys):
     checkpoint.write_bytes((data / 'tiny.pth').read_bytes())
     before = checkpoint.read_bytes()
     out = link(kind, checkpoint, tmp_path / 'out.pth')
-    code, err = run_main(capsys, EXPORT + ['num_classes=2', '--checkpoint', str(checkpoint), '--out', out])
+    code, _, err = run_cli(capsys, EXPORT + ['num_classes=2', '--checkpoint', str(checkpoint), '--out', out])
     assert_one_line_error(code, err, 'export', '--out', '--checkpoint', 'ck.pth')
     assert checkpoint.read_bytes() == before
 
@@ -233,7 +233,7 @@ def test_visualize_never_writes_over_an_input_image(kind, data, tmp_path, capsys
     if kind.endswith('link'):
         link(kind, image, picture)
     before = image.read_bytes()
-    code, err = run_main(capsys, ['visualize', str(photo), second, '--model', 'evit_deit_tiny', '--img-size', '32',
+    code, _, err = run_cli(capsys, ['visualize', str(photo), second, '--model', 'evit_deit_tiny', '--img-size', '32',
                                   '--out', str(tmp_path / 'd')])
     assert_one_line_error(code, err, 'visualize', '--out', 'IMAGE', 'photo_evit.png')
     assert image.read_bytes() == before
@@ -249,8 +249,8 @@ def test_sweep_never_writes_over_its_images_or_checkpoint(kind, data, tmp_path, 
     out = folder / 'validation' / 'cat' / '0' if kind == 'image' else tmp_path / 'sw'
     image = data / 'data' / 'validation' / 'cat' / '0.png'
     before = image.read_bytes(), checkpoint.read_bytes()
-    code, err = run_main(capsys, SWEEP[:-1] + ['--data-dir', str(folder), '--checkpoint', str(checkpoint),
-                                               '--num-classes', '2', '--model-kwargs', *TINY_CLI, '--out', str(out)])
+    code, _, err = run_cli(capsys, SWEEP[:-1] + ['--data-dir', str(folder), '--checkpoint', str(checkpoint),
+                                               '--num-classes', '2', '--model-kwargs', *TINY_IMG32_CLI, '--out', str(out)])
     assert_one_line_error(code, err, 'sweep', '--out', '--data-dir' if kind == 'image' else '--checkpoint')
     assert (image.read_bytes(), checkpoint.read_bytes()) == before
 
@@ -297,7 +297,8 @@ def test_a_signal_while_writing_leaves_no_file_and_one_line(sig, code, word, tmp
 
 def run_interrupted(capsys, argv):
     try:
-        return run_main(capsys, argv)
+        code, _, err = run_cli(capsys, argv)
+        return code, err
     except KeyboardInterrupt:   # (pytest would take it for its own Ctrl-C and stop)
         pytest.fail('KeyboardInterrupt escaped main(): a traceback for the user')
 
@@ -372,7 +373,7 @@ def test_a_refused_file_is_named_without_advice_to_load_it_unsafely(make, tmp_pa
     assert message.startswith(f"checkpoint '{path}' cannot be read safely (weights_only=True): ")
     assert len(message.splitlines()) == 1 and unsafe_advice(message) == [], message
     assert not message.endswith(': '), message   # a reason is given
-    code, err = run_main(capsys, EXPORT + ['--checkpoint', str(path), '--out', str(tmp_path / 'm.pt2')])
+    code, _, err = run_cli(capsys, EXPORT + ['--checkpoint', str(path), '--out', str(tmp_path / 'm.pt2')])
     assert_one_line_error(code, err, 'export', 'suspect.pth')
     assert unsafe_advice(err) == [], err
 

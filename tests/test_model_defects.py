@@ -4,10 +4,10 @@ import pytest
 import timm
 import torch
 
-from conftest import TINY
+from helpers import SMALL_VIT, TINY_DEIT
 
 # One generated name per family, small: (timm architecture, creation arguments).
-VIT = dict(img_size=32, depth=4, embed_dim=48, num_heads=2)
+VIT = dict(SMALL_VIT, img_size=32)
 PATCH14 = dict(VIT, img_size=28)
 FAMILIES = {
     'deit3': ('deit3_small_patch16_224', VIT),
@@ -96,7 +96,6 @@ def test_features_only_loads_timms_pretrained_weights(tmp_path):
 # --- item 9: state dicts ---------------------------------------------------------------------
 
 WARMUP = dict(keep_rate_warmup_start=1, keep_rate_warmup_steps=4)
-SMALL_DEIT = dict(img_size=64, embed_dim=48, depth=4, num_heads=2)
 
 
 def _images64(batch=1):
@@ -105,8 +104,8 @@ def _images64(batch=1):
 
 def _plain_and_evit(**evit_args):
     torch.manual_seed(0)
-    plain = timm.create_model('deit_tiny_patch16_224', **SMALL_DEIT)
-    evit = timm.create_model('evit_deit_tiny', **TINY, img_size=64, **evit_args)
+    plain = timm.create_model('deit_tiny_patch16_224', **SMALL_VIT, img_size=64)
+    evit = timm.create_model('evit_deit_tiny', **TINY_DEIT, img_size=64, **evit_args)
     return plain, evit
 
 
@@ -158,7 +157,7 @@ def test_own_state_dict_loads_back_strictly_whatever_was_applied(first, then):
     model.load_state_dict(before)                       # and the one saved before the re-apply
     assert ('keep_rate_step' in model.state_dict()) == bool(then)
     assert [name for name, _ in model.named_buffers()] == (['keep_rate_step'] if then else [])
-    copy = timm.create_model('evit_deit_tiny', **TINY, img_size=64, keep_rate=0.7, **then)
+    copy = timm.create_model('evit_deit_tiny', **TINY_DEIT, img_size=64, keep_rate=0.7, **then)
     copy.load_state_dict(model.state_dict())            # and into a model built with those arguments
     model.train()(_images64())          # trains on: the warm-up counts, or nothing does
 

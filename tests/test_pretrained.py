@@ -1,28 +1,13 @@
 """pretrained=True goes through timm's and huggingface_hub's real code, offline, from a cache the test lays out."""
-import json
-import os
-import subprocess
-import sys
-import textwrap
+import traceback
 
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-import timm_evit  # noqa: F401
-
-COMMIT = '0123456789abcdef0123456789abcdef01234567'
-
-
-def lay_out_hf_cache(cache, repo_id, state_dict):
-    """The Hugging Face cache layout that hf_hub_download resolves offline: refs/main -> snapshot."""
-    repo = cache / ('models--' + repo_id.replace('/', '--'))
-    (repo / 'refs').mkdir(parents=True)
-    (repo / 'refs' / 'main').write_text(COMMIT)
-    snapshot = repo / 'snapshots' / COMMIT
-    snapshot.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(snapshot / 'model.safetensors'))
+import timm_evit.release
+from helpers import lay_out_hf_cache, safetensors_file
 
 
 @pytest.fixture(scope='module')
@@ -31,37 +16,24 @@ def deit_small_weights():
     return timm.create_model('deit_small_patch16_224').state_dict()
 
 
-def run_offline(code, cache, tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / 'hf_home'))
-    return subprocess.run([sys.executable, '-c', textwrap.dedent(code)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-def test_pretrained_true_loads_timms_deit_weights_from_the_hub_cache(tmp_path, deit_small_weights):
-    cache = tmp_path / 'hub'
-    lay_out_hf_cache(cache, 'timm/deit_small_patch16_224.fb_in1k', deit_small_weights)
-    out = tmp_path / 'loaded.safetensors'
-    result = run_offline(f"""
-        import timm, json
-        from safetensors.torch import save_file
-        model = timm.create_model('evit_deit_small', pretrained=True)
-        save_file(model.state_dict(), {str(out)!r})
-        big = timm.create_model('evit_deit_small.fb_in1k', pretrained=True, img_size=288)
-        print(json.dumps([list(big.pos_embed.shape), big.pretrained_cfg['hf_hub_id']]))
-    """, cache, tmp_path)
-    assert result.returncode == 0, result.stderr
-    loaded = load_file(str(out))
+def test_pretrained_true_loads_timms_deit_weights_from_the_hub_cache(offline_hub, deit_small_weights):
+    lay_out_hf_cache(offline_hub, 'timm/deit_small_patch16_224.fb_in1k',
+                     {'model.safetensors': safetensors_file(deit_small_weights)})
+    loaded = timm.create_model('evit_deit_small', pretrained=True).state_dict()
     assert loaded.keys() == deit_small_weights.keys()
     for key, value in deit_small_weights.items():
         assert torch.equal(loaded[key], value), key
     # other img_size: position embeddings resampled to the 18 x 18 grid on load
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == [[1, 325, 384], 'timm/deit_small_patch16_224.fb_in1k']
+    big = timm.create_model('evit_deit_small.fb_in1k', pretrained=True, img_size=288)
+    assert [list(big.pos_embed.shape), big.pretrained_cfg['hf_hub_id']] == [[1, 325, 384],
+                                                                             'timm/deit_small_patch16_224.fb_in1k']
 
 
-def test_missing_weights_fail_offline_with_huggingface_hubs_error(tmp_path):
-    result = run_offline("import timm; timm.create_model('evit_deit_tiny', pretrained=True)", tmp_path / 'empty', tmp_path)
-    assert result.returncode != 0
-    assert 'offline' in result.stderr.lower() or 'LocalEntryNotFound' in result.stderr
+def test_missing_weights_fail_offline_with_huggingface_hubs_error(offline_hub):
+    with pytest.raises(Exception) as failure:
+        timm.create_model('evit_deit_tiny', pretrained=True)
+    text = ''.join(traceback.format_exception(failure.value))   # as a traceback shows it
+    assert 'offline' in text.lower() or 'LocalEntryNotFound' in text
 
 
 def test_pretrained_cfg_overlay_file(tmp_path, deit_small_weights):
@@ -77,8 +49,7 @@ def test_pretrained_cfg_overlay_file(tmp_path, deit_small_weights):
         assert torch.equal(model.eval()(x, keep_rate=1.0), deit(x))
 
 
-def test_unpublished_release_tags_fail_at_once_and_say_how_to_load_the_official_file(tmp_path, monkeypatch):
-    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+def test_unpublished_release_tags_fail_at_once_and_say_how_to_load_the_official_file(offline_hub):
     for name, kwargs in [('evit_deit_small.keep70_fuse_in1k', {}),
                          ('evit_deit_small', dict(pretrained_cfg='keep50_drop_in1k'))]:
         with pytest.raises(RuntimeError) as info:
@@ -103,20 +74,13 @@ def test_the_official_evit_file_loads_through_the_tag_with_a_file_overlay(tmp_pa
         assert torch.equal(value, deit_small_weights[key]), key
 
 
-def test_the_published_switch_makes_the_tags_load_from_the_hub(tmp_path, deit_small_weights):
-    cache = tmp_path / 'hub'
-    lay_out_hf_cache(cache, 'timm-evit/evit_deit_small.keep60_drop_in1k', deit_small_weights)
-    code = """
-        import timm, timm_evit.release
-        try:
-            timm.create_model('evit_deit_small.keep60_drop_in1k', pretrained=True)
-        except RuntimeError as e:
-            print('refused:', 'not published' in str(e))
-        timm_evit.release.EVIT_RELEASE_PUBLISHED = True     # the one switch
-        model = timm.create_model('evit_deit_small.keep60_drop_in1k', pretrained=True)
-        print('loaded:', model.keep_rate, model.fuse_token, float(model.cls_token.sum()))
-    """
-    result = run_offline(code, cache, tmp_path)
-    assert result.returncode == 0, result.stderr
+def test_the_published_switch_makes_the_tags_load_from_the_hub(offline_hub, deit_small_weights, monkeypatch):
+    lay_out_hf_cache(offline_hub, 'timm-evit/evit_deit_small.keep60_drop_in1k',
+                     {'model.safetensors': safetensors_file(deit_small_weights)})
+    with pytest.raises(RuntimeError, match='not published'):
+        timm.create_model('evit_deit_small.keep60_drop_in1k', pretrained=True)
+    monkeypatch.setattr(timm_evit.release, 'EVIT_RELEASE_PUBLISHED', True)     # the one switch
+    model = timm.create_model('evit_deit_small.keep60_drop_in1k', pretrained=True)
     expected = float(deit_small_weights['cls_token'].sum())
-    assert result.stdout.split('\n')[:2] == ['refused: True', f'loaded: (0.6, 0.6, 0.6) False {expected}']
+    assert (model.keep_rate, model.fuse_token, float(model.cls_token.detach().sum())) == ((0.6, 0.6, 0.6), False,
+                                                                                      expected)

@@ -18,8 +18,10 @@ def test_import_timm_alone_registers_and_creates_the_models(tmp_path):
         import timm
         model = timm.create_model('evit_deit_small', keep_rate=0.6)
         print(type(model).__name__, model.keep_rate, sorted(timm.list_models('evit_deit_*')))
+        print(timm.create_model('evit_lvvit_s').skip_lam)
     """, tmp_path)
     assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == '2.0'      # LV-ViT too, with its residual scaling
     # the paper's names, and timm's DeiT architectures by their own names (evit_<timm name>)
     assert "VisionTransformerEViT (0.6, 0.6, 0.6) ['evit_deit_base', 'evit_deit_base_distilled_patch16_224', " \
            "'evit_deit_base_distilled_patch16_384', 'evit_deit_base_patch16_224'" in result.stdout

@@ -5,8 +5,8 @@ import timm.optim
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
 
-from conftest import TINY, tiny_evit
 from evit_reference import kept_indices_by_block
+from helpers import TINY_DEIT, tiny_evit
 
 
 @pytest.mark.parametrize('name, dim', [('evit_deit_tiny', 192), ('evit_deit_small', 384), ('evit_deit_base', 768)])
@@ -66,7 +66,7 @@ def test_forward_features_head_and_reset_classifier():
         assert model(x).shape == (2, 10) and model.num_classes == 10
         model.reset_classifier(0)
         assert model(x).shape == (2, 48)
-    assert timm.create_model('evit_deit_tiny', num_classes=5, **TINY)(x).shape == (2, 5)
+    assert timm.create_model('evit_deit_tiny', num_classes=5, **TINY_DEIT)(x).shape == (2, 5)
 
 
 def test_no_weight_decay_and_group_matcher_drive_timm_optimizers():
@@ -133,7 +133,7 @@ def test_forward_intermediates_keeps_timm_shapes_and_maps_tokens_to_patches(fuse
 
 def test_features_only_and_fx_feature_extraction():
     x = torch.randn(1, 3, 224, 224)
-    features = timm.create_model('evit_deit_tiny', features_only=True, out_indices=(3, 6, 9), **{**TINY, 'depth': 12, 'reorg_layers': (3, 6, 9)})
+    features = timm.create_model('evit_deit_tiny', features_only=True, out_indices=(3, 6, 9), **{**TINY_DEIT, 'depth': 12, 'reorg_layers': (3, 6, 9)})
     assert [f.shape for f in features(x)] == [(1, 48, 14, 14)] * 3
     model = tiny_evit(keep_rate=0.5).eval()
     extractor = timm.models.create_feature_extractor(model, return_nodes=['blocks.1', 'norm', 'head'])

@@ -8,9 +8,8 @@ from timm.models.vision_transformer import VisionTransformer
 import timm_evit
 from timm_evit.evit_timm import GENERATED_WITH_TIMM, TIMM_ARCHITECTURES
 from timm_evit.tools.plain import plain_model_name
+from helpers import SMALL_VIT_IMG32
 from timm_evit.tools.supported import architecture_refusal, survey
-
-SMALL = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=2)
 
 
 def test_the_list_is_what_apply_supports_in_the_installed_timm():
@@ -36,8 +35,8 @@ def test_unsupported_architectures_have_no_name():
 
 def test_a_generated_name_is_timms_model_converted():
     torch.manual_seed(0)
-    plain = timm.create_model('deit3_small_patch16_224', **SMALL).eval()
-    evit = timm.create_model('evit_deit3_small_patch16_224', keep_rate=0.5, fuse_token=False, **SMALL).eval()
+    plain = timm.create_model('deit3_small_patch16_224', **SMALL_VIT_IMG32).eval()
+    evit = timm.create_model('evit_deit3_small_patch16_224', keep_rate=0.5, fuse_token=False, **SMALL_VIT_IMG32).eval()
     assert type(evit) is timm_evit.VisionTransformerEViT and isinstance(evit, VisionTransformer)
     assert evit.keep_rate == (0.5, 0.5, 0.5) and evit.reorg_layers == (1, 2, 3) and not evit.fuse_token
     assert evit.state_dict().keys() == plain.state_dict().keys()
@@ -72,7 +71,7 @@ def test_pretrained_tags_are_timms_and_load_timms_weights(tmp_path):
 
 def test_fine_tuning_through_a_generated_name_has_the_warmup():
     model = timm.create_model('evit_deit3_small_patch16_224', keep_rate=0.5, keep_rate_warmup_start=1,
-                              keep_rate_warmup_steps=2, **SMALL).train()
+                              keep_rate_warmup_steps=2, **SMALL_VIT_IMG32).train()
     x = torch.randn(1, 3, 32, 32)
     seen = []
     for _ in range(4):

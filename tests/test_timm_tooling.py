@@ -7,7 +7,7 @@ import torch
 from timm.models import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-from conftest import TINY, tiny_evit
+from helpers import TINY_DEIT, tiny_evit
 
 EVIT_MODELS = ['evit_deit_tiny', 'evit_deit_small', 'evit_deit_base', 'evit_lvvit_s', 'evit_lvvit_m']
 
@@ -106,7 +106,7 @@ def test_meta_device_and_factory_dtype(name):
 
 
 def test_factory_dtype_runs_for_real():
-    for name, kwargs in [('evit_deit_tiny', dict(TINY)), ('evit_lvvit_s', dict(depth=3, reorg_layers=(1,)))]:
+    for name, kwargs in [('evit_deit_tiny', dict(TINY_DEIT)), ('evit_lvvit_s', dict(depth=3, reorg_layers=(1,)))]:
         model = timm.create_model(name, dtype=torch.float64, keep_rate=0.5, **kwargs).eval()
         single = timm.create_model(name, keep_rate=0.5, **kwargs).eval()
         single.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()})

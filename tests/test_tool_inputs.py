@@ -2,7 +2,6 @@
 memory, the model name and its pretrained tag, EViT's arguments before any weights, the keep-rate
 option, pretrained weights that cannot be had without a network: one line and exit code 2 each."""
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -12,14 +11,16 @@ import timm
 import torch
 from PIL import Image
 
+from helpers import (
+    TINY_DEIT, TINY_DEIT_CLI, assert_one_line_error, lay_out_hf_cache, run_cli, safetensors_file,
+    without_hf_environment,
+)
 from timm_evit.tools import bench as bench_module
 from timm_evit.tools.bench import run_bench
 from timm_evit.tools.models import create_evit_model
 from timm_evit.tools.plain import plain_model_name
 
-# a DeiT-Ti at 4 blocks and width 48: patch 16 as the paper's
-SMALL_CLI = ['embed_dim=48', 'depth=4', 'num_heads=2', 'reorg_layers=(1,2)']
-SMALL = dict(embed_dim=48, depth=4, num_heads=2, reorg_layers=(1, 2))
+# TINY_DEIT: a DeiT-Ti at 4 blocks and width 48, patch 16 as the paper's
 
 
 @pytest.fixture(scope='module')
@@ -29,23 +30,6 @@ def root(tmp_path_factory):
     Image.new('RGB', (40, 40), 'red').save(root / 'data' / 'validation' / 'cat' / '0.png')
     Image.new('RGB', (40, 40), 'blue').save(root / 'cat.png')
     return root
-
-
-def run_main(capsys, argv):
-    from timm_evit.tools.cli import main
-    try:
-        code = main(argv)
-    except SystemExit as e:   # argparse's own errors
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.err
-
-
-def assert_one_line_error(code, err, command, *words):
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and 'Traceback' not in err, err[-3000:]
-    assert lines[0].startswith(f'timm-evit {command}') and '\x1b[' not in lines[0], lines[0]
-    assert all(w in lines[0] for w in words), (words, lines[0])
 
 
 BENCH = ['bench', '--model', 'evit_deit_tiny', '--batch-size', '1', '--repeats', '1', '--warmup', '0',
@@ -69,28 +53,28 @@ def command(argv, root, model_kwargs=(), **options):
 
 # item 3: an input size that is not a whole number of patches (patch 16 here) would mislead every tool
 NOT_WHOLE_PATCHES = {
-    'export --img-size 40': (command(EXPORT, '{root}', SMALL_CLI, img_size='40'), ['--img-size 40', '32 or 48']),
+    'export --img-size 40': (command(EXPORT, '{root}', TINY_DEIT_CLI, img_size='40'), ['--img-size 40', '32 or 48']),
     'visualize --img-size 56': (command(VISUALIZE, '{root}', img_size='56'), ['--img-size 56', '48 or 64']),
-    'bench img_size=40': (command(BENCH, '{root}', SMALL_CLI + ['img_size=40']), ['--model-kwargs img_size=40']),
-    'sweep img_size=40': (command(SWEEP, '{root}', SMALL_CLI + ['img_size=40']), ['--model-kwargs img_size=40']),
-    'export img_size=(32, 40)': (command(EXPORT, '{root}', SMALL_CLI + ['img_size=(32,40)']),
+    'bench img_size=40': (command(BENCH, '{root}', TINY_DEIT_CLI + ['img_size=40']), ['--model-kwargs img_size=40']),
+    'sweep img_size=40': (command(SWEEP, '{root}', TINY_DEIT_CLI + ['img_size=40']), ['--model-kwargs img_size=40']),
+    'export img_size=(32, 40)': (command(EXPORT, '{root}', TINY_DEIT_CLI + ['img_size=(32,40)']),
                                  ['img_size=(32, 40)', '32 or 48']),
-    'export patch_size=12 at 224': (command(EXPORT, '{root}', SMALL_CLI + ['patch_size=12']),
+    'export patch_size=12 at 224': (command(EXPORT, '{root}', TINY_DEIT_CLI + ['patch_size=12']),
                                     ["default input size 224", 'patch size 12', '216 or 228']),
 }
 # item 11: below one patch, every tool gave a traceback or the exporter's log
 BELOW_ONE_PATCH = {
-    'bench img_size=8': command(BENCH, '{root}', SMALL_CLI + ['img_size=8']),
-    'sweep img_size=8': command(SWEEP, '{root}', SMALL_CLI + ['img_size=8']),
+    'bench img_size=8': command(BENCH, '{root}', TINY_DEIT_CLI + ['img_size=8']),
+    'sweep img_size=8': command(SWEEP, '{root}', TINY_DEIT_CLI + ['img_size=8']),
     'visualize --img-size 8': command(VISUALIZE, '{root}', img_size='8'),
-    'export --img-size 8': command(EXPORT, '{root}', SMALL_CLI, img_size='8'),
+    'export --img-size 8': command(EXPORT, '{root}', TINY_DEIT_CLI, img_size='8'),
 }
 
 
 @pytest.mark.parametrize('case', sorted(NOT_WHOLE_PATCHES))
 def test_an_input_size_that_is_not_whole_patches_is_refused(case, root, capsys):
     argv, words = NOT_WHOLE_PATCHES[case]
-    code, err = run_main(capsys, [a.format(root=root) for a in argv])
+    code, _, err = run_cli(capsys, [a.format(root=root) for a in argv])
     assert_one_line_error(code, err, argv[0], 'not a multiple of the patch size', 'ignores the last', *words)
     if argv[0] != 'visualize':   # visualize draws whole patches: it takes no model that pads
         assert 'dynamic_img_pad=True' in err
@@ -99,14 +83,14 @@ def test_an_input_size_that_is_not_whole_patches_is_refused(case, root, capsys):
 @pytest.mark.parametrize('case', sorted(BELOW_ONE_PATCH))
 def test_an_input_smaller_than_one_patch_is_one_line(case, root, capsys):
     argv = BELOW_ONE_PATCH[case]
-    code, err = run_main(capsys, [a.format(root=root) for a in argv])
+    code, _, err = run_cli(capsys, [a.format(root=root) for a in argv])
     assert_one_line_error(code, err, argv[0], 'smaller than the patch size 16', 'use 16')
     assert not (root / 'm.pt2').exists()
 
 
 def test_a_model_that_pads_is_measured_at_its_padded_grid():
     # 40 px padded to 48: a 3 x 3 grid, the last patches half padding; timm's PatchEmbed says 2 x 2
-    kwargs = dict(SMALL, img_size=40, dynamic_img_size=True, dynamic_img_pad=True)
+    kwargs = dict(TINY_DEIT, img_size=40, dynamic_img_size=True, dynamic_img_pad=True)
     rows = run_bench('evit_deit_tiny', keep_rates=(1.0, 0.5), batch_size=1, repeats=1, warmup=0, attn=('math',),
                      latency=False, show_progress=False, model_kwargs=kwargs)
     assert rows[0].tokens == [9] and rows[1].tokens == [9, 9, 9] and rows[2].tokens == [9, 6, 4]
@@ -122,13 +106,13 @@ def test_a_drawing_of_whole_patches_refuses_a_padded_grid():
     # visualize's masks are whole patches over the image: a padded last patch would be drawn misaligned
     with pytest.raises(ValueError, match=r'--model-kwargs img_size=40 is not a multiple .* draws whole patches'
                                          r' over the image: use 32 or 48$'):
-        create_evit_model('evit_deit_tiny', whole_patches=True, **SMALL, img_size=40, dynamic_img_size=True,
+        create_evit_model('evit_deit_tiny', whole_patches=True, **TINY_DEIT, img_size=40, dynamic_img_size=True,
                           dynamic_img_pad=True)
 
 
 # item 11: a batch that cannot fit is refused before it is allocated; running out of memory later is one line
 def test_a_batch_larger_than_memory_is_refused_before_allocating(root, capsys):
-    code, err = run_main(capsys, command(BENCH, root, SMALL_CLI, batch_size='1000000000'))
+    code, _, err = run_cli(capsys, command(BENCH, root, TINY_DEIT_CLI, batch_size='1000000000'))
     assert_one_line_error(code, err, 'bench', '--batch-size 1000000000', 'GiB', 'more than')
 
 
@@ -136,7 +120,7 @@ def test_running_out_of_memory_names_the_batch_size(root, capsys, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB')
     monkeypatch.setattr(bench_module, 'time_interleaved', out_of_memory)
-    code, err = run_main(capsys, command(BENCH, root, SMALL_CLI, batch_size='2'))
+    code, _, err = run_cli(capsys, command(BENCH, root, TINY_DEIT_CLI, batch_size='2'))
     last = err.strip().splitlines()[-1]   # after the progress bar of the run it stopped
     assert code == 2 and 'Traceback' not in err, err[-3000:]
     assert last.startswith('timm-evit bench: --batch-size 2 does not fit in the memory of cpu'), last
@@ -147,24 +131,17 @@ def test_running_out_of_memory_names_the_batch_size(root, capsys, monkeypatch):
 @pytest.mark.parametrize('name,tags', [('deit3_small_patch16_224.nosuchtag', 'fb_in1k, fb_in22k_ft_in1k'),
                                        ('evit_deit_small.nosuchtag', 'keep70_fuse_in1k')])
 def test_an_unknown_pretrained_tag_is_one_line(argv, name, tags, root, capsys):
-    code, err = run_main(capsys, command(argv, root, model=name))
+    code, _, err = run_cli(capsys, command(argv, root, model=name))
     assert_one_line_error(code, err, argv[0], f'--model {name}', "no pretrained tag 'nosuchtag'", tags)
 
 
 # item 11: EViT's arguments are checked before any weights are read (or downloaded)
-@pytest.fixture
-def empty_offline_hub(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
-    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'empty_hub_cache'))
-
-
 @pytest.mark.parametrize('name', ['deit_tiny_patch16_224', 'evit_deit_tiny_patch16_224', 'evit_deit_tiny'])
-def test_evit_arguments_are_checked_before_the_weights(name, root, capsys, empty_offline_hub):
-    code, err = run_main(capsys, command(EXPORT, root, ['keep_rate=5'], model=name) + ['--pretrained'])
+def test_evit_arguments_are_checked_before_the_weights(name, root, capsys, offline_hub):
+    code, _, err = run_cli(capsys, command(EXPORT, root, ['keep_rate=5'], model=name) + ['--pretrained'])
     assert_one_line_error(code, err, 'export', 'keep_rate', '(0, 1]')
     assert '--pretrained' not in err
-    code, err = run_main(capsys, command(BENCH, root, ['reorg_layers=(3,12)'], model=name) + ['--pretrained'])
+    code, _, err = run_cli(capsys, command(BENCH, root, ['reorg_layers=(3,12)'], model=name) + ['--pretrained'])
     assert_one_line_error(code, err, 'bench', 'reorg_layers entry 12 is out of range')
 
 
@@ -172,13 +149,14 @@ def test_evit_arguments_are_checked_before_the_weights(name, root, capsys, empty
 @pytest.mark.parametrize('argv', [VISUALIZE, EXPORT], ids=lambda argv: argv[0])
 @pytest.mark.parametrize('value', ['0', '1.5', 'nan', '0.5,0.7', 'x'])
 def test_keep_rate_errors_name_keep_rate(argv, value, root, capsys):
-    code, err = run_main(capsys, command(argv, root, keep_rate=value))
+    code, _, err = run_cli(capsys, command(argv, root, keep_rate=value))
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"--keep-rate takes one float in (0, 1], got '{value}'" in err and '--keep-rates' not in err, err
 
 
 # item 11: --pretrained where no network answers (HF_ENDPOINT at a closed port, HF_HUB_OFFLINE unset):
 # huggingface_hub's retries took about a minute; the weights not cached fail at once, cached ones load.
+# A fresh interpreter: huggingface_hub reads HF_ENDPOINT when imported, and the timeout bounds 'at once'.
 RUN_WITHOUT_NETWORK = """
 import contextlib, io, json, sys, torch
 from timm_evit.tools.models import create_evit_model
@@ -198,14 +176,12 @@ def closed_port() -> int:
 
 
 def test_pretrained_without_network_fails_at_once_or_loads_from_the_cache(root, tmp_path):
-    from test_pretrained import lay_out_hf_cache
     torch.manual_seed(2)
     weights = timm.create_model('deit_tiny_patch16_224').state_dict()
     cache = tmp_path / 'hub'
-    lay_out_hf_cache(cache, 'timm/deit_tiny_patch16_224.fb_in1k', weights)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(('HF_', 'HUGGINGFACE_'))}
-    env.update(HF_ENDPOINT=f'http://127.0.0.1:{closed_port()}', HF_HUB_CACHE=str(cache),
-               HF_HOME=str(tmp_path / 'hf_home'))
+    lay_out_hf_cache(cache, 'timm/deit_tiny_patch16_224.fb_in1k', {'model.safetensors': safetensors_file(weights)})
+    env = without_hf_environment(HF_ENDPOINT=f'http://127.0.0.1:{closed_port()}', HF_HUB_CACHE=str(cache),
+                                 HF_HOME=str(tmp_path / 'hf_home'))
     argv = command(EXPORT, root, model='evit_deit_small') + ['--pretrained']   # DeiT-S: not in the cache
     # huggingface_hub retries each of two files for 23 s: well within, the first attempt failed
     result = subprocess.run([sys.executable, '-c', RUN_WITHOUT_NETWORK, json.dumps(argv)],
@@ -234,13 +210,13 @@ def test_every_registered_evit_name_and_tag_has_a_plain_counterpart():
                                         ('evit_deit_tiny.fb_in1k', 'deit_tiny_patch16_224.fb_in1k')])
 def test_bench_takes_the_papers_tagged_names(name, plain):
     rows = run_bench(name, keep_rates=(1.0, 0.5), batch_size=1, repeats=1, warmup=0, attn=('math',), latency=False,
-                     show_progress=False, model_kwargs=dict(SMALL, img_size=32))
+                     show_progress=False, model_kwargs=dict(TINY_DEIT, img_size=32))
     assert [r.model for r in rows] == [plain, name, name]
     assert rows[1].fuse_token is (name.endswith('fuse_in1k') or 'keep' not in name)  # the tag's own setting
     assert rows[1].gmacs == pytest.approx(rows[0].gmacs, rel=1e-6)   # keep 1.0: the same weights, the plain model
 
 
 def test_visualize_takes_the_papers_tagged_names(root, capsys):
-    code, err = run_main(capsys, command(VISUALIZE, root, model='evit_deit_small.keep60_fuse_in1k', img_size='32'))
+    code, _, err = run_cli(capsys, command(VISUALIZE, root, model='evit_deit_small.keep60_fuse_in1k', img_size='32'))
     assert code == 0, err
     assert (root / 'pics' / 'cat_evit.png').is_file()

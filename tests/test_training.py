@@ -11,10 +11,10 @@ import timm
 import torch
 from PIL import Image
 
-import timm_evit  # noqa: F401
+from helpers import TINY_IMG32
 from timm_evit.schedule import warmup_keep_rate
 
-SMALL = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=2, reorg_layers=(1, 2), num_classes=3)
+TINY_IMG32_3_CLASSES = dict(TINY_IMG32, num_classes=3)
 
 
 @pytest.mark.parametrize('step, expected', [
@@ -28,7 +28,7 @@ def test_warmup_follows_the_papers_cosine(step, expected):
 
 def test_model_counts_training_steps_and_uses_the_schedule():
     model = timm.create_model('evit_deit_tiny', keep_rate=0.5, keep_rate_warmup_start=2, keep_rate_warmup_steps=4,
-                              **SMALL).train()
+                              **TINY_IMG32_3_CLASSES).train()
     x = torch.randn(2, 3, 32, 32)
     seen = []
     for _ in range(8):
@@ -46,7 +46,7 @@ def test_model_counts_training_steps_and_uses_the_schedule():
 def test_the_schedule_follows_every_write_of_its_step_buffer():
     # Training forwards remember the step they wrote (on a GPU a read of the buffer would wait for
     # it); a write by anything else, a user or a load, must still be seen.
-    kwargs = dict(keep_rate=0.5, keep_rate_warmup_start=1, keep_rate_warmup_steps=6, **SMALL)
+    kwargs = dict(keep_rate=0.5, keep_rate_warmup_start=1, keep_rate_warmup_steps=6, **TINY_IMG32_3_CLASSES)
     model = timm.create_model('evit_deit_tiny', **kwargs).train()
     x = torch.randn(1, 3, 32, 32)
 
@@ -67,7 +67,7 @@ def test_the_schedule_follows_every_write_of_its_step_buffer():
 
 
 def test_resume_continues_the_schedule_exactly():
-    kwargs = dict(keep_rate=0.5, keep_rate_warmup_start=1, keep_rate_warmup_steps=6, **SMALL)
+    kwargs = dict(keep_rate=0.5, keep_rate_warmup_start=1, keep_rate_warmup_steps=6, **TINY_IMG32_3_CLASSES)
     a = timm.create_model('evit_deit_tiny', **kwargs).train()
     x = torch.randn(1, 3, 32, 32)
     for _ in range(3):
@@ -79,7 +79,7 @@ def test_resume_continues_the_schedule_exactly():
         a(x), b(x)
     # weights saved without warm-up progress (timm's DeiT) start at step 0; progress is dropped
     # when loading into a model without warm-up
-    plain = timm.create_model('evit_deit_tiny', **SMALL)
+    plain = timm.create_model('evit_deit_tiny', **TINY_IMG32_3_CLASSES)
     plain.load_state_dict(a.state_dict())
     fresh = timm.create_model('evit_deit_tiny', **kwargs)
     fresh.load_state_dict(plain.state_dict())
@@ -109,7 +109,8 @@ def _train_pieces(root, resume=None):
     from timm.utils import ModelEmaV3
 
     torch.manual_seed(0)
-    model = timm.create_model('evit_deit_tiny', drop_path_rate=0.1, keep_rate=0.5, keep_rate_warmup_steps=4, **SMALL)
+    model = timm.create_model('evit_deit_tiny', drop_path_rate=0.1, keep_rate=0.5, keep_rate_warmup_steps=4,
+                              **TINY_IMG32_3_CLASSES)
     data_config = resolve_data_config({'input_size': (3, 32, 32)}, model=model)  # as train.py --input-size
     dataset = create_dataset('', root=str(root), split='train', is_training=True)
     loader = create_loader(dataset, input_size=data_config['input_size'], batch_size=6, is_training=True,
@@ -172,8 +173,9 @@ def test_end_to_end_with_timms_pieces_and_resume(image_folder, tmp_path):
 
 def test_distillation_task_with_an_evit_student(image_folder):
     from timm.task import LogitDistillationTask
-    student = timm.create_model('evit_deit_tiny', keep_rate=0.5, **SMALL)
-    teacher = timm.create_model('deit_tiny_patch16_224', **{k: v for k, v in SMALL.items() if k != 'reorg_layers'}).eval()
+    student = timm.create_model('evit_deit_tiny', keep_rate=0.5, **TINY_IMG32_3_CLASSES)
+    plain_kwargs = {k: v for k, v in TINY_IMG32_3_CLASSES.items() if k != 'reorg_layers'}
+    teacher = timm.create_model('deit_tiny_patch16_224', **plain_kwargs).eval()
     task = LogitDistillationTask(student, teacher, criterion=torch.nn.CrossEntropyLoss(), task_loss_weight=0.5,
                                  temperature=2.0, device=torch.device('cpu'), verbose=False)
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])

@@ -1,7 +1,6 @@
 """What EViT keeps (masks, drawings) and choosing a keep rate (sweep), with their failure modes."""
 import csv
 import json
-import subprocess
 import sys
 
 import numpy as np
@@ -12,7 +11,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from timm.models.vision_transformer import VisionTransformer
 
-from conftest import tiny_evit
+from helpers import TINY_IMG32_CLI, run_cli, tiny_evit
 from timm_evit.tools.plain import create_plain_counterpart
 from timm_evit.tools.sweep import SweepRow, pick_keep_rate, run_sweep, write_sweep
 from timm_evit.tools._io import pyplot
@@ -20,12 +19,6 @@ from timm_evit.tools.files import figure_writer, write_all_whole
 from timm_evit.tools.visualize import DROPPED, FUSED, KEPT, masks_figure, reorganisation_masks
 
 DESIGN_TOKENS = {(0.7, True): [139, 99, 71], (0.7, False): [138, 97, 68], (0.5, True): [99, 51, 27]}
-# --model-kwargs of a tiny architecture, for command-line tests that run a whole command
-TINY_CLI = ['img_size=32', 'patch_size=8', 'embed_dim=48', 'depth=4', 'num_heads=2', 'reorg_layers=(1,2)']
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, '-m', 'timm_evit', *args], capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize('keep_rate, fuse', sorted(DESIGN_TOKENS))
@@ -75,31 +68,31 @@ def test_draw_is_whole_or_nothing(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ['masks.png']   # no partial file, no temporary
 
 
-def test_visualize_command(tmp_path):
+def test_visualize_command(tmp_path, capsys):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 200, 3), dtype=np.uint8)).save(tmp_path / 'img.jpg')
     (tmp_path / 'broken.jpg').write_bytes(b'not an image')
-    result = run_cli('visualize', str(tmp_path / 'img.jpg'), '--model', 'evit_deit_tiny', '--keep-rate', '0.5',
-                     '--out', str(tmp_path))
-    assert result.returncode == 0, result.stderr
+    result = run_cli(capsys, ['visualize', str(tmp_path / 'img.jpg'), '--model', 'evit_deit_tiny', '--keep-rate', '0.5',
+                              '--out', str(tmp_path)])
+    assert result.code == 0, result.err
     assert (tmp_path / 'img_evit.png').read_bytes()[:4] == b'\x89PNG'
     for bad, words in [('broken.jpg', "cannot read image"), ('missing.jpg', 'no such file')]:
-        result = run_cli('visualize', str(tmp_path / 'img.jpg'), str(tmp_path / bad), '--model', 'evit_deit_tiny',
-                         '--out', str(tmp_path / 'fresh'))
-        assert result.returncode == 2 and words in result.stderr and bad in result.stderr
+        result = run_cli(capsys, ['visualize', str(tmp_path / 'img.jpg'), str(tmp_path / bad), '--model',
+                                  'evit_deit_tiny', '--out', str(tmp_path / 'fresh')])
+        assert result.code == 2 and words in result.err and bad in result.err
         assert not (tmp_path / 'fresh').exists()    # nothing drawn, not even the folder, when one image is bad
 
 
-def test_visualize_at_another_size_into_a_new_folder_one_picture_per_image(tmp_path):
+def test_visualize_at_another_size_into_a_new_folder_one_picture_per_image(tmp_path, capsys):
     rng = np.random.default_rng(1)
     for folder in ('a', 'b'):   # two images of the same name: each gets its own picture
         (tmp_path / folder).mkdir()
         Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(tmp_path / folder / 'cat.png')
     out = tmp_path / 'pictures'   # does not exist yet, given with a trailing slash as in the README
-    result = run_cli('visualize', str(tmp_path / 'a' / 'cat.png'), str(tmp_path / 'b' / 'cat.png'),
-                     '--model', 'evit_deit_tiny', '--img-size', '64', '--keep-rate', '0.5', '--out', f'{out}/')
-    assert result.returncode == 0, result.stderr
+    result = run_cli(capsys, ['visualize', str(tmp_path / 'a' / 'cat.png'), str(tmp_path / 'b' / 'cat.png'), '--model',
+                              'evit_deit_tiny', '--img-size', '64', '--keep-rate', '0.5', '--out', f'{out}/'])
+    assert result.code == 0, result.err
     assert sorted(p.name for p in out.iterdir()) == ['cat_1_evit.png', 'cat_evit.png']
-    assert result.stdout.split() == [str(out / 'cat_evit.png'), str(out / 'cat_1_evit.png')]
+    assert result.out.split() == [str(out / 'cat_evit.png'), str(out / 'cat_1_evit.png')]
     assert (out / 'cat_evit.png').read_bytes() != (out / 'cat_1_evit.png').read_bytes()
 
 
@@ -110,9 +103,8 @@ def test_picture_names_never_collide():
                                     'dog_evit.png']
 
 
-def test_visualize_writes_every_picture_or_none(tmp_path, monkeypatch):
+def test_visualize_writes_every_picture_or_none(tmp_path, monkeypatch, capsys):
     import matplotlib.figure
-    from timm_evit.tools.cli import main
     for name in ('one', 'two'):
         Image.new('RGB', (48, 40), name == 'one' and 'red' or 'blue').save(tmp_path / f'{name}.png')
     savefig = matplotlib.figure.Figure.savefig
@@ -126,8 +118,8 @@ def test_visualize_writes_every_picture_or_none(tmp_path, monkeypatch):
 
     monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', disk_full_on_the_second)
     out = tmp_path / 'out'
-    code = main(['visualize', str(tmp_path / 'one.png'), str(tmp_path / 'two.png'), '--model', 'evit_deit_tiny',
-                 '--img-size', '32', '--out', str(out)])
+    code, _, _ = run_cli(capsys, ['visualize', str(tmp_path / 'one.png'), str(tmp_path / 'two.png'), '--model',
+                                  'evit_deit_tiny', '--img-size', '32', '--out', str(out)])
     assert code == 2 and len(calls) == 2
     assert not out.exists()   # the first picture was not left behind alone, nor the folder made for them
 
@@ -149,12 +141,12 @@ def image_folder(tmp_path_factory):
     return root, checkpoint, model.eval()
 
 
-def test_sweep_reports_the_top1_of_evaluating_by_hand(image_folder, tmp_path):
+def test_sweep_reports_the_top1_of_evaluating_by_hand(image_folder, tmp_path, capsys):
     root, checkpoint, model = image_folder
-    result = run_cli('sweep', '--model', 'evit_deit_tiny', '--data-dir', str(root), '--checkpoint', str(checkpoint),
-                     '--num-classes', '3', '--keep-rates', '1,0.7,0.25', '--batch-size', '5', '--out',
-                     str(tmp_path / 'sw'), '--max-drop', '100', '--crop-pct', '1.0')
-    assert result.returncode == 0, result.stderr
+    result = run_cli(capsys, ['sweep', '--model', 'evit_deit_tiny', '--data-dir', str(root), '--checkpoint',
+                              str(checkpoint), '--num-classes', '3', '--keep-rates', '1,0.7,0.25', '--batch-size', '5',
+                              '--out', str(tmp_path / 'sw'), '--max-drop', '100', '--crop-pct', '1.0'])
+    assert result.code == 0, result.err
     rows = {r['keep_rate']: r for r in json.loads((tmp_path / 'sw.json').read_text())['rows']}
     with open(tmp_path / 'sw.csv') as f:
         assert [float(r['top1']) for r in csv.DictReader(f)] == [rows[k]['top1'] for k in (1.0, 0.7, 0.25)]
@@ -173,8 +165,8 @@ def test_sweep_reports_the_top1_of_evaluating_by_hand(image_folder, tmp_path):
     assert rows[0.25]['gmacs'] < rows[0.7]['gmacs'] < rows[1.0]['gmacs']
     for row in rows.values():  # throughput is measured beside timm's own DeiT
         assert row['plain_model'] == 'deit_tiny_patch16_224'
-    assert 'speed-up vs deit_tiny_patch16_224' in result.stdout
-    assert 'use: --model-kwargs keep_rate=' in result.stdout
+    assert 'speed-up vs deit_tiny_patch16_224' in result.out
+    assert 'use: --model-kwargs keep_rate=' in result.out
 
 
 def test_plain_counterpart_is_timms_model_with_the_same_architecture_and_weights():
@@ -203,7 +195,7 @@ def test_pick_keep_rate():
         pick_keep_rate(rows[1:], 0.5)
 
 
-def test_sweep_errors(tmp_path, image_folder):
+def test_sweep_errors(tmp_path, image_folder, capsys):
     root, checkpoint, _ = image_folder
     (tmp_path / 'empty' / 'validation').mkdir(parents=True)
     bad = tmp_path / 'bad' / 'validation' / 'a'
@@ -220,9 +212,9 @@ def test_sweep_errors(tmp_path, image_folder):
         (['--data-dir', str(root), '--repeats', '0'], '--repeats must be an integer >= 1'),
     ]
     for args, words in cases:
-        result = run_cli('sweep', '--model', 'evit_deit_tiny', '--num-classes', '3', '--checkpoint', str(checkpoint),
-                         '--out', str(tmp_path / 'sw'), *args)
-        assert result.returncode == 2 and words in result.stderr, (args, result.stderr[-500:])
+        result = run_cli(capsys, ['sweep', '--model', 'evit_deit_tiny', '--num-classes', '3', '--checkpoint',
+                                  str(checkpoint), '--out', str(tmp_path / 'sw'), *args])
+        assert result.code == 2 and words in result.err, (args, result.err[-500:])
     assert not list(tmp_path.glob('sw*'))
 
 
@@ -274,13 +266,13 @@ def test_image_folder_refuses_truncated_images_and_missing_splits(tmp_path):
         load_image_folder(str(tmp_path), 'validation')
 
 
-def test_sweep_with_num_classes_in_model_kwargs(tmp_path, image_folder):
+def test_sweep_with_num_classes_in_model_kwargs(tmp_path, image_folder, capsys):
     root, _, _ = image_folder
-    tiny = ['--model-kwargs', 'num_classes=10', *TINY_CLI]
+    tiny = ['--model-kwargs', 'num_classes=10', *TINY_IMG32_CLI]
     out = tmp_path / 'new' / 'sw'    # its folder does not exist yet
-    result = run_cli('sweep', '--model', 'evit_deit_tiny', '--data-dir', str(root), '--keep-rates', '1,0.5',
-                     '--batch-size', '2', '--repeats', '1', '--num-classes', '10', '--out', str(out), *tiny)
-    assert result.returncode == 0, result.stderr
+    result = run_cli(capsys, ['sweep', '--model', 'evit_deit_tiny', '--data-dir', str(root), '--keep-rates', '1,0.5',
+                              '--batch-size', '2', '--repeats', '1', '--num-classes', '10', '--out', str(out), *tiny])
+    assert result.code == 0, result.err
     assert sorted(p.name for p in out.parent.iterdir()) == ['sw.csv', 'sw.json', 'sw.png']
     rows = json.loads((tmp_path / 'new' / 'sw.json').read_text())['rows']
     assert [r['num_images'] for r in rows] == [12, 12]
@@ -290,12 +282,12 @@ def test_sweep_with_num_classes_in_model_kwargs(tmp_path, image_folder):
         run_sweep('evit_deit_tiny', str(root), fuse_token=False, model_kwargs={'fuse_token': True})
 
 
-def test_commands_say_which_extra_is_missing(tmp_path, image_folder):
+def test_commands_say_which_extra_is_missing(tmp_path, image_folder, capsys, monkeypatch):
     root, checkpoint, _ = image_folder
     Image.new('RGB', (40, 40)).save(tmp_path / 'a.png')
-    block = "import sys; sys.modules['matplotlib'] = None; from timm_evit.tools.cli import main; sys.exit(main(sys.argv[1:]))"
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)      # import matplotlib now raises ImportError
     for args in (['visualize', str(tmp_path / 'a.png'), '--model', 'evit_deit_tiny', '--out', str(tmp_path)],
                  ['sweep', '--model', 'evit_deit_tiny', '--data-dir', str(root), '--out', str(tmp_path / 'sw')]):
-        result = subprocess.run([sys.executable, '-c', block, *args], capture_output=True, text=True, timeout=300)
-        assert result.returncode == 2 and "needs matplotlib: pip install 'timm-evit[plot]'" in result.stderr
+        result = run_cli(capsys, args)
+        assert result.code == 2 and "needs matplotlib: pip install 'timm-evit[plot]'" in result.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ['a.png']

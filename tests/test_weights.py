@@ -1,45 +1,23 @@
 """weights/: official checkpoints -> Hub folders -> loaded back three ways, offline; failures leave nothing."""
-import argparse
 import json
 import os
 import subprocess
 import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import timm
 import torch
 from safetensors.torch import load_file
 
-import timm_evit  # noqa: F401
-from test_lvvit import randomised as randomised_lvvit, save_official as save_official_lvvit
+import timm_evit.release
+from helpers import (
+    DEIT_ROW, lay_out_hf_cache, load_hub, official_evit_checkpoint, randomised_lvvit, save_official_lvvit, takes_files,
+)
 from timm_evit.checkpoints import read_checkpoint
 from timm_evit.evit_deit import EVIT_DEIT_SMALL_TAGS
 from timm_evit.release import HUB_NAMESPACE
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'weights'))
-import hub  # noqa: E402  (weights/hub.py)
-
-COMMIT = 'fedcba9876543210fedcba9876543210fedcba98'
-DEIT_ROW = 'evit_deit_small.keep60_drop_in1k'
-
-
-def official_evit_checkpoint(path, seed=0, drop=None, extra=None):
-    """What the official EViT main.py saves: {'model': DeiT-S state dict, ..., 'args': Namespace}."""
-    torch.manual_seed(seed)
-    sd = timm.create_model('deit_small_patch16_224').state_dict()
-    with torch.no_grad():
-        for v in sd.values():
-            v.add_(0.05 * torch.randn_like(v))
-    if drop:
-        sd.pop(drop)
-    if extra:
-        sd[extra] = torch.zeros(3)
-    torch.save({'model': sd, 'optimizer': {'state': {}}, 'epoch': 29,
-                'args': argparse.Namespace(base_keep_rate=0.6, fuse_token=False)}, path)
-    return sd
+hub = load_hub()
 
 
 @pytest.fixture(scope='module')
@@ -136,15 +114,6 @@ def test_every_row_is_checked_before_any_is_converted(tmp_path, monkeypatch, cap
     assert os.listdir(out) == []
 
 
-def _takes_files(folder):
-    try:
-        (folder / 'probe').write_text('')
-    except PermissionError:
-        return False
-    (folder / 'probe').unlink()
-    return True
-
-
 @pytest.mark.parametrize('where', ['under a file', 'read-only folder'])
 def test_an_unwritable_out_is_refused_before_converting(tmp_path, monkeypatch, capsys, where):
     sources = tmp_path / 'sources'
@@ -155,7 +124,7 @@ def test_an_unwritable_out_is_refused_before_converting(tmp_path, monkeypatch, c
     out = tmp_path / 'a_file' / 'hub' if where == 'under a file' else tmp_path / 'read_only'
     if where == 'read-only folder':
         out.mkdir(mode=0o555)
-        if _takes_files(out):
+        if takes_files(out):
             pytest.skip('a read-only folder is writable here (running as root): the "under a file" case still runs')
     monkeypatch.setattr(hub, 'convert', lambda *a: pytest.fail('converted although --out cannot be written'))
     assert hub.main(['--sources', str(sources), '--out', str(out), '--only', DEIT_ROW]) == 2
@@ -163,39 +132,23 @@ def test_an_unwritable_out_is_refused_before_converting(tmp_path, monkeypatch, c
     assert len(err) == 1 and err[0].startswith('weights/hub.py: --out') and str(out) in err[0], err
 
 
-def test_loaded_three_ways_offline_with_the_converted_logits(converted, tmp_path):
+def test_loaded_three_ways_offline_with_the_converted_logits(converted, offline_hub, monkeypatch):
     root, _, rows = converted
     folder = root / 'out' / DEIT_ROW
     x = torch.randn(2, 3, 224, 224)
-    torch.save(x, tmp_path / 'x.pt')
     reference = hub.convert(rows[DEIT_ROW], str(root / 'sources' / rows[DEIT_ROW].source_file))
     with torch.no_grad():
         expected = reference(x)
 
     # a Hugging Face cache holding the published repository, as hf_hub_download leaves it
-    cache = tmp_path / 'hub'
-    snapshot = cache / f'models--{HUB_NAMESPACE}--{DEIT_ROW}' / 'snapshots' / COMMIT
-    snapshot.mkdir(parents=True)
-    (cache / f'models--{HUB_NAMESPACE}--{DEIT_ROW}' / 'refs').mkdir()
-    (cache / f'models--{HUB_NAMESPACE}--{DEIT_ROW}' / 'refs' / 'main').write_text(COMMIT)
-    for name in os.listdir(folder):
-        (snapshot / name).write_bytes((folder / name).read_bytes())
-    code = f"""
-        import torch, timm, timm_evit.release
-        timm_evit.release.EVIT_RELEASE_PUBLISHED = True   # as once published: the cache above is that repository
-        x = torch.load({str(tmp_path / 'x.pt')!r})
-        for i, name in enumerate(['{DEIT_ROW}', 'hf-hub:{HUB_NAMESPACE}/{DEIT_ROW}']):
-            model = timm.create_model(name, pretrained=True).eval()
-            assert model.keep_rate == (0.6, 0.6, 0.6) and model.fuse_token is False, (name, model.keep_rate)
-            with torch.no_grad():
-                torch.save(model(x), {str(tmp_path)!r} + f'/logits{{i}}.pt')
-    """
-    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / 'home'))
-    result = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr
-    for i in range(2):
-        assert torch.equal(torch.load(tmp_path / f'logits{i}.pt'), expected)
+    lay_out_hf_cache(offline_hub, f'{HUB_NAMESPACE}/{DEIT_ROW}', {name: (folder / name).read_bytes()
+                                                                  for name in os.listdir(folder)})
+    monkeypatch.setattr(timm_evit.release, 'EVIT_RELEASE_PUBLISHED', True)   # as once published: the cache above
+    for name in [DEIT_ROW, f'hf-hub:{HUB_NAMESPACE}/{DEIT_ROW}']:
+        model = timm.create_model(name, pretrained=True).eval()
+        assert model.keep_rate == (0.6, 0.6, 0.6) and model.fuse_token is False, (name, model.keep_rate)
+        with torch.no_grad():
+            assert torch.equal(model(x), expected), name
     local = timm.create_model('evit_deit_small', keep_rate=0.6, fuse_token=False, pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(folder / 'model.safetensors'))).eval()
     with torch.no_grad():
@@ -207,6 +160,7 @@ def test_loaded_three_ways_offline_with_the_converted_logits(converted, tmp_path
     assert all(torch.equal(lvvit.state_dict()[k], v) for k, v in source.state_dict().items())
 
 
+# A fresh interpreter: the namespace is read when timm_evit is imported (the registered tags point there).
 def test_namespace_is_overridable(tmp_path):
     code = "import timm; print(timm.create_model('evit_deit_small.keep70_fuse_in1k').pretrained_cfg['hf_hub_id'])"
     result = subprocess.run([sys.executable, '-c', code], env=dict(os.environ, TIMM_EVIT_HUB_NAMESPACE='my-org'),
