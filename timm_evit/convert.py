@@ -35,8 +35,6 @@ def refusal(model: nn.Module) -> Optional[str]:
     if type(model) not in EVIT_CLASSES:
         supported = ', '.join(cls.__name__ for cls in EVIT_CLASSES)
         return f'{type(model).__name__} is not a supported timm class ({supported})'
-    if model.cls_token is None:
-        return 'it has no class token (EViT selects tokens by the class token\'s attention)'
     block_cls, evit_block_cls, attention_classes = _BLOCK_STEPS[type(model)]
     for i, blk in enumerate(model.blocks):
         if type(blk) not in (block_cls, evit_block_cls):
@@ -54,6 +52,7 @@ def apply(
         fuse_token: bool = EViTOptions.fuse_token,
         keep_rate_warmup_start: int = EViTOptions.keep_rate_warmup_start,
         keep_rate_warmup_steps: int = EViTOptions.keep_rate_warmup_steps,
+        score: Optional[str] = EViTOptions.score,
 ) -> nn.Module:
     """Convert a timm ViT in place to EViT and return it.
 
@@ -86,7 +85,8 @@ def apply(
         ValueError: naming what the model lacks (class token, timm's block / attention type) or its class.
     """
     options = EViTOptions(keep_rate=keep_rate, reorg_layers=reorg_layers, fuse_token=fuse_token,
-                          keep_rate_warmup_start=keep_rate_warmup_start, keep_rate_warmup_steps=keep_rate_warmup_steps)
+                          keep_rate_warmup_start=keep_rate_warmup_start, keep_rate_warmup_steps=keep_rate_warmup_steps,
+                          score=score)
     if isinstance(model, EViTMixin):   # already EViT: set the new arguments
         model._init_evit(options)
         return model

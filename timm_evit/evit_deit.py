@@ -14,7 +14,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from .checkpoints import ALLOWED_PICKLE_GLOBALS
 from .layers import EViTBlock
 from .mechanism import EViTMixin, default_reorg_layers
-from .options import EViTOptions, KeepRate, check_class_token
+from .options import EViTOptions, KeepRate, resolve_score
 from .release import HUB_NAMESPACE, release_weights_published
 
 __all__ = [
@@ -57,16 +57,17 @@ class VisionTransformerEViT(EViTMixin, VisionTransformer):
             fuse_token: bool = EViTOptions.fuse_token,
             keep_rate_warmup_start: int = EViTOptions.keep_rate_warmup_start,
             keep_rate_warmup_steps: int = EViTOptions.keep_rate_warmup_steps,
+            score: Optional[str] = EViTOptions.score,
             **kwargs,
     ) -> None:
-        check_class_token(kwargs.get('class_token', True))
         if 'block_fn' in kwargs:
             raise ValueError('block_fn is set by EViT (EViTBlock, timm\'s Block that can reorganise)')
         # checked before the (costly) construction, again in _init_evit
         options = EViTOptions(keep_rate=keep_rate, reorg_layers=reorg_layers, fuse_token=fuse_token,
                               keep_rate_warmup_start=keep_rate_warmup_start,
-                              keep_rate_warmup_steps=keep_rate_warmup_steps)
+                              keep_rate_warmup_steps=keep_rate_warmup_steps, score=score)
         options.checked(kwargs.get('depth', 12))
+        resolve_score(options.score, kwargs.get('class_token', True), kwargs.get('global_pool') == 'map')
         super().__init__(block_fn=EViTBlock, **kwargs)
         self._init_evit(options)
 

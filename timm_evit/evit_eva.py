@@ -11,7 +11,7 @@ from timm.models.eva import Eva
 
 from .layers import EViTEvaBlock
 from .mechanism import EViTMixin
-from .options import EViTOptions, KeepRate, check_class_token
+from .options import EViTOptions, KeepRate, resolve_score
 
 __all__ = ['EvaEViT']
 
@@ -36,15 +36,16 @@ class EvaEViT(EViTMixin, Eva):
             fuse_token: bool = EViTOptions.fuse_token,
             keep_rate_warmup_start: int = EViTOptions.keep_rate_warmup_start,
             keep_rate_warmup_steps: int = EViTOptions.keep_rate_warmup_steps,
+            score: Optional[str] = EViTOptions.score,
             **kwargs,
     ) -> None:
-        check_class_token(kwargs.get('class_token', True))
         if kwargs.get('use_post_norm', False):
             raise ValueError('use_post_norm=True is not supported: EViT serves pre-norm EvaBlocks')
         options = EViTOptions(keep_rate=keep_rate, reorg_layers=reorg_layers, fuse_token=fuse_token,
                               keep_rate_warmup_start=keep_rate_warmup_start,
-                              keep_rate_warmup_steps=keep_rate_warmup_steps)
+                              keep_rate_warmup_steps=keep_rate_warmup_steps, score=score)
         options.checked(kwargs.get('depth', 12))
+        resolve_score(options.score, kwargs.get('class_token', True), kwargs.get('global_pool') == 'map')
         super().__init__(**kwargs)
         for blk in self.blocks:
             blk.__class__ = EViTEvaBlock   # same module, EViT's step between attention and MLP

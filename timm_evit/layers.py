@@ -17,34 +17,45 @@ except ImportError:  # a timm without it has no Eva that uses it
     AttentionRope = None
 
 from . import opaque
-from .reorg import class_attention, head_averaged_class_row
+from .reorg import class_attention, head_averaged_class_row, mean_received_row, pool_attention
 
 __all__ = [
-    'EViTBlock', 'EViTEvaBlock', 'attention_with_class_attention', 'rope_attention_with_class_attention',
+    'EViTBlock', 'EViTEvaBlock', 'attention_with_class_attention', 'rope_attention_with_class_attention', 'PoolScore',
     'EVA_ATTENTION_CLASSES',
 ]
 
 
-def _attend_with_class_row(
+def _attend_with_score(
         attn: torch.nn.Module,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         gate: Optional[torch.Tensor],
         num_prefix_tokens: int,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+        score: str,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The end both timm attention modules share, from ``q, k, v`` ``[B, H, N, D]`` on: attention,
-    heads joined, scale norm, gate, projection; also the head-averaged class row ``[B, N - P]``.
+    heads joined, scale norm, gate, projection; also the block's ``score`` of the non-prefix tokens,
+    ``[B, N - P]`` (``'class'``: the head-averaged class row; ``'mean'``: the attention each token
+    receives; ``'pool'`` is not the attention's: None).
 
-    Fused / unfused as the module says: the unfused path reads the class row of the attention it
-    materialises anyway; the fused path computes only that row beside the SDPA kernel.
+    Fused / unfused as the module says: the unfused path reads the score from the attention it
+    materialises anyway; the fused path computes it beside the SDPA kernel (the class row alone,
+    or the received attention a chunk of queries at a time).
     """
+    cls_attn = None
     if attn.fused_attn:
-        cls_attn = class_attention(q, k, attn.scale, num_prefix_tokens)
+        if score == 'class':
+            cls_attn = class_attention(q, k, attn.scale, num_prefix_tokens)
+        elif score == 'mean':
+            cls_attn = opaque.mean_received_attention(q, k, attn.scale, num_prefix_tokens)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.)
     else:
         weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        cls_attn = head_averaged_class_row(weights, num_prefix_tokens)
+        if score == 'class':
+            cls_attn = head_averaged_class_row(weights, num_prefix_tokens)
+        elif score == 'mean':
+            cls_attn = mean_received_row(weights, num_prefix_tokens)
         x = attn.attn_drop(weights) @ v
 
     x = x.transpose(1, 2).flatten(2)   # heads joined; no size inferred: an empty batch works
@@ -58,9 +69,11 @@ def attention_with_class_attention(
         attn: Attention,
         x: torch.Tensor,
         num_prefix_tokens: int = 1,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """timm ``Attention`` forward that also returns the head-averaged class attention to the
-    ``N - P`` non-prefix tokens, ``[B, N - P]``.
+        score: str = 'class',
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """timm ``Attention`` forward that also returns the ``score`` of the ``N - P`` non-prefix
+    tokens, ``[B, N - P]``: the head-averaged class attention (``'class'``), the attention each
+    receives (``'mean'``), or None (``'pool'``, which the block computes from its tokens).
 
     Runs the module's own layers (qkv, q/k norms, scale norm, gate, proj, dropouts) in the order of
     timm's ``Attention.forward``, so its output is that forward's (a test compares them), on the
@@ -73,7 +86,29 @@ def attention_with_class_attention(
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
 
-    return _attend_with_class_row(attn, q, k, v, gate, num_prefix_tokens)
+    return _attend_with_score(attn, q, k, v, gate, num_prefix_tokens, score)
+
+
+class PoolScore:
+    """The ``'pool'`` score of a model with timm's ``AttentionPoolLatent`` head (SigLIP's ``map``):
+    the pool's own query (``latent`` through ``q`` and ``q_norm``) against a block's tokens, keyed as
+    the pool would key them after the model's final ``norm`` (``kv``'s key half, ``k_norm``).
+
+    Not a module: the blocks hold it beside their own modules, and it holds the model's ``norm``
+    and pool, so nothing is registered twice (the state dict stays timm's)."""
+
+    def __init__(self, pool: torch.nn.Module, norm: torch.nn.Module, num_prefix_tokens: int) -> None:
+        self.pool, self.norm, self.num_prefix_tokens = pool, norm, num_prefix_tokens
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        pool = self.pool
+        B, N, _ = x.shape
+        width = pool.num_heads * pool.head_dim
+        q = pool.q(pool.latent).reshape(1, pool.latent_len, pool.num_heads, pool.head_dim).transpose(1, 2)
+        kv_bias = None if pool.kv.bias is None else pool.kv.bias[:width]
+        k = F.linear(self.norm(x), pool.kv.weight[:width], kv_bias)    # the key half of the pool's kv only
+        k = k.reshape(B, N, pool.num_heads, pool.head_dim).transpose(1, 2)
+        return pool_attention(pool.q_norm(q), pool.k_norm(k), pool.scale, self.num_prefix_tokens)
 
 
 class _ReorganisingStep:
@@ -84,6 +119,8 @@ class _ReorganisingStep:
     keep_rate: float = 1.0
     fuse_token: bool = True
     num_prefix_tokens: int = 1
+    score: str = 'class'                    # what ranks the tokens (options.SCORES)
+    pool_score: Optional[PoolScore] = None  # for score 'pool'
 
     def _rate(self, keep_rate: Optional[float], attn_mask: Optional[torch.Tensor], is_causal: bool) -> float:
         rate = self.keep_rate if keep_rate is None else keep_rate
@@ -103,11 +140,13 @@ class _ReorganisingStep:
     def _reorganise(
             self,
             x: torch.Tensor,
-            cls_attn: torch.Tensor,
+            score: Optional[torch.Tensor],
             rate: float,
             kept_indices: Optional[List[torch.Tensor]],
     ) -> torch.Tensor:
-        x, kept_idx = opaque.reorganize_at_rate(x, cls_attn, rate, self.fuse_token, self.num_prefix_tokens)
+        if score is None:   # 'pool': from the tokens after the attention residual
+            score = self.pool_score(x)
+        x, kept_idx = opaque.reorganize_at_rate(x, score, rate, self.fuse_token, self.num_prefix_tokens)
         if kept_indices is not None:
             kept_indices.append(kept_idx)
         return x
@@ -138,9 +177,9 @@ class EViTBlock(_ReorganisingStep, Block):
         if rate >= 1.0:
             return self._kept_all(super().forward(x, attn_mask=attn_mask, is_causal=is_causal), kept_indices)
         # Block.forward with the reorganisation between its two residual branches
-        attn_out, cls_attn = attention_with_class_attention(self.attn, self.norm1(x), self.num_prefix_tokens)
+        attn_out, score = attention_with_class_attention(self.attn, self.norm1(x), self.num_prefix_tokens, self.score)
         x = x + self.drop_path1(self.ls1(attn_out))
-        x = self._reorganise(x, cls_attn, rate, kept_indices)
+        x = self._reorganise(x, score, rate, kept_indices)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -177,9 +216,10 @@ def rope_attention_with_class_attention(
         x: torch.Tensor,
         rope: Optional[torch.Tensor],
         num_prefix_tokens: int = 1,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """timm ``EvaAttention`` / ``AttentionRope`` forward that also returns the head-averaged class
-    attention to the ``N - P`` non-prefix tokens, ``[B, N - P]``.
+        score: str = 'class',
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """timm ``EvaAttention`` / ``AttentionRope`` forward that also returns the ``score`` of the
+    ``N - P`` non-prefix tokens, ``[B, N - P]`` (as ``attention_with_class_attention``).
 
     Runs the module's own layers in the order of its forward (projections, q/k norms, rotary
     embedding of the non-prefix queries and keys with timm's ``apply_rot_embed_cat``, grouped k/v
@@ -201,7 +241,7 @@ def rope_attention_with_class_attention(
         k = k.repeat_interleave(num_kv_groups, dim=1)
         v = v.repeat_interleave(num_kv_groups, dim=1)
 
-    return _attend_with_class_row(attn, q, k, v, gate, num_prefix_tokens)
+    return _attend_with_score(attn, q, k, v, gate, num_prefix_tokens, score)
 
 
 class EViTEvaBlock(_ReorganisingStep, EvaBlock):
@@ -229,11 +269,12 @@ class EViTEvaBlock(_ReorganisingStep, EvaBlock):
             x = super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
             return self._kept_all(x, kept_indices)
         # EvaBlock.forward with the reorganisation between its two residual branches
-        attn_out, cls_attn = rope_attention_with_class_attention(self.attn, self.norm1(x), rope, self.num_prefix_tokens)
+        attn_out, score = rope_attention_with_class_attention(
+            self.attn, self.norm1(x), rope, self.num_prefix_tokens, self.score)
         if self.gamma_1 is not None:
             attn_out = self.gamma_1 * attn_out
         x = x + self.drop_path1(attn_out)
-        x = self._reorganise(x, cls_attn, rate, kept_indices)
+        x = self._reorganise(x, score, rate, kept_indices)
         mlp_out = self.mlp(self.norm2(x))
         if self.gamma_2 is not None:
             mlp_out = self.gamma_2 * mlp_out

@@ -13,11 +13,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from timm.layers import AttentionPoolLatent
 from timm.models import checkpoint
 from timm.models._features import feature_take_indices
 
 from . import opaque
-from .options import EViTOptions, KeepRate, check_fuse_token, check_keep_rate, default_reorg_layers
+from .layers import PoolScore
+from .options import EViTOptions, KeepRate, check_fuse_token, check_keep_rate, default_reorg_layers, resolve_score
 from .reorg import tokens_to_patch_grid
 from .schedule import KeepRateWarmup
 from .tracing import TokenTrace
@@ -42,8 +44,14 @@ class EViTMixin(KeepRateWarmup):
             blk.keep_rate = 1.0
         self.reorg_layers = options.reorg_layers
         self.fuse_token = options.fuse_token
+        self.score = options.score
         self.set_keep_rate(options.keep_rate)
-        self._init_warmup(options.keep_rate_warmup_start, options.keep_rate_warmup_steps, self.cls_token.device)
+        self._init_warmup(options.keep_rate_warmup_start, options.keep_rate_warmup_steps, self._place()['device'])
+
+    def _place(self) -> Dict[str, Any]:
+        """The device and dtype of the model's weights (a class token is not always there)."""
+        weight = next(self.parameters())
+        return dict(device=weight.device, dtype=weight.dtype)
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this first: say what to use instead of failing deep in its compiler.
@@ -62,6 +70,28 @@ class EViTMixin(KeepRateWarmup):
         self.set_keep_rate(keep_rate)
 
     @property
+    def score(self) -> str:
+        """What ranks the tokens: ``'class'``, ``'mean'`` or ``'pool'`` (docs/design.md, "What ranks
+        the tokens"). Settable; None sets the default (``'class'`` with a class token, else ``'mean'``)."""
+        return self._score
+
+    @score.setter
+    def score(self, score: Optional[str]) -> None:
+        pool = self._pool_for_score()
+        self._score = resolve_score(score, self.cls_token is not None, pool is not None)
+        pool_score = PoolScore(pool, self.norm, self.num_prefix_tokens) if self._score == 'pool' else None
+        for blk in self.blocks:
+            blk.score, blk.pool_score = self._score, pool_score
+
+    def _pool_for_score(self) -> Optional[nn.Module]:
+        # timm's attention pool, where the 'pool' score can use it (a pool with its own position
+        # embedding is laid out for the tokens entering the blocks, not for the reorganised ones)
+        pool = getattr(self, 'attn_pool', None)
+        if isinstance(pool, AttentionPoolLatent) and pool.pos_embed is None:
+            return pool
+        return None
+
+    @property
     def fuse_token(self) -> bool:
         return self._fuse_token
 
@@ -78,12 +108,15 @@ class EViTMixin(KeepRateWarmup):
             self.blocks[layer].keep_rate = rate
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if self.score == 'pool' and global_pool is not None and global_pool != 'map':
+            raise ValueError(f"global_pool={global_pool!r} removes the attention pool that score='pool' ranks tokens "
+                             "with: set model.score = 'mean' first")
         super().reset_classifier(num_classes, global_pool)
         # timm before 1.0.31 builds the new heads on the default device and dtype: put them beside the weights
         for name in ('head', 'head_dist'):
             head = getattr(self, name, None)
             if isinstance(head, nn.Module):
-                head.to(device=self.cls_token.device, dtype=self.cls_token.dtype)
+                head.to(**self._place())
 
     def prune_intermediate_layers(
             self,

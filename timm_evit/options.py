@@ -10,10 +10,14 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 __all__ = [
     'KeepRate', 'EViTOptions', 'EVIT_ARGS', 'TRAINING_ARGS', 'pop_evit_args', 'default_reorg_layers',
-    'check_keep_rate', 'check_reorg_layers', 'check_fuse_token', 'check_class_token',
+    'check_keep_rate', 'check_reorg_layers', 'check_fuse_token', 'SCORES', 'check_score', 'resolve_score',
 ]
 
 KeepRate = Union[float, Sequence[float]]
+
+# What ranks the tokens (docs/design.md, "What ranks the tokens"): the class token's attention row,
+# the attention each token receives from every query, or the model's own attention-pool query.
+SCORES = ('class', 'mean', 'pool')
 
 
 def default_reorg_layers(depth: int) -> Tuple[int, ...]:
@@ -30,6 +34,7 @@ class EViTOptions:
     keep_rate: KeepRate = 0.7                       # one float in (0, 1] or one per reorganising block
     reorg_layers: Optional[Sequence[int]] = None    # None: default_reorg_layers(depth)
     fuse_token: bool = True                         # fuse the inattentive tokens (True) or drop them
+    score: Optional[str] = None                     # one of SCORES; None: 'class' with a class token, else 'mean'
     keep_rate_warmup_start: int = dataclasses.field(default=0, metadata={'training': True})
     keep_rate_warmup_steps: int = dataclasses.field(default=0, metadata={'training': True})
 
@@ -43,8 +48,9 @@ class EViTOptions:
                 raise ValueError(f'{name} must be an integer >= 0 (optimizer steps), got {value!r}')
         layers = default_reorg_layers(depth) if self.reorg_layers is None else check_reorg_layers(self.reorg_layers, depth)
         fuse_token = check_fuse_token(self.fuse_token)
+        score = None if self.score is None else check_score(self.score)
         return dataclasses.replace(self, keep_rate=check_keep_rate(self.keep_rate, len(layers)),
-                                   reorg_layers=layers, fuse_token=fuse_token)
+                                   reorg_layers=layers, fuse_token=fuse_token, score=score)
 
 
 # The EViT arguments by name, in declaration order; those that act only in training.
@@ -57,10 +63,26 @@ def pop_evit_args(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     return {name: kwargs.pop(name) for name in EVIT_ARGS if name in kwargs}
 
 
-def check_class_token(class_token: bool) -> None:
-    """EViT's selection reads the class token's attention: a model without one is refused."""
-    if not class_token:
-        raise ValueError('EViT needs a class token (class_token=True): selection reads its attention')
+def check_score(score) -> str:
+    if not isinstance(score, str) or score not in SCORES:
+        raise ValueError(f"score must be one of {', '.join(map(repr, SCORES))}, got {score!r}")
+    return score
+
+
+def resolve_score(score: Optional[str], has_class_token: bool, has_attention_pool: bool) -> str:
+    """The score a model uses: ``score`` checked against what the model has (``None``: the default,
+    ``'class'`` where a class token exists, else ``'mean'``). A score it cannot serve is refused
+    naming what the model lacks."""
+    if score is None:
+        return 'class' if has_class_token else 'mean'
+    score = check_score(score)
+    if score == 'class' and not has_class_token:
+        raise ValueError("score='class' needs a class token, and this model has none (class_token=False): "
+                         "use score='mean'" + (" or score='pool'" if has_attention_pool else ''))
+    if score == 'pool' and not has_attention_pool:
+        raise ValueError("score='pool' needs timm's attention-pool head (AttentionPoolLatent, global_pool='map'), "
+                         "and this model has none: use score='mean'" + (" or score='class'" if has_class_token else ''))
+    return score
 
 
 def _check_one_rate(value, name: str) -> float:

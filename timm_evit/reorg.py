@@ -17,7 +17,8 @@ from typing import Tuple
 import torch
 
 __all__ = [
-    'num_kept_tokens', 'head_averaged_class_row', 'class_attention', 'reorganize_tokens', 'reorganize_at_rate',
+    'num_kept_tokens', 'head_averaged_class_row', 'class_attention', 'mean_received_row', 'mean_received_attention',
+    'pool_attention', 'reorganize_tokens', 'reorganize_at_rate',
     'trace_token_patch_ids', 'trace_patch_token_index', 'tokens_to_patch_grid', 'rotary_rows_for_tokens',
 ]
 
@@ -52,6 +53,41 @@ def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix_t
     return head_averaged_class_row(logits.softmax(dim=-1), num_prefix_tokens)
 
 
+def mean_received_row(attn: torch.Tensor, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """The ``'mean'`` score from softmax rows ``[B, H, N, N]``: the attention each non-prefix token
+    receives, averaged over heads and over every query present, ``[B, N - P]`` (not renormalised)."""
+    return attn.mean(dim=(1, 2))[:, num_prefix_tokens:]
+
+
+def mean_received_attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        scale: float,
+        num_prefix_tokens: int = 1,
+        max_chunk_elements: int = 1 << 22,
+) -> torch.Tensor:
+    """``mean_received_row`` from ``q, k`` ``[B, H, N, D]``, for use beside a fused attention kernel:
+    the softmax rows are made a chunk of queries at a time (at most ``max_chunk_elements``
+    probabilities each, 16 MB in float32), summed over heads and queries, and dropped, so no
+    ``[B, H, N, N]`` buffer exists where ``N`` is large. Its matmuls are ``q k^T`` once more."""
+    B, H, N, _ = q.shape
+    rows = max(1, max_chunk_elements // max(1, B * H * N))
+    k_t = k.transpose(-2, -1)
+    received = q.new_zeros(B, N)
+    for start in range(0, N, rows):
+        probs = ((q[:, :, start:start + rows] * scale) @ k_t).softmax(dim=-1)
+        received = received + probs.sum(dim=(1, 2))
+    return received[:, num_prefix_tokens:] / (H * N)
+
+
+def pool_attention(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """The ``'pool'`` score: an attention pool's latent queries ``q`` ``[B or 1, H, L, D]`` against
+    the tokens' keys ``k`` ``[B, H, N, D]``, softmax over all ``N`` tokens, averaged over heads and
+    latents, at the non-prefix columns: ``[B, N - P]``."""
+    probs = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    return probs.mean(dim=(1, 2))[:, num_prefix_tokens:]
+
+
 def reorganize_tokens(
         x: torch.Tensor,
         cls_attn: torch.Tensor,
@@ -63,7 +99,8 @@ def reorganize_tokens(
 
     Args:
         x: tokens ``[B, P + n, C]``, the ``P`` prefix tokens (class token first) before the others.
-        cls_attn: head-averaged class attention to the ``n`` others ``[B, n]`` (``class_attention``).
+        cls_attn: the score of the ``n`` others ``[B, n]``: the head-averaged class attention
+            (``class_attention``), or another score (``mean_received_attention``, ``pool_attention``).
         num_keep: tokens to keep, ``1 <= num_keep <= n``.
         fuse_token: append ``sum_j a_j * x_j`` over the dropped tokens ``j`` (raw weights).
         num_prefix_tokens: ``P``; they stay first, in their order.

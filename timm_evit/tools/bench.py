@@ -101,6 +101,12 @@ def count_gmacs(model: torch.nn.Module, x: torch.Tensor, **forward_kwargs) -> fl
     CPU fused kernel); the model's attention setting is restored afterwards."""
     fused = {m: m.fused_attn for m in model.modules() if hasattr(m, 'fused_attn')}
     set_fused_attn(model, False)
+    # The counter's module tracker hooks every module input that requires grad; a view of a
+    # parameter made without grad (timm's attention pool expands its latent query) cannot be
+    # hooked, so the weights are counted with requires_grad off.
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    for p in requires_grad:
+        p.requires_grad_(False)
     counter = FlopCounterMode(display=False)
     try:
         with torch.inference_mode(), counter:
@@ -108,6 +114,8 @@ def count_gmacs(model: torch.nn.Module, x: torch.Tensor, **forward_kwargs) -> fl
     finally:
         for module, value in fused.items():
             module.fused_attn = value
+        for p, value in requires_grad.items():
+            p.requires_grad_(value)
     return counter.get_total_flops() / 2 / x.shape[0] / 1e9
 
 
