@@ -107,16 +107,50 @@ def reference_tokens(sd, patch_tokens, num_heads, keep_rates, fuse_token, eps=1e
     return _ln(x, sd, 'norm', eps), block_tokens, events, is_fused
 
 
-def _attention_by_hand(blk, x, num_prefix_tokens, key_bias=None):
+def score_from_probabilities(score, head_probs, num_prefix_tokens, queries=None):
+    """A block's score of its non-prefix tokens (floats) from its softmax rows, one [N, N] per head
+    (docs/design.md, "What ranks the tokens"): ``'class'`` the class row, ``'mean'`` the attention
+    each token receives from the ``queries`` present (row indices; None: every row), both averaged
+    over heads; ``'pool'`` is not read from the block's attention (None)."""
+    if score == 'pool':
+        return None
+    rows = [0] if score == 'class' else range(head_probs[0].shape[0]) if queries is None else queries
+    a = []
+    for j in range(num_prefix_tokens, head_probs[0].shape[1]):
+        received = sum(float(probs[i, j]) for probs in head_probs for i in rows)
+        a.append(received / (len(head_probs) * len(rows)))
+    return a
+
+
+def pool_score_by_hand(model, x, num_prefix_tokens, key_bias=None):
+    """The ``'pool'`` score of one image's tokens ``x`` [N, C] (floats): the model's attention pool,
+    its own modules, head by head: its latent queries against ``norm(x)`` keyed by its ``kv``,
+    softmax over the tokens (``key_bias`` [N] added: -inf masks a token out), averaged over heads
+    and latents."""
+    pool = model.attn_pool
+    width = pool.num_heads * pool.head_dim
+    q = pool.q(pool.latent[0])                                   # [latents, width]
+    k = pool.kv(model.norm(x[None])[0])[:, :width]               # the keys: first half of kv
+    rows = []
+    for hd in range(pool.num_heads):
+        s = slice(hd * pool.head_dim, (hd + 1) * pool.head_dim)
+        logits = pool.q_norm(q[:, s]) @ pool.k_norm(k[:, s]).T * pool.scale
+        if key_bias is not None:
+            logits = logits + key_bias
+        rows.extend(torch.softmax(logits, dim=-1))
+    return [sum(float(row[j]) for row in rows) / len(rows) for j in range(num_prefix_tokens, x.shape[0])]
+
+
+def _attention_by_hand(blk, x, num_prefix_tokens, key_bias=None, score='class', queries=None):
     """A timm Block's attention for one image ``x`` [N, C], materialised head by head with its own
-    layers (qkv, q/k norms, scale norm, gate, proj): the output [N, C] and the class token's
-    head-averaged attention to the non-prefix tokens (a list of floats). ``key_bias`` [N] is added
-    to every row's logits (-inf: a key masked out)."""
+    layers (qkv, q/k norms, scale norm, gate, proj): the output [N, C] and the block's ``score`` of
+    the non-prefix tokens (``score_from_probabilities``; a list of floats, None for ``'pool'``).
+    ``key_bias`` [N] is added to every row's logits (-inf: a key masked out)."""
     attn = blk.attn
     h = blk.norm1(x[None])[0]
     q, k, v = attn.qkv(h).chunk(3, dim=-1)
     head_dim = q.shape[-1] // attn.num_heads
-    outs, cls_rows = [], []
+    outs, head_probs = [], []
     for hd in range(attn.num_heads):
         s = slice(hd * head_dim, (hd + 1) * head_dim)
         logits = attn.q_norm(q[:, s]) @ attn.k_norm(k[:, s]).T * attn.scale
@@ -124,27 +158,27 @@ def _attention_by_hand(blk, x, num_prefix_tokens, key_bias=None):
             logits = logits + key_bias
         probs = torch.softmax(logits, dim=-1)
         outs.append(probs @ v[:, s])
-        cls_rows.append(probs[0, num_prefix_tokens:])
+        head_probs.append(probs)
     out = attn.norm(torch.cat(outs, dim=-1))
     if getattr(attn, 'gate', None) is not None:
         out = out * attn.gate(h).sigmoid()
-    a = [sum(float(row[j]) for row in cls_rows) / attn.num_heads for j in range(x.shape[0] - num_prefix_tokens)]
-    return attn.proj(out), a
+    return attn.proj(out), score_from_probabilities(score, head_probs, num_prefix_tokens, queries)
 
 
-def reference_timm_vit(model, image, keep_rates, fuse_token, choose=most_attentive_first):
+def reference_timm_vit(model, image, keep_rates, fuse_token, choose=most_attentive_first, score='class'):
     """EViT on a timm ViT of ``Block`` blocks, one image [3, H, W]: the model's own embedding and
     per-token layers (norms, MLP, LayerScale, head), attention materialised head by head, selection
-    and fusion in Python loops. Returns the logits and, per block, the tokens after it [N_i, C]
-    (prefix tokens first). ``keep_rates`` maps block index -> keep rate."""
+    by ``score`` and fusion in Python loops. Returns the logits and, per block, the tokens after it
+    [N_i, C] (prefix tokens first). ``keep_rates`` maps block index -> keep rate."""
     P = model.num_prefix_tokens
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(image[None]))))[0]
     block_tokens = []
     for i, blk in enumerate(model.blocks):
-        attn_out, a = _attention_by_hand(blk, x, P)
+        attn_out, a = _attention_by_hand(blk, x, P, score=score)
         x = x + blk.ls1(attn_out)
         n = x.shape[0] - P
         if i in keep_rates and math.ceil(keep_rates[i] * n) < n:
+            a = pool_score_by_hand(model, x, P) if score == 'pool' else a
             kept = choose(i, a, math.ceil(keep_rates[i] * n))
             tokens = [x[j] for j in range(P)] + [x[P + j] for j in kept]
             if fuse_token:
@@ -158,13 +192,15 @@ def reference_timm_vit(model, image, keep_rates, fuse_token, choose=most_attenti
     return model.forward_head(model.norm(x[None]))[0], block_tokens
 
 
-def masked_reference_timm_vit(plain, image, keep_rates, choose=most_attentive_first):
+def masked_reference_timm_vit(plain, image, keep_rates, choose=most_attentive_first, score='class'):
     """EViT without fusion as masking (docs/design.md, "EViT on any timm ViT"): the *unconverted*
     timm model ``plain`` (a VisionTransformer or an Eva), its own block forward, where a dropped
     token is masked out of all later attention instead (an MLP works per token); an Eva's blocks
-    get timm's rotary embedding of all the tokens, as in timm. Pooling and head see the tokens
-    still alive, in EViT's order. Returns the logits and, per block, the indices of the tokens alive
-    after it (into the sequence entering the first block) in the order EViT would hold them."""
+    get timm's rotary embedding of all the tokens, as in timm. The ``score`` is read from the
+    attention under the mask so far, over the queries still alive (``'pool'``: the model's pool
+    with the dropped keys masked). Pooling leaves the dropped tokens out (``_masked_head``).
+    Returns the logits and, per block, the indices of the tokens alive after it (into the
+    sequence entering the first block) in the order EViT would hold them."""
     P = plain.num_prefix_tokens
     rope = None
     if hasattr(plain, 'rope'):                                  # timm's Eva
@@ -183,11 +219,17 @@ def masked_reference_timm_vit(plain, image, keep_rates, choose=most_attentive_fi
         mask = bias.view(1, 1, 1, -1).expand(1, 1, x.shape[1], -1)
         n = len(alive)
         if i in keep_rates and math.ceil(keep_rates[i] * n) < n:
-            # the selection reads this block's attention under the mask so far
+            # the selection reads this block's attention under the mask so far, from the live queries
+            queries = list(range(P)) + [P + j for j in alive]
             if rope is None:
-                _, a_all = _attention_by_hand(blk, x[0], P, key_bias=bias)
+                attn_out, a_all = _attention_by_hand(blk, x[0], P, bias, score, queries)
+                residual = blk.ls1(attn_out)
             else:
-                _, a_all = _eva_attention_by_hand(blk, x[0], P, [rows[:, j] for j in range(rows.shape[1])], key_bias=bias)
+                attn_out, a_all = _eva_attention_by_hand(
+                    blk, x[0], P, [rows[:, j] for j in range(rows.shape[1])], bias, score, queries)
+                residual = _scaled(blk.gamma_1, attn_out)
+            if score == 'pool':
+                a_all = pool_score_by_hand(plain, x[0] + residual, P, key_bias=bias)
             a = [a_all[j] for j in alive]
             kept = choose(i, a, math.ceil(keep_rates[i] * n))
             # this block's attention still sees every token alive before it; later blocks do not
@@ -199,8 +241,23 @@ def masked_reference_timm_vit(plain, image, keep_rates, choose=most_attentive_fi
         else:
             x = blk(x, attn_mask=mask, **rope_kwargs)
         alive_after.append(list(alive))
-    x = x[:, list(range(P)) + [P + j for j in alive]]         # what EViT holds at the end
-    return plain.forward_head(plain.norm(x))[0], alive_after
+    return _masked_head(plain, plain.norm(x), bias), alive_after
+
+
+def _masked_head(plain, x, bias):
+    """timm's ``forward_head`` of one image's final tokens ``x`` [1, N, C] with the tokens whose
+    ``bias`` is -inf left out of the pooling: ``map`` masks them out of the pool's keys, ``avg``
+    averages the others; ``token`` pooling reads prefix tokens only, which are never dropped."""
+    P = plain.num_prefix_tokens
+    if getattr(plain, 'attn_pool', None) is not None:
+        pooled = plain.attn_pool(x, attn_mask=bias.view(1, 1, 1, -1))
+    elif plain.global_pool == 'avg':
+        alive = torch.isfinite(bias[P:]).to(x.dtype)
+        pooled = (x[:, P:] * alive[None, :, None]).sum(dim=1) / alive.sum()
+    else:
+        assert plain.global_pool == 'token', plain.global_pool
+        return plain.forward_head(x)[0]
+    return plain.head(plain.head_drop(plain.fc_norm(pooled)))[0]
 
 
 def kept_indices_by_block(model, images):
@@ -246,17 +303,17 @@ def _eva_qkv_by_hand(attn, h):
     return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
 
 
-def _eva_attention_by_hand(blk, x, num_prefix_tokens, token_rope, key_bias=None):
+def _eva_attention_by_hand(blk, x, num_prefix_tokens, token_rope, key_bias=None, score='class', queries=None):
     """An EvaBlock's attention for one image ``x`` [N, C], materialised head by head, RoPE applied
     token by token: ``token_rope[t]`` is the rotary row [H or 1, 2D] of non-prefix token ``t``
-    (None: no rotation, as a prefix or fused token). Returns the output [N, C] and the class
-    token's head-averaged attention to the non-prefix tokens (floats)."""
+    (None: no rotation, as a prefix or fused token). Returns the output [N, C] and the block's
+    ``score`` of the non-prefix tokens (``score_from_probabilities``)."""
     attn, P = blk.attn, num_prefix_tokens
     h = blk.norm1(x[None])[0]
     q, k, v = _eva_qkv_by_hand(attn, h)
     D = attn.head_dim
     half = getattr(attn, 'rotate_half', False)
-    outs, cls_rows = [], []
+    outs, head_probs = [], []
     for hd in range(attn.num_heads):
         s = slice(hd * D, (hd + 1) * D)
         qh, kh = attn.q_norm(q[:, s]), attn.k_norm(k[:, s])
@@ -272,12 +329,11 @@ def _eva_attention_by_hand(blk, x, num_prefix_tokens, token_rope, key_bias=None)
             logits = logits + key_bias
         probs = torch.softmax(logits, dim=-1)
         outs.append(probs @ v[:, s])
-        cls_rows.append(probs[0, P:])
+        head_probs.append(probs)
     out = attn.norm(torch.cat(outs, dim=-1))
     if getattr(attn, 'gate', None) is not None:
         out = out * attn.gate(h).sigmoid()
-    a = [sum(float(row[j]) for row in cls_rows) / attn.num_heads for j in range(x.shape[0] - P)]
-    return attn.proj(out), a
+    return attn.proj(out), score_from_probabilities(score, head_probs, P, queries)
 
 
 def _eva_embedded(model, image, embedded):
@@ -295,7 +351,7 @@ def _scaled(gamma, y):
     return y if gamma is None else gamma * y
 
 
-def reference_eva(model, image, keep_rates, fuse_token, choose=most_attentive_first, embedded=None):
+def reference_eva(model, image, keep_rates, fuse_token, choose=most_attentive_first, embedded=None, score='class'):
     """EViT on a timm Eva of EvaBlocks, one image [3, H, W] (or ``embedded``: its tokens [N, C] and
     rotary embedding as the model's ``_pos_embed`` gives them for this image): the model's own
     embedding and per-token layers, attention materialised head by head with RoPE applied token by
@@ -308,10 +364,11 @@ def reference_eva(model, image, keep_rates, fuse_token, choose=most_attentive_fi
     for i, blk in enumerate(model.blocks):
         rows = None if rope is None else rope[i if rope.shape[0] > 1 else 0]
         token_rope = [None if rows is None or j is None else rows[:, j] for j in patch_of]
-        attn_out, a = _eva_attention_by_hand(blk, x, P, token_rope)
+        attn_out, a = _eva_attention_by_hand(blk, x, P, token_rope, score=score)
         x = x + _scaled(blk.gamma_1, attn_out)
         n = x.shape[0] - P
         if i in keep_rates and math.ceil(keep_rates[i] * n) < n:
+            a = pool_score_by_hand(model, x, P) if score == 'pool' else a
             kept = choose(i, a, math.ceil(keep_rates[i] * n))
             tokens = [x[j] for j in range(P)] + [x[P + j] for j in kept]
             new_patch_of = [patch_of[j] for j in kept]

@@ -15,7 +15,7 @@ from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ._io import pyplot
 from ..checkpoints import require_finite_forward, weights_source
@@ -95,19 +95,29 @@ def set_fused_attn(model: torch.nn.Module, fused: bool) -> None:
             module.fused_attn = fused
 
 
-def count_gmacs(model: torch.nn.Module, x: torch.Tensor, **forward_kwargs) -> float:
+def _cpu_fused_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    # torch's own formula for its fused attention kernels (two matmuls), which it does not register
+    # for the CPU kernel
+    return sdpa_flop_count(query, key, value)
+
+
+def count_gmacs(model: torch.nn.Module, x: torch.Tensor, fused_attn: Optional[bool] = None,
+                **forward_kwargs) -> float:
     """Multiply-accumulates per image of ``model(x, **forward_kwargs)`` in GMACs, counted by
-    torch.utils.flop_counter on timm's math attention path (the counter has no formula for the
-    CPU fused kernel); the model's attention setting is restored afterwards."""
+    torch.utils.flop_counter on the attention path ``fused_attn`` (None: the model's own setting),
+    so that what a score computes beside the fused kernel counts where it runs. The model's
+    attention setting is restored afterwards."""
     fused = {m: m.fused_attn for m in model.modules() if hasattr(m, 'fused_attn')}
-    set_fused_attn(model, False)
+    if fused_attn is not None:
+        set_fused_attn(model, fused_attn)
     # The counter's module tracker hooks every module input that requires grad; a view of a
     # parameter made without grad (timm's attention pool expands its latent query) cannot be
     # hooked, so the weights are counted with requires_grad off.
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     for p in requires_grad:
         p.requires_grad_(False)
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_fused_attention_flops})
     try:
         with torch.inference_mode(), counter:
             model(x, **forward_kwargs)
@@ -256,8 +266,8 @@ def run_bench(
     x1 = torch.randn(1, *input_size)
     for r in keep_rates:   # before the long run: a model computing NaN is not benchmarked as if it worked
         require_finite_forward(evit, x1, f'{weights_source(model_name, pretrained)} at keep_rate {r:g}', keep_rate=r)
-    plain_gmacs = count_gmacs(plain, x1)
-    gmacs = {r: count_gmacs(evit, x1, keep_rate=r) for r in keep_rates}
+    plain_gmacs = {impl: count_gmacs(plain, x1, impl == 'fused') for impl in attn}
+    gmacs = {impl: {r: count_gmacs(evit, x1, impl == 'fused', keep_rate=r) for r in keep_rates} for impl in attn}
     tokens = {r: tokens_per_stage(evit, x1, r) for r in keep_rates}
 
     with out_of_memory_as_error(batch_size, dev):
@@ -292,15 +302,15 @@ def run_bench(
             def row(name, rate, fuse, row_tokens, row_gmacs, key):
                 ips = batch_size / seconds[batch_size][key]
                 plain_ips = batch_size / seconds[batch_size]['plain']
-                mac_ratio = plain_gmacs / row_gmacs
+                mac_ratio = plain_gmacs[impl] / row_gmacs
                 lat = seconds[1][key] * 1e3 if latency else None
                 lat_speedup = seconds[1]['plain'] * 1e3 / lat if latency else None
                 return BenchRow(name, rate, fuse, impl, dtype, compile, str(dev), batch_size, row_tokens, row_gmacs,
                                 mac_ratio, ips, ips / plain_ips, ips / plain_ips / mac_ratio, lat, lat_speedup, runtime)
 
             rows.append(row(plain_name, None, None, [input_tokens(plain, x1)],
-                            plain_gmacs, 'plain'))
-            rows.extend(row(evit_label(model_name), r, fuse_token, tokens[r], gmacs[r], r) for r in keep_rates)
+                            plain_gmacs[impl], 'plain'))
+            rows.extend(row(evit_label(model_name), r, fuse_token, tokens[r], gmacs[impl][r], r) for r in keep_rates)
     return rows
 
 
