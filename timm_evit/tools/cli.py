@@ -137,7 +137,7 @@ def export_main(args: argparse.Namespace) -> int:
         return _user_error('export', e)
     rates = sorted(set(model.keep_rate), key=model.keep_rate.index)
     settings = (f'keep_rate {", ".join(f"{r:g}" for r in rates)} in blocks {model.reorg_layers}, '
-                f'{"fusion" if model.fuse_token else "no fusion"}')
+                f'{"fusion" if model.fuse_token else "no fusion"}, score {model.score!r}')
     print(f'wrote {out}: {args.model}, {settings} (fixed in the graph); input [batch, {model.in_chans}, '
           f'{", ".join(map(str, model.patch_embed.img_size))}], batch axis dynamic')
     return 0
