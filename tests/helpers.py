@@ -116,6 +116,13 @@ FAMILIES = {
     'dinov3': _eva('vit_small_patch16_dinov3', prefix_tokens=5),  # RoPE 'dinov3' (half), 4 registers, LayerScale
     'pe': _eva('vit_pe_core_tiny_patch16_384', attn_pool_num_heads=4),   # AttentionRope, norm_pre, 'map' pool
     'rope_mixed': _eva('vit_small_patch16_rope_mixed_224'),      # AttentionRope, rows per block and head
+    # without a class token: ranked by their default score, 'mean' (docs/design.md, "What ranks the tokens")
+    'siglip': _vit('vit_base_patch16_siglip_224', 96, prefix_tokens=0),          # 'map' head, no prefix token
+    'reg_gap': _vit('vit_medium_patch16_reg4_gap_256', 96, prefix_tokens=4),     # 4 registers, 'avg' head
+    'eva02_gap': _eva('eva02_small_patch14_224', prefix_tokens=0, class_token=False, global_pool='avg'),
+    'dinov3_gap': _eva('vit_small_patch16_dinov3', prefix_tokens=4, class_token=False, global_pool='avg'),
+    'pe_map': _eva('vit_pe_core_tiny_patch16_384', prefix_tokens=0, class_token=False, global_pool='map',
+                   attn_pool_num_heads=4),                       # AttentionRope, 'map' head, no prefix token
 }
 VIT_FAMILIES = [f for f, family in FAMILIES.items() if family.reference is reference_timm_vit]
 EVA_FAMILIES = [f for f, family in FAMILIES.items() if family.reference is reference_eva]
@@ -186,7 +193,8 @@ def check_against_family_reference(model, family, x, embedded=None):
 
     def reference(b, choose):
         extra = {} if embedded is None else dict(embedded=embedded(b))
-        ref, ref_tokens = FAMILIES[family].reference(model, x[b], rates, model.fuse_token, choose=choose, **extra)
+        ref, ref_tokens = FAMILIES[family].reference(model, x[b], rates, model.fuse_token, choose=choose,
+                                                     score=model.score, **extra)
         if embedded is None:
             for (tokens, prefix), theirs in zip(out, ref_tokens):
                 assert prefix.shape[1] == P                                # prefix tokens unchanged in count

@@ -59,7 +59,7 @@ def test_dropping_equals_masking_in_the_original_model(family, keep_rate):
     rates = dict(zip(model.reorg_layers, model.keep_rate))
 
     def masked_reference(b, choose):
-        ref, alive_after = masked_reference_timm_vit(original, x[b], rates, choose=choose)
+        ref, alive_after = masked_reference_timm_vit(original, x[b], rates, choose=choose, score=model.score)
         assert [ids_i[b].tolist() for ids_i in ids] == alive_after   # the same patches, in the same order
         return ref
     compare_with_reference(model, x, masked_reference)
@@ -104,13 +104,13 @@ def test_a_converted_model_pickles_deep_copies_and_prints_as_a_named_class():
 def test_what_apply_refuses_is_named():
     from timm.models.vision_transformer import ResPostBlock
     cases = [
-        (timm.create_model('vit_base_patch16_siglip_224', **SMALL_VIT), 'no class token'),
+        (timm.create_model('vit_base_patch16_siglip_224', **SMALL_VIT), "score='class' needs a class token"),
         (timm.create_model('vit_small_patch16_224', block_fn=ResPostBlock, **SMALL_VIT), 'block 0 is a ResPostBlock'),
         (timm.create_model('resnet18'), 'ResNet is not a supported timm class'),
     ]
     for model, words in cases:
         with pytest.raises(ValueError, match=words):
-            timm_evit.apply(model)
+            timm_evit.apply(model, score='class')
         assert 'EViT' not in type(model).__name__                       # left as it was
     model = timm.create_model('deit_tiny_patch16_224', **SMALL_VIT)
     with pytest.raises(ValueError, match='reorg_layers entry 4 is out of range'):

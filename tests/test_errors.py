@@ -50,8 +50,9 @@ def test_bad_reorg_layers(reorg_layers, error, words):
 def test_bad_fuse_token_and_token_layout():
     with pytest.raises(TypeError, match='fuse_token must be True or False'):
         timm.create_model('evit_deit_tiny', fuse_token='yes')
-    with pytest.raises(ValueError, match=r'EViT needs a class token \(class_token=True\)'):
-        timm.create_model('evit_deit_tiny', class_token=False, global_pool='avg')
+    with pytest.raises(ValueError, match=r"score='class' needs a class token, and this model has none"):
+        timm.create_model('evit_deit_tiny', class_token=False, global_pool='avg', score='class')
+    assert timm.create_model('evit_deit_tiny', class_token=False, global_pool='avg', depth=2).score == 'mean'
     # register tokens are prefix tokens like the class token: kept first, never reorganised
     model = timm.create_model('evit_deit_tiny', reg_tokens=4, keep_rate=0.5, depth=4, reorg_layers=(1,))
     with torch.no_grad():

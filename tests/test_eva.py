@@ -144,13 +144,13 @@ def test_attention_masks_pass_through_at_keep_rate_one_and_are_refused_with_reor
 def test_what_apply_refuses_on_eva_is_named():
     arch = dict(EVA_SMALL)
     cases = [
-        (timm.create_model('eva02_small_patch14_224', class_token=False, **arch), 'no class token'),
+        (timm.create_model('eva02_small_patch14_224', class_token=False, **arch), "score='class' needs a class token"),
         (timm.create_model('eva02_small_patch14_224', use_post_norm=True, **arch),
          "block 0 is a EvaBlockPostNorm, not timm's EvaBlock"),
     ]
     for model, words in cases:
         with pytest.raises(ValueError, match=words):
-            timm_evit.apply(model)
+            timm_evit.apply(model, score='class')
         assert type(model).__name__ == 'Eva' and 'EViT' not in type(model.blocks[0]).__name__   # left as it was
     model = timm.create_model('eva02_small_patch14_224', **arch)
     model.blocks[2].attn = timm.layers.Attention(64, num_heads=4)
@@ -158,8 +158,8 @@ def test_what_apply_refuses_on_eva_is_named():
         timm_evit.apply(model)
     with pytest.raises(ValueError, match='reorg_layers entry 4 is out of range'):
         timm_evit.apply(timm.create_model('eva02_small_patch14_224', **arch), reorg_layers=(1, 4))
-    with pytest.raises(ValueError, match='needs a class token'):
-        timm_evit.EvaEViT(class_token=False, global_pool='avg', **arch)
+    with pytest.raises(ValueError, match="score='pool' needs timm's attention-pool head"):
+        timm_evit.EvaEViT(class_token=False, global_pool='avg', score='pool', **arch)
 
 
 def test_an_eva_built_directly_is_the_converted_one():

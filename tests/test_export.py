@@ -21,7 +21,13 @@ MODELS = {
     # DINOv2 with 4 registers (prefix tokens never reorganised), LayerScale: timm_evit.apply
     'dinov2 registers applied': ('vit_small_patch14_reg4_dinov2',
                                  dict(SMALL_VIT_10_CLASSES, img_size=56, keep_rate=0.5)),
+    # no class token, a 'map' head: the received attention beside the fused kernel, and the pool's own query
+    # (weights drawn peakier: the pool's output is small otherwise)
+    'siglip mean': ('evit_vit_base_patch16_siglip_224', dict(SMALL_VIT_10_CLASSES, img_size=64, keep_rate=0.5)),
+    'siglip pool': ('evit_vit_base_patch16_siglip_224',
+                    dict(SMALL_VIT_10_CLASSES, img_size=64, keep_rate=0.5, score='pool')),
 }
+PEAKY_STD = {'siglip mean': 0.3, 'siglip pool': 0.3}
 
 
 def images(model, batch_size):
@@ -43,7 +49,7 @@ def onnxruntime_logits(path, x):
 def test_onnx_logits_match_pytorch_at_two_batch_sizes(case, tmp_path):
     pytest.importorskip('onnxscript')
     name, kwargs = MODELS[case]
-    model = randomise_weights(create_evit_model(name, **kwargs)).eval()
+    model = randomise_weights(create_evit_model(name, **kwargs), peaky_std=PEAKY_STD.get(case, 0.1)).eval()
     write_all_whole({str(tmp_path / 'model.onnx'): exported_writer(model)})
     for batch_size in (1, 3):   # traced with 2: the batch axis is dynamic
         x = images(model, batch_size)
@@ -75,6 +81,7 @@ def test_cli_exports_an_applied_timm_vit_without_fusion(tmp_path, capsys):
     onnx = pytest.importorskip('onnx')
     metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert metadata['timm_evit.keep_rate'] == '(0.5, 0.5, 0.5)' and metadata['timm_evit.fuse_token'] == 'False'
+    assert metadata['timm_evit.score'] == "'class'"
 
 
 def test_export_format_round_trip(tmp_path, capsys):

@@ -1,0 +1,153 @@
+"""``score``: what ranks the tokens, ``'class'``, ``'mean'`` or ``'pool'`` (docs/design.md, "What ranks
+the tokens"), and EViT on timm's ViTs without a class token. The families without a class token
+are in the family table (helpers.FAMILIES), where every family test runs them at their default
+score; here: the other scores each family serves, against the same independent references, and
+what is refused."""
+import copy
+import pickle
+
+import pytest
+import timm
+import torch
+
+import timm_evit.opaque as opaque
+from evit_reference import masked_reference_timm_vit
+from helpers import (
+    FAMILIES, SMALL_VIT, check_against_family_reference, compare_with_reference, converted, family_params, images,
+)
+from timm_evit.layers import PoolScore
+from timm_evit.reorg import class_attention, mean_received_attention, mean_received_row, pool_attention
+
+# every score each family serves beyond its default (the default runs in every family test)
+OTHER_SCORES = [
+    pytest.param(family, score, id=f'{family}-{score}', marks=param.marks)
+    for family, scores in [('deit', ['mean']), ('dinov2_reg', ['mean']), ('eva02', ['mean']), ('pe', ['mean', 'pool']),
+                           ('siglip', ['pool']), ('pe_map', ['pool'])]
+    for score in scores
+    for param in family_params([family])
+]
+
+
+def scored(family, score, keep_rate, fuse_token, fused_attn=True):
+    original, model = converted(family, keep_rate, fuse_token, fused_attn)
+    model.score = score
+    return original, model
+
+
+@pytest.mark.parametrize('family,score', OTHER_SCORES)
+def test_keep_rate_one_is_the_original_model_at_every_score(family, score):
+    original, model = scored(family, score, 1.0, True)
+    x = images(FAMILIES[family].size)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), original(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('fused_attn', [True, False], ids=['sdpa', 'math'])
+@pytest.mark.parametrize('fuse_token', [True, False], ids=['fuse', 'drop'])
+@pytest.mark.parametrize('family,score', OTHER_SCORES)
+def test_every_score_against_the_stepped_reference(family, score, fuse_token, fused_attn):
+    _, model = scored(family, score, 0.5, fuse_token, fused_attn)
+    check_against_family_reference(model, family, images(FAMILIES[family].size))
+
+
+@pytest.mark.parametrize('family,score', OTHER_SCORES)
+def test_every_score_without_fusion_is_masking(family, score):
+    original, model = scored(family, score, 0.5, False)
+    x = images(FAMILIES[family].size)
+    with torch.no_grad():
+        ids = model.forward_intermediates(x, output_dict=True, intermediates_only=True)['token_patch_ids']
+    rates = dict(zip(model.reorg_layers, model.keep_rate))
+
+    def masked_reference(b, choose):
+        ref, alive_after = masked_reference_timm_vit(original, x[b], rates, choose=choose, score=score)
+        assert [ids_i[b].tolist() for ids_i in ids] == alive_after
+        return ref
+    compare_with_reference(model, x, masked_reference)
+
+
+@pytest.mark.parametrize('max_chunk_elements', [1, 2 * 3 * 7 * 3, 1 << 22], ids=['row-by-row', 'uneven', 'whole'])
+def test_the_received_attention_in_chunks_is_the_mean_of_the_whole_softmax(max_chunk_elements):
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 7, 4, generator=g), torch.randn(2, 3, 7, 4, generator=g)
+    whole = torch.softmax(q @ k.transpose(-2, -1) * 0.5, dim=-1)          # [B, H, N, N], materialised
+    expected = whole.sum(dim=(1, 2))[:, 2:] / (3 * 7)                       # over heads and queries, P = 2
+    torch.testing.assert_close(mean_received_attention(q, k, 0.5, 2, max_chunk_elements), expected)
+    torch.testing.assert_close(mean_received_row(whole, 2), expected)
+
+
+def test_a_score_the_model_cannot_serve_is_refused_naming_what_it_lacks():
+    with pytest.raises(ValueError, match=r"score='class' needs a class token.*use score='mean' or score='pool'"):
+        timm.create_model('evit_vit_base_patch16_siglip_224', score='class', **SMALL_VIT)
+    with pytest.raises(ValueError, match=r"score='pool' needs timm's attention-pool head.*use score='mean' or score='class'"):
+        timm.create_model('evit_deit_tiny', score='pool', **SMALL_VIT)
+    with pytest.raises(ValueError, match=r"score must be one of 'class', 'mean', 'pool', got 'cls'"):
+        timm.create_model('evit_deit_tiny', score='cls', **SMALL_VIT)
+    with pytest.raises(ValueError, match=r"score='class' needs a class token"):        # before construction
+        timm.create_model('evit_deit_tiny', class_token=False, global_pool='avg', score='class', **SMALL_VIT)
+    model = timm.create_model('evit_vit_medium_patch16_reg4_gap_256', **SMALL_VIT)
+    assert model.score == 'mean'                                          # the default without a class token
+    with pytest.raises(ValueError, match=r"score='pool' needs"):
+        model.score = 'pool'
+    assert model.score == 'mean' and {blk.score for blk in model.blocks} == {'mean'}
+
+
+def test_the_pool_score_survives_copies_and_refuses_losing_its_pool():
+    model = timm.create_model('evit_vit_base_patch16_siglip_224', score='pool', img_size=64, **SMALL_VIT).eval()
+    plain = timm.create_model('vit_base_patch16_siglip_224', img_size=64, **SMALL_VIT)
+    assert model.state_dict().keys() == plain.state_dict().keys()       # the score's references are not modules
+    x = images(64)
+    with torch.no_grad():
+        expected = model(x)
+        for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert all(blk.pool_score.pool is twin.attn_pool and blk.pool_score.norm is twin.norm for blk in twin.blocks)
+            torch.testing.assert_close(twin(x), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"global_pool='avg' removes the attention pool that score='pool'"):
+        model.reset_classifier(5, global_pool='avg')
+    model.reset_classifier(5)
+    assert model(x).shape == (2, 5)
+    model.score = 'mean'
+    model.reset_classifier(5, global_pool='avg')
+    assert model.attn_pool is None and model(x).shape == (2, 5)
+
+
+def _mean_is_the_class_row(q, k, scale, num_prefix_tokens=1, max_chunk_elements=None):
+    return class_attention(q, k, scale, num_prefix_tokens)
+
+
+def _mean_over_half_the_queries(q, k, scale, num_prefix_tokens=1, max_chunk_elements=None):
+    half = q.shape[2] // 2
+    return mean_received_row(((q[:, :, :half] * scale) @ k.transpose(-2, -1)).softmax(dim=-1), num_prefix_tokens)
+
+
+def _pool_keyed_by_values(self, x):
+    pool, width = self.pool, self.pool.num_heads * self.pool.head_dim
+    values = torch.nn.functional.linear(self.norm(x), pool.kv.weight[width:], pool.kv.bias[width:])
+    return _pool_score_of(self, values)
+
+
+def _pool_without_the_final_norm(self, x):
+    pool, width = self.pool, self.pool.num_heads * self.pool.head_dim
+    return _pool_score_of(self, torch.nn.functional.linear(x, pool.kv.weight[:width], pool.kv.bias[:width]))
+
+
+def _pool_score_of(self, keys):
+    pool, (B, N, _) = self.pool, keys.shape
+    q = pool.q(pool.latent).reshape(1, pool.latent_len, pool.num_heads, pool.head_dim).transpose(1, 2)
+    keys = keys.reshape(B, N, pool.num_heads, pool.head_dim).transpose(1, 2)
+    return pool_attention(pool.q_norm(q), pool.k_norm(keys), pool.scale, self.num_prefix_tokens)
+
+
+@pytest.mark.parametrize('mutation', ['mean is the class row', 'mean over half the queries', 'pool keyed by values',
+                                      'pool without the final norm'])
+def test_the_reference_comparison_catches_each_score_mistake(monkeypatch, mutation):
+    if mutation.startswith('mean'):
+        mistake = _mean_is_the_class_row if mutation == 'mean is the class row' else _mean_over_half_the_queries
+        monkeypatch.setattr(opaque, 'mean_received_attention', mistake)
+        score = 'mean'
+    else:
+        call = _pool_keyed_by_values if mutation == 'pool keyed by values' else _pool_without_the_final_norm
+        monkeypatch.setattr(PoolScore, '__call__', call)
+        score = 'pool'
+    _, model = scored('siglip', score, 0.5, True)
+    with pytest.raises(AssertionError):
+        check_against_family_reference(model, 'siglip', images(FAMILIES['siglip'].size))
