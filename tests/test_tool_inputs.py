@@ -62,6 +62,19 @@ NOT_WHOLE_PATCHES = {
     'export patch_size=12 at 224': (command(EXPORT, '{root}', TINY_DEIT_CLI + ['patch_size=12']),
                                     ["default input size 224", 'patch size 12', '216 or 228']),
 }
+def test_timms_own_size_that_ignores_a_strip_is_served_except_where_patches_are_drawn(root, capsys):
+    # SigLIP so400m/14 at its own 384 px: 27 x 27 patches, the last 6 pixels unseen by design (small here)
+    small = ['--model-kwargs', 'depth=2', 'embed_dim=48', 'num_heads=2']
+    argv = ['bench', '--model', 'evit_vit_so400m_patch14_siglip_384', '--batch-size', '1', '--repeats', '1',
+            '--warmup', '0', '--keep-rates', '0.5', '--attn', 'math', '--no-latency', *small]
+    code, out, err = run_cli(capsys, argv)
+    assert code == 0, err
+    assert '| 729 |' in out and '729, 366' in out          # 27 x 27 patches; ceil(0.5 * 729) = 365, and the fused one
+    code, _, err = run_cli(capsys, ['visualize', f'{root}/cat.png', '--model', 'evit_vit_so400m_patch14_siglip_384',
+                                    '--out', f'{root}/pics', *small])
+    assert_one_line_error(code, err, 'visualize', "the model's default input size 384", 'patch size 14', '378 or 392')
+
+
 # item 11: below one patch, every tool gave a traceback or the exporter's log
 BELOW_ONE_PATCH = {
     'bench img_size=8': command(BENCH, '{root}', TINY_DEIT_CLI + ['img_size=8']),

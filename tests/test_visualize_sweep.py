@@ -291,3 +291,22 @@ def test_commands_say_which_extra_is_missing(tmp_path, image_folder, capsys, mon
         result = run_cli(capsys, args)
         assert result.code == 2 and "needs matplotlib: pip install 'timm-evit[plot]'" in result.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ['a.png']
+
+
+@pytest.mark.parametrize('score', ['mean', 'pool'])
+def test_sweep_and_visualize_serve_a_model_without_a_class_token(tmp_path, image_folder, capsys, score):
+    # SigLIP's architecture, small: no prefix token at all, an attention-pool head
+    root, _, _ = image_folder
+    arch = ['img_size=32', 'patch_size=8', 'embed_dim=48', 'depth=4', 'num_heads=2', f'score={score}']
+    result = run_cli(capsys, ['sweep', '--model', 'evit_vit_base_patch16_siglip_224', '--data-dir', str(root),
+                              '--keep-rates', '1,0.5', '--batch-size', '4', '--repeats', '1', '--num-classes', '3',
+                              '--out', str(tmp_path / 'sw'), '--model-kwargs', *arch])
+    assert result.code == 0, result.err
+    rows = json.loads((tmp_path / 'sw.json').read_text())['rows']
+    assert [r['num_images'] for r in rows] == [12, 12] and rows[1]['gmacs'] < rows[0]['gmacs']
+    assert rows[0]['plain_model'] == 'vit_base_patch16_siglip_224'
+    image = next((root / 'validation' / 'cat').glob('*.png'))
+    result = run_cli(capsys, ['visualize', str(image), '--model', 'evit_vit_base_patch16_siglip_224', '--keep-rate', '0.5',
+                              '--out', str(tmp_path / 'pictures'), '--model-kwargs', *arch])
+    assert result.code == 0, result.err
+    assert (tmp_path / 'pictures' / f'{image.stem}_evit.png').read_bytes()[:4] == b'\x89PNG'

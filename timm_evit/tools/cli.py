@@ -185,7 +185,7 @@ def visualize_main(args: argparse.Namespace) -> int:
     from timm.data import create_transform
     from ._io import pyplot
     from .files import check_writable, figure_writer, write_all_whole
-    from .models import create_evit_model
+    from .models import create_evit_model, merge_model_kwargs
     from .sweep import eval_data_config
     from .visualize import load_image, masks_figure, picture_names, reorganisation_masks, stage_names
     from ..checkpoints import require_finite_forward, weights_source
@@ -197,10 +197,11 @@ def visualize_main(args: argparse.Namespace) -> int:
         images = [load_image(path) for path in args.images]  # every image readable before any work
         check_writable(args.out, '--out', folder=True)
         _check_output_files({'--out': paths}, inputs={'IMAGE': args.images, '--checkpoint': args.checkpoint})
-        kwargs = {'img_size': args.img_size} if args.img_size else {}
+        kwargs = merge_model_kwargs(dict(args.model_kwargs), keep_rate=args.keep_rate, img_size=args.img_size,
+                                    fuse_token=False if args.no_fuse else None)
         model = create_evit_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
-                                  keep_rate=args.keep_rate, fuse_token=not args.no_fuse, whole_patches=True,
-                                  options={'img_size': '--img-size'}, **kwargs).eval()   # patches drawn on pixels
+                                  whole_patches=True,   # patches drawn on pixels
+                                  options={'img_size': '--img-size'} if args.img_size else None, **kwargs).eval()
     except ValueError as e:
         return _user_error('visualize', e)
     config = eval_data_config(model)  # the size the model was built at, not its pretrained_cfg's
@@ -208,8 +209,9 @@ def visualize_main(args: argparse.Namespace) -> int:
     to_pixels = create_transform(**{**config, 'mean': (0., 0., 0.), 'std': (1., 1., 1.)})
     mean, std = torch.tensor(config['mean']).view(3, 1, 1), torch.tensor(config['std']).view(3, 1, 1)
     weights = 'pretrained' if args.pretrained else (args.checkpoint or 'random weights')
-    title = (f'{args.model} ({weights}), keep_rate {args.keep_rate:g}, '
-             f'{"fusion (orange)" if not args.no_fuse else "no fusion"}, dropped greyed')
+    rates = sorted(set(model.keep_rate), key=model.keep_rate.index)
+    title = (f'{args.model} ({weights}), keep_rate {", ".join(f"{r:g}" for r in rates)}, score {model.score!r}, '
+             f'{"fusion (orange)" if model.fuse_token else "no fusion"}, dropped greyed')
 
     source = weights_source(args.model, args.pretrained, args.checkpoint)
 
@@ -382,8 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     vis = sub.add_parser('visualize', help='draw which patches each reorganising block keeps, fuses or drops')
     vis.add_argument('images', nargs='+', metavar='IMAGE')
-    _add_model_options(vis)
-    vis.add_argument('--keep-rate', type=_keep_rate, default=0.7)
+    _add_model_options(vis, model_kwargs_help='model arguments, as for timm\'s train.py (e.g. score=mean '
+                       '"reorg_layers=(3,6,9)")')
+    vis.add_argument('--keep-rate', type=_keep_rate, help="default: the model's own (0.7)")
     vis.add_argument('--img-size', type=_positive_int, help='model input size (position embeddings resampled)')
     vis.add_argument('--out', default='.', help='folder for the PNGs, created if missing (default: current folder); '
                      'each image gives NAME_evit.png, images of the same NAME NAME_1_evit.png, NAME_2_evit.png, ... '

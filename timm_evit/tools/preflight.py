@@ -34,7 +34,8 @@ def check_input_size(model: nn.Module, model_name: str, given: Optional[dict] = 
     and sees nothing below one patch, while the tools would declare, feed and draw the whole
     image. A model built with ``dynamic_img_pad=True`` and ``dynamic_img_size=True`` pads the
     image to whole patches instead: accepted, unless ``padding_ok`` is False (a drawing of whole
-    patches over the image). ``given``: the creation arguments (to name the option that set the
+    patches over the image); so is timm's own architecture at its own size (neither ``img_size``
+    nor ``patch_size`` among ``given``). ``given``: the creation arguments (to name the option that set the
     size); ``options``: the tool's own option for an argument (``{'img_size': '--img-size'}``)."""
     embed = model.patch_embed
     if getattr(embed, 'img_size', None) is None:
@@ -46,6 +47,11 @@ def check_input_size(model: nn.Module, model_name: str, given: Optional[dict] = 
     if pads and padding_ok:
         return
     given = given or {}
+    if padding_ok and not {'img_size', 'patch_size'} & set(given):
+        # timm's own architecture at its own size, as its weights were trained: SigLIP so400m/14 at
+        # 384 px sees 27 x 27 patches and ignores 6 pixels by design. Only a drawing of whole
+        # patches over the image (visualize) still needs whole patches.
+        return
     if 'img_size' in given:
         source = _option('img_size', given['img_size'], options)
     else:
