@@ -116,7 +116,8 @@ FAMILIES = {
     'dinov3': _eva('vit_small_patch16_dinov3', prefix_tokens=5),  # RoPE 'dinov3' (half), 4 registers, LayerScale
     'pe': _eva('vit_pe_core_tiny_patch16_384', attn_pool_num_heads=4),   # AttentionRope, norm_pre, 'map' pool
     'rope_mixed': _eva('vit_small_patch16_rope_mixed_224'),      # AttentionRope, rows per block and head
-    # without a class token: ranked by their default score, 'mean' (docs/design.md, "What ranks the tokens")
+    # without a class token, at their default score: 'pool' with a 'map' head, else 'mean' (docs/design.md,
+    # "What ranks the tokens")
     'siglip': _vit('vit_base_patch16_siglip_224', 96, prefix_tokens=0),          # 'map' head, no prefix token
     'reg_gap': _vit('vit_medium_patch16_reg4_gap_256', 96, prefix_tokens=4),     # 4 registers, 'avg' head
     'eva02_gap': _eva('eva02_small_patch14_224', prefix_tokens=0, class_token=False, global_pool='avg'),

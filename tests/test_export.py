@@ -23,7 +23,8 @@ MODELS = {
                                  dict(SMALL_VIT_10_CLASSES, img_size=56, keep_rate=0.5)),
     # no class token, a 'map' head: the received attention beside the fused kernel, and the pool's own query
     # (weights drawn peakier: the pool's output is small otherwise)
-    'siglip mean': ('evit_vit_base_patch16_siglip_224', dict(SMALL_VIT_10_CLASSES, img_size=64, keep_rate=0.5)),
+    'siglip mean': ('evit_vit_base_patch16_siglip_224',
+                    dict(SMALL_VIT_10_CLASSES, img_size=64, keep_rate=0.5, score='mean')),
     'siglip pool': ('evit_vit_base_patch16_siglip_224',
                     dict(SMALL_VIT_10_CLASSES, img_size=64, keep_rate=0.5, score='pool')),
 }

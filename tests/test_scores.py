@@ -22,7 +22,7 @@ from timm_evit.reorg import class_attention, mean_received_attention, mean_recei
 OTHER_SCORES = [
     pytest.param(family, score, id=f'{family}-{score}', marks=param.marks)
     for family, scores in [('deit', ['mean']), ('dinov2_reg', ['mean']), ('eva02', ['mean']), ('pe', ['mean', 'pool']),
-                           ('siglip', ['pool']), ('pe_map', ['pool'])]
+                           ('siglip', ['mean']), ('pe_map', ['mean'])]
     for score in scores
     for param in family_params([family])
 ]
@@ -84,8 +84,11 @@ def test_a_score_the_model_cannot_serve_is_refused_naming_what_it_lacks():
         timm.create_model('evit_deit_tiny', score='cls', **SMALL_VIT)
     with pytest.raises(ValueError, match=r"score='class' needs a class token"):        # before construction
         timm.create_model('evit_deit_tiny', class_token=False, global_pool='avg', score='class', **SMALL_VIT)
+    # the defaults: the class token's attention, else the attention pool's query, else the received attention
+    assert timm.create_model('evit_deit_tiny', **SMALL_VIT).score == 'class'
+    assert timm.create_model('evit_vit_base_patch16_siglip_224', **SMALL_VIT).score == 'pool'
     model = timm.create_model('evit_vit_medium_patch16_reg4_gap_256', **SMALL_VIT)
-    assert model.score == 'mean'                                          # the default without a class token
+    assert model.score == 'mean'
     with pytest.raises(ValueError, match=r"score='pool' needs"):
         model.score = 'pool'
     assert model.score == 'mean' and {blk.score for blk in model.blocks} == {'mean'}

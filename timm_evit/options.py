@@ -34,7 +34,7 @@ class EViTOptions:
     keep_rate: KeepRate = 0.7                       # one float in (0, 1] or one per reorganising block
     reorg_layers: Optional[Sequence[int]] = None    # None: default_reorg_layers(depth)
     fuse_token: bool = True                         # fuse the inattentive tokens (True) or drop them
-    score: Optional[str] = None                     # one of SCORES; None: 'class' with a class token, else 'mean'
+    score: Optional[str] = None                     # one of SCORES; None: the model's default (resolve_score)
     keep_rate_warmup_start: int = dataclasses.field(default=0, metadata={'training': True})
     keep_rate_warmup_steps: int = dataclasses.field(default=0, metadata={'training': True})
 
@@ -70,11 +70,12 @@ def check_score(score) -> str:
 
 
 def resolve_score(score: Optional[str], has_class_token: bool, has_attention_pool: bool) -> str:
-    """The score a model uses: ``score`` checked against what the model has (``None``: the default,
-    ``'class'`` where a class token exists, else ``'mean'``). A score it cannot serve is refused
-    naming what the model lacks."""
+    """The score a model uses: ``score`` checked against what the model has. ``None``: the default,
+    measured (docs/design.md, "What ranks the tokens"): ``'class'`` where a class token exists, else
+    ``'pool'`` where an attention pool does, else ``'mean'``. A score the model cannot serve is
+    refused naming what it lacks."""
     if score is None:
-        return 'class' if has_class_token else 'mean'
+        return 'class' if has_class_token else 'pool' if has_attention_pool else 'mean'
     score = check_score(score)
     if score == 'class' and not has_class_token:
         raise ValueError("score='class' needs a class token, and this model has none (class_token=False): "
