@@ -43,26 +43,26 @@ def _attend_with_score(
     materialises anyway; the fused path computes it beside the SDPA kernel (the class row alone,
     or the received attention a chunk of queries at a time).
     """
-    cls_attn = None
+    token_score = None
     if attn.fused_attn:
         if score == 'class':
-            cls_attn = class_attention(q, k, attn.scale, num_prefix_tokens)
+            token_score = class_attention(q, k, attn.scale, num_prefix_tokens)
         elif score == 'mean':
-            cls_attn = opaque.mean_received_attention(q, k, attn.scale, num_prefix_tokens)
+            token_score = opaque.mean_received_attention(q, k, attn.scale, num_prefix_tokens)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.)
     else:
         weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
         if score == 'class':
-            cls_attn = head_averaged_class_row(weights, num_prefix_tokens)
+            token_score = head_averaged_class_row(weights, num_prefix_tokens)
         elif score == 'mean':
-            cls_attn = mean_received_row(weights, num_prefix_tokens)
+            token_score = mean_received_row(weights, num_prefix_tokens)
         x = attn.attn_drop(weights) @ v
 
     x = x.transpose(1, 2).flatten(2)   # heads joined; no size inferred: an empty batch works
     x = attn.norm(x)
     if gate is not None:
         x = x * gate
-    return attn.proj_drop(attn.proj(x)), cls_attn
+    return attn.proj_drop(attn.proj(x)), token_score
 
 
 def attention_with_class_attention(

@@ -72,7 +72,7 @@ class EViTMixin(KeepRateWarmup):
     @property
     def score(self) -> str:
         """What ranks the tokens: ``'class'``, ``'mean'`` or ``'pool'`` (docs/design.md, "What ranks
-        the tokens"). Settable; None sets the default (``'class'`` with a class token, else ``'mean'``)."""
+        the tokens"). Settable; None sets the default (``options.resolve_score``)."""
         return self._score
 
     @score.setter
