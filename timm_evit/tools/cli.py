@@ -135,8 +135,7 @@ def export_main(args: argparse.Namespace) -> int:
         write_all_whole({out: writer}, make_folders=True)   # a temporary file beside it, renamed once whole
     except ValueError as e:
         return _user_error('export', e)
-    rates = sorted(set(model.keep_rate), key=model.keep_rate.index)
-    settings = (f'keep_rate {", ".join(f"{r:g}" for r in rates)} in blocks {model.reorg_layers}, '
+    settings = (f'keep_rate {_keep_rates_text(model)} in blocks {model.reorg_layers}, '
                 f'{"fusion" if model.fuse_token else "no fusion"}, score {model.score!r}')
     print(f'wrote {out}: {args.model}, {settings} (fixed in the graph); input [batch, {model.in_chans}, '
           f'{", ".join(map(str, model.patch_embed.img_size))}], batch axis dynamic')
@@ -181,6 +180,11 @@ def _need_matplotlib(command: str) -> bool:
     return True
 
 
+def _keep_rates_text(model) -> str:
+    """The model's keep rates for a message, each once, in block order ('0.7' or '0.9, 0.7')."""
+    return ', '.join(f'{r:g}' for r in sorted(set(model.keep_rate), key=model.keep_rate.index))
+
+
 def visualize_main(args: argparse.Namespace) -> int:
     from timm.data import create_transform
     from ._io import pyplot
@@ -209,8 +213,7 @@ def visualize_main(args: argparse.Namespace) -> int:
     to_pixels = create_transform(**{**config, 'mean': (0., 0., 0.), 'std': (1., 1., 1.)})
     mean, std = torch.tensor(config['mean']).view(3, 1, 1), torch.tensor(config['std']).view(3, 1, 1)
     weights = 'pretrained' if args.pretrained else (args.checkpoint or 'random weights')
-    rates = sorted(set(model.keep_rate), key=model.keep_rate.index)
-    title = (f'{args.model} ({weights}), keep_rate {", ".join(f"{r:g}" for r in rates)}, score {model.score!r}, '
+    title = (f'{args.model} ({weights}), keep_rate {_keep_rates_text(model)}, score {model.score!r}, '
              f'{"fusion (orange)" if model.fuse_token else "no fusion"}, dropped greyed')
 
     source = weights_source(args.model, args.pretrained, args.checkpoint)
