@@ -26,11 +26,11 @@ def random_choice(generator: torch.Generator):
     (so they are the top-k, in random order), the others keep theirs (the fusion weights)."""
     reorganize_tokens = reorg.reorganize_tokens
 
-    def choose_at_random(x, scores, num_keep, fuse_token, num_prefix_tokens=1):
+    def choose_at_random(x, scores, num_keep, fuse_token, num_prefix_tokens=1, weighted_mean=False):
         noise = torch.rand(scores.shape, generator=generator).to(scores.device)
         chosen = torch.zeros_like(scores, dtype=torch.bool).scatter(1, noise.topk(num_keep, dim=1).indices, True)
         ranked = torch.where(chosen, 2. + noise.to(scores.dtype), scores)   # scores are probabilities: <= 1
-        return reorganize_tokens(x, ranked, num_keep, fuse_token, num_prefix_tokens)
+        return reorganize_tokens(x, ranked, num_keep, fuse_token, num_prefix_tokens, weighted_mean)
     return choose_at_random
 
 

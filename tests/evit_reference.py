@@ -107,19 +107,65 @@ def reference_tokens(sd, patch_tokens, num_heads, keep_rates, fuse_token, eps=1e
     return _ln(x, sd, 'norm', eps), block_tokens, events, is_fused
 
 
-def score_from_probabilities(score, head_probs, num_prefix_tokens, queries=None):
+def score_from_probabilities(score, head_probs, num_prefix_tokens, queries=None, query_sizes=None):
     """A block's score of its non-prefix tokens (floats) from its softmax rows, one [N, N] per head
     (docs/design.md, "What ranks the tokens"): ``'class'`` the class row, ``'mean'`` the attention
     each token receives from the ``queries`` present (row indices; None: every row), both averaged
-    over heads; ``'pool'`` is not read from the block's attention (None)."""
+    over heads, a query of size ``query_sizes[i]`` counted that many times (None: once);
+    ``'pool'`` is not read from the block's attention (None)."""
     if score == 'pool':
         return None
     rows = [0] if score == 'class' else range(head_probs[0].shape[0]) if queries is None else queries
+    weight = {i: 1. if query_sizes is None or score == 'class' else float(query_sizes[i]) for i in rows}
     a = []
     for j in range(num_prefix_tokens, head_probs[0].shape[1]):
-        received = sum(float(probs[i, j]) for probs in head_probs for i in rows)
-        a.append(received / (len(head_probs) * len(rows)))
+        received = sum(weight[i] * float(probs[i, j]) for probs in head_probs for i in rows)
+        a.append(received / (len(head_probs) * sum(weight.values())))
     return a
+
+
+def size_bias(num_prefix_tokens, sizes):
+    """The key bias [N] of size-aware attention: 0 for a prefix token, ``log(size)`` for the others."""
+    return torch.tensor([0.] * num_prefix_tokens + [math.log(s) for s in sizes])
+
+
+def reorganise_by_hand(x, num_prefix_tokens, a, kept, fuse_token, fusion, sizes):
+    """One image's tokens ``x`` [N, C] after a reorganisation that keeps ``kept`` (in order): the
+    prefix tokens, the kept ones and, with fusion, the dropped ones fused: ``sum a_j x_j`` (the paper)
+    or ``sum a_j x_j / sum a_j`` carrying the sum of their sizes (``'size'``). Returns the tokens
+    and the sizes of the non-prefix ones."""
+    P, n = num_prefix_tokens, x.shape[0] - num_prefix_tokens
+    tokens = [x[j] for j in range(P)] + [x[P + j] for j in kept]
+    new_sizes = [sizes[j] for j in kept]
+    if fuse_token:
+        dropped = sorted(set(range(n)) - set(kept))
+        total = sum(a[j] for j in dropped) if fusion == 'size' else 1.
+        fused = torch.zeros_like(x[0])
+        for j in dropped:
+            fused = fused + (a[j] / total) * x[P + j]
+        tokens.append(fused)
+        new_sizes.append(sum(sizes[j] for j in dropped))
+    return torch.stack(tokens), new_sizes
+
+
+def head_by_hand(model, x, sizes, fusion):
+    """The model's head on one image's final tokens ``x`` [1, N, C], with size-aware pooling
+    (``fusion='size'``): ``avg`` the mean over the non-prefix tokens weighted by their sizes, an
+    attention pool with ``log(size)`` added to its keys' logits; ``token`` pooling reads the class
+    token. Otherwise timm's own head."""
+    P = model.num_prefix_tokens
+    pool = getattr(model, 'attn_pool', None)
+    if fusion != 'size' or (pool is None and model.global_pool != 'avg'):
+        return model.forward_head(x)[0]
+    if pool is not None:
+        sees_prefix = getattr(model, 'pool_include_prefix', True)   # Eva's pool sees every token
+        tokens = x if sees_prefix else x[:, P:]
+        bias = size_bias(P if sees_prefix else 0, sizes)
+        pooled = pool(tokens, attn_mask=bias.view(1, 1, 1, -1))
+    else:
+        w = torch.tensor(sizes, dtype=x.dtype)
+        pooled = sum(w[j] * x[0, P + j] for j in range(len(sizes)))[None] / w.sum()
+    return model.head(model.head_drop(model.fc_norm(pooled)))[0]
 
 
 def pool_score_by_hand(model, x, num_prefix_tokens, key_bias=None):
@@ -141,7 +187,7 @@ def pool_score_by_hand(model, x, num_prefix_tokens, key_bias=None):
     return [sum(float(row[j]) for row in rows) / len(rows) for j in range(num_prefix_tokens, x.shape[0])]
 
 
-def _attention_by_hand(blk, x, num_prefix_tokens, key_bias=None, score='class', queries=None):
+def _attention_by_hand(blk, x, num_prefix_tokens, key_bias=None, score='class', queries=None, query_sizes=None):
     """A timm Block's attention for one image ``x`` [N, C], materialised head by head with its own
     layers (qkv, q/k norms, scale norm, gate, proj): the output [N, C] and the block's ``score`` of
     the non-prefix tokens (``score_from_probabilities``; a list of floats, None for ``'pool'``).
@@ -162,34 +208,34 @@ def _attention_by_hand(blk, x, num_prefix_tokens, key_bias=None, score='class', 
     out = attn.norm(torch.cat(outs, dim=-1))
     if getattr(attn, 'gate', None) is not None:
         out = out * attn.gate(h).sigmoid()
-    return attn.proj(out), score_from_probabilities(score, head_probs, num_prefix_tokens, queries)
+    return attn.proj(out), score_from_probabilities(score, head_probs, num_prefix_tokens, queries, query_sizes)
 
 
-def reference_timm_vit(model, image, keep_rates, fuse_token, choose=most_attentive_first, score='class'):
+def reference_timm_vit(model, image, keep_rates, fuse_token, choose=most_attentive_first, score='class',
+                       fusion='paper'):
     """EViT on a timm ViT of ``Block`` blocks, one image [3, H, W]: the model's own embedding and
     per-token layers (norms, MLP, LayerScale, head), attention materialised head by head, selection
     by ``score`` and fusion in Python loops. Returns the logits and, per block, the tokens after it
-    [N_i, C] (prefix tokens first). ``keep_rates`` maps block index -> keep rate."""
+    [N_i, C] (prefix tokens first). ``keep_rates`` maps block index -> keep rate. ``fusion='size'``:
+    every token carries its size, attention to it gets ``+ log(size)``, ``'mean'`` counts it as
+    ``size`` queries, the head pools by size (docs/design.md, "A fused token that keeps its size")."""
     P = model.num_prefix_tokens
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(image[None]))))[0]
+    sizes = [1.] * (x.shape[0] - P)
     block_tokens = []
     for i, blk in enumerate(model.blocks):
-        attn_out, a = _attention_by_hand(blk, x, P, score=score)
+        sized = fusion == 'size'
+        bias = size_bias(P, sizes) if sized else None
+        attn_out, a = _attention_by_hand(blk, x, P, bias, score, query_sizes=[1.] * P + sizes if sized else None)
         x = x + blk.ls1(attn_out)
         n = x.shape[0] - P
         if i in keep_rates and math.ceil(keep_rates[i] * n) < n:
-            a = pool_score_by_hand(model, x, P) if score == 'pool' else a
+            a = pool_score_by_hand(model, x, P, key_bias=bias) if score == 'pool' else a
             kept = choose(i, a, math.ceil(keep_rates[i] * n))
-            tokens = [x[j] for j in range(P)] + [x[P + j] for j in kept]
-            if fuse_token:
-                fused = torch.zeros_like(x[0])
-                for j in sorted(set(range(n)) - set(kept)):
-                    fused = fused + a[j] * x[P + j]
-                tokens.append(fused)
-            x = torch.stack(tokens)
+            x, sizes = reorganise_by_hand(x, P, a, kept, fuse_token, fusion, sizes)
         x = x + blk.ls2(blk.mlp(blk.norm2(x[None]))[0])
         block_tokens.append(x)
-    return model.forward_head(model.norm(x[None]))[0], block_tokens
+    return head_by_hand(model, model.norm(x[None]), sizes, fusion), block_tokens
 
 
 def masked_reference_timm_vit(plain, image, keep_rates, choose=most_attentive_first, score='class'):
@@ -303,7 +349,8 @@ def _eva_qkv_by_hand(attn, h):
     return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
 
 
-def _eva_attention_by_hand(blk, x, num_prefix_tokens, token_rope, key_bias=None, score='class', queries=None):
+def _eva_attention_by_hand(blk, x, num_prefix_tokens, token_rope, key_bias=None, score='class', queries=None,
+                           query_sizes=None):
     """An EvaBlock's attention for one image ``x`` [N, C], materialised head by head, RoPE applied
     token by token: ``token_rope[t]`` is the rotary row [H or 1, 2D] of non-prefix token ``t``
     (None: no rotation, as a prefix or fused token). Returns the output [N, C] and the block's
@@ -333,7 +380,7 @@ def _eva_attention_by_hand(blk, x, num_prefix_tokens, token_rope, key_bias=None,
     out = attn.norm(torch.cat(outs, dim=-1))
     if getattr(attn, 'gate', None) is not None:
         out = out * attn.gate(h).sigmoid()
-    return attn.proj(out), score_from_probabilities(score, head_probs, P, queries)
+    return attn.proj(out), score_from_probabilities(score, head_probs, P, queries, query_sizes)
 
 
 def _eva_embedded(model, image, embedded):
@@ -351,34 +398,33 @@ def _scaled(gamma, y):
     return y if gamma is None else gamma * y
 
 
-def reference_eva(model, image, keep_rates, fuse_token, choose=most_attentive_first, embedded=None, score='class'):
+def reference_eva(model, image, keep_rates, fuse_token, choose=most_attentive_first, embedded=None, score='class',
+                  fusion='paper'):
     """EViT on a timm Eva of EvaBlocks, one image [3, H, W] (or ``embedded``: its tokens [N, C] and
     rotary embedding as the model's ``_pos_embed`` gives them for this image): the model's own
     embedding and per-token layers, attention materialised head by head with RoPE applied token by
     token (every kept token keeps its patch's rotary row, a fused token none), selection and fusion
-    in loops. Returns the logits and, per block, the tokens after it [N_i, C] (prefix tokens first)."""
+    in loops. Returns the logits and, per block, the tokens after it [N_i, C] (prefix tokens first).
+    ``fusion`` as in ``reference_timm_vit``."""
     P = model.num_prefix_tokens
     x, rope = _eva_embedded(model, image, embedded)
     patch_of = list(range(x.shape[0] - P))             # the entering token each token came from; None: fused
+    sizes = [1.] * len(patch_of)
     block_tokens = []
     for i, blk in enumerate(model.blocks):
         rows = None if rope is None else rope[i if rope.shape[0] > 1 else 0]
         token_rope = [None if rows is None or j is None else rows[:, j] for j in patch_of]
-        attn_out, a = _eva_attention_by_hand(blk, x, P, token_rope, score=score)
+        sized = fusion == 'size'
+        bias = size_bias(P, sizes) if sized else None
+        attn_out, a = _eva_attention_by_hand(blk, x, P, token_rope, bias, score,
+                                             query_sizes=[1.] * P + sizes if sized else None)
         x = x + _scaled(blk.gamma_1, attn_out)
         n = x.shape[0] - P
         if i in keep_rates and math.ceil(keep_rates[i] * n) < n:
-            a = pool_score_by_hand(model, x, P) if score == 'pool' else a
+            a = pool_score_by_hand(model, x, P, key_bias=bias) if score == 'pool' else a
             kept = choose(i, a, math.ceil(keep_rates[i] * n))
-            tokens = [x[j] for j in range(P)] + [x[P + j] for j in kept]
-            new_patch_of = [patch_of[j] for j in kept]
-            if fuse_token:
-                fused = torch.zeros_like(x[0])
-                for j in sorted(set(range(n)) - set(kept)):
-                    fused = fused + a[j] * x[P + j]
-                tokens.append(fused)
-                new_patch_of.append(None)
-            x, patch_of = torch.stack(tokens), new_patch_of
+            x, sizes = reorganise_by_hand(x, P, a, kept, fuse_token, fusion, sizes)
+            patch_of = [patch_of[j] for j in kept] + ([None] if fuse_token else [])
         x = x + _scaled(blk.gamma_2, blk.mlp(blk.norm2(x[None]))[0])
         block_tokens.append(x)
-    return model.forward_head(model.norm(x[None]))[0], block_tokens
+    return head_by_hand(model, model.norm(x[None]), sizes, fusion), block_tokens

@@ -148,10 +148,10 @@ def randomised_original(family, seed=0, **overrides):
     return randomise_weights(model, seed, peaky_std=spec.peaky_std)
 
 
-def converted(family, keep_rate, fuse_token, fused_attn=True, **overrides):
+def converted(family, keep_rate, fuse_token, fused_attn=True, fusion='paper', **overrides):
     """The randomised original (on one attention path) and a converted deep copy of it."""
     original = set_attention_path(randomised_original(family, **overrides), fused_attn)
-    model = timm_evit.apply(copy.deepcopy(original), keep_rate=keep_rate, fuse_token=fuse_token)
+    model = timm_evit.apply(copy.deepcopy(original), keep_rate=keep_rate, fuse_token=fuse_token, fusion=fusion)
     return original, model
 
 
@@ -195,7 +195,7 @@ def check_against_family_reference(model, family, x, embedded=None):
     def reference(b, choose):
         extra = {} if embedded is None else dict(embedded=embedded(b))
         ref, ref_tokens = FAMILIES[family].reference(model, x[b], rates, model.fuse_token, choose=choose,
-                                                     score=model.score, **extra)
+                                                     score=model.score, fusion=model.fusion, **extra)
         if embedded is None:
             for (tokens, prefix), theirs in zip(out, ref_tokens):
                 assert prefix.shape[1] == P                                # prefix tokens unchanged in count

@@ -86,22 +86,22 @@ def test_float64_ceil_parity_with_100_tokens():
 
 # Each mutation is a plausible way to get EViT subtly wrong; the reference comparison must catch
 # every one of them (so the tolerances above cannot hide them).
-def _kept_in_position_order(x, cls_attn, num_keep, fuse_token, num_prefix_tokens=1):
-    out, kept_idx = reorganize_tokens(x, cls_attn, num_keep, fuse_token, num_prefix_tokens)
+def _kept_in_position_order(x, cls_attn, num_keep, fuse_token, num_prefix_tokens=1, weighted_mean=False):
+    out, kept_idx = reorganize_tokens(x, cls_attn, num_keep, fuse_token, num_prefix_tokens, weighted_mean)
     kept_sorted = kept_idx.sort(dim=1).values
     out = torch.cat([out[:, :1], x[:, 1:].gather(1, kept_sorted.unsqueeze(-1).expand(-1, -1, x.shape[-1])),
                      out[:, 1 + num_keep:]], dim=1)
     return out, kept_sorted
 
 
-def _renormalised_fusion(x, cls_attn, num_keep, fuse_token, num_prefix_tokens=1):
-    out, kept_idx = reorganize_tokens(x, cls_attn, num_keep, fuse_token, num_prefix_tokens)
+def _renormalised_fusion(x, cls_attn, num_keep, fuse_token, num_prefix_tokens=1, weighted_mean=False):
+    out, kept_idx = reorganize_tokens(x, cls_attn, num_keep, fuse_token, num_prefix_tokens, weighted_mean)
     weights = cls_attn.scatter(1, kept_idx, 0.)
     return torch.cat([out[:, :-1], out[:, -1:] / weights.sum(1, keepdim=True)[..., None]], dim=1), kept_idx
 
 
-def _fused_token_first(x, cls_attn, num_keep, fuse_token, num_prefix_tokens=1):
-    out, kept_idx = reorganize_tokens(x, cls_attn, num_keep, fuse_token, num_prefix_tokens)
+def _fused_token_first(x, cls_attn, num_keep, fuse_token, num_prefix_tokens=1, weighted_mean=False):
+    out, kept_idx = reorganize_tokens(x, cls_attn, num_keep, fuse_token, num_prefix_tokens, weighted_mean)
     return torch.cat([out[:, :1], out[:, -1:], out[:, 1:-1]], dim=1), kept_idx
 
 

@@ -27,8 +27,13 @@ MODELS = {
                     dict(SMALL_VIT_10_CLASSES, img_size=64, keep_rate=0.5, score='mean')),
     'siglip pool': ('evit_vit_base_patch16_siglip_224',
                     dict(SMALL_VIT_10_CLASSES, img_size=64, keep_rate=0.5, score='pool')),
+    # size-aware fusion: the size bias as SDPA's mask, the pool's mask, the size-weighted average
+    'siglip pool size-aware': ('evit_vit_base_patch16_siglip_224',
+                               dict(SMALL_VIT_10_CLASSES, img_size=64, keep_rate=0.5, score='pool', fusion='size')),
+    'registers gap mean size-aware': ('evit_vit_medium_patch16_reg4_gap_256',
+                                      dict(SMALL_VIT_10_CLASSES, img_size=64, keep_rate=0.5, fusion='size')),
 }
-PEAKY_STD = {'siglip mean': 0.3, 'siglip pool': 0.3}
+PEAKY_STD = {'siglip mean': 0.3, 'siglip pool': 0.3, 'siglip pool size-aware': 0.3}
 
 
 def images(model, batch_size):
@@ -82,7 +87,19 @@ def test_cli_exports_an_applied_timm_vit_without_fusion(tmp_path, capsys):
     onnx = pytest.importorskip('onnx')
     metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert metadata['timm_evit.keep_rate'] == '(0.5, 0.5, 0.5)' and metadata['timm_evit.fuse_token'] == 'False'
-    assert metadata['timm_evit.score'] == "'class'"
+    assert metadata['timm_evit.score'] == "'class'" and metadata['timm_evit.fusion'] == "'paper'"
+
+
+def test_cli_exports_size_aware_fusion_and_says_so(tmp_path, capsys):
+    pytest.importorskip('onnxscript')
+    onnx = pytest.importorskip('onnx')
+    out = tmp_path / 'tiny.onnx'
+    code, stdout, err = run_cli(capsys, ['export', '--model', 'evit_deit_tiny', '--keep-rate', '0.5', '--out', str(out),
+                                         '--model-kwargs', *TINY_IMG32_CLI, 'fusion=size'])
+    assert code == 0, err
+    assert 'keep_rate 0.5 in blocks (1, 2), size-aware fusion' in stdout
+    metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert metadata['timm_evit.fusion'] == "'size'"
 
 
 def test_export_format_round_trip(tmp_path, capsys):

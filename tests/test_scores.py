@@ -113,22 +113,22 @@ def test_the_pool_score_survives_copies_and_refuses_losing_its_pool():
     assert model.attn_pool is None and model(x).shape == (2, 5)
 
 
-def _mean_is_the_class_row(q, k, scale, num_prefix_tokens=1, max_chunk_elements=None):
+def _mean_is_the_class_row(q, k, scale, num_prefix_tokens=1, max_chunk_elements=None, key_bias=None, query_weights=None):
     return class_attention(q, k, scale, num_prefix_tokens)
 
 
-def _mean_over_half_the_queries(q, k, scale, num_prefix_tokens=1, max_chunk_elements=None):
+def _mean_over_half_the_queries(q, k, scale, num_prefix_tokens=1, max_chunk_elements=None, key_bias=None, query_weights=None):
     half = q.shape[2] // 2
     return mean_received_row(((q[:, :, :half] * scale) @ k.transpose(-2, -1)).softmax(dim=-1), num_prefix_tokens)
 
 
-def _pool_keyed_by_values(self, x):
+def _pool_keyed_by_values(self, x, token_sizes=None):
     pool, width = self.pool, self.pool.num_heads * self.pool.head_dim
     values = torch.nn.functional.linear(self.norm(x), pool.kv.weight[width:], pool.kv.bias[width:])
     return _pool_score_of(self, values)
 
 
-def _pool_without_the_final_norm(self, x):
+def _pool_without_the_final_norm(self, x, token_sizes=None):
     pool, width = self.pool, self.pool.num_heads * self.pool.head_dim
     return _pool_score_of(self, torch.nn.functional.linear(x, pool.kv.weight[:width], pool.kv.bias[:width]))
 

@@ -53,6 +53,7 @@ def apply(
         keep_rate_warmup_start: int = EViTOptions.keep_rate_warmup_start,
         keep_rate_warmup_steps: int = EViTOptions.keep_rate_warmup_steps,
         score: Optional[str] = EViTOptions.score,
+        fusion: str = EViTOptions.fusion,
 ) -> nn.Module:
     """Convert a timm ViT in place to EViT and return it.
 
@@ -86,7 +87,7 @@ def apply(
     """
     options = EViTOptions(keep_rate=keep_rate, reorg_layers=reorg_layers, fuse_token=fuse_token,
                           keep_rate_warmup_start=keep_rate_warmup_start, keep_rate_warmup_steps=keep_rate_warmup_steps,
-                          score=score)
+                          score=score, fusion=fusion)
     if isinstance(model, EViTMixin):   # already EViT: set the new arguments
         model._init_evit(options)
         return model

@@ -58,6 +58,7 @@ class VisionTransformerEViT(EViTMixin, VisionTransformer):
             keep_rate_warmup_start: int = EViTOptions.keep_rate_warmup_start,
             keep_rate_warmup_steps: int = EViTOptions.keep_rate_warmup_steps,
             score: Optional[str] = EViTOptions.score,
+            fusion: str = EViTOptions.fusion,
             **kwargs,
     ) -> None:
         if 'block_fn' in kwargs:
@@ -65,7 +66,7 @@ class VisionTransformerEViT(EViTMixin, VisionTransformer):
         # checked before the (costly) construction, again in _init_evit
         options = EViTOptions(keep_rate=keep_rate, reorg_layers=reorg_layers, fuse_token=fuse_token,
                               keep_rate_warmup_start=keep_rate_warmup_start,
-                              keep_rate_warmup_steps=keep_rate_warmup_steps, score=score)
+                              keep_rate_warmup_steps=keep_rate_warmup_steps, score=score, fusion=fusion)
         options.checked(kwargs.get('depth', 12))
         resolve_score(options.score, kwargs.get('class_token', True), kwargs.get('global_pool') == 'map')
         super().__init__(block_fn=EViTBlock, **kwargs)

@@ -37,13 +37,14 @@ class EvaEViT(EViTMixin, Eva):
             keep_rate_warmup_start: int = EViTOptions.keep_rate_warmup_start,
             keep_rate_warmup_steps: int = EViTOptions.keep_rate_warmup_steps,
             score: Optional[str] = EViTOptions.score,
+            fusion: str = EViTOptions.fusion,
             **kwargs,
     ) -> None:
         if kwargs.get('use_post_norm', False):
             raise ValueError('use_post_norm=True is not supported: EViT serves pre-norm EvaBlocks')
         options = EViTOptions(keep_rate=keep_rate, reorg_layers=reorg_layers, fuse_token=fuse_token,
                               keep_rate_warmup_start=keep_rate_warmup_start,
-                              keep_rate_warmup_steps=keep_rate_warmup_steps, score=score)
+                              keep_rate_warmup_steps=keep_rate_warmup_steps, score=score, fusion=fusion)
         options.checked(kwargs.get('depth', 12))
         resolve_score(options.score, kwargs.get('class_token', True), kwargs.get('global_pool') == 'map')
         super().__init__(**kwargs)

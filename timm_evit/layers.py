@@ -17,7 +17,7 @@ except ImportError:  # a timm without it has no Eva that uses it
     AttentionRope = None
 
 from . import opaque
-from .reorg import class_attention, head_averaged_class_row, mean_received_row, pool_attention
+from .reorg import class_attention, head_averaged_class_row, mean_received_row, pool_attention, size_key_bias
 
 __all__ = [
     'EViTBlock', 'EViTEvaBlock', 'attention_with_class_attention', 'rope_attention_with_class_attention', 'PoolScore',
@@ -32,30 +32,43 @@ def _attend_with_score(
         v: torch.Tensor,
         gate: Optional[torch.Tensor],
         num_prefix_tokens: int,
-        score: str,
+        score: Optional[str],
+        token_sizes: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The end both timm attention modules share, from ``q, k, v`` ``[B, H, N, D]`` on: attention,
     heads joined, scale norm, gate, projection; also the block's ``score`` of the non-prefix tokens,
     ``[B, N - P]`` (``'class'``: the head-averaged class row; ``'mean'``: the attention each token
-    receives; ``'pool'`` is not the attention's: None).
+    receives; ``'pool'`` is not the attention's, and None asks for none: None).
+
+    ``token_sizes`` ``[B, N - P]`` (size-aware fusion, after a reorganisation): every query attends
+    to a token of size ``s`` with ``+ log(s)`` on its logit, in the attention and in the score, and
+    ``'mean'`` counts it as ``s`` queries.
 
     Fused / unfused as the module says: the unfused path reads the score from the attention it
     materialises anyway; the fused path computes it beside the SDPA kernel (the class row alone,
-    or the received attention a chunk of queries at a time).
+    or the received attention a chunk of queries at a time), the size bias as SDPA's additive
+    mask ``[B, 1, 1, N]``, broadcast over heads and queries.
     """
-    token_score = None
+    token_score, key_bias, query_weights = None, None, None
+    if token_sizes is not None:
+        key_bias = size_key_bias(token_sizes, num_prefix_tokens, q.dtype)
+        if score == 'mean':
+            query_weights = F.pad(token_sizes, (num_prefix_tokens, 0), value=1.)
     if attn.fused_attn:
         if score == 'class':
-            token_score = class_attention(q, k, attn.scale, num_prefix_tokens)
+            token_score = class_attention(q, k, attn.scale, num_prefix_tokens, key_bias)
         elif score == 'mean':
-            token_score = opaque.mean_received_attention(q, k, attn.scale, num_prefix_tokens)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.)
+            token_score = opaque.mean_received_attention(
+                q, k, attn.scale, num_prefix_tokens, key_bias=key_bias, query_weights=query_weights)
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=key_bias, dropout_p=attn.attn_drop.p if attn.training else 0.)
     else:
-        weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        weights = (logits if key_bias is None else logits + key_bias).softmax(dim=-1)
         if score == 'class':
             token_score = head_averaged_class_row(weights, num_prefix_tokens)
         elif score == 'mean':
-            token_score = mean_received_row(weights, num_prefix_tokens)
+            token_score = mean_received_row(weights, num_prefix_tokens, query_weights)
         x = attn.attn_drop(weights) @ v
 
     x = x.transpose(1, 2).flatten(2)   # heads joined; no size inferred: an empty batch works
@@ -69,11 +82,13 @@ def attention_with_class_attention(
         attn: Attention,
         x: torch.Tensor,
         num_prefix_tokens: int = 1,
-        score: str = 'class',
+        score: Optional[str] = 'class',
+        token_sizes: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """timm ``Attention`` forward that also returns the ``score`` of the ``N - P`` non-prefix
     tokens, ``[B, N - P]``: the head-averaged class attention (``'class'``), the attention each
-    receives (``'mean'``), or None (``'pool'``, which the block computes from its tokens).
+    receives (``'mean'``), or None (``'pool'``, which the block computes from its tokens, or None).
+    ``token_sizes``: size-aware attention (``_attend_with_score``).
 
     Runs the module's own layers (qkv, q/k norms, scale norm, gate, proj, dropouts) in the order of
     timm's ``Attention.forward``, so its output is that forward's (a test compares them), on the
@@ -86,7 +101,7 @@ def attention_with_class_attention(
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
 
-    return _attend_with_score(attn, q, k, v, gate, num_prefix_tokens, score)
+    return _attend_with_score(attn, q, k, v, gate, num_prefix_tokens, score, token_sizes)
 
 
 class PoolScore:
@@ -100,7 +115,7 @@ class PoolScore:
     def __init__(self, pool: torch.nn.Module, norm: torch.nn.Module, num_prefix_tokens: int) -> None:
         self.pool, self.norm, self.num_prefix_tokens = pool, norm, num_prefix_tokens
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, token_sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
         pool = self.pool
         B, N, _ = x.shape
         width = pool.num_heads * pool.head_dim
@@ -108,7 +123,8 @@ class PoolScore:
         kv_bias = None if pool.kv.bias is None else pool.kv.bias[:width]
         k = F.linear(self.norm(x), pool.kv.weight[:width], kv_bias)    # the key half of the pool's kv only
         k = k.reshape(B, N, pool.num_heads, pool.head_dim).transpose(1, 2)
-        return pool_attention(pool.q_norm(q), pool.k_norm(k), pool.scale, self.num_prefix_tokens)
+        key_bias = None if token_sizes is None else size_key_bias(token_sizes, self.num_prefix_tokens, k.dtype)
+        return pool_attention(pool.q_norm(q), pool.k_norm(k), pool.scale, self.num_prefix_tokens, key_bias)
 
 
 class _ReorganisingStep:
@@ -118,6 +134,7 @@ class _ReorganisingStep:
 
     keep_rate: float = 1.0
     fuse_token: bool = True
+    fusion: str = 'paper'                   # options.FUSIONS
     num_prefix_tokens: int = 1
     score: str = 'class'                    # what ranks the tokens (options.SCORES)
     pool_score: Optional[PoolScore] = None  # for score 'pool'
@@ -143,10 +160,12 @@ class _ReorganisingStep:
             score: Optional[torch.Tensor],
             rate: float,
             kept_indices: Optional[List[torch.Tensor]],
+            token_sizes: Optional[torch.Tensor],
     ) -> torch.Tensor:
         if score is None:   # 'pool': from the tokens after the attention residual
-            score = self.pool_score(x)
-        x, kept_idx = opaque.reorganize_at_rate(x, score, rate, self.fuse_token, self.num_prefix_tokens)
+            score = self.pool_score(x, token_sizes)
+        x, kept_idx = opaque.reorganize_at_rate(
+            x, score, rate, self.fuse_token, self.num_prefix_tokens, weighted_mean=self.fusion == 'size')
         if kept_indices is not None:
             kept_indices.append(kept_idx)
         return x
@@ -163,6 +182,8 @@ class EViTBlock(_ReorganisingStep, Block):
     ``forward`` also takes ``keep_rate`` for one call, and ``kept_indices``: a list to which the
     block appends the indices ``[B, num_keep]`` of the non-prefix tokens it kept, in their new order
     (the identity when it kept them all). Models use it to trace tokens back to their patches.
+    ``token_sizes`` ``[B, n]``: the sizes of the non-prefix tokens after a size-aware fusion (their
+    ``log`` biases every attention to them); None: every token has size 1.
     """
 
     def forward(
@@ -172,14 +193,16 @@ class EViTBlock(_ReorganisingStep, Block):
             is_causal: bool = False,
             keep_rate: Optional[float] = None,
             kept_indices: Optional[List[torch.Tensor]] = None,
+            token_sizes: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         rate = self._rate(keep_rate, attn_mask, is_causal)
-        if rate >= 1.0:
+        if rate >= 1.0 and token_sizes is None:
             return self._kept_all(super().forward(x, attn_mask=attn_mask, is_causal=is_causal), kept_indices)
-        # Block.forward with the reorganisation between its two residual branches
-        attn_out, score = attention_with_class_attention(self.attn, self.norm1(x), self.num_prefix_tokens, self.score)
+        # Block.forward with the size bias, and the reorganisation between its two residual branches
+        attn_out, score = attention_with_class_attention(
+            self.attn, self.norm1(x), self.num_prefix_tokens, self.score if rate < 1.0 else None, token_sizes)
         x = x + self.drop_path1(self.ls1(attn_out))
-        x = self._reorganise(x, score, rate, kept_indices)
+        x = self._reorganise(x, score, rate, kept_indices, token_sizes) if rate < 1.0 else self._kept_all(x, kept_indices)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -216,10 +239,12 @@ def rope_attention_with_class_attention(
         x: torch.Tensor,
         rope: Optional[torch.Tensor],
         num_prefix_tokens: int = 1,
-        score: str = 'class',
+        score: Optional[str] = 'class',
+        token_sizes: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """timm ``EvaAttention`` / ``AttentionRope`` forward that also returns the ``score`` of the
-    ``N - P`` non-prefix tokens, ``[B, N - P]`` (as ``attention_with_class_attention``).
+    ``N - P`` non-prefix tokens, ``[B, N - P]`` (as ``attention_with_class_attention``, with its
+    ``token_sizes``).
 
     Runs the module's own layers in the order of its forward (projections, q/k norms, rotary
     embedding of the non-prefix queries and keys with timm's ``apply_rot_embed_cat``, grouped k/v
@@ -241,7 +266,7 @@ def rope_attention_with_class_attention(
         k = k.repeat_interleave(num_kv_groups, dim=1)
         v = v.repeat_interleave(num_kv_groups, dim=1)
 
-    return _attend_with_score(attn, q, k, v, gate, num_prefix_tokens, score)
+    return _attend_with_score(attn, q, k, v, gate, num_prefix_tokens, score, token_sizes)
 
 
 class EViTEvaBlock(_ReorganisingStep, EvaBlock):
@@ -263,18 +288,19 @@ class EViTEvaBlock(_ReorganisingStep, EvaBlock):
             is_causal: bool = False,
             keep_rate: Optional[float] = None,
             kept_indices: Optional[List[torch.Tensor]] = None,
+            token_sizes: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         rate = self._rate(keep_rate, attn_mask, is_causal)
-        if rate >= 1.0:
+        if rate >= 1.0 and token_sizes is None:
             x = super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
             return self._kept_all(x, kept_indices)
-        # EvaBlock.forward with the reorganisation between its two residual branches
+        # EvaBlock.forward with the size bias, and the reorganisation between its two residual branches
         attn_out, score = rope_attention_with_class_attention(
-            self.attn, self.norm1(x), rope, self.num_prefix_tokens, self.score)
+            self.attn, self.norm1(x), rope, self.num_prefix_tokens, self.score if rate < 1.0 else None, token_sizes)
         if self.gamma_1 is not None:
             attn_out = self.gamma_1 * attn_out
         x = x + self.drop_path1(attn_out)
-        x = self._reorganise(x, score, rate, kept_indices)
+        x = self._reorganise(x, score, rate, kept_indices, token_sizes) if rate < 1.0 else self._kept_all(x, kept_indices)
         mlp_out = self.mlp(self.norm2(x))
         if self.gamma_2 is not None:
             mlp_out = self.gamma_2 * mlp_out

@@ -19,8 +19,10 @@ from timm.models._features import feature_take_indices
 
 from . import opaque
 from .layers import PoolScore
-from .options import EViTOptions, KeepRate, check_fuse_token, check_keep_rate, default_reorg_layers, resolve_score
-from .reorg import tokens_to_patch_grid
+from .options import (
+    EViTOptions, KeepRate, check_fuse_token, check_fusion, check_keep_rate, default_reorg_layers, resolve_score,
+)
+from .reorg import size_key_bias, size_weighted_pool, tokens_to_patch_grid
 from .schedule import KeepRateWarmup
 from .tracing import TokenTrace
 
@@ -44,6 +46,7 @@ class EViTMixin(KeepRateWarmup):
             blk.keep_rate = 1.0
         self.reorg_layers = options.reorg_layers
         self.fuse_token = options.fuse_token
+        self.fusion = options.fusion
         self.score = options.score
         self.set_keep_rate(options.keep_rate)
         self._init_warmup(options.keep_rate_warmup_start, options.keep_rate_warmup_steps, self._place()['device'])
@@ -101,6 +104,29 @@ class EViTMixin(KeepRateWarmup):
         for blk in self.blocks:
             blk.fuse_token = self._fuse_token
 
+    @property
+    def fusion(self) -> str:
+        """How the inattentive tokens are fused: ``'paper'`` (the raw attention-weighted sum, one token
+        from then on) or ``'size'`` (the attention-weighted mean, keeping its size: docs/design.md,
+        "A fused token that keeps its size"). Without ``fuse_token`` every size is 1 and both are one."""
+        return self._fusion
+
+    @fusion.setter
+    def fusion(self, fusion: str) -> None:
+        fusion = check_fusion(fusion)
+        pool = getattr(self, 'attn_pool', None)
+        if fusion == 'size' and pool is not None and not isinstance(pool, AttentionPoolLatent):
+            raise ValueError(f"fusion='size' weighs pooled tokens by size, which this model's {type(pool).__name__} "
+                             "pool cannot: use fusion='paper'")
+        self._fusion = fusion
+        for blk in self.blocks:
+            blk.fusion = fusion
+
+    @property
+    def _size_aware(self) -> bool:
+        # tokens carry sizes into every later attention and the pooling
+        return self.fusion == 'size' and self.fuse_token
+
     def set_keep_rate(self, keep_rate: KeepRate) -> None:
         """Change the keep rate (one float, or one per reorganising block); no retraining needed."""
         rates = check_keep_rate(keep_rate, len(self.reorg_layers))
@@ -154,14 +180,18 @@ class EViTMixin(KeepRateWarmup):
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
             rope: Optional[torch.Tensor] = None,
+            token_sizes: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Runs one block through its ``__call__`` (hooks see it); returns the tokens and the kept
         indices, or None where the block keeps every token at this rate. ``rope``: the rotary rows
-        of the tokens entering it (RoPE families only)."""
+        of the tokens entering it (RoPE families only); ``token_sizes``: their sizes (size-aware
+        fusion, after a reorganisation)."""
         kept_indices = [] if keep_rate < 1.0 else None
         kwargs = dict(keep_rate=keep_rate, kept_indices=kept_indices)
         if rope is not None:
             kwargs.update(rope=rope)
+        if token_sizes is not None:
+            kwargs.update(token_sizes=token_sizes)
         if keep_rate >= 1.0 and (attn_mask is not None or is_causal):
             # (check_attention_mask has made sure that no mask meets a reorganising block; under
             # FX tracing both are placeholders, passed on to the plain blocks as timm does)
@@ -197,15 +227,19 @@ class EViTMixin(KeepRateWarmup):
 
         With ``rope`` (timm's rotary embedding of the entering tokens; ``[depth, ...]`` where the model
         has one per block, ``rope_mixed``), each block gets the rows of the tokens that remain: every
-        kept token its patch's rotation, a fused token none. Returns the tokens, their ``TokenTrace``
-        (None unless ``trace``, ``trace_patches`` or ``rope`` asked for one; its ``patch_token_index``
-        only with ``trace_patches``), and for each block in ``take_indices`` its tokens and trace.
+        kept token its patch's rotation, a fused token none. With size-aware fusion each block gets
+        the tokens' sizes. Returns the tokens, their ``TokenTrace`` (None unless ``trace``,
+        ``trace_patches``, ``rope`` or size-aware fusion asked for one; its ``patch_token_index`` only
+        with ``trace_patches`` or ``take_indices``, its sizes with those or size-aware fusion), and for
+        each block in ``take_indices`` its tokens and trace.
         """
         opaque.check_attention_mask(attn_mask, is_causal, rates)
         take_indices = list(take_indices)
         token_trace = None
-        if trace or trace_patches or take_indices or rope is not None:
-            token_trace = TokenTrace.start(x, self.num_prefix_tokens, trace_patches or bool(take_indices))
+        size_aware = self._size_aware
+        if trace or trace_patches or take_indices or rope is not None or size_aware:
+            token_trace = TokenTrace.start(x, self.num_prefix_tokens, trace_patches or bool(take_indices),
+                                           with_sizes=size_aware or bool(take_indices))
         rope_per_block = rope is not None and getattr(self, 'rope_mixed', False)
         reorganised, block_rope, taken = False, rope, []
         for i in range(len(self.blocks) if num_blocks is None else num_blocks):
@@ -213,7 +247,8 @@ class EViTMixin(KeepRateWarmup):
                 block_rope = rope[i]
                 if reorganised:
                     block_rope = opaque.rotary_rows_for_tokens(block_rope, token_trace.token_patch_ids)
-            x, kept_idx = self._run_block(self.blocks[i], x, rates[i], attn_mask, is_causal, block_rope)
+            block_sizes = token_trace.token_sizes if size_aware else None
+            x, kept_idx = self._run_block(self.blocks[i], x, rates[i], attn_mask, is_causal, block_rope, block_sizes)
             if kept_idx is not None and token_trace is not None:
                 token_trace = token_trace.after(kept_idx, self.fuse_token)
                 # before any reorganisation, timm's own rope goes to the blocks (keep_rate 1.0 is timm's model)
@@ -224,6 +259,21 @@ class EViTMixin(KeepRateWarmup):
                 taken.append((x, token_trace))
         return x, token_trace, taken
 
+    def _features_and_sizes(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor],
+            is_causal: bool,
+            keep_rate: Optional[KeepRate],
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``forward_features`` and the sizes of the remaining non-prefix tokens (None: every one is
+        one patch, or the fusion is the paper's)."""
+        x, rope = self._entering_tokens(x)
+        rates = self._keep_rates_for_call(keep_rate)
+        self._advance_warmup()
+        x, trace, _ = self._block_loop(x, rates, attn_mask, is_causal, rope)
+        return self.norm(x), (trace.token_sizes if self._size_aware else None)
+
     def forward_features(
             self,
             x: torch.Tensor,
@@ -233,11 +283,31 @@ class EViTMixin(KeepRateWarmup):
     ) -> torch.Tensor:
         """Tokens after the final norm: ``[B, prefix + remaining tokens, C]``. ``attn_mask`` /
         ``is_causal`` go to every block's attention as in timm, with ``keep_rate`` 1.0 only."""
-        x, rope = self._entering_tokens(x)
-        rates = self._keep_rates_for_call(keep_rate)
-        self._advance_warmup()
-        x, _, _ = self._block_loop(x, rates, attn_mask, is_causal, rope)
-        return self.norm(x)
+        return self._features_and_sizes(x, attn_mask, is_causal, keep_rate)[0]
+
+    def forward_head(
+            self,
+            x: torch.Tensor,
+            pre_logits: bool = False,
+            token_sizes: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """timm's head; with ``token_sizes`` ``[B, n]`` (size-aware fusion) an ``avg`` / ``avgmax``
+        pooling weighs each non-prefix token by its size and an attention pool adds ``log(size)`` to
+        its logits (``forward`` passes them; without them every token counts once)."""
+        pool = getattr(self, 'attn_pool', None)
+        if token_sizes is None or (pool is None and self.global_pool not in ('avg', 'avgmax')):
+            return super().forward_head(x, pre_logits=pre_logits)
+        # timm's ViT says whether its pool sees the prefix tokens; Eva's attention pool sees them, its average not
+        include_prefix = getattr(self, 'pool_include_prefix', pool is not None)
+        if pool is None:
+            x = size_weighted_pool(x, token_sizes, self.global_pool, self.num_prefix_tokens, include_prefix)
+        else:
+            num_prefix = self.num_prefix_tokens if include_prefix else 0
+            bias = size_key_bias(token_sizes, num_prefix, x.dtype)
+            x = pool(x[:, self.num_prefix_tokens - num_prefix:], attn_mask=bias)
+        # the rest of timm's forward_head
+        x = self.head_drop(self.fc_norm(x))
+        return x if pre_logits else self.head(x)
 
     def forward(
             self,
@@ -247,8 +317,8 @@ class EViTMixin(KeepRateWarmup):
             keep_rate: Optional[KeepRate] = None,
     ) -> torch.Tensor:
         """Logits; ``keep_rate`` overrides the model's keep rate for this call only."""
-        x = self.forward_features(x, attn_mask=attn_mask, is_causal=is_causal, keep_rate=keep_rate)
-        return self.forward_head(x)
+        x, token_sizes = self._features_and_sizes(x, attn_mask, is_causal, keep_rate)
+        return self.forward_head(x, token_sizes=token_sizes)
 
     def forward_intermediates(
             self,
@@ -271,7 +341,8 @@ class EViTMixin(KeepRateWarmup):
         raw non-prefix tokens, fewer after each reorganisation. With ``output_dict=True`` the
         result also holds, per intermediate, ``token_patch_ids`` ``[B, n]`` (the patch each token
         came from, -1 for a fused token) and ``patch_token_index`` ``[B, H*W]`` (the token now
-        carrying each patch, -1 if dropped).
+        carrying each patch, -1 if dropped) and ``token_sizes`` ``[B, n]`` (the patches each token
+        stands for: 1, or for a fused token the patches it replaced).
         """
         if output_fmt not in ('NCHW', 'NLC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
@@ -288,7 +359,7 @@ class EViTMixin(KeepRateWarmup):
         x, _, taken = self._block_loop(
             x, rates, attn_mask, is_causal, rope, take_indices=take_indices, num_blocks=num_blocks)
 
-        intermediates, prefix_tokens, token_ids_out, patch_index_out = [], [], [], []
+        intermediates, prefix_tokens, token_ids_out, patch_index_out, sizes_out = [], [], [], [], []
         for y, trace in taken:
             y = self.norm(y) if norm else y
             prefix_tokens.append(y[:, :self.num_prefix_tokens])
@@ -299,12 +370,14 @@ class EViTMixin(KeepRateWarmup):
             intermediates.append(tokens)
             token_ids_out.append(trace.token_patch_ids)
             patch_index_out.append(trace.patch_token_index)
+            sizes_out.append(trace.sizes_or_ones())
 
         if output_dict:
             result = {
                 'image_intermediates': intermediates,
                 'token_patch_ids': token_ids_out,
                 'patch_token_index': patch_index_out,
+                'token_sizes': sizes_out,
             }
             if return_prefix_tokens:
                 result['image_intermediates_prefix'] = prefix_tokens

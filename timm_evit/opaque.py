@@ -11,13 +11,13 @@ import torch
 from timm.models import register_notrace_function
 
 from .reorg import (
-    mean_received_attention, reorganize_at_rate, rotary_rows_for_tokens, trace_patch_token_index, trace_token_patch_ids,
+    mean_received_attention, reorganize_at_rate, rotary_rows_for_tokens, sizes_after, trace_patch_token_index,
+    trace_token_patch_ids,
 )
 
 __all__ = [
     'check_image_batch', 'check_attention_mask', 'check_patch_grid', 'mean_received_attention',
-    'reorganize_at_rate', 'trace_token_patch_ids',
-    'trace_patch_token_index', 'rotary_rows_for_tokens',
+    'reorganize_at_rate', 'trace_token_patch_ids', 'trace_patch_token_index', 'sizes_after', 'rotary_rows_for_tokens',
 ]
 
 
@@ -46,7 +46,8 @@ def check_patch_grid(num_patches: int, grid_size: Tuple[int, int]) -> None:
 
 
 for _function in (check_image_batch, check_attention_mask, check_patch_grid, mean_received_attention,
-                  reorganize_at_rate, trace_token_patch_ids, trace_patch_token_index, rotary_rows_for_tokens):
+                  reorganize_at_rate, trace_token_patch_ids, trace_patch_token_index, sizes_after,
+                  rotary_rows_for_tokens):
     torch.fx.wrap(_function.__name__)       # (at module level, as torch.fx.wrap requires)
     register_notrace_function(_function)
 del _function

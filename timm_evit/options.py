@@ -11,6 +11,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 __all__ = [
     'KeepRate', 'EViTOptions', 'EVIT_ARGS', 'TRAINING_ARGS', 'pop_evit_args', 'default_reorg_layers',
     'check_keep_rate', 'check_reorg_layers', 'check_fuse_token', 'SCORES', 'check_score', 'resolve_score',
+    'FUSIONS', 'check_fusion',
 ]
 
 KeepRate = Union[float, Sequence[float]]
@@ -18,6 +19,10 @@ KeepRate = Union[float, Sequence[float]]
 # What ranks the tokens (docs/design.md, "What ranks the tokens"): the class token's attention row,
 # the attention each token receives from every query, or the model's own attention-pool query.
 SCORES = ('class', 'mean', 'pool')
+
+# How the inattentive tokens are fused (docs/design.md, "A fused token that keeps its size"): the
+# paper's raw attention-weighted sum, or the attention-weighted mean that keeps its size.
+FUSIONS = ('paper', 'size')
 
 
 def default_reorg_layers(depth: int) -> Tuple[int, ...]:
@@ -35,6 +40,7 @@ class EViTOptions:
     reorg_layers: Optional[Sequence[int]] = None    # None: default_reorg_layers(depth)
     fuse_token: bool = True                         # fuse the inattentive tokens (True) or drop them
     score: Optional[str] = None                     # one of SCORES; None: the model's default (resolve_score)
+    fusion: str = 'paper'                           # one of FUSIONS (with fuse_token; without it every size is 1)
     keep_rate_warmup_start: int = dataclasses.field(default=0, metadata={'training': True})
     keep_rate_warmup_steps: int = dataclasses.field(default=0, metadata={'training': True})
 
@@ -50,7 +56,8 @@ class EViTOptions:
         fuse_token = check_fuse_token(self.fuse_token)
         score = None if self.score is None else check_score(self.score)
         return dataclasses.replace(self, keep_rate=check_keep_rate(self.keep_rate, len(layers)),
-                                   reorg_layers=layers, fuse_token=fuse_token, score=score)
+                                   reorg_layers=layers, fuse_token=fuse_token, score=score,
+                                   fusion=check_fusion(self.fusion))
 
 
 # The EViT arguments by name, in declaration order; those that act only in training.
@@ -67,6 +74,12 @@ def check_score(score) -> str:
     if not isinstance(score, str) or score not in SCORES:
         raise ValueError(f"score must be one of {', '.join(map(repr, SCORES))}, got {score!r}")
     return score
+
+
+def check_fusion(fusion) -> str:
+    if not isinstance(fusion, str) or fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {', '.join(map(repr, FUSIONS))}, got {fusion!r}")
+    return fusion
 
 
 def resolve_score(score: Optional[str], has_class_token: bool, has_attention_pool: bool) -> str:

@@ -12,13 +12,13 @@ for each token now present, the patch it came from (-1: a fused token). ``patch_
 ``[B, patches]``: for each patch, the token now carrying it (-1: dropped without fusion).
 """
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 __all__ = [
     'num_kept_tokens', 'head_averaged_class_row', 'class_attention', 'mean_received_row', 'mean_received_attention',
-    'pool_attention', 'reorganize_tokens', 'reorganize_at_rate',
+    'pool_attention', 'reorganize_tokens', 'reorganize_at_rate', 'size_key_bias', 'sizes_after', 'size_weighted_pool',
     'trace_token_patch_ids', 'trace_patch_token_index', 'tokens_to_patch_grid', 'rotary_rows_for_tokens',
 ]
 
@@ -43,20 +43,41 @@ def head_averaged_class_row(attn: torch.Tensor, num_prefix_tokens: int = 1) -> t
     return attn[:, :, 0, num_prefix_tokens:].mean(dim=1)
 
 
-def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix_tokens: int = 1) -> torch.Tensor:
+def _with_bias(logits: torch.Tensor, key_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return logits if key_bias is None else logits + key_bias
+
+
+def class_attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        scale: float,
+        num_prefix_tokens: int = 1,
+        key_bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Head-averaged class-token attention ``[B, N - P]`` from ``q, k`` of shape ``[B, H, N, D]``.
 
     Computes only the class query's row (``[B, H, 1, N]``), never the ``N x N`` matrix, for use
-    beside a fused attention kernel that does not expose its probabilities.
+    beside a fused attention kernel that does not expose its probabilities. ``key_bias``
+    ``[B, 1, 1, N]`` is added to the logits (``size_key_bias``).
     """
-    logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)
+    logits = _with_bias((q[:, :, :1] * scale) @ k.transpose(-2, -1), key_bias)
     return head_averaged_class_row(logits.softmax(dim=-1), num_prefix_tokens)
 
 
-def mean_received_row(attn: torch.Tensor, num_prefix_tokens: int = 1) -> torch.Tensor:
+def mean_received_row(
+        attn: torch.Tensor,
+        num_prefix_tokens: int = 1,
+        query_weights: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """The ``'mean'`` score from softmax rows ``[B, H, N, N]``: the attention each non-prefix token
-    receives, averaged over heads and over every query present, ``[B, N - P]`` (not renormalised)."""
-    return attn.mean(dim=(1, 2))[:, num_prefix_tokens:]
+    receives, averaged over heads and over every query present, ``[B, N - P]`` (not renormalised).
+    ``query_weights`` ``[B, N]`` (the tokens' sizes) weight the queries: a token of size ``s``
+    counts as ``s`` queries."""
+    if query_weights is None:
+        return attn.mean(dim=(1, 2))[:, num_prefix_tokens:]
+    w = query_weights.to(attn.dtype)
+    received = (attn.mean(dim=1) * w.unsqueeze(-1)).sum(dim=1) / w.sum(dim=1, keepdim=True)
+    return received[:, num_prefix_tokens:]
 
 
 def mean_received_attention(
@@ -65,26 +86,40 @@ def mean_received_attention(
         scale: float,
         num_prefix_tokens: int = 1,
         max_chunk_elements: int = 1 << 22,
+        key_bias: Optional[torch.Tensor] = None,
+        query_weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``mean_received_row`` from ``q, k`` ``[B, H, N, D]``, for use beside a fused attention kernel:
     the softmax rows are made a chunk of queries at a time (at most ``max_chunk_elements``
     probabilities each, 16 MB in float32), summed over heads and queries, and dropped, so no
-    ``[B, H, N, N]`` buffer exists where ``N`` is large. Its matmuls are ``q k^T`` once more."""
+    ``[B, H, N, N]`` buffer exists where ``N`` is large. Its matmuls are ``q k^T`` once more.
+    ``key_bias`` and ``query_weights`` as in ``class_attention`` and ``mean_received_row``."""
     B, H, N, _ = q.shape
     rows = max(1, max_chunk_elements // max(1, B * H * N))
     k_t = k.transpose(-2, -1)
     received = q.new_zeros(B, N)
+    w = None if query_weights is None else query_weights.to(q.dtype)
     for start in range(0, N, rows):
-        probs = ((q[:, :, start:start + rows] * scale) @ k_t).softmax(dim=-1)
-        received = received + probs.sum(dim=(1, 2))
-    return received[:, num_prefix_tokens:] / (H * N)
+        probs = _with_bias((q[:, :, start:start + rows] * scale) @ k_t, key_bias).softmax(dim=-1)
+        if w is None:
+            received = received + probs.sum(dim=(1, 2))
+        else:
+            received = received + (probs.sum(dim=1) * w[:, start:start + rows].unsqueeze(-1)).sum(dim=1)
+    total = H * N if w is None else H * w.sum(dim=1, keepdim=True)
+    return received[:, num_prefix_tokens:] / total
 
 
-def pool_attention(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix_tokens: int = 1) -> torch.Tensor:
+def pool_attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        scale: float,
+        num_prefix_tokens: int = 1,
+        key_bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """The ``'pool'`` score: an attention pool's latent queries ``q`` ``[B or 1, H, L, D]`` against
     the tokens' keys ``k`` ``[B, H, N, D]``, softmax over all ``N`` tokens, averaged over heads and
-    latents, at the non-prefix columns: ``[B, N - P]``."""
-    probs = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    latents, at the non-prefix columns: ``[B, N - P]``. ``key_bias`` as in ``class_attention``."""
+    probs = _with_bias((q * scale) @ k.transpose(-2, -1), key_bias).softmax(dim=-1)
     return probs.mean(dim=(1, 2))[:, num_prefix_tokens:]
 
 
@@ -94,6 +129,7 @@ def reorganize_tokens(
         num_keep: int,
         fuse_token: bool,
         num_prefix_tokens: int = 1,
+        weighted_mean: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Keep the ``num_keep`` most attentive tokens and, optionally, fuse the rest into one.
 
@@ -104,6 +140,8 @@ def reorganize_tokens(
         num_keep: tokens to keep, ``1 <= num_keep <= n``.
         fuse_token: append ``sum_j a_j * x_j`` over the dropped tokens ``j`` (raw weights).
         num_prefix_tokens: ``P``; they stay first, in their order.
+        weighted_mean: the fused token is ``sum_j a_j x_j / sum_j a_j`` instead (size-aware
+            fusion, docs/design.md, "A fused token that keeps its size").
 
     Returns:
         ``([prefix..., kept..., (fused)], kept_idx)``: kept tokens ordered by attention, descending;
@@ -121,7 +159,10 @@ def reorganize_tokens(
     if fuse_token:
         # Attention weights with the kept ones zeroed: the fused token is one batched matmul,
         # with no complement index and no second gather.
-        weights = cls_attn.scatter(1, kept_idx, 0.).to(x.dtype)
+        weights = cls_attn.scatter(1, kept_idx, 0.)
+        if weighted_mean:
+            weights = weights / weights.sum(dim=1, keepdim=True)
+        weights = weights.to(x.dtype)
         parts.append(weights.unsqueeze(1) @ x[:, num_prefix_tokens:])
     return torch.cat(parts, dim=1), kept_idx
 
@@ -132,6 +173,7 @@ def reorganize_at_rate(
         keep_rate: float,
         fuse_token: bool,
         num_prefix_tokens: int = 1,
+        weighted_mean: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``reorganize_tokens`` keeping ``ceil(keep_rate * n)`` of the ``n`` non-prefix tokens.
 
@@ -142,7 +184,64 @@ def reorganize_at_rate(
     num_keep = num_kept_tokens(keep_rate, num_tokens)
     if num_keep >= num_tokens:
         return x, torch.arange(num_tokens, device=x.device).expand(B, -1)
-    return reorganize_tokens(x, cls_attn, num_keep, fuse_token, num_prefix_tokens)
+    return reorganize_tokens(x, cls_attn, num_keep, fuse_token, num_prefix_tokens, weighted_mean)
+
+
+def size_key_bias(token_sizes: torch.Tensor, num_prefix_tokens: int, dtype: torch.dtype) -> torch.Tensor:
+    """``log(size)`` of every token as a key bias ``[B, 1, 1, P + n]`` (prefix tokens: size 1, bias 0),
+    for attention logits ``[B, H, queries, P + n]``: a token of size ``s`` is attended to as ``s``
+    copies of itself (ToMe's proportional attention). ``token_sizes`` ``[B, n]``."""
+    bias = token_sizes.log()
+    if num_prefix_tokens:
+        bias = torch.cat([bias.new_zeros(bias.shape[0], num_prefix_tokens), bias], dim=1)
+    return bias.to(dtype)[:, None, None, :]
+
+
+def sizes_after(
+        token_sizes: Optional[torch.Tensor],
+        kept_idx: torch.Tensor,
+        num_tokens: int,
+        fuse_token: bool,
+) -> torch.Tensor:
+    """The sizes (patches each token stands for) after a reorganisation: each kept token keeps its
+    size and, with fusion, the fused token (last) holds the sum of the sizes it replaced: ``[B,
+    num_keep (+1)]``. ``token_sizes`` ``[B, n]`` before the block (None: every token has size 1);
+    ``num_tokens`` is ``n``. A block that kept every token changed nothing (its kept indices are
+    the identity)."""
+    if token_sizes is None:
+        token_sizes = torch.ones(kept_idx.shape[0], num_tokens, device=kept_idx.device)
+    if kept_idx.shape[1] == num_tokens:
+        return token_sizes
+    kept = token_sizes.gather(1, kept_idx)
+    if not fuse_token:
+        return kept
+    fused = token_sizes.sum(dim=1, keepdim=True) - kept.sum(dim=1, keepdim=True)
+    return torch.cat([kept, fused], dim=1)
+
+
+def size_weighted_pool(
+        x: torch.Tensor,
+        token_sizes: torch.Tensor,
+        pool_type: str,
+        num_prefix_tokens: int,
+        include_prefix: bool = False,
+) -> torch.Tensor:
+    """timm's ``avg`` / ``avgmax`` / ``max`` pooling of tokens ``[B, P + n, C]`` where each non-prefix
+    token stands for ``token_sizes`` ``[B, n]`` patches (prefix tokens, where included, for one):
+    the mean is weighted by size (the mean over the patches), the max needs no weights."""
+    sizes = token_sizes.to(x.dtype)
+    if include_prefix:
+        sizes = torch.cat([sizes.new_ones(sizes.shape[0], num_prefix_tokens), sizes], dim=1)
+    else:
+        x = x[:, num_prefix_tokens:]
+    if pool_type == 'max':
+        return x.amax(dim=1)
+    mean = (x * sizes.unsqueeze(-1)).sum(dim=1) / sizes.sum(dim=1, keepdim=True)
+    if pool_type == 'avg':
+        return mean
+    if pool_type == 'avgmax':
+        return 0.5 * (x.amax(dim=1) + mean)
+    raise ValueError(f"pool_type must be 'avg', 'avgmax' or 'max', got {pool_type!r}")
 
 
 def trace_token_patch_ids(token_patch_ids: torch.Tensor, kept_idx: torch.Tensor, fuse_token: bool) -> torch.Tensor:

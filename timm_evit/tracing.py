@@ -10,23 +10,36 @@ __all__ = ['TokenTrace']
 
 
 class TokenTrace(NamedTuple):
-    """``token_patch_ids`` ``[B, n]`` and, where asked for, ``patch_token_index`` ``[B, patches]``,
-    for the non-prefix tokens present at one point of the block loop."""
+    """``token_patch_ids`` ``[B, n]`` and, where asked for, ``patch_token_index`` ``[B, patches]``
+    and ``token_sizes`` ``[B, n]`` (the patches each token stands for: None until a reorganisation,
+    while every token is one patch), for the non-prefix tokens present at one point of the loop."""
 
     token_patch_ids: torch.Tensor
     patch_token_index: Optional[torch.Tensor] = None
+    token_sizes: Optional[torch.Tensor] = None
+    with_sizes: bool = False
 
     @classmethod
-    def start(cls, x: torch.Tensor, num_prefix_tokens: int, with_patch_index: bool) -> 'TokenTrace':
+    def start(cls, x: torch.Tensor, num_prefix_tokens: int, with_patch_index: bool, with_sizes: bool) -> 'TokenTrace':
         """Before the blocks every patch is its own token: both indices are the identity."""
         num_patches = x.shape[1] - num_prefix_tokens
         identity = torch.arange(num_patches, device=x.device).expand(x.shape[0], -1)
-        return cls(identity, identity if with_patch_index else None)
+        return cls(identity, identity if with_patch_index else None, None, with_sizes)
 
     def after(self, kept_idx: torch.Tensor, fuse_token: bool) -> 'TokenTrace':
         """The trace after a block that kept ``kept_idx`` ``[B, num_keep]`` of the tokens before it."""
+        num_tokens = self.token_patch_ids.shape[1]
         patch_token_index = self.patch_token_index
         if patch_token_index is not None:
-            num_tokens = self.token_patch_ids.shape[1]
             patch_token_index = opaque.trace_patch_token_index(patch_token_index, kept_idx, num_tokens, fuse_token)
-        return TokenTrace(opaque.trace_token_patch_ids(self.token_patch_ids, kept_idx, fuse_token), patch_token_index)
+        token_sizes = self.token_sizes
+        if self.with_sizes:
+            token_sizes = opaque.sizes_after(token_sizes, kept_idx, num_tokens, fuse_token)
+        token_patch_ids = opaque.trace_token_patch_ids(self.token_patch_ids, kept_idx, fuse_token)
+        return TokenTrace(token_patch_ids, patch_token_index, token_sizes, self.with_sizes)
+
+    def sizes_or_ones(self) -> torch.Tensor:
+        """``token_sizes``, or ones where no token has been fused yet."""
+        if self.token_sizes is not None:
+            return self.token_sizes
+        return torch.ones(self.token_patch_ids.shape, device=self.token_patch_ids.device)

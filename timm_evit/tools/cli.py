@@ -136,7 +136,7 @@ def export_main(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _user_error('export', e)
     settings = (f'keep_rate {_keep_rates_text(model)} in blocks {model.reorg_layers}, '
-                f'{"fusion" if model.fuse_token else "no fusion"}, score {model.score!r}')
+                f'{_fusion_text(model)}, score {model.score!r}')
     print(f'wrote {out}: {args.model}, {settings} (fixed in the graph); input [batch, {model.in_chans}, '
           f'{", ".join(map(str, model.patch_embed.img_size))}], batch axis dynamic')
     return 0
@@ -180,6 +180,13 @@ def _need_matplotlib(command: str) -> bool:
     return True
 
 
+def _fusion_text(model) -> str:
+    """'no fusion', 'fusion' (the paper's) or 'size-aware fusion', for a message."""
+    if not model.fuse_token:
+        return 'no fusion'
+    return 'size-aware fusion' if model.fusion == 'size' else 'fusion'
+
+
 def _keep_rates_text(model) -> str:
     """The model's keep rates for a message, each once, in block order ('0.7' or '0.9, 0.7')."""
     return ', '.join(f'{r:g}' for r in sorted(set(model.keep_rate), key=model.keep_rate.index))
@@ -214,7 +221,7 @@ def visualize_main(args: argparse.Namespace) -> int:
     mean, std = torch.tensor(config['mean']).view(3, 1, 1), torch.tensor(config['std']).view(3, 1, 1)
     weights = 'pretrained' if args.pretrained else (args.checkpoint or 'random weights')
     title = (f'{args.model} ({weights}), keep_rate {_keep_rates_text(model)}, score {model.score!r}, '
-             f'{"fusion (orange)" if model.fuse_token else "no fusion"}, dropped greyed')
+             f'{_fusion_text(model)}' + (' (orange)' if model.fuse_token else '') + ', dropped greyed')
 
     source = weights_source(args.model, args.pretrained, args.checkpoint)
 

@@ -88,7 +88,8 @@ def _evit_metadata(model: torch.nn.Module) -> Dict[str, str]:
     if not hasattr(model, 'reorg_layers'):
         return {}
     return {'timm_evit.keep_rate': repr(tuple(model.keep_rate)), 'timm_evit.reorg_layers': repr(model.reorg_layers),
-            'timm_evit.fuse_token': repr(model.fuse_token), 'timm_evit.score': repr(model.score)}
+            'timm_evit.fuse_token': repr(model.fuse_token), 'timm_evit.fusion': repr(model.fusion),
+            'timm_evit.score': repr(model.score)}
 
 
 def _parameter_bytes(model: torch.nn.Module) -> int:

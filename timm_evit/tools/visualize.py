@@ -61,7 +61,8 @@ def load_image(path: str):
 
 def masks_figure(image: torch.Tensor, masks: torch.Tensor, stage_names: Sequence[str], title: str = ''):
     """The input and one panel per stage: kept patches as they are, dropped ones greyed, fused ones
-    tinted orange. ``image`` ``[3, H, W]`` in 0..1, ``masks`` ``[stages, gh, gw]``. A matplotlib
+    tinted orange; each panel's title counts the patches kept and those the fused tokens stand for
+    (their size). ``image`` ``[3, H, W]`` in 0..1, ``masks`` ``[stages, gh, gw]``. A matplotlib
     figure: close it with ``pyplot().close(fig)``."""
     plt = pyplot()
     height, width = image.shape[-2:]
@@ -72,8 +73,8 @@ def masks_figure(image: torch.Tensor, masks: torch.Tensor, stage_names: Sequence
         state = torch.nn.functional.interpolate(mask[None, None].float(), size=(height, width), mode='nearest')[0]
         shown = torch.where(state == DROPPED, 0.25 * image + 0.75 * grey, image)
         shown = torch.where(state == FUSED, 0.4 * image + 0.6 * orange, shown)
-        kept = int((mask == KEPT).sum())
-        panels.append((f'{name}: {kept} kept', shown))
+        kept, fused = int((mask == KEPT).sum()), int((mask == FUSED).sum())
+        panels.append((f'{name}: {kept} kept' + (f', {fused} fused' if fused else ''), shown))
     # squeeze=False: a model without reorganising blocks has the input panel alone
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.9), squeeze=False)
     for ax, (name, img) in zip(axes[0], panels):
