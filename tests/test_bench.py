@@ -144,3 +144,19 @@ def test_cli_benchmarks_any_timm_vit_through_apply_beside_itself(tmp_path, capsy
         expected = 4 * (12 * d * d * n + 2 * n * n * d) + 16 * (patch * patch * 3 * d) + d * 10
         assert plain['gmacs'] == pytest.approx(expected / 1e9, rel=1e-2) and keep1['gmacs'] == plain['gmacs']
         assert keep05['gmacs'] < plain['gmacs']
+
+
+def test_cli_says_size_aware_fusion_and_counts_its_macs(tmp_path, capsys):
+    out = tmp_path / 'bench.json'
+    result = run_cli(capsys, [
+        'bench', '--model', 'evit_deit_tiny', '--batch-size', '1', '--repeats', '1', '--warmup', '0',
+        '--keep-rates', '1,0.5', '--attn', 'fused', '--no-latency', '--json', str(out),
+        '--model-kwargs', 'fusion=size'])
+    assert result.code == 0, result.err
+    assert '| evit_deit_tiny | fused | 0.5 | size | 196, 99, 51, 27 |' in result.out   # same counts as the paper's
+    rows = json.loads(out.read_text())['rows']
+    assert [r['fusion'] for r in rows] == [None, 'size', 'size']
+    # the size bias adds one addition per attention logit: the MACs stay the paper fusion's within 0.5 %
+    paper = run_bench('evit_deit_tiny', keep_rates=(0.5,), batch_size=1, repeats=1, warmup=0, attn=('fused',),
+                      latency=False)
+    assert abs(rows[2]['gmacs'] - paper[1].gmacs) < 0.005 * paper[1].gmacs

@@ -53,6 +53,7 @@ class BenchRow:
     latency_ms: Optional[float] = None          # batch 1, median
     latency_speedup: Optional[float] = None     # plain latency / this latency, same run
     runtime: str = 'torch'                      # or 'onnxruntime': the ONNX exports of both models
+    fusion: Optional[str] = None                # EViT's fusion ('paper', 'size'); None for the plain model
 
 
 def check_runtime(runtime: str, compile: Optional[str], device: str, dtype: str) -> None:
@@ -299,18 +300,20 @@ def run_bench(
             if compile:
                 _dynamo().reset()  # the attention switch is baked into the compiled graphs
 
-            def row(name, rate, fuse, row_tokens, row_gmacs, key):
+            def row(name, rate, fuse, row_tokens, row_gmacs, key, fusion=None):
                 ips = batch_size / seconds[batch_size][key]
                 plain_ips = batch_size / seconds[batch_size]['plain']
                 mac_ratio = plain_gmacs[impl] / row_gmacs
                 lat = seconds[1][key] * 1e3 if latency else None
                 lat_speedup = seconds[1]['plain'] * 1e3 / lat if latency else None
                 return BenchRow(name, rate, fuse, impl, dtype, compile, str(dev), batch_size, row_tokens, row_gmacs,
-                                mac_ratio, ips, ips / plain_ips, ips / plain_ips / mac_ratio, lat, lat_speedup, runtime)
+                                mac_ratio, ips, ips / plain_ips, ips / plain_ips / mac_ratio, lat, lat_speedup, runtime,
+                                fusion)
 
             rows.append(row(plain_name, None, None, [input_tokens(plain, x1)],
                             plain_gmacs[impl], 'plain'))
-            rows.extend(row(evit_label(model_name), r, fuse_token, tokens[r], gmacs[impl][r], r) for r in keep_rates)
+            rows.extend(row(evit_label(model_name), r, fuse_token, tokens[r], gmacs[impl][r], r, evit.fusion)
+                        for r in keep_rates)
     return rows
 
 
@@ -332,7 +335,7 @@ def format_rows(rows: List[BenchRow]) -> str:
     lines = []
     for r in rows:
         keep = '-' if r.keep_rate is None else f'{r.keep_rate:g}'
-        fuse = '-' if r.fuse_token is None else ('yes' if r.fuse_token else 'no')
+        fuse = '-' if r.fuse_token is None else ('no' if not r.fuse_token else 'size' if r.fusion == 'size' else 'yes')
         line = [r.model, r.attn, keep, fuse, ', '.join(map(str, r.tokens)), f'{r.gmacs:.2f}', f'{r.mac_ratio:.2f}x',
                 f'{r.images_per_s:.1f}', f'{r.speedup:.2f}x', f'{r.efficiency:.2f}']
         if latency:
