@@ -87,7 +87,7 @@ def test_cli_exports_an_applied_timm_vit_without_fusion(tmp_path, capsys):
     onnx = pytest.importorskip('onnx')
     metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert metadata['timm_evit.keep_rate'] == '(0.5, 0.5, 0.5)' and metadata['timm_evit.fuse_token'] == 'False'
-    assert metadata['timm_evit.score'] == "'class'" and metadata['timm_evit.fusion'] == "'paper'"
+    assert metadata['timm_evit.score'] == "'class'" and metadata['timm_evit.fusion'] == "'size'"   # apply's default
 
 
 def test_cli_exports_size_aware_fusion_and_says_so(tmp_path, capsys):

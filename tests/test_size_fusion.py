@@ -101,8 +101,13 @@ def test_forward_head_alone_pools_without_sizes_and_forward_with_them():
         assert not torch.allclose(model.forward_head(features), model(x))
 
 
-def test_the_paper_s_names_keep_the_paper_s_fusion_and_size_is_an_argument():
-    assert timm.create_model('evit_deit_tiny', img_size=32, patch_size=8).fusion == 'paper'
+def test_the_paper_s_names_keep_the_paper_s_fusion_apply_and_timm_names_default_to_size():
+    small = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=2)
+    assert timm.create_model('evit_deit_tiny', **small).fusion == 'paper'
+    assert timm.create_model('evit_lvvit_s', reorg_layers=(1, 2), **small).fusion == 'paper'
+    assert timm.create_model('evit_deit_tiny_patch16_224', **small).fusion == 'size'
+    assert timm_evit.apply(timm.create_model('deit_tiny_patch16_224', **small)).fusion == 'size'
+    assert timm.create_model('evit_deit_tiny_patch16_224', fusion='paper', **small).fusion == 'paper'
     model = timm.create_model('evit_deit_tiny', img_size=32, patch_size=8, fusion='size')
     assert model.fusion == 'size' and all(blk.fusion == 'size' for blk in model.blocks)
     model.fusion = 'paper'

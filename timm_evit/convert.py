@@ -11,7 +11,7 @@ from .evit_deit import VisionTransformerDistilledEViT, VisionTransformerEViT
 from .evit_eva import EvaEViT
 from .layers import EVA_ATTENTION_CLASSES, EViTBlock, EViTEvaBlock
 from .mechanism import EViTMixin
-from .options import EViTOptions, KeepRate
+from .options import APPLY_FUSION, EViTOptions, KeepRate
 
 __all__ = ['apply', 'refusal', 'EVIT_CLASSES']
 
@@ -53,12 +53,13 @@ def apply(
         keep_rate_warmup_start: int = EViTOptions.keep_rate_warmup_start,
         keep_rate_warmup_steps: int = EViTOptions.keep_rate_warmup_steps,
         score: Optional[str] = EViTOptions.score,
-        fusion: str = EViTOptions.fusion,
+        fusion: str = APPLY_FUSION,
 ) -> nn.Module:
     """Convert a timm ViT in place to EViT and return it.
 
     Parameters, buffers, state-dict keys and weights are untouched: at ``keep_rate=1.0`` the model
-    computes what it did before. Supported, each with a class token:
+    computes what it did before. Supported, with a class token or without one (SigLIP, PE, ``_gap_``
+    models: docs/design.md, "What ranks the tokens"):
 
     - timm's ``VisionTransformer`` with ``Block`` blocks (register tokens, LayerScale, q/k norm,
       ``norm_pre``, ``no_embed_class``, ``dynamic_img_size`` included: DeiT, DeiT III, augreg ViT,
@@ -70,20 +71,24 @@ def apply(
       keeps its patch's rotary position; the fused token gets no rotation.
 
     The prefix tokens (class, distillation, registers) are never dropped or fused. Refused, with
-    a ValueError that says why: no class token (``global_pool='avg'`` / ``'map'`` models built
-    without one, SigLIP), other block types (post-norm ``EvaBlockPostNorm``, ``ResPostBlock``,
-    parallel blocks) or attention modules, other model classes.
+    a ValueError that says why: other block types (post-norm ``EvaBlockPostNorm``, ``ResPostBlock``,
+    parallel blocks) or attention modules, other model classes, a score the model cannot serve.
 
     Args:
         model: the timm model (converted in place).
         keep_rate: as ``VisionTransformerEViT``: one float in (0, 1] or one per reorganising block.
         reorg_layers: reorganising blocks; default ``depth // 4, depth // 2, 3 * depth // 4``.
         fuse_token: fuse the inattentive tokens into one (True) or drop them (False).
+        score: what ranks the tokens, ``'class'``, ``'mean'`` or ``'pool'``; None: the model's default.
+        fusion: ``'size'`` (the default here: the fused token is the attention-weighted mean and keeps
+            its size, measured better on weights trained without EViT) or ``'paper'`` (the paper's
+            raw weighted sum, the default of the paper's names). docs/design.md, "A fused token
+            that keeps its size".
         keep_rate_warmup_start, keep_rate_warmup_steps: fine-tuning: training steps at keep rate
             1.0, then steps of the half-cosine fall to ``keep_rate`` (as ``VisionTransformerEViT``).
 
     Raises:
-        ValueError: naming what the model lacks (class token, timm's block / attention type) or its class.
+        ValueError: naming what the model lacks (timm's block / attention type, what a score needs) or its class.
     """
     options = EViTOptions(keep_rate=keep_rate, reorg_layers=reorg_layers, fuse_token=fuse_token,
                           keep_rate_warmup_start=keep_rate_warmup_start, keep_rate_warmup_steps=keep_rate_warmup_steps,
