@@ -54,13 +54,20 @@ class BenchRow:
     latency_speedup: Optional[float] = None     # plain latency / this latency, same run
     runtime: str = 'torch'                      # or 'onnxruntime': the ONNX exports of both models
     fusion: Optional[str] = None                # EViT's fusion ('paper', 'size'); None for the plain model
+    quantize: Optional[str] = None              # 'int8': both ONNX exports quantized (onnxruntime only)
+    speedup_vs_torch: Optional[float] = None    # with quantize: throughput / the plain model's in torch fp32, same run
+    latency_speedup_vs_torch: Optional[float] = None   # the same at batch 1
 
 
-def check_runtime(runtime: str, compile: Optional[str], device: str, dtype: str) -> None:
+def check_runtime(runtime: str, compile: Optional[str], device: str, dtype: str,
+                  quantize: Optional[str] = None) -> None:
     """A ValueError naming the option that ``runtime`` cannot serve: onnxruntime runs the fp32
-    ONNX export on the CPU (its CPU execution provider), without torch.compile."""
+    ONNX export (or, with ``quantize``, its int8 quantization) on the CPU (its CPU execution
+    provider), without torch.compile."""
     if runtime not in RUNTIMES:
         raise ValueError(f'--runtime takes one of {", ".join(RUNTIMES)}, got {runtime!r}')
+    if quantize is not None and runtime != 'onnxruntime':
+        raise ValueError(f'--quantize {quantize} times onnxruntime\'s quantized export: add --runtime onnxruntime')
     if runtime == 'torch':
         return
     if compile is not None:
@@ -69,22 +76,26 @@ def check_runtime(runtime: str, compile: Optional[str], device: str, dtype: str)
         raise ValueError(f'--runtime onnxruntime runs on the CPU only here: --device must be cpu, got {device!r}')
     if dtype != 'fp32':
         raise ValueError(f'--runtime onnxruntime times the fp32 export: --dtype must be fp32, got {dtype!r}')
-    from .export import require_exporter, require_onnxruntime
+    from .export import require_exporter, require_onnxruntime, require_quantizer
     require_exporter('onnx')   # before the long work: the packages are there
     require_onnxruntime()
+    require_quantizer(quantize)
 
 
 def _forwards(models: Dict[object, torch.nn.Module], runtime: str, wrap: Callable,
-              status: Callable[[str], None] = lambda text: None) -> Dict[object, Callable]:
+              status: Callable[[str], None] = lambda text: None,
+              quantize: Optional[str] = None) -> Dict[object, Callable]:
     """Each model's forward in ``runtime``: torch (``wrap``: eager or torch.compile), or onnxruntime on
-    the model's ONNX export (dynamic batch: one export serves every batch size). ``status`` hears
-    what takes long before the first forward (each export takes seconds)."""
+    the model's ONNX export (dynamic batch: one export serves every batch size; ``quantize``: the
+    export quantized). ``status`` hears what takes long before the first forward (each export takes
+    seconds)."""
     if runtime == 'onnxruntime':
         from .export import onnxruntime_forward
         forwards = {}
         for key, model in models.items():
-            status(f'exporting {key if key == "plain" else f"keep {key:g}"} to ONNX')
-            forwards[key] = onnxruntime_forward(model)
+            status(f'exporting {key if key == "plain" else f"keep {key:g}"} to ONNX'
+                   + (f' and quantizing to {quantize}' if quantize else ''))
+            forwards[key] = onnxruntime_forward(model, quantize=quantize)
         return forwards
     return {key: wrap(model) for key, model in models.items()}
 
@@ -230,6 +241,7 @@ def run_bench(
         show_progress: bool = True,
         model_kwargs: Optional[dict] = None,
         runtime: str = 'torch',
+        quantize: Optional[str] = None,
 ) -> List[BenchRow]:
     """Rows for the plain timm model and for ``model_name`` at each keep rate, per attention path.
 
@@ -241,6 +253,9 @@ def run_bench(
     ``fuse_token`` None: the model's own (``model_kwargs``' or the default).
     ``runtime`` 'onnxruntime' exports every model to ONNX (per attention path) and times the
     exports in onnxruntime on the CPU instead (fp32, no ``compile``); GMACs and tokens are torch's.
+    ``quantize='int8'`` (onnxruntime only) times both exports quantized as ``export --quantize int8``
+    writes them, and the plain model in torch fp32 eager in the same interleaved run: each row also
+    gives its speed-up over that (``speedup_vs_torch``).
     """
     from tqdm import tqdm
 
@@ -252,7 +267,7 @@ def run_bench(
         raise ValueError(f"attn entries must be 'math' or 'fused', got {list(attn)!r}")
     if compile is not None and compile not in COMPILE_MODES:
         raise ValueError(f'compile must be None (eager) or one of {list(COMPILE_MODES)}, got {compile!r}')
-    check_runtime(runtime, compile, device, dtype)
+    check_runtime(runtime, compile, device, dtype, quantize)
     dev = check_device(device)
     warmup = max(warmup, min_warmup(compile))
 
@@ -282,7 +297,7 @@ def run_bench(
     wrap = partial(torch.compile, dynamic=False, mode=compile) if compile else (lambda model: model)
 
     rows = []
-    steps = len(attn) * len(batches) * (len(keep_rates) + 1) * (repeats + warmup)
+    steps = len(attn) * len(batches) * (len(keep_rates) + 1 + bool(quantize)) * (repeats + warmup)
     # Compiling one function per keep rate and batch size needs more than dynamo's default cache.
     compile_cache = _dynamo().config.patch(cache_size_limit=64) if compile else contextlib.nullcontext()
     progress = tqdm(total=steps, desc=f'bench {model_name}', unit='fwd', disable=not show_progress)
@@ -292,7 +307,10 @@ def run_bench(
                 set_fused_attn(model, impl == 'fused')
             seconds = {}
             runners = _forwards({'plain': plain, **at_rate}, runtime, wrap,   # exported after the attention switch
-                                status=lambda text: bar.set_description(f'bench {model_name}: {text}'))
+                                status=lambda text: bar.set_description(f'bench {model_name}: {text}'),
+                                quantize=quantize)
+            if quantize:   # the reference every deployment is weighed against: timm's model in torch fp32
+                runners['torch fp32'] = plain
             bar.set_description(f'bench {model_name}')
             for size, x in batches.items():
                 forwards = {key: partial(run, x) for key, run in runners.items()}
@@ -306,9 +324,13 @@ def run_bench(
                 mac_ratio = plain_gmacs[impl] / row_gmacs
                 lat = seconds[1][key] * 1e3 if latency else None
                 lat_speedup = seconds[1]['plain'] * 1e3 / lat if latency else None
+                vs_torch = lat_vs_torch = None
+                if quantize:
+                    vs_torch = seconds[batch_size]['torch fp32'] / seconds[batch_size][key]
+                    lat_vs_torch = seconds[1]['torch fp32'] / seconds[1][key] if latency else None
                 return BenchRow(name, rate, fuse, impl, dtype, compile, str(dev), batch_size, row_tokens, row_gmacs,
                                 mac_ratio, ips, ips / plain_ips, ips / plain_ips / mac_ratio, lat, lat_speedup, runtime,
-                                fusion)
+                                fusion, quantize, vs_torch, lat_vs_torch)
 
             rows.append(row(plain_name, None, None, [input_tokens(plain, x1)],
                             plain_gmacs[impl], 'plain'))
@@ -328,10 +350,14 @@ def _markdown_line(cells: Sequence[str]) -> str:
 
 
 def format_rows(rows: List[BenchRow]) -> str:
-    """A Markdown table."""
+    """A Markdown table (speed-ups over the plain model in the same runtime; with ``quantize`` also
+    over the plain model in torch fp32)."""
     latency = rows[0].latency_ms is not None
+    vs_torch = rows[0].speedup_vs_torch is not None
     header = ['model', 'attn', 'keep_rate', 'fuse', 'tokens per stage', 'GMACs', 'MAC ratio', 'img/s', 'speed-up',
               'efficiency'] + (['batch-1 ms', 'latency speed-up'] if latency else [])
+    if vs_torch:
+        header += ['speed-up vs torch fp32'] + (['latency speed-up vs torch fp32'] if latency else [])
     lines = []
     for r in rows:
         keep = '-' if r.keep_rate is None else f'{r.keep_rate:g}'
@@ -340,6 +366,8 @@ def format_rows(rows: List[BenchRow]) -> str:
                 f'{r.images_per_s:.1f}', f'{r.speedup:.2f}x', f'{r.efficiency:.2f}']
         if latency:
             line += [f'{r.latency_ms:.1f}', f'{r.latency_speedup:.2f}x']
+        if vs_torch:
+            line += [f'{r.speedup_vs_torch:.2f}x'] + ([f'{r.latency_speedup_vs_torch:.2f}x'] if latency else [])
         lines.append(line)
     return markdown_table(header, lines)
 

@@ -11,8 +11,9 @@ from typing import List, Optional
 
 import torch
 
+from ..options import EVIT_ARGS
 from .bench import COMPILE_MODES, RUNTIMES, require_distinct_keep_rates
-from .export import FORMATS
+from .export import FORMATS, QUANTIZATIONS
 from .plain import PLAIN_COUNTERPARTS
 
 
@@ -68,12 +69,12 @@ def bench_main(args: argparse.Namespace) -> int:
             args.model, args.keep_rates, fuse_token=False if args.no_fuse else None, batch_size=args.batch_size,
             repeats=args.repeats, warmup=args.warmup, attn=attn, dtype=args.dtype, compile=args.compile,
             device=args.device, latency=not args.no_latency, pretrained=args.pretrained,
-            model_kwargs=dict(args.model_kwargs), runtime=args.runtime)
+            model_kwargs=dict(args.model_kwargs), runtime=args.runtime, quantize=args.quantize)
     except ValueError as e:
         return _user_error('bench', e)
     evit = rows[1].model
     plain = rows[0].model if rows[0].model != evit else f'{evit} at keep_rate 1.0 (plain)'
-    architecture = ''.join(f' {k}={v!r}' for k, v in args.model_kwargs)
+    architecture = ''.join(f' {k}={v!r}' for k, v in args.model_kwargs if k not in EVIT_ARGS)   # the plain model's
     if architecture:
         plain += ' with' + architecture
     header = (f'{evit} vs {plain}, batch {args.batch_size}, {args.dtype}, {_runtime(args)}, '
@@ -101,21 +102,24 @@ def bench_main(args: argparse.Namespace) -> int:
 def _runtime(args: argparse.Namespace) -> str:
     if args.runtime == 'onnxruntime':
         import onnxruntime
-        return f'onnxruntime {onnxruntime.__version__} (ONNX export, CPU, {torch.get_num_threads()} intra-op threads)'
+        export = 'ONNX export quantized to int8 (dynamic), beside the plain model in torch fp32' if getattr(
+            args, 'quantize', None) else 'ONNX export'
+        return f'onnxruntime {onnxruntime.__version__} ({export}, CPU, {torch.get_num_threads()} intra-op threads)'
     return f'torch.compile (mode {args.compile})' if args.compile else 'eager'
 
 
 def export_main(args: argparse.Namespace) -> int:
-    from .export import check_exportable, example_images, exported_writer, require_exporter
+    from .export import check_exportable, example_images, exported_writer, require_exporter, require_quantizer
     from .files import write_all_whole
     from .models import create_evit_model, merge_model_kwargs
     from .plain import plain_model_name
     from ..checkpoints import one_line, require_finite_forward, weights_source
 
-    out = args.out or args.model + FORMATS[args.format]
+    out = args.out or args.model + (f'_{args.quantize}' if args.quantize else '') + FORMATS[args.format]
     source = weights_source(args.model, args.pretrained, args.checkpoint)
     try:
         require_exporter(args.format)
+        require_quantizer(args.quantize, args.format)
         plain_model_name(args.model)   # the names bench takes
         _check_output_files({'--out': out}, inputs={'--checkpoint': args.checkpoint})
         kwargs = merge_model_kwargs(dict(args.model_kwargs), keep_rate=args.keep_rate, img_size=args.img_size,
@@ -127,7 +131,7 @@ def export_main(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _user_error('export', e)
     try:
-        writer = exported_writer(model, args.format)
+        writer = exported_writer(model, args.format, args.quantize)
     except Exception as e:  # the exporter's own failure: not the user's mistake, so exit code 1
         print(f'timm-evit export: exporting {args.model} to {args.format} failed: {one_line(str(e))}', file=sys.stderr)
         return 1
@@ -136,7 +140,8 @@ def export_main(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _user_error('export', e)
     settings = (f'keep_rate {_keep_rates_text(model)} in blocks {model.reorg_layers}, '
-                f'{_fusion_text(model)}, score {model.score!r}')
+                f'{_fusion_text(model)}, score {model.score!r}'
+                + (', int8 (dynamic quantization: int8 weights, activations quantized per batch)' if args.quantize else ''))
     print(f'wrote {out}: {args.model}, {settings} (fixed in the graph); input [batch, {model.in_chans}, '
           f'{", ".join(map(str, model.patch_embed.img_size))}], batch axis dynamic')
     return 0
@@ -385,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument('--runtime', choices=RUNTIMES, default='torch',
                        help="'torch', or 'onnxruntime': both models exported to ONNX (as timm-evit export does) and "
                        "timed in onnxruntime on the CPU, fp32, eager only (needs timm-evit[deploy])")
+    bench.add_argument('--quantize', choices=QUANTIZATIONS,
+                       help="with --runtime onnxruntime: time both models' ONNX exports quantized as export "
+                       "--quantize writes them, beside the plain model in torch fp32 (both speed-ups printed)")
     bench.add_argument('--no-latency', action='store_true', help='skip the batch-1 latency measurement')
     bench.add_argument('--threads', type=_positive_int, default=None, help="torch threads (default: torch's)")
     bench.add_argument('--json', metavar='PATH', help='also write the rows as JSON (missing folders are created)')
@@ -439,6 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "another export); default: the model's own (0.7)")
     export.add_argument('--img-size', type=_positive_int,
                         help='input size, fixed in the graph (position embeddings resampled); the batch axis is dynamic')
+    export.add_argument('--quantize', choices=QUANTIZATIONS,
+                        help="'int8': the ONNX file quantized by onnxruntime's dynamic quantization after its "
+                        "recommended pre-processing (int8 weights, activations quantized per batch at run time: no "
+                        "calibration data); default name MODEL_int8.onnx")
     export.set_defaults(func=export_main)
     return parser
 

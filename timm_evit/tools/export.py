@@ -7,17 +7,21 @@ needs another export. Models are exported in eval mode (no keep-rate warm-up, no
 """
 import contextlib
 import importlib
-from typing import Callable, Dict, Iterator
+import os
+import tempfile
+from typing import Callable, Dict, Iterator, Optional
 
 import torch
 
 from .files import Writer
 
-__all__ = ['FORMATS', 'INPUT_NAME', 'OUTPUT_NAME', 'BATCH_AXIS', 'example_images', 'export_program', 'onnx_program',
-           'onnx_bytes', 'check_exportable', 'exported_writer', 'require_exporter',
-           'require_onnxruntime', 'onnxruntime_session', 'onnxruntime_forward']
+__all__ = ['FORMATS', 'QUANTIZATIONS', 'INPUT_NAME', 'OUTPUT_NAME', 'BATCH_AXIS', 'example_images', 'export_program',
+           'onnx_program', 'onnx_bytes', 'quantized_onnx', 'check_exportable', 'exported_writer', 'require_exporter',
+           'require_quantizer', 'require_onnxruntime', 'onnxruntime_session', 'onnxruntime_forward']
 
 FORMATS: Dict[str, str] = {'onnx': '.onnx', 'export': '.pt2'}   # --format -> the file name's usual suffix
+# --quantize: onnxruntime's dynamic quantization (weights int8, activations quantized per batch at run time)
+QUANTIZATIONS = ('int8',)
 INPUT_NAME, OUTPUT_NAME, BATCH_AXIS = 'images', 'logits', 'batch'
 # torch.export specialises a dimension of size 1 to the constant 1: trace with 2 images.
 _EXAMPLE_BATCH = 2
@@ -41,6 +45,20 @@ def require_exporter(format: str) -> None:
     if format == 'onnx':
         for module in ('onnx', 'onnxscript'):   # torch's dynamo ONNX exporter imports both
             _import(module, '--format onnx')
+
+
+def require_quantizer(quantize: Optional[str], format: str = 'onnx') -> None:
+    """A ValueError naming ``--quantize`` where it cannot be served: another value than ``int8``,
+    another format than ONNX, or onnxruntime's quantization module missing."""
+    if quantize is None:
+        return
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f'--quantize takes one of {", ".join(QUANTIZATIONS)}, got {quantize!r}')
+    if format != 'onnx':
+        raise ValueError(f"--quantize {quantize} quantizes an ONNX file with onnxruntime: use --format onnx, "
+                         f"not --format {format}")
+    require_exporter('onnx')
+    _import('onnxruntime.quantization', f'--quantize {quantize}')
 
 
 @contextlib.contextmanager
@@ -111,13 +129,37 @@ def onnx_bytes(model: torch.nn.Module) -> bytes:
     return onnx_program(model).model_proto.SerializeToString()
 
 
-def exported_writer(model: torch.nn.Module, format: str = 'onnx') -> Writer:
+def quantized_onnx(data: bytes) -> bytes:
+    """An ONNX file quantized by onnxruntime's dynamic quantization, after the pre-processing its
+    documentation recommends (``quant_pre_process``: shape inference and graph optimisation):
+    MatMul and Gemm weights int8, their activations quantized per batch at run time (no
+    calibration data). The file's metadata is kept, with ``timm_evit.quantize`` added."""
+    require_quantizer('int8')
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    with tempfile.TemporaryDirectory() as folder:   # the quantizer reads and writes files
+        fp32, prepared, quantized = (os.path.join(folder, name) for name in ('fp32.onnx', 'pre.onnx', 'int8.onnx'))
+        with open(fp32, 'wb') as f:
+            f.write(data)
+        quant_pre_process(fp32, prepared)
+        quantize_dynamic(prepared, quantized, weight_type=QuantType.QInt8)
+        model = onnx.load(quantized)
+    model.metadata_props.add(key='timm_evit.quantize', value='int8 (dynamic: int8 weights, activations per batch)')
+    return model.SerializeToString()
+
+
+def exported_writer(model: torch.nn.Module, format: str = 'onnx', quantize: Optional[str] = None) -> Writer:
     """Exports ``model`` now and returns a writer of the file's bytes (see ``files.write_all_whole``):
     an export that fails raises here, before any file is opened. (``timm-evit export`` has refused a
-    model that computes non-finite values before this: ``checkpoints.require_finite_forward``.)"""
+    model that computes non-finite values before this: ``checkpoints.require_finite_forward``.)
+    ``quantize='int8'``: the ONNX file quantized (``quantized_onnx``)."""
     check_exportable(model, format)
+    require_quantizer(quantize, format)
     if format == 'onnx':
         data = onnx_bytes(model)
+        if quantize:
+            data = quantized_onnx(data)
         return lambda f: f.write(data)
     program = export_program(model)
     return lambda f: torch.export.save(program, f)
@@ -128,17 +170,22 @@ def require_onnxruntime():
     return _import('onnxruntime', '--runtime onnxruntime')
 
 
-def onnxruntime_session(model: torch.nn.Module, threads: int = 0):
-    """An onnxruntime CPU session of ``model``'s ONNX export; ``threads`` intra-op threads (0: torch's count)."""
+def onnxruntime_session(model: torch.nn.Module, threads: int = 0, quantize: Optional[str] = None):
+    """An onnxruntime CPU session of ``model``'s ONNX export (``quantize='int8'``: quantized, as
+    ``export --quantize int8`` writes it); ``threads`` intra-op threads (0: torch's count)."""
     ort = require_onnxruntime()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()   # the same threads as the torch rows
-    return ort.InferenceSession(onnx_bytes(model), options, providers=['CPUExecutionProvider'])
+    data = onnx_bytes(model)
+    if quantize:
+        data = quantized_onnx(data)
+    return ort.InferenceSession(data, options, providers=['CPUExecutionProvider'])
 
 
-def onnxruntime_forward(model: torch.nn.Module, threads: int = 0) -> Callable[[torch.Tensor], object]:
+def onnxruntime_forward(model: torch.nn.Module, threads: int = 0,
+                        quantize: Optional[str] = None) -> Callable[[torch.Tensor], object]:
     """``model``'s forward through onnxruntime: images (a CPU tensor) in, logits (a NumPy array) out."""
-    session = onnxruntime_session(model, threads)
+    session = onnxruntime_session(model, threads, quantize)
 
     def forward(images: torch.Tensor):
         return session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})[0]
