@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from helpers import SMALL_VIT, TINY_IMG32_CLI, assert_one_line_error, randomise_weights, run_cli
+from helpers import SMALL_VIT, TINY_IMG32, TINY_IMG32_CLI, assert_one_line_error, randomise_weights, run_cli
 from timm_evit.tools.models import create_evit_model
 
 pytest.importorskip('onnxscript')
@@ -88,3 +88,42 @@ def test_bench_times_the_quantized_exports_beside_torch_fp32(tmp_path, capsys):
     rows = json.loads((tmp_path / 'b.json').read_text())['rows']
     assert [(r['quantize'], r['keep_rate']) for r in rows] == [('int8', None), ('int8', 0.5)]
     assert all(r['speedup_vs_torch'] > 0 and r['latency_speedup_vs_torch'] > 0 for r in rows)
+
+
+@pytest.fixture(scope='module')
+def small_folder(tmp_path_factory):
+    import numpy as np
+    from PIL import Image
+    root = tmp_path_factory.mktemp('data')
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(['cat', 'dog', 'fox']):
+        (root / 'validation' / name).mkdir(parents=True)
+        for i in range(6):
+            pixels = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+            pixels[..., c] = 255 - 30 * i   # some class signal
+            Image.fromarray(pixels).save(root / 'validation' / name / f'{i}.png')
+    model = randomise_weights(create_evit_model('evit_deit_tiny', num_classes=3, **TINY_IMG32), seed=1)
+    torch.save(model.state_dict(), root / 'model.pth')
+    return root
+
+
+@pytest.mark.parametrize('quantize', [None, 'int8'], ids=['fp32', 'int8'])
+def test_sweep_in_onnxruntime_agrees_with_the_pytorch_sweep(small_folder, tmp_path, capsys, quantize):
+    common = ['sweep', '--model', 'evit_deit_tiny', '--data-dir', str(small_folder), '--checkpoint',
+              str(small_folder / 'model.pth'), '--num-classes', '3', '--keep-rates', '1,0.5', '--batch-size', '5',
+              '--repeats', '1', '--no-plot', '--crop-pct', '1.0', '--model-kwargs', *TINY_IMG32_CLI]
+    code, _, err = run_cli(capsys, common + ['--out', str(tmp_path / 'torch')])
+    assert code == 0, err
+    runtime = ['--runtime', 'onnxruntime'] + (['--quantize', quantize] if quantize else [])
+    code, out, err = run_cli(capsys, common + ['--out', str(tmp_path / 'ort')] + runtime)
+    assert code == 0, err
+    assert 'top-1 in PyTorch' in out and 'top-1 class changed' in out
+    in_torch = json.loads((tmp_path / 'torch.json').read_text())['rows']
+    in_ort = json.loads((tmp_path / 'ort.json').read_text())['rows']
+    for t, o in zip(in_torch, in_ort):
+        assert o['runtime'] == 'onnxruntime' and o['quantize'] == quantize and o['num_images'] == 18
+        assert o['torch_top1'] == pytest.approx(t['top1'])            # the same images, the same PyTorch model
+        # each changed prediction moves top-1 by at most one image
+        assert abs(o['top1'] - t['top1']) <= 100 / 18 * o['changed_predictions'] + 1e-6
+        if quantize is None:
+            assert o['changed_predictions'] <= 1                      # fp32: the same model, up to a near-tie

@@ -24,7 +24,7 @@ from .preflight import check_batch_fits, out_of_memory_as_error
 from .plain import create_plain_counterpart, evit_label, plain_model_name
 
 __all__ = [
-    'BenchRow', 'set_fused_attn', 'count_gmacs', 'tokens_per_stage', 'time_interleaved', 'run_bench',
+    'BenchRow', 'model_at_keep_rate', 'set_fused_attn', 'count_gmacs', 'tokens_per_stage', 'time_interleaved', 'run_bench',
     'markdown_table', 'format_rows', 'rows_as_dicts', 'rows_figure', 'DTYPES', 'COMPILE_MODES', 'min_warmup',
     'RUNTIMES', 'check_runtime', 'input_tokens', 'require_distinct_keep_rates',
 ]
@@ -155,7 +155,8 @@ def input_tokens(model: torch.nn.Module, x: torch.Tensor) -> int:
     return math.prod(model.patch_embed.dynamic_feat_size(tuple(x.shape[-2:])))
 
 
-def _copy_with_keep_rate(model: torch.nn.Module, keep_rate: float) -> torch.nn.Module:
+def model_at_keep_rate(model: torch.nn.Module, keep_rate: float) -> torch.nn.Module:
+    """A copy of ``model`` at ``keep_rate`` (shares nothing with it)."""
     model = copy.deepcopy(model)
     model.set_keep_rate(keep_rate)
     return model
@@ -293,7 +294,7 @@ def run_bench(
             batches[1] = batches[batch_size][:1].clone()
         # One model per keep rate (shared-nothing copies): the rate is then a constant of each
         # compiled graph rather than a float argument that dynamo would make symbolic.
-        at_rate = {r: _copy_with_keep_rate(evit, r).to(device=dev, dtype=DTYPES[dtype]) for r in keep_rates}
+        at_rate = {r: model_at_keep_rate(evit, r).to(device=dev, dtype=DTYPES[dtype]) for r in keep_rates}
     wrap = partial(torch.compile, dynamic=False, mode=compile) if compile else (lambda model: model)
 
     rows = []

@@ -102,8 +102,9 @@ def bench_main(args: argparse.Namespace) -> int:
 def _runtime(args: argparse.Namespace) -> str:
     if args.runtime == 'onnxruntime':
         import onnxruntime
-        export = 'ONNX export quantized to int8 (dynamic), beside the plain model in torch fp32' if getattr(
-            args, 'quantize', None) else 'ONNX export'
+        export = 'ONNX export quantized to int8 (dynamic)' if args.quantize else 'ONNX export'
+        if args.quantize and args.command == 'bench':
+            export += ', beside the plain model in torch fp32'
         return f'onnxruntime {onnxruntime.__version__} ({export}, CPU, {torch.get_num_threads()} intra-op threads)'
     return f'torch.compile (mode {args.compile})' if args.compile else 'eager'
 
@@ -272,6 +273,8 @@ def sweep_main(args: argparse.Namespace) -> int:
         return _user_error('sweep', '--max-drop needs keep rate 1.0 in --keep-rates (the accuracy it is measured from)')
     prefix = _sweep_prefix(args.out, args.model)
     setting = f'{args.model} on {args.data_dir} ({args.split}), batch {args.batch_size}, CPU: {_machine("cpu")}'
+    if args.runtime != 'torch':
+        setting += ', ' + _runtime(args)
     try:
         check_writable(prefix, '--out')
         inputs = {'--data-dir': image_files(args.data_dir, args.split), '--checkpoint': args.checkpoint}
@@ -279,7 +282,8 @@ def sweep_main(args: argparse.Namespace) -> int:
         rows = run_sweep(args.model, args.data_dir, args.split, args.keep_rates, args.batch_size,
                          pretrained=args.pretrained, checkpoint=args.checkpoint, num_classes=args.num_classes,
                          fuse_token=False if args.no_fuse else None, workers=args.workers,
-                         model_kwargs=dict(args.model_kwargs), crop_pct=args.crop_pct, repeats=args.repeats)
+                         model_kwargs=dict(args.model_kwargs), crop_pct=args.crop_pct, repeats=args.repeats,
+                         runtime=args.runtime, quantize=args.quantize)
         paths = write_sweep(rows, prefix, title=setting, plot=not args.no_plot, make_folders=True)
     except ValueError as e:
         return _user_error('sweep', e)
@@ -429,6 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument('--out', help='output prefix for .csv, .json and .png, all written or none; missing folders '
                        'are created; a folder (or a path ending in /) gets sweep_MODEL.* in it (default: sweep_MODEL)')
     sweep.add_argument('--no-plot', action='store_true', help='skip the chart (no matplotlib needed)')
+    sweep.add_argument('--runtime', choices=RUNTIMES, default='torch',
+                       help="'onnxruntime': evaluate and time the ONNX export at each keep rate (one export per rate, "
+                       "as export writes it), beside the PyTorch model's top-1 on the same images")
+    sweep.add_argument('--quantize', choices=QUANTIZATIONS,
+                       help='with --runtime onnxruntime: each export quantized as export --quantize writes it')
     sweep.add_argument('--max-drop', type=_non_negative_float,
                        help='print the fastest keep rate whose top-1 is within this many points of keep 1.0')
     sweep.set_defaults(func=sweep_main)

@@ -13,7 +13,9 @@ from timm.utils import accuracy
 
 from ._io import pyplot, rgb_image
 from ..checkpoints import require_finite, require_finite_forward, weights_source
-from .bench import count_gmacs, markdown_table, require_distinct_keep_rates, time_interleaved
+from .bench import (
+    check_runtime, count_gmacs, markdown_table, model_at_keep_rate, require_distinct_keep_rates, time_interleaved,
+)
 from .files import figure_writer, write_all_whole
 from .models import create_evit_model, merge_model_kwargs
 from .plain import create_plain_counterpart, plain_model_name
@@ -39,6 +41,10 @@ class SweepRow:
     num_images: int
     plain_model: str                  # that plain model (see plain_model_name)
     plain_images_per_s: float
+    runtime: str = 'torch'            # or 'onnxruntime': the ONNX export at this keep rate was evaluated
+    quantize: Optional[str] = None    # 'int8': that export quantized (export --quantize)
+    torch_top1: Optional[float] = None          # onnxruntime: the PyTorch model's top-1 on the same images
+    changed_predictions: Optional[int] = None   # onnxruntime: images whose top-1 class differs from PyTorch's
 
 
 def split_folder(data_dir: str, split: str) -> str:
@@ -124,25 +130,37 @@ def eval_data_config(model, crop_pct: Optional[float] = None) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, loader, keep_rate: float, progress=None, source: str = 'the model'):
-    """(top-1 %, top-5 %, images) of ``model`` at ``keep_rate`` over ``loader``; a ValueError naming
-    ``source`` for non-finite values, in the first batch's every block (``require_finite_forward``) or
-    in any batch's logits (a NaN logit is never ranked above the target: it would count as correct)."""
+def evaluate(model, loader, keep_rate: float, progress=None, source: str = 'the model', runtime_forward=None):
+    """(top-1 %, top-5 %, images, changed, PyTorch's top-1 %) of ``model`` at ``keep_rate`` over
+    ``loader``; a ValueError naming ``source`` for non-finite values, in the first batch's every block
+    (``require_finite_forward``) or in any batch's logits (a NaN logit is never ranked above the
+    target: it would count as correct).
+
+    ``runtime_forward`` (images -> logits, e.g. the onnxruntime session of this keep rate's export):
+    the accuracy is that forward's, ``changed`` counts the images whose top-1 class differs from the
+    PyTorch model's, and the last value is the PyTorch model's top-1 (both None without it)."""
     model.eval()
-    correct1 = correct5 = total = 0.
+    correct1 = correct5 = total = torch_correct1 = 0.
+    changed = 0 if runtime_forward is not None else None
     source = f'{source} at keep_rate {keep_rate:g}'
     for images, targets in loader:
         if not total:
             require_finite_forward(model, images, source, keep_rate=keep_rate)
         logits = model(images, keep_rate=keep_rate)
         require_finite(logits, 'logits', source)
+        if runtime_forward is not None:
+            torch_logits, logits = logits, torch.as_tensor(runtime_forward(images))
+            require_finite(logits, 'logits', f'{source} in onnxruntime')
+            changed += int((logits.argmax(dim=-1) != torch_logits.argmax(dim=-1)).sum())
+            torch_correct1 += float(accuracy(torch_logits, targets, topk=(1,))[0]) * targets.shape[0] / 100
         top1, top5 = accuracy(logits, targets, topk=(1, min(5, logits.shape[-1])))
         correct1 += float(top1) * targets.shape[0] / 100
         correct5 += float(top5) * targets.shape[0] / 100
         total += targets.shape[0]
         if progress:
             progress(targets.shape[0])
-    return 100 * correct1 / total, 100 * correct5 / total, int(total)
+    torch_top1 = 100 * torch_correct1 / total if runtime_forward is not None else None
+    return 100 * correct1 / total, 100 * correct5 / total, int(total), changed, torch_top1
 
 
 def run_sweep(
@@ -160,11 +178,18 @@ def run_sweep(
         model_kwargs: Optional[dict] = None,
         crop_pct: Optional[float] = None,
         repeats: int = 10,
+        runtime: str = 'torch',
+        quantize: Optional[str] = None,
 ) -> List[SweepRow]:
     """Evaluate one model at each keep rate (timm's dataset, loader and eval transform of the model
     at the size it is built with, see ``eval_data_config``), with GMACs, and throughput measured in the same run as that of timm's
     plain model of the same architecture and weights. ``num_classes`` and ``fuse_token`` may also
-    be in ``model_kwargs`` (with the same value); None: the model's own."""
+    be in ``model_kwargs`` (with the same value); None: the model's own.
+
+    ``runtime='onnxruntime'``: what is evaluated and timed is the model's ONNX export at each keep rate
+    (one export per rate, the keep rate fixed in its graph, as ``timm-evit export`` writes it;
+    ``quantize='int8'``: quantized as ``export --quantize int8``), beside the plain model exported the
+    same way; each row also gives the PyTorch model's top-1 and how many images' top-1 class changed."""
     from tqdm import tqdm
 
     plain_name = plain_model_name(model_name)[0]   # a ValueError for a name no tool takes
@@ -175,6 +200,7 @@ def run_sweep(
         raise ValueError(f'--crop-pct must be in (0, 1], got {crop_pct!r}')
     if checkpoint is not None and not os.path.isfile(checkpoint):
         raise ValueError(f'--checkpoint {checkpoint!r} is not a file')
+    check_runtime(runtime, None, 'cpu', 'fp32', quantize)
     model_kwargs = merge_model_kwargs(model_kwargs, num_classes=num_classes, fuse_token=fuse_token)
     dataset = load_image_folder(data_dir, split)
     model = create_evit_model(model_name, pretrained=pretrained, checkpoint=checkpoint, **model_kwargs).eval()
@@ -187,24 +213,35 @@ def run_sweep(
         use_prefetcher=False, device=torch.device('cpu'), persistent_workers=False)
     with_rgb_images(dataset)
 
+    plain = create_plain_counterpart(model_name, model, **model_kwargs)
+    runtime_forwards = {}
+    if runtime == 'onnxruntime':   # one export per keep rate: the files a deployment would ship
+        from .export import onnxruntime_forward
+        runtime_forwards = {r: onnxruntime_forward(model_at_keep_rate(model, r), quantize=quantize)
+                            for r in keep_rates}
+        runtime_forwards['plain'] = onnxruntime_forward(plain, quantize=quantize)
     results = {}
     with tqdm(total=len(dataset) * len(keep_rates), desc=f'sweep {model_name}', unit='img',
               disable=not show_progress) as bar:
         for rate in keep_rates:
             bar.set_postfix(keep_rate=rate)
             results[rate] = evaluate(model, loader, rate, progress=bar.update,
-                                     source=weights_source(model_name, pretrained, checkpoint))
+                                     source=weights_source(model_name, pretrained, checkpoint),
+                                     runtime_forward=runtime_forwards.get(rate))
 
     x = torch.randn(min(batch_size, len(dataset)), *data_config['input_size'])
     gmacs = {r: count_gmacs(model, x[:1], keep_rate=r) for r in keep_rates}
-    plain = create_plain_counterpart(model_name, model, **model_kwargs)
-    forwards = {'plain': lambda: plain(x), **{r: (lambda r=r: model(x, keep_rate=r)) for r in keep_rates}}
+    if runtime == 'onnxruntime':
+        forwards = {key: (lambda run=run: run(x)) for key, run in runtime_forwards.items()}
+    else:
+        forwards = {'plain': lambda: plain(x), **{r: (lambda r=r: model(x, keep_rate=r)) for r in keep_rates}}
     seconds = time_interleaved(forwards, repeats=repeats, warmup=1)
     rows = []
     for rate in keep_rates:
-        top1, top5, n = results[rate]
+        top1, top5, n, changed, torch_top1 = results[rate]
         rows.append(SweepRow(rate, top1, top5, gmacs[rate], x.shape[0] / seconds[rate],
-                             seconds['plain'] / seconds[rate], n, plain_name, x.shape[0] / seconds['plain']))
+                             seconds['plain'] / seconds[rate], n, plain_name, x.shape[0] / seconds['plain'],
+                             runtime, quantize, torch_top1, changed))
     return rows
 
 
@@ -218,10 +255,17 @@ def pick_keep_rate(rows: List[SweepRow], max_drop: float) -> SweepRow:
 
 
 def format_rows(rows: List[SweepRow]) -> str:
-    """A Markdown table (see ``bench.markdown_table``), speed-up against the plain model of the rows."""
+    """A Markdown table (see ``bench.markdown_table``), speed-up against the plain model of the rows
+    (in the same runtime); for an onnxruntime sweep also the PyTorch model's top-1 and the images
+    whose top-1 class the export changed."""
     header = ['keep_rate', 'top-1', 'top-5', 'GMACs', 'img/s', f'speed-up vs {rows[0].plain_model}']
-    return markdown_table(header, [[f'{r.keep_rate:g}', f'{r.top1:.2f}', f'{r.top5:.2f}', f'{r.gmacs:.3g}',
-                                    f'{r.images_per_s:.1f}', f'{r.speedup_vs_plain:.2f}x'] for r in rows])
+    lines = [[f'{r.keep_rate:g}', f'{r.top1:.2f}', f'{r.top5:.2f}', f'{r.gmacs:.3g}', f'{r.images_per_s:.1f}',
+              f'{r.speedup_vs_plain:.2f}x'] for r in rows]
+    if rows[0].runtime != 'torch':
+        header += ['top-1 in PyTorch', 'top-1 class changed']
+        for line, r in zip(lines, rows):
+            line += [f'{r.torch_top1:.2f}', f'{r.changed_predictions} of {r.num_images}']
+    return markdown_table(header, lines)
 
 
 def sweep_paths(prefix: str, plot: bool = True) -> List[str]:
