@@ -163,7 +163,8 @@ def test_bench_in_onnxruntime(tmp_path, capsys):
         '--warmup', '0', '--keep-rates', '0.5', '--attn', 'fused', '--json', str(tmp_path / 'b.json'),
         '--model-kwargs', *TINY_IMG32_CLI])
     assert code == 0, err
-    assert 'fp32, onnxruntime ' in out and '(ONNX export, CPU, ' in out
+    assert 'fp32, onnxruntime ' in out and '(ONNX export, beside the plain model in torch fp32, CPU, ' in out
+    assert 'speed-up vs torch fp32' in out
     assert '| deit_tiny_patch16_224 | fused | - | - | 16 |' in out
     assert '| evit_deit_tiny | fused | 0.5 | yes | 16, 9, 6 |' in out
     rows = json.loads((tmp_path / 'b.json').read_text())['rows']

@@ -55,7 +55,7 @@ class BenchRow:
     runtime: str = 'torch'                      # or 'onnxruntime': the ONNX exports of both models
     fusion: Optional[str] = None                # EViT's fusion ('paper', 'size'); None for the plain model
     quantize: Optional[str] = None              # 'int8': both ONNX exports quantized (onnxruntime only)
-    speedup_vs_torch: Optional[float] = None    # with quantize: throughput / the plain model's in torch fp32, same run
+    speedup_vs_torch: Optional[float] = None    # onnxruntime: throughput / the plain model's in torch fp32, same run
     latency_speedup_vs_torch: Optional[float] = None   # the same at batch 1
 
 
@@ -255,8 +255,8 @@ def run_bench(
     ``runtime`` 'onnxruntime' exports every model to ONNX (per attention path) and times the
     exports in onnxruntime on the CPU instead (fp32, no ``compile``); GMACs and tokens are torch's.
     ``quantize='int8'`` (onnxruntime only) times both exports quantized as ``export --quantize int8``
-    writes them, and the plain model in torch fp32 eager in the same interleaved run: each row also
-    gives its speed-up over that (``speedup_vs_torch``).
+    writes them. An onnxruntime run also times the plain model in torch fp32 eager in the same
+    interleaved run: each row also gives its speed-up over that (``speedup_vs_torch``).
     """
     from tqdm import tqdm
 
@@ -298,7 +298,7 @@ def run_bench(
     wrap = partial(torch.compile, dynamic=False, mode=compile) if compile else (lambda model: model)
 
     rows = []
-    steps = len(attn) * len(batches) * (len(keep_rates) + 1 + bool(quantize)) * (repeats + warmup)
+    steps = len(attn) * len(batches) * (len(keep_rates) + 1 + (runtime == 'onnxruntime')) * (repeats + warmup)
     # Compiling one function per keep rate and batch size needs more than dynamo's default cache.
     compile_cache = _dynamo().config.patch(cache_size_limit=64) if compile else contextlib.nullcontext()
     progress = tqdm(total=steps, desc=f'bench {model_name}', unit='fwd', disable=not show_progress)
@@ -310,7 +310,7 @@ def run_bench(
             runners = _forwards({'plain': plain, **at_rate}, runtime, wrap,   # exported after the attention switch
                                 status=lambda text: bar.set_description(f'bench {model_name}: {text}'),
                                 quantize=quantize)
-            if quantize:   # the reference every deployment is weighed against: timm's model in torch fp32
+            if runtime == 'onnxruntime':   # what every deployment is weighed against: timm's model in torch fp32
                 runners['torch fp32'] = plain
             bar.set_description(f'bench {model_name}')
             for size, x in batches.items():
@@ -326,7 +326,7 @@ def run_bench(
                 lat = seconds[1][key] * 1e3 if latency else None
                 lat_speedup = seconds[1]['plain'] * 1e3 / lat if latency else None
                 vs_torch = lat_vs_torch = None
-                if quantize:
+                if runtime == 'onnxruntime':
                     vs_torch = seconds[batch_size]['torch fp32'] / seconds[batch_size][key]
                     lat_vs_torch = seconds[1]['torch fp32'] / seconds[1][key] if latency else None
                 return BenchRow(name, rate, fuse, impl, dtype, compile, str(dev), batch_size, row_tokens, row_gmacs,
@@ -351,8 +351,8 @@ def _markdown_line(cells: Sequence[str]) -> str:
 
 
 def format_rows(rows: List[BenchRow]) -> str:
-    """A Markdown table (speed-ups over the plain model in the same runtime; with ``quantize`` also
-    over the plain model in torch fp32)."""
+    """A Markdown table (speed-ups over the plain model in the same runtime; in onnxruntime also over
+    the plain model in torch fp32)."""
     latency = rows[0].latency_ms is not None
     vs_torch = rows[0].speedup_vs_torch is not None
     header = ['model', 'attn', 'keep_rate', 'fuse', 'tokens per stage', 'GMACs', 'MAC ratio', 'img/s', 'speed-up',

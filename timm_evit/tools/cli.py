@@ -103,7 +103,7 @@ def _runtime(args: argparse.Namespace) -> str:
     if args.runtime == 'onnxruntime':
         import onnxruntime
         export = 'ONNX export quantized to int8 (dynamic)' if args.quantize else 'ONNX export'
-        if args.quantize and args.command == 'bench':
+        if args.command == 'bench':
             export += ', beside the plain model in torch fp32'
         return f'onnxruntime {onnxruntime.__version__} ({export}, CPU, {torch.get_num_threads()} intra-op threads)'
     return f'torch.compile (mode {args.compile})' if args.compile else 'eager'
@@ -393,10 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument('--device', default='cpu', help="'cpu' or 'cuda[:N]'")
     bench.add_argument('--runtime', choices=RUNTIMES, default='torch',
                        help="'torch', or 'onnxruntime': both models exported to ONNX (as timm-evit export does) and "
-                       "timed in onnxruntime on the CPU, fp32, eager only (needs timm-evit[deploy])")
+                       "timed in onnxruntime on the CPU, fp32, eager only (needs timm-evit[deploy]), beside the plain "
+                       "model in torch fp32 (a second speed-up column)")
     bench.add_argument('--quantize', choices=QUANTIZATIONS,
                        help="with --runtime onnxruntime: time both models' ONNX exports quantized as export "
-                       "--quantize writes them, beside the plain model in torch fp32 (both speed-ups printed)")
+                       "--quantize writes them (beside the plain model in torch fp32, as every onnxruntime run)")
     bench.add_argument('--no-latency', action='store_true', help='skip the batch-1 latency measurement')
     bench.add_argument('--threads', type=_positive_int, default=None, help="torch threads (default: torch's)")
     bench.add_argument('--json', metavar='PATH', help='also write the rows as JSON (missing folders are created)')
