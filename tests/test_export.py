@@ -179,3 +179,13 @@ def test_onnx_refuses_a_model_over_one_file_s_limit_before_exporting(tmp_path, c
     code, _, err = run_cli(capsys, ['export', '--out', str(tmp_path / 'm.onnx'), '--model-kwargs', *TINY_IMG32_CLI])
     assert code == 2 and err.startswith('timm-evit export: --format onnx writes one file') and 'use --format export' in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_benchmark_sessions_do_not_spin_between_runs():
+    # bench and sweep interleave sessions with torch: a session spinning after its run would take the
+    # cores from the next call and corrupt every timing of the run (issue 22)
+    pytest.importorskip('onnxruntime')
+    from timm_evit.tools.export import onnxruntime_session
+    model = randomise_weights(create_evit_model('evit_deit_tiny', **TINY_IMG32)).eval()
+    options = onnxruntime_session(model).get_session_options()
+    assert options.get_session_config_entry('session.intra_op.allow_spinning') == '0'
