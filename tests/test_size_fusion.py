@@ -153,3 +153,14 @@ def test_visualize_panels_count_the_patches_the_fused_tokens_stand_for():
         kept, fused = int((ids[0] >= 0).sum()), int(sizes[0][ids[0] < 0].sum())
         assert kept + fused == 196 and fused > 0
         assert title == f'block {layer}: {kept} kept, {fused} fused'
+
+
+@pytest.mark.parametrize('family', family_params(['siglip', 'reg_gap', 'eva02']))
+def test_autocast_and_bf16_weights_run_with_the_size_bias(family):
+    # the size bias and the pool's mask follow the dtype of the attention they join
+    _, model = converted(family, 0.5, True, fusion='size')
+    x = images(FAMILIES[family].size)
+    with torch.no_grad():   # (SDPA refuses a mask of another dtype than its query's)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert torch.isfinite(model(x)).all()
+        assert torch.isfinite(model.to(torch.bfloat16)(x.bfloat16())).all()
