@@ -154,3 +154,31 @@ def test_the_reference_comparison_catches_each_score_mistake(monkeypatch, mutati
     _, model = scored('siglip', score, 0.5, True)
     with pytest.raises(AssertionError):
         check_against_family_reference(model, 'siglip', images(FAMILIES['siglip'].size))
+
+
+def test_pruning_the_head_keeps_the_pool_that_ranks_the_tokens():
+    # timm's feature extraction prunes the head (and with it the attention pool and, optionally, the
+    # final norm); a 'pool' model's blocks still rank with them, so they stay registered on the model
+    _, model = converted('siglip', 0.5, True)
+    assert model.score == 'pool'
+    x = images(FAMILIES['siglip'].size)
+    with torch.no_grad():
+        before = model.forward_intermediates(x, indices=[3], output_dict=True, intermediates_only=True)
+    model.prune_intermediate_layers([3], prune_head=True, prune_norm=True)
+    assert model.attn_pool is None and isinstance(model.score_pool, torch.nn.Module)
+    assert any(name.startswith('score_pool.') for name in model.state_dict())   # moved and saved with the model
+    with torch.no_grad():
+        after = model.forward_intermediates(x, indices=[3], output_dict=True, intermediates_only=True)
+        assert torch.equal(after['token_patch_ids'][0], before['token_patch_ids'][0])
+        model.to(torch.float64)
+        assert model.score_pool.latent.dtype == torch.float64
+        model.forward_intermediates(x.double(), indices=[3], intermediates_only=True)
+    with pytest.raises(ValueError, match="removes the attention pool that score='pool' ranks"):
+        converted('siglip', 0.5, True)[1].reset_classifier(0, 'avg')   # a user's reset still says why
+
+
+def test_features_only_on_a_model_ranked_by_its_pool():
+    model = timm.create_model('evit_vit_base_patch16_siglip_224', features_only=True, img_size=32, patch_size=8,
+                              **SMALL_VIT)
+    features = model(torch.randn(2, 3, 32, 32))
+    assert [f.shape for f in features][-1] == (2, 48, 4, 4)

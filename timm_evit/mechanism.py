@@ -82,7 +82,8 @@ class EViTMixin(KeepRateWarmup):
     def score(self, score: Optional[str]) -> None:
         pool = self._pool_for_score()
         self._score = resolve_score(score, self.cls_token is not None, pool is not None)
-        pool_score = PoolScore(pool, self.norm, self.num_prefix_tokens) if self._score == 'pool' else None
+        norm = getattr(self, 'score_norm', self.norm)   # (see prune_intermediate_layers)
+        pool_score = PoolScore(pool, norm, self.num_prefix_tokens) if self._score == 'pool' else None
         for blk in self.blocks:
             blk.score, blk.pool_score = self._score, pool_score
 
@@ -90,6 +91,8 @@ class EViTMixin(KeepRateWarmup):
         # timm's attention pool, where the 'pool' score can use it (a pool with its own position
         # embedding is laid out for the tokens entering the blocks, not for the reorganised ones)
         pool = getattr(self, 'attn_pool', None)
+        if pool is None:   # the head pruned for features: the pool kept for ranking (prune_intermediate_layers)
+            pool = getattr(self, 'score_pool', None)
         if isinstance(pool, AttentionPoolLatent) and pool.pos_embed is None:
             return pool
         return None
@@ -134,7 +137,8 @@ class EViTMixin(KeepRateWarmup):
             self.blocks[layer].keep_rate = rate
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if self.score == 'pool' and global_pool is not None and global_pool != 'map':
+        pruning = getattr(self, '_pruning_head', False)   # timm's pruning drops the head, not the ranking
+        if self.score == 'pool' and not pruning and global_pool is not None and global_pool != 'map':
             raise ValueError(f"global_pool={global_pool!r} removes the attention pool that score='pool' ranks tokens "
                              "with: set model.score = 'mean' first")
         super().reset_classifier(num_classes, global_pool)
@@ -150,8 +154,23 @@ class EViTMixin(KeepRateWarmup):
             prune_norm: bool = False,
             prune_head: bool = True,
     ) -> List[int]:
-        """timm's pruning; ``reorg_layers`` (and their keep rates) keep only the blocks that remain."""
-        take_indices = super().prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+        """timm's pruning; ``reorg_layers`` (and their keep rates) keep only the blocks that remain.
+
+        A ``'pool'`` model's blocks rank with the attention pool and final norm that pruning takes
+        out of the head (timm's feature extraction prunes the head): the blocks keep using them,
+        and the model keeps them registered as ``score_pool`` / ``score_norm`` (moved and saved
+        with it)."""
+        pool, norm = self._pool_for_score(), self.norm
+        self._pruning_head = True
+        try:
+            take_indices = super().prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+        finally:
+            self._pruning_head = False
+        if self.score == 'pool':
+            if getattr(self, 'attn_pool', None) is not pool:
+                self.score_pool = pool
+            if self.norm is not norm:
+                self.score_norm = norm
         self.reorg_layers = tuple(layer for layer in self.reorg_layers if layer < len(self.blocks))
         return take_indices
 
