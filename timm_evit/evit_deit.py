@@ -41,6 +41,10 @@ class VisionTransformerEViT(EViTMixin, VisionTransformer):
         reorg_layers: zero-based indices of the reorganising blocks, strictly increasing; default
             the paper's relative places ``depth // 4, depth // 2, 3 * depth // 4`` (3, 6, 9 of 12).
         fuse_token: fuse the inattentive tokens into one (True) or drop them (False).
+        score: what ranks the tokens, ``'class'``, ``'mean'`` or ``'pool'``; None: the model's default.
+        fusion: ``'paper'`` (the paper's raw weighted sum, the default here) or ``'size'`` (the
+            attention-weighted mean that keeps its size: docs/design.md, "A fused token that keeps
+            its size").
         keep_rate_warmup_start: training from scratch: optimizer steps at keep rate 1.0 before
             the keep rate starts to fall (counted in training forward passes with gradients).
         keep_rate_warmup_steps: steps of the half-cosine fall from 1.0 to ``keep_rate``. With

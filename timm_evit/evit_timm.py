@@ -4,7 +4,7 @@
 builds timm's own ``vit_base_patch16_clip_224`` with the pretrained tag's weights (timm's Hub
 repository: the pretrained tags are timm's, not EViT-trained weights) and converts it with
 ``apply``. The EViT arguments (``options.EVIT_ARGS``: ``keep_rate``, ``reorg_layers``,
-``fuse_token``, ``score``, the keep-rate warm-up) go to ``apply``; every other argument to timm's model. So timm's ``train.py --model
+``fuse_token``, ``score``, ``fusion``, the keep-rate warm-up) go to ``apply``; every other argument to timm's model. So timm's ``train.py --model
 evit_deit3_small_patch16_224.fb_in22k_ft_in1k --pretrained --model-kwargs keep_rate=0.7
 keep_rate_warmup_steps=...`` fine-tunes any of them with EViT.
 
