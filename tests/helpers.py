@@ -204,6 +204,21 @@ def check_against_family_reference(model, family, x, embedded=None):
     compare_with_reference(model, x, reference)
 
 
+def write_class_images(root, images_per_class, shape_of, signal_step):
+    """``root/validation/{cat,dog,fox}/i.png``: random pixels of ``shape_of(i)`` (H, W, 3), the class's
+    own channel set to ``255 - signal_step * i`` (some class signal). Returns ``root``."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(['cat', 'dog', 'fox']):
+        (root / 'validation' / name).mkdir(parents=True)
+        for i in range(images_per_class):
+            pixels = rng.integers(0, 255, shape_of(i), dtype=np.uint8)
+            pixels[..., c] = 255 - signal_step * i
+            Image.fromarray(pixels).save(root / 'validation' / name / f'{i}.png')
+    return root
+
+
 # ---- the command line, in this interpreter -------------------------------------------------------
 
 CliResult = namedtuple('CliResult', 'code out err')

@@ -8,7 +8,9 @@ import sys
 import pytest
 import torch
 
-from helpers import SMALL_VIT, TINY_IMG32, TINY_IMG32_CLI, assert_one_line_error, randomise_weights, run_cli
+from helpers import (
+    SMALL_VIT, TINY_IMG32, TINY_IMG32_CLI, assert_one_line_error, randomise_weights, run_cli, write_class_images,
+)
 from timm_evit.tools.models import create_evit_model
 
 pytest.importorskip('onnxscript')
@@ -92,16 +94,7 @@ def test_bench_times_the_quantized_exports_beside_torch_fp32(tmp_path, capsys):
 
 @pytest.fixture(scope='module')
 def small_folder(tmp_path_factory):
-    import numpy as np
-    from PIL import Image
-    root = tmp_path_factory.mktemp('data')
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(['cat', 'dog', 'fox']):
-        (root / 'validation' / name).mkdir(parents=True)
-        for i in range(6):
-            pixels = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
-            pixels[..., c] = 255 - 30 * i   # some class signal
-            Image.fromarray(pixels).save(root / 'validation' / name / f'{i}.png')
+    root = write_class_images(tmp_path_factory.mktemp('data'), 6, lambda i: (32, 32, 3), 30)
     model = randomise_weights(create_evit_model('evit_deit_tiny', num_classes=3, **TINY_IMG32), seed=1)
     torch.save(model.state_dict(), root / 'model.pth')
     return root

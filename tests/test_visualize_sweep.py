@@ -11,7 +11,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from timm.models.vision_transformer import VisionTransformer
 
-from helpers import TINY_IMG32_CLI, run_cli, tiny_evit
+from helpers import TINY_IMG32_CLI, run_cli, tiny_evit, write_class_images
 from timm_evit.tools.plain import create_plain_counterpart
 from timm_evit.tools.sweep import SweepRow, pick_keep_rate, run_sweep, write_sweep
 from timm_evit.tools._io import pyplot
@@ -126,14 +126,7 @@ def test_visualize_writes_every_picture_or_none(tmp_path, monkeypatch, capsys):
 
 @pytest.fixture(scope='module')
 def image_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp('data')
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(['cat', 'dog', 'fox']):
-        (root / 'validation' / name).mkdir(parents=True)
-        for i in range(4):
-            pixels = rng.integers(0, 255, (64 + 16 * i, 80, 3), dtype=np.uint8)
-            pixels[..., c] = 255 - 40 * i  # some class signal
-            Image.fromarray(pixels).save(root / 'validation' / name / f'{i}.png')
+    root = write_class_images(tmp_path_factory.mktemp('data'), 4, lambda i: (64 + 16 * i, 80, 3), 40)
     torch.manual_seed(3)
     model = timm.create_model('evit_deit_tiny', num_classes=3)
     checkpoint = root / 'model.pth'

@@ -147,6 +147,10 @@ class _ReorganisingStep:
                              f'(keep_rate {rate}); use keep_rate=1.0 for masked attention')
         return rate
 
+    def _score_at(self, rate: float) -> Optional[str]:
+        # what the attention core computes beside the attention: no score where no token is dropped
+        return self.score if rate < 1.0 else None
+
     def _kept_all(self, x: torch.Tensor, kept_indices: Optional[List[torch.Tensor]]) -> torch.Tensor:
         # a block that keeps every token reports the identity (callers need no branch)
         if kept_indices is not None:
@@ -162,6 +166,8 @@ class _ReorganisingStep:
             kept_indices: Optional[List[torch.Tensor]],
             token_sizes: Optional[torch.Tensor],
     ) -> torch.Tensor:
+        if rate >= 1.0:   # a block that only carries sizes (size-aware fusion) keeps every token
+            return self._kept_all(x, kept_indices)
         if score is None:   # 'pool': from the tokens after the attention residual
             score = self.pool_score(x, token_sizes)
         x, kept_idx = opaque.reorganize_at_rate(
@@ -200,9 +206,9 @@ class EViTBlock(_ReorganisingStep, Block):
             return self._kept_all(super().forward(x, attn_mask=attn_mask, is_causal=is_causal), kept_indices)
         # Block.forward with the size bias, and the reorganisation between its two residual branches
         attn_out, score = attention_with_class_attention(
-            self.attn, self.norm1(x), self.num_prefix_tokens, self.score if rate < 1.0 else None, token_sizes)
+            self.attn, self.norm1(x), self.num_prefix_tokens, self._score_at(rate), token_sizes)
         x = x + self.drop_path1(self.ls1(attn_out))
-        x = self._reorganise(x, score, rate, kept_indices, token_sizes) if rate < 1.0 else self._kept_all(x, kept_indices)
+        x = self._reorganise(x, score, rate, kept_indices, token_sizes)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -296,11 +302,11 @@ class EViTEvaBlock(_ReorganisingStep, EvaBlock):
             return self._kept_all(x, kept_indices)
         # EvaBlock.forward with the size bias, and the reorganisation between its two residual branches
         attn_out, score = rope_attention_with_class_attention(
-            self.attn, self.norm1(x), rope, self.num_prefix_tokens, self.score if rate < 1.0 else None, token_sizes)
+            self.attn, self.norm1(x), rope, self.num_prefix_tokens, self._score_at(rate), token_sizes)
         if self.gamma_1 is not None:
             attn_out = self.gamma_1 * attn_out
         x = x + self.drop_path1(attn_out)
-        x = self._reorganise(x, score, rate, kept_indices, token_sizes) if rate < 1.0 else self._kept_all(x, kept_indices)
+        x = self._reorganise(x, score, rate, kept_indices, token_sizes)
         mlp_out = self.mlp(self.norm2(x))
         if self.gamma_2 is not None:
             mlp_out = self.gamma_2 * mlp_out
