@@ -54,24 +54,24 @@ def test_trace_through_two_stages():
     ids = torch.arange(6)[None]
     index = torch.arange(6)[None]
     kept1 = torch.tensor([[4, 1, 0]])
-    ids = trace_token_patch_ids(ids, kept1, fuse_token=True)
-    index = trace_patch_token_index(index, kept1, num_tokens=6, fuse_token=True)
+    ids = trace_token_patch_ids(ids, kept1, fused=True)
+    index = trace_patch_token_index(index, kept1, num_tokens=6, fused=True)
     assert ids.tolist() == [[4, 1, 0, -1]]
     assert index.tolist() == [[2, 1, 3, 3, 0, 3]]
     # Stage 2 keeps F1 (token 3) and patch 0 (token 2); patches 4, 1 go into F2 = token 2.
     kept2 = torch.tensor([[3, 2]])
-    ids = trace_token_patch_ids(ids, kept2, fuse_token=True)
-    index = trace_patch_token_index(index, kept2, num_tokens=4, fuse_token=True)
+    ids = trace_token_patch_ids(ids, kept2, fused=True)
+    index = trace_patch_token_index(index, kept2, num_tokens=4, fused=True)
     assert ids.tolist() == [[-1, 0, -1]]
     assert index.tolist() == [[1, 2, 0, 0, 2, 0]]
 
 
 def test_trace_without_fusion_marks_dropped_patches():
     index = torch.arange(4)[None]
-    index = trace_patch_token_index(index, torch.tensor([[2, 0]]), num_tokens=4, fuse_token=False)
+    index = trace_patch_token_index(index, torch.tensor([[2, 0]]), num_tokens=4, fused=False)
     assert index.tolist() == [[1, -1, 0, -1]]
     # tokens are now (patch 2, patch 0); keeping token 1 keeps patch 0 only
-    index = trace_patch_token_index(index, torch.tensor([[1]]), num_tokens=2, fuse_token=False)
+    index = trace_patch_token_index(index, torch.tensor([[1]]), num_tokens=2, fused=False)
     assert index.tolist() == [[0, -1, -1, -1]]
 
 

@@ -154,12 +154,14 @@ class VisionTransformerEViTLVViT(VisionTransformerEViT):
             is_causal: bool = False,
             keep_rate: Optional[KeepRate] = None,
             return_token_patch_ids: bool = False,
+            keep_mass: Optional[KeepRate] = None,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        """Tokens after the final norm; with ``return_token_patch_ids`` also ``[B, n]`` patch ids (-1: fused)."""
+        """Tokens after the final norm; with ``return_token_patch_ids`` also ``[B, n]`` patch ids
+        (-1: fused, -2: padding)."""
         x, _ = self._entering_tokens(x)
-        rates = self._keep_rates_for_call(keep_rate)
+        rates, masses = self._budgets_for_call(keep_rate, keep_mass)
         self._advance_warmup()
-        x, trace, _ = self._block_loop(x, rates, attn_mask, is_causal, trace=return_token_patch_ids)
+        x, trace, _ = self._block_loop(x, rates, masses, attn_mask, is_causal, trace=return_token_patch_ids)
         x = self.norm(x)
         return (x, trace.token_patch_ids) if return_token_patch_ids else x
 
@@ -169,25 +171,26 @@ class VisionTransformerEViTLVViT(VisionTransformerEViT):
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
             keep_rate: Optional[KeepRate] = None,
+            keep_mass: Optional[KeepRate] = None,
     ):
         if self.dense_output and self.training:
             if attn_mask is not None or is_causal:
                 raise ValueError('attn_mask / is_causal are not supported with dense_output=True training')
-            return self._forward_dense(x, keep_rate)
-        x, token_patch_ids = self.forward_features(
-            x, attn_mask=attn_mask, is_causal=is_causal, keep_rate=keep_rate, return_token_patch_ids=True)
+            return self._forward_dense(x, keep_rate, keep_mass)
+        x, token_patch_ids = self.forward_features(x, attn_mask=attn_mask, is_causal=is_causal, keep_rate=keep_rate,
+                                                   return_token_patch_ids=True, keep_mass=keep_mass)
         return self.forward_head(x, token_patch_ids=token_patch_ids)
 
-    def _forward_dense(self, x: torch.Tensor, keep_rate: Optional[KeepRate]):
+    def _forward_dense(self, x: torch.Tensor, keep_rate: Optional[KeepRate], keep_mass: Optional[KeepRate] = None):
         grid_h, grid_w = self.patch_embed.dynamic_feat_size(x.shape[-2:])
         tokens, _ = self._entering_tokens(x)
         bbox = (0, 0, 0, 0)
         if self.mix_token:
             tokens, bbox = _mix_tokens(tokens, grid_h, grid_w)
-        rates = self._keep_rates_for_call(keep_rate)
+        rates, masses = self._budgets_for_call(keep_rate, keep_mass)
         self._advance_warmup()
         # every patch traced to the token that carries it, to put the aux logits back on the grid
-        tokens, trace, _ = self._block_loop(tokens, rates, trace_patches=True)
+        tokens, trace, _ = self._block_loop(tokens, rates, masses, trace_patches=True)
         tokens = self.norm(tokens)
         cls_logits = super().forward_head(tokens)
         aux = tokens_to_patch_grid(self.aux_head(tokens[:, self.num_prefix_tokens:]), trace.patch_token_index)

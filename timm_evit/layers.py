@@ -133,23 +133,35 @@ class _ReorganisingStep:
     reorganising step, which each block writes out after the timm block it follows."""
 
     keep_rate: float = 1.0
+    keep_mass: Optional[float] = None       # per-image budgets in place of keep_rate (docs/design.md)
     fuse_token: bool = True
     fusion: str = 'paper'                   # options.FUSIONS
     num_prefix_tokens: int = 1
     score: str = 'class'                    # what ranks the tokens (options.SCORES)
     pool_score: Optional[PoolScore] = None  # for score 'pool'
 
-    def _rate(self, keep_rate: Optional[float], attn_mask: Optional[torch.Tensor], is_causal: bool) -> float:
-        rate = self.keep_rate if keep_rate is None else keep_rate
-        if rate < 1.0 and (attn_mask is not None or is_causal):
+    def _budget(
+            self,
+            keep_rate: Optional[float],
+            keep_mass: Optional[float],
+            attn_mask: Optional[torch.Tensor],
+            is_causal: bool,
+    ) -> Tuple[float, Optional[float]]:
+        """This call's keep rate and keep mass: those given (one of them), else the block's own."""
+        if keep_rate is not None and keep_mass is not None:
+            raise ValueError(f'give keep_rate or keep_mass, not both (got {keep_rate!r} and {keep_mass!r})')
+        if keep_rate is None and keep_mass is None:
+            keep_rate, keep_mass = self.keep_rate, self.keep_mass
+        rate = 1.0 if keep_rate is None else keep_rate
+        if (rate < 1.0 or keep_mass is not None) and (attn_mask is not None or is_causal):
             # A mask is laid out for the tokens before this block; the reorganised ones have no place in it.
             raise ValueError('attn_mask / is_causal cannot be used in a block that reorganises tokens '
-                             f'(keep_rate {rate}); use keep_rate=1.0 for masked attention')
-        return rate
+                             f'(keep_rate {rate}, keep_mass {keep_mass}); use keep_rate=1.0 for masked attention')
+        return rate, keep_mass
 
-    def _score_at(self, rate: float) -> Optional[str]:
+    def _score_at(self, rate: float, mass: Optional[float]) -> Optional[str]:
         # what the attention core computes beside the attention: no score where no token is dropped
-        return self.score if rate < 1.0 else None
+        return self.score if rate < 1.0 or mass is not None else None
 
     def _kept_all(self, x: torch.Tensor, kept_indices: Optional[List[torch.Tensor]]) -> torch.Tensor:
         # a block that keeps every token reports the identity (callers need no branch)
@@ -163,15 +175,21 @@ class _ReorganisingStep:
             x: torch.Tensor,
             score: Optional[torch.Tensor],
             rate: float,
+            mass: Optional[float],
             kept_indices: Optional[List[torch.Tensor]],
             token_sizes: Optional[torch.Tensor],
     ) -> torch.Tensor:
-        if rate >= 1.0:   # a block that only carries sizes (size-aware fusion) keeps every token
+        if rate >= 1.0 and mass is None:   # a block that only carries sizes (or padding) keeps every token
             return self._kept_all(x, kept_indices)
         if score is None:   # 'pool': from the tokens after the attention residual
             score = self.pool_score(x, token_sizes)
-        x, kept_idx = opaque.reorganize_at_rate(
-            x, score, rate, self.fuse_token, self.num_prefix_tokens, weighted_mean=self.fusion == 'size')
+        weighted_mean = self.fusion == 'size'
+        if mass is None:
+            x, kept_idx = opaque.reorganize_at_rate(
+                x, score, rate, self.fuse_token, self.num_prefix_tokens, weighted_mean=weighted_mean)
+        else:
+            x, kept_idx = opaque.reorganize_by_mass(
+                x, score, mass, self.fuse_token, self.num_prefix_tokens, weighted_mean, token_sizes)
         if kept_indices is not None:
             kept_indices.append(kept_idx)
         return x
@@ -189,7 +207,9 @@ class EViTBlock(_ReorganisingStep, Block):
     block appends the indices ``[B, num_keep]`` of the non-prefix tokens it kept, in their new order
     (the identity when it kept them all). Models use it to trace tokens back to their patches.
     ``token_sizes`` ``[B, n]``: the sizes of the non-prefix tokens after a size-aware fusion (their
-    ``log`` biases every attention to them); None: every token has size 1.
+    ``log`` biases every attention to them; 0 is padding, hidden from every attention); None: every
+    token has size 1. ``keep_mass`` in place of ``keep_rate``: each image's own count
+    (``reorg.reorganize_by_mass``).
     """
 
     def forward(
@@ -200,15 +220,16 @@ class EViTBlock(_ReorganisingStep, Block):
             keep_rate: Optional[float] = None,
             kept_indices: Optional[List[torch.Tensor]] = None,
             token_sizes: Optional[torch.Tensor] = None,
+            keep_mass: Optional[float] = None,
     ) -> torch.Tensor:
-        rate = self._rate(keep_rate, attn_mask, is_causal)
-        if rate >= 1.0 and token_sizes is None:
+        rate, mass = self._budget(keep_rate, keep_mass, attn_mask, is_causal)
+        if rate >= 1.0 and mass is None and token_sizes is None:
             return self._kept_all(super().forward(x, attn_mask=attn_mask, is_causal=is_causal), kept_indices)
         # Block.forward with the size bias, and the reorganisation between its two residual branches
         attn_out, score = attention_with_class_attention(
-            self.attn, self.norm1(x), self.num_prefix_tokens, self._score_at(rate), token_sizes)
+            self.attn, self.norm1(x), self.num_prefix_tokens, self._score_at(rate, mass), token_sizes)
         x = x + self.drop_path1(self.ls1(attn_out))
-        x = self._reorganise(x, score, rate, kept_indices, token_sizes)
+        x = self._reorganise(x, score, rate, mass, kept_indices, token_sizes)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -295,18 +316,19 @@ class EViTEvaBlock(_ReorganisingStep, EvaBlock):
             keep_rate: Optional[float] = None,
             kept_indices: Optional[List[torch.Tensor]] = None,
             token_sizes: Optional[torch.Tensor] = None,
+            keep_mass: Optional[float] = None,
     ) -> torch.Tensor:
-        rate = self._rate(keep_rate, attn_mask, is_causal)
-        if rate >= 1.0 and token_sizes is None:
+        rate, mass = self._budget(keep_rate, keep_mass, attn_mask, is_causal)
+        if rate >= 1.0 and mass is None and token_sizes is None:
             x = super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
             return self._kept_all(x, kept_indices)
         # EvaBlock.forward with the size bias, and the reorganisation between its two residual branches
         attn_out, score = rope_attention_with_class_attention(
-            self.attn, self.norm1(x), rope, self.num_prefix_tokens, self._score_at(rate), token_sizes)
+            self.attn, self.norm1(x), rope, self.num_prefix_tokens, self._score_at(rate, mass), token_sizes)
         if self.gamma_1 is not None:
             attn_out = self.gamma_1 * attn_out
         x = x + self.drop_path1(attn_out)
-        x = self._reorganise(x, score, rate, kept_indices, token_sizes)
+        x = self._reorganise(x, score, rate, mass, kept_indices, token_sizes)
         mlp_out = self.mlp(self.norm2(x))
         if self.gamma_2 is not None:
             mlp_out = self.gamma_2 * mlp_out

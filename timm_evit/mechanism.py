@@ -20,7 +20,8 @@ from timm.models._features import feature_take_indices
 from . import opaque
 from .layers import PoolScore
 from .options import (
-    EViTOptions, KeepRate, check_fuse_token, check_fusion, check_keep_rate, default_reorg_layers, resolve_score,
+    EViTOptions, KeepRate, check_fuse_token, check_fusion, check_keep_mass, check_keep_rate, default_reorg_layers,
+    resolve_score,
 )
 from .reorg import size_key_bias, size_weighted_pool, tokens_to_patch_grid
 from .schedule import KeepRateWarmup
@@ -50,6 +51,7 @@ class EViTMixin(KeepRateWarmup):
         self.score = options.score
         self.set_keep_rate(options.keep_rate)
         self._init_warmup(options.keep_rate_warmup_start, options.keep_rate_warmup_steps, self._place()['device'])
+        self.set_keep_mass(options.keep_mass)
 
     def _place(self) -> Dict[str, Any]:
         """The device and dtype of the model's weights (a class token is not always there)."""
@@ -64,13 +66,27 @@ class EViTMixin(KeepRateWarmup):
             '(images,)) or export to ONNX (torch.onnx.export(model, (images,), dynamo=True))')
 
     @property
-    def keep_rate(self) -> Tuple[float, ...]:
-        """Keep rate of each reorganising block (held by the blocks themselves)."""
+    def keep_rate(self) -> Optional[Tuple[float, ...]]:
+        """Keep rate of each reorganising block (held by the blocks themselves); None while
+        ``keep_mass`` sets each image's count instead."""
+        if self.keep_mass is not None:
+            return None
         return tuple(self.blocks[layer].keep_rate for layer in self.reorg_layers)
 
     @keep_rate.setter
     def keep_rate(self, keep_rate: KeepRate) -> None:
         self.set_keep_rate(keep_rate)
+
+    @property
+    def keep_mass(self) -> Optional[Tuple[float, ...]]:
+        """Keep mass of each reorganising block (docs/design.md, "Per-image token budgets"); None:
+        the keep rate fixes every image's count."""
+        masses = tuple(self.blocks[layer].keep_mass for layer in self.reorg_layers)
+        return masses if masses and masses[0] is not None else None
+
+    @keep_mass.setter
+    def keep_mass(self, keep_mass: Optional[KeepRate]) -> None:
+        self.set_keep_mass(keep_mass)
 
     @property
     def score(self) -> str:
@@ -131,10 +147,26 @@ class EViTMixin(KeepRateWarmup):
         return self.fusion == 'size' and self.fuse_token
 
     def set_keep_rate(self, keep_rate: KeepRate) -> None:
-        """Change the keep rate (one float, or one per reorganising block); no retraining needed."""
+        """Change the keep rate (one float, or one per reorganising block); no retraining needed.
+        It takes the place of a ``keep_mass``."""
         rates = check_keep_rate(keep_rate, len(self.reorg_layers))
         for layer, rate in zip(self.reorg_layers, rates):
             self.blocks[layer].keep_rate = rate
+            self.blocks[layer].keep_mass = None
+
+    def set_keep_mass(self, keep_mass: Optional[KeepRate]) -> None:
+        """Give each image its own count (one float in (0, 1], or one per reorganising block: the
+        share of its score the kept tokens hold); it takes the place of the keep rate, which the
+        blocks keep at 1.0. None: back to a fixed keep rate, 1.0 until ``set_keep_rate``."""
+        if keep_mass is not None and self.has_keep_rate_warmup:
+            raise ValueError('keep_mass cannot be used with the keep-rate warm-up (keep_rate_warmup_start / '
+                             'keep_rate_warmup_steps), which schedules keep_rate')
+        masses = (None,) * len(self.reorg_layers) if keep_mass is None else check_keep_mass(
+            keep_mass, len(self.reorg_layers))
+        for layer, mass in zip(self.reorg_layers, masses):
+            if mass is not None:
+                self.blocks[layer].keep_rate = 1.0
+            self.blocks[layer].keep_mass = mass
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         pruning = getattr(self, '_pruning_head', False)   # timm's pruning drops the head, not the ranking
@@ -174,44 +206,61 @@ class EViTMixin(KeepRateWarmup):
         self.reorg_layers = tuple(layer for layer in self.reorg_layers if layer < len(self.blocks))
         return take_indices
 
-    def _keep_rates_for_call(self, keep_rate: Optional[KeepRate]) -> List[float]:
-        """This call's keep rate for every block (1.0: the block keeps all its tokens)."""
-        if isinstance(keep_rate, torch.fx.Proxy):
-            # FX tracing (timm feature extraction) turns every forward argument into a Proxy;
-            # a traced graph keeps the model's keep rate, fixed at tracing time.
-            keep_rate = None
+    def _budgets_for_call(
+            self,
+            keep_rate: Optional[KeepRate],
+            keep_mass: Optional[KeepRate] = None,
+    ) -> Tuple[List[float], List[Optional[float]]]:
+        """This call's keep rate and keep mass for every block (rate 1.0 and no mass: the block keeps
+        all its tokens): those given for the call (one of the two), else the model's."""
+        # FX tracing (timm feature extraction) turns every forward argument into a Proxy;
+        # a traced graph keeps the model's budgets, fixed at tracing time.
+        keep_rate = None if isinstance(keep_rate, torch.fx.Proxy) else keep_rate
+        keep_mass = None if isinstance(keep_mass, torch.fx.Proxy) else keep_mass
+        num_layers = len(self.reorg_layers)
+        if keep_rate is not None and keep_mass is not None:
+            raise ValueError(f'give keep_rate or keep_mass, not both (got keep_rate={keep_rate!r}, '
+                             f'keep_mass={keep_mass!r})')
         if keep_rate is not None:
-            rates = check_keep_rate(keep_rate, len(self.reorg_layers))
+            rates, masses = check_keep_rate(keep_rate, num_layers), (None,) * num_layers
+        elif keep_mass is not None:
+            rates, masses = (1.0,) * num_layers, check_keep_mass(keep_mass, num_layers)
+        elif self.keep_mass is not None:
+            rates, masses = (1.0,) * num_layers, self.keep_mass
         elif self.training and self.has_keep_rate_warmup:
-            rates = self.scheduled_keep_rate()
+            rates, masses = self.scheduled_keep_rate(), (None,) * num_layers
         else:  # evaluation always uses the target keep rate
-            rates = self.keep_rate
-        per_block = [blk.keep_rate for blk in self.blocks]
-        for layer, rate in zip(self.reorg_layers, rates):
-            per_block[layer] = rate
-        return per_block
+            rates, masses = self.keep_rate, (None,) * num_layers
+        per_block_rates = [blk.keep_rate for blk in self.blocks]
+        per_block_masses = [None] * len(self.blocks)
+        for layer, rate, mass in zip(self.reorg_layers, rates, masses):
+            per_block_rates[layer], per_block_masses[layer] = rate, mass
+        return per_block_rates, per_block_masses
 
     def _run_block(
             self,
             blk: nn.Module,
             x: torch.Tensor,
             keep_rate: float,
+            keep_mass: Optional[float] = None,
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
             rope: Optional[torch.Tensor] = None,
             token_sizes: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Runs one block through its ``__call__`` (hooks see it); returns the tokens and the kept
-        indices, or None where the block keeps every token at this rate. ``rope``: the rotary rows
-        of the tokens entering it (RoPE families only); ``token_sizes``: their sizes (size-aware
-        fusion, after a reorganisation)."""
-        kept_indices = [] if keep_rate < 1.0 else None
-        kwargs = dict(keep_rate=keep_rate, kept_indices=kept_indices)
+        indices, or None where the block keeps every token at this rate (and has no ``keep_mass``).
+        ``rope``: the rotary rows of the tokens entering it (RoPE families only); ``token_sizes``:
+        the weights of its tokens (``TokenTrace.attention_weights``)."""
+        reorganises = keep_rate < 1.0 or keep_mass is not None
+        kept_indices = [] if reorganises else None
+        budget = dict(keep_rate=keep_rate) if keep_mass is None else dict(keep_mass=keep_mass)
+        kwargs = dict(budget, kept_indices=kept_indices)
         if rope is not None:
             kwargs.update(rope=rope)
         if token_sizes is not None:
             kwargs.update(token_sizes=token_sizes)
-        if keep_rate >= 1.0 and (attn_mask is not None or is_causal):
+        if not reorganises and (attn_mask is not None or is_causal):
             # (check_attention_mask has made sure that no mask meets a reorganising block; under
             # FX tracing both are placeholders, passed on to the plain blocks as timm does)
             kwargs.update(attn_mask=attn_mask, is_causal=is_causal)
@@ -234,6 +283,7 @@ class EViTMixin(KeepRateWarmup):
             self,
             x: torch.Tensor,
             rates: Sequence[float],
+            masses: Sequence[Optional[float]],
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
             rope: Optional[torch.Tensor] = None,
@@ -242,7 +292,9 @@ class EViTMixin(KeepRateWarmup):
             take_indices: Sequence[int] = (),
             num_blocks: Optional[int] = None,
     ) -> Tuple[torch.Tensor, Optional[TokenTrace], List[Tuple[torch.Tensor, TokenTrace]]]:
-        """The one block loop: the first ``num_blocks`` blocks (default all) at their keep ``rates``.
+        """The one block loop: the first ``num_blocks`` blocks (default all) at their keep ``rates``
+        or, where given, keep ``masses`` (per-image counts: the trace then carries every token's
+        size, 0 for padding, and every later block gets the weights that hide the padding).
 
         With ``rope`` (timm's rotary embedding of the entering tokens; ``[depth, ...]`` where the model
         has one per block, ``rope_mixed``), each block gets the rows of the tokens that remain: every
@@ -252,13 +304,17 @@ class EViTMixin(KeepRateWarmup):
         with ``trace_patches`` or ``take_indices``, its sizes with those or size-aware fusion), and for
         each block in ``take_indices`` its tokens and trace.
         """
-        opaque.check_attention_mask(attn_mask, is_causal, rates)
+        opaque.check_attention_mask(attn_mask, is_causal, rates, masses)
         take_indices = list(take_indices)
         token_trace = None
         size_aware = self._size_aware
-        if trace or trace_patches or take_indices or rope is not None or size_aware:
+        adaptive = any(mass is not None for mass in masses)
+        if trace or trace_patches or take_indices or rope is not None or size_aware or adaptive:
             token_trace = TokenTrace.start(x, self.num_prefix_tokens, trace_patches or bool(take_indices),
-                                           with_sizes=size_aware or bool(take_indices))
+                                           with_sizes=size_aware or adaptive or bool(take_indices))
+        # one image alone is never padded (under FX tracing the batch size is unknown: padded)
+        batch = x.shape[0]
+        alone = isinstance(batch, int) and batch == 1
         rope_per_block = rope is not None and getattr(self, 'rope_mixed', False)
         reorganised, block_rope, taken = False, rope, []
         for i in range(len(self.blocks) if num_blocks is None else num_blocks):
@@ -266,10 +322,12 @@ class EViTMixin(KeepRateWarmup):
                 block_rope = rope[i]
                 if reorganised:
                     block_rope = opaque.rotary_rows_for_tokens(block_rope, token_trace.token_patch_ids)
-            block_sizes = token_trace.token_sizes if size_aware else None
-            x, kept_idx = self._run_block(self.blocks[i], x, rates[i], attn_mask, is_causal, block_rope, block_sizes)
+            block_weights = None if token_trace is None else token_trace.attention_weights(size_aware)
+            x, kept_idx = self._run_block(
+                self.blocks[i], x, rates[i], masses[i], attn_mask, is_causal, block_rope, block_weights)
             if kept_idx is not None and token_trace is not None:
-                token_trace = token_trace.after(kept_idx, self.fuse_token)
+                fused = x.shape[1] - self.num_prefix_tokens > kept_idx.shape[1]   # the block appended a fused slot
+                token_trace = token_trace.after(kept_idx, fused, may_pad=masses[i] is not None and not alone)
                 # before any reorganisation, timm's own rope goes to the blocks (keep_rate 1.0 is timm's model)
                 reorganised = True
                 if rope is not None and not rope_per_block:
@@ -284,14 +342,15 @@ class EViTMixin(KeepRateWarmup):
             attn_mask: Optional[torch.Tensor],
             is_causal: bool,
             keep_rate: Optional[KeepRate],
+            keep_mass: Optional[KeepRate] = None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``forward_features`` and the sizes of the remaining non-prefix tokens (None: every one is
-        one patch, or the fusion is the paper's)."""
+        """``forward_features`` and the weights the head pools the remaining non-prefix tokens with
+        (``TokenTrace.attention_weights``; None: each once)."""
         x, rope = self._entering_tokens(x)
-        rates = self._keep_rates_for_call(keep_rate)
+        rates, masses = self._budgets_for_call(keep_rate, keep_mass)
         self._advance_warmup()
-        x, trace, _ = self._block_loop(x, rates, attn_mask, is_causal, rope)
-        return self.norm(x), (trace.token_sizes if self._size_aware else None)
+        x, trace, _ = self._block_loop(x, rates, masses, attn_mask, is_causal, rope)
+        return self.norm(x), (None if trace is None else trace.attention_weights(self._size_aware))
 
     def forward_features(
             self,
@@ -299,10 +358,12 @@ class EViTMixin(KeepRateWarmup):
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
             keep_rate: Optional[KeepRate] = None,
+            keep_mass: Optional[KeepRate] = None,
     ) -> torch.Tensor:
-        """Tokens after the final norm: ``[B, prefix + remaining tokens, C]``. ``attn_mask`` /
-        ``is_causal`` go to every block's attention as in timm, with ``keep_rate`` 1.0 only."""
-        return self._features_and_sizes(x, attn_mask, is_causal, keep_rate)[0]
+        """Tokens after the final norm: ``[B, prefix + remaining tokens, C]`` (with ``keep_mass`` in
+        a batch, an image's padding too: ``forward_intermediates`` gives its sizes, 0). ``attn_mask``
+        / ``is_causal`` go to every block's attention as in timm, with ``keep_rate`` 1.0 only."""
+        return self._features_and_sizes(x, attn_mask, is_causal, keep_rate, keep_mass)[0]
 
     def forward_head(
             self,
@@ -310,11 +371,12 @@ class EViTMixin(KeepRateWarmup):
             pre_logits: bool = False,
             token_sizes: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """timm's head; with ``token_sizes`` ``[B, n]`` (size-aware fusion) an ``avg`` / ``avgmax``
-        pooling weighs each non-prefix token by its size and an attention pool adds ``log(size)`` to
-        its logits (``forward`` passes them; without them every token counts once)."""
+        """timm's head; with ``token_sizes`` ``[B, n]`` (size-aware fusion, or padding with size 0) an
+        ``avg`` / ``avgmax`` pooling weighs each non-prefix token by its size, ``max`` leaves the
+        padding out, and an attention pool adds ``log(size)`` to its logits (``forward`` passes
+        them; without them every token counts once)."""
         pool = getattr(self, 'attn_pool', None)
-        if token_sizes is None or (pool is None and self.global_pool not in ('avg', 'avgmax')):
+        if token_sizes is None or (pool is None and self.global_pool not in ('avg', 'avgmax', 'max')):
             return super().forward_head(x, pre_logits=pre_logits)
         # timm's ViT says whether its pool sees the prefix tokens; Eva's attention pool sees them, its average not
         include_prefix = getattr(self, 'pool_include_prefix', pool is not None)
@@ -334,9 +396,10 @@ class EViTMixin(KeepRateWarmup):
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
             keep_rate: Optional[KeepRate] = None,
+            keep_mass: Optional[KeepRate] = None,
     ) -> torch.Tensor:
-        """Logits; ``keep_rate`` overrides the model's keep rate for this call only."""
-        x, token_sizes = self._features_and_sizes(x, attn_mask, is_causal, keep_rate)
+        """Logits; ``keep_rate`` or ``keep_mass`` overrides the model's budget for this call only."""
+        x, token_sizes = self._features_and_sizes(x, attn_mask, is_causal, keep_rate, keep_mass)
         return self.forward_head(x, token_sizes=token_sizes)
 
     def forward_intermediates(
@@ -352,6 +415,7 @@ class EViTMixin(KeepRateWarmup):
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
             keep_rate: Optional[KeepRate] = None,
+            keep_mass: Optional[KeepRate] = None,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]:
         """timm's ``forward_intermediates``, with tokens traced back to their patches.
 
@@ -359,9 +423,10 @@ class EViTMixin(KeepRateWarmup):
         kept, the fused token it went into, zeros if dropped without fusion). ``NLC`` gives the
         raw non-prefix tokens, fewer after each reorganisation. With ``output_dict=True`` the
         result also holds, per intermediate, ``token_patch_ids`` ``[B, n]`` (the patch each token
-        came from, -1 for a fused token) and ``patch_token_index`` ``[B, H*W]`` (the token now
-        carrying each patch, -1 if dropped) and ``token_sizes`` ``[B, n]`` (the patches each token
-        stands for: 1, or for a fused token the patches it replaced).
+        came from, -1 for a fused token, -2 for padding) and ``patch_token_index`` ``[B, H*W]`` (the
+        token now carrying each patch, -1 if dropped) and ``token_sizes`` ``[B, n]`` (the patches
+        each token stands for: 1, or for a fused token the patches it replaced; 0: padding). With
+        ``keep_mass``, an image's count after a block is its tokens of size > 0.
         """
         if output_fmt not in ('NCHW', 'NLC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
@@ -372,11 +437,11 @@ class EViTMixin(KeepRateWarmup):
         if output_fmt == 'NCHW':
             opaque.check_patch_grid(x.shape[1] - self.num_prefix_tokens, (grid_h, grid_w))
 
-        rates = self._keep_rates_for_call(keep_rate)
+        rates, masses = self._budgets_for_call(keep_rate, keep_mass)
         self._advance_warmup()
         num_blocks = max_index + 1 if stop_early else len(self.blocks)
         x, _, taken = self._block_loop(
-            x, rates, attn_mask, is_causal, rope, take_indices=take_indices, num_blocks=num_blocks)
+            x, rates, masses, attn_mask, is_causal, rope, take_indices=take_indices, num_blocks=num_blocks)
 
         intermediates, prefix_tokens, token_ids_out, patch_index_out, sizes_out = [], [], [], [], []
         for y, trace in taken:

@@ -9,12 +9,15 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 __all__ = [
-    'KeepRate', 'EViTOptions', 'EVIT_ARGS', 'TRAINING_ARGS', 'pop_evit_args', 'default_reorg_layers',
+    'KeepRate', 'DEFAULT_KEEP_RATE', 'EViTOptions', 'check_keep_mass', 'EVIT_ARGS', 'TRAINING_ARGS', 'pop_evit_args', 'default_reorg_layers',
     'check_keep_rate', 'check_reorg_layers', 'check_fuse_token', 'SCORES', 'check_score', 'resolve_score',
     'FUSIONS', 'APPLY_FUSION', 'check_fusion',
 ]
 
 KeepRate = Union[float, Sequence[float]]
+
+# The paper's keep rate, where neither keep_rate nor keep_mass is given.
+DEFAULT_KEEP_RATE = 0.7
 
 # What ranks the tokens (docs/design.md, "What ranks the tokens"): the class token's attention row,
 # the attention each token receives from every query, or the model's own attention-pool query.
@@ -40,7 +43,8 @@ class EViTOptions:
     with their defaults. As given: ``checked(depth)`` validates them against a model's depth.
 
     Fields marked ``training`` in their metadata only act in training (the keep-rate warm-up)."""
-    keep_rate: KeepRate = 0.7                       # one float in (0, 1] or one per reorganising block
+    keep_rate: Optional[KeepRate] = None            # one float in (0, 1] or one per block; None: 0.7
+    keep_mass: Optional[KeepRate] = None            # per-image budgets instead (one float or one per block)
     reorg_layers: Optional[Sequence[int]] = None    # None: default_reorg_layers(depth)
     fuse_token: bool = True                         # fuse the inattentive tokens (True) or drop them
     score: Optional[str] = None                     # one of SCORES; None: the model's default (resolve_score)
@@ -51,7 +55,8 @@ class EViTOptions:
     def checked(self, depth: int) -> 'EViTOptions':
         """The options checked for a model of ``depth`` blocks, resolved: ``reorg_layers`` a tuple
         of block indices (the default places for None), ``keep_rate`` one float per reorganising
-        block. A TypeError or ValueError names the argument otherwise."""
+        block (1.0 where ``keep_mass`` sets the counts), ``keep_mass`` None or one float per block.
+        A TypeError or ValueError names the argument otherwise."""
         for name in TRAINING_ARGS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -59,7 +64,19 @@ class EViTOptions:
         layers = default_reorg_layers(depth) if self.reorg_layers is None else check_reorg_layers(self.reorg_layers, depth)
         fuse_token = check_fuse_token(self.fuse_token)
         score = None if self.score is None else check_score(self.score)
-        return dataclasses.replace(self, keep_rate=check_keep_rate(self.keep_rate, len(layers)),
+        if self.keep_mass is None:
+            rate = DEFAULT_KEEP_RATE if self.keep_rate is None else self.keep_rate
+            rates, masses = check_keep_rate(rate, len(layers)), None
+        else:
+            if self.keep_rate is not None:
+                raise ValueError(f'give keep_rate or keep_mass, not both (got keep_rate={self.keep_rate!r}, '
+                                 f'keep_mass={self.keep_mass!r}): keep_rate fixes every image\'s token count, '
+                                 'keep_mass lets each image keep what its attention needs')
+            if self.keep_rate_warmup_start or self.keep_rate_warmup_steps:
+                raise ValueError('keep_rate_warmup_start / keep_rate_warmup_steps schedule keep_rate; they cannot be '
+                                 'used with keep_mass')
+            rates, masses = (1.0,) * len(layers), check_keep_mass(self.keep_mass, len(layers))
+        return dataclasses.replace(self, keep_rate=rates, keep_mass=masses,
                                    reorg_layers=layers, fuse_token=fuse_token, score=score,
                                    fusion=check_fusion(self.fusion))
 
@@ -121,6 +138,19 @@ def check_keep_rate(keep_rate: KeepRate, num_reorg_layers: int) -> Tuple[float, 
                 f'blocks (reorg_layers); give one float in (0, 1] or exactly {num_reorg_layers}')
         return tuple(_check_one_rate(r, f'keep_rate[{i}]') for i, r in enumerate(keep_rate))
     return (_check_one_rate(keep_rate, 'keep_rate'),) * num_reorg_layers
+
+
+def check_keep_mass(keep_mass: KeepRate, num_reorg_layers: int) -> Tuple[float, ...]:
+    """One keep mass per reorganising block, from a single value or a per-block sequence: the share
+    of the score, in (0, 1], that each image's kept tokens hold (docs/design.md, "Per-image token
+    budgets")."""
+    if isinstance(keep_mass, (list, tuple)):
+        if len(keep_mass) != num_reorg_layers:
+            raise ValueError(
+                f'keep_mass has {len(keep_mass)} values but there are {num_reorg_layers} reorganising '
+                f'blocks (reorg_layers); give one float in (0, 1] or exactly {num_reorg_layers}')
+        return tuple(_check_one_rate(m, f'keep_mass[{i}]') for i, m in enumerate(keep_mass))
+    return (_check_one_rate(keep_mass, 'keep_mass'),) * num_reorg_layers
 
 
 def check_reorg_layers(reorg_layers: Sequence[int], depth: int) -> Tuple[int, ...]:

@@ -8,8 +8,13 @@ any distillation or register tokens: never dropped or fused), ``n`` other tokens
 Tracing names two indices, each with one meaning (docs/design.md, "Traced indices"). A *patch* is a
 non-prefix token as it entered the blocks, numbered in that order (the image's patches in raster
 order; under timm's patch dropout, in training, the patches it kept). ``token_patch_ids`` ``[B, n]``:
-for each token now present, the patch it came from (-1: a fused token). ``patch_token_index``
+for each token now present, the patch it came from (-1: a fused token, -2: padding). ``patch_token_index``
 ``[B, patches]``: for each patch, the token now carrying it (-1: dropped without fusion).
+
+Per-image budgets (``keep_mass``, docs/design.md, "Per-image token budgets") give images of one
+batch different counts: they are laid out to the batch's largest count, and the slots an image
+does not fill are *padding*, a token of size 0 (``sizes_after``) that ``size_key_bias`` hides from
+every attention. Kept indices ``[B, K]`` hold -1 in an image's padding slots.
 """
 import math
 from typing import Optional, Tuple
@@ -17,8 +22,9 @@ from typing import Optional, Tuple
 import torch
 
 __all__ = [
-    'num_kept_tokens', 'head_averaged_class_row', 'class_attention', 'mean_received_row', 'mean_received_attention',
-    'pool_attention', 'reorganize_tokens', 'reorganize_at_rate', 'size_key_bias', 'sizes_after', 'size_weighted_pool',
+    'num_kept_tokens', 'num_kept_by_mass', 'head_averaged_class_row', 'class_attention', 'mean_received_row',
+    'mean_received_attention', 'pool_attention', 'reorganize_tokens', 'reorganize_at_rate', 'reorganize_by_mass',
+    'size_key_bias', 'sizes_after', 'size_weighted_pool',
     'trace_token_patch_ids', 'trace_patch_token_index', 'tokens_to_patch_grid', 'rotary_rows_for_tokens',
 ]
 
@@ -32,6 +38,31 @@ def num_kept_tokens(keep_rate: float, num_tokens: int) -> int:
     is at least 1: a rate that would leave zero tokens keeps one.
     """
     return math.ceil(keep_rate * num_tokens)
+
+
+def num_kept_by_mass(
+        score: torch.Tensor,
+        keep_mass: float,
+        valid: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per image, the fewest highest-scored tokens whose scores sum to at least ``keep_mass`` times
+    the sum over all its tokens (docs/design.md, "Per-image token budgets").
+
+    ``score`` ``[B, n]`` (non-negative); ``valid`` ``[B, n]`` marks the tokens present (False:
+    padding, never counted or ranked; None: all). Returns ``(counts [B], order [B, n])``: ``1 <=
+    counts <= `` the image's present tokens, and ``order`` the tokens by score, descending (padding
+    last), whose first ``counts`` are kept.
+    """
+    ranking = score if valid is None else score.masked_fill(~valid, -1.)
+    ranked, order = ranking.detach().sort(dim=1, descending=True)
+    # summed in float64 (MPS has none): a float32 running sum stops growing on the smallest scores,
+    # which would end the count early at keep_mass near 1
+    wide = torch.float32 if score.device.type == 'mps' else torch.float64
+    mass = ranked.clamp(min=0).to(wide).cumsum(dim=1)
+    # tokens before the one that reaches the threshold, plus that one (the whole sum reaches it: t <= 1)
+    counts = (mass < keep_mass * mass[:, -1:]).sum(dim=1) + 1
+    present = score.shape[1] if valid is None else valid.sum(dim=1)
+    return torch.clamp(counts, max=present), order
 
 
 def head_averaged_class_row(attn: torch.Tensor, num_prefix_tokens: int = 1) -> torch.Tensor:
@@ -187,6 +218,50 @@ def reorganize_at_rate(
     return reorganize_tokens(x, cls_attn, num_keep, fuse_token, num_prefix_tokens, weighted_mean)
 
 
+def reorganize_by_mass(
+        x: torch.Tensor,
+        cls_attn: torch.Tensor,
+        keep_mass: float,
+        fuse_token: bool,
+        num_prefix_tokens: int = 1,
+        weighted_mean: bool = False,
+        token_sizes: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``reorganize_tokens`` with each image's own count (``num_kept_by_mass``), laid out to the
+    batch's largest count ``K``: ``[prefix..., K slots, (fused)]``.
+
+    ``token_sizes`` ``[B, n]`` (None: every token present) marks padding with size 0: it is never
+    kept or fused. Slots past an image's count are its padding (kept index -1); the fused slot is
+    the image's padding where it dropped nothing, and exists only where some image dropped a token
+    (with ``fuse_token``). Where every image keeps all its tokens and there is no padding to remove,
+    nothing happens (the identity, as ``reorganize_at_rate``). At batch 1 there is never padding.
+    Returns the tokens and the kept indices ``[B, K]`` into the ``n`` non-prefix tokens of ``x``.
+    """
+    B, N, C = x.shape
+    n = N - num_prefix_tokens
+    valid = None if token_sizes is None else token_sizes > 0
+    counts, order = num_kept_by_mass(cls_attn, keep_mass, valid)
+    present = counts.new_full((B,), n) if valid is None else valid.sum(dim=1)
+    # the one host sync: the layout's width, and whether any image drops a token
+    width, drops = torch.stack([counts.max(), (counts < present).any().long()]).tolist() if B else (n, 0)
+    if not drops and width == n:
+        return x, torch.arange(n, device=x.device).expand(B, -1)
+    kept_idx = order[:, :width]
+    filled = torch.arange(width, device=x.device) < counts.unsqueeze(1)
+    rows = kept_idx + torch.arange(num_prefix_tokens, B * N + num_prefix_tokens, N, device=x.device).unsqueeze(1)
+    kept = x.reshape(B * N, C).index_select(0, rows.flatten()).view(B, width, C)
+    parts = [x[:, :num_prefix_tokens], kept]
+    if fuse_token and drops:
+        kept_mask = torch.zeros_like(cls_attn, dtype=torch.bool).scatter(1, kept_idx, filled)
+        dropped = ~kept_mask if valid is None else valid & ~kept_mask
+        weights = cls_attn.masked_fill(~dropped, 0.)
+        if weighted_mean:   # an image that dropped nothing has no mean: its fused slot is zeros (padding)
+            total = weights.sum(dim=1, keepdim=True)
+            weights = weights / torch.where(total > 0, total, torch.ones_like(total))
+        parts.append(weights.to(x.dtype).unsqueeze(1) @ x[:, num_prefix_tokens:])
+    return torch.cat(parts, dim=1), kept_idx.masked_fill(~filled, -1)
+
+
 def size_key_bias(token_sizes: torch.Tensor, num_prefix_tokens: int, dtype: torch.dtype) -> torch.Tensor:
     """``log(size)`` of every token as a key bias ``[B, 1, 1, P + n]`` (prefix tokens: size 1, bias 0),
     for attention logits ``[B, H, queries, P + n]``: a token of size ``s`` is attended to as ``s``
@@ -201,22 +276,20 @@ def sizes_after(
         token_sizes: Optional[torch.Tensor],
         kept_idx: torch.Tensor,
         num_tokens: int,
-        fuse_token: bool,
+        fused: bool,
 ) -> torch.Tensor:
     """The sizes (patches each token stands for) after a reorganisation: each kept token keeps its
-    size and, with fusion, the fused token (last) holds the sum of the sizes it replaced: ``[B,
-    num_keep (+1)]``. ``token_sizes`` ``[B, n]`` before the block (None: every token has size 1);
-    ``num_tokens`` is ``n``. A block that kept every token changed nothing (its kept indices are
-    the identity)."""
+    size, a padding slot (kept index -1) has size 0 and, where the block made a fused slot (``fused``:
+    the last token), it holds the sum of the sizes it replaced (0: the image dropped nothing, so the
+    slot is its padding): ``[B, num_keep (+1)]``. ``token_sizes`` ``[B, n]`` before the block (None:
+    every token has size 1); ``num_tokens`` is ``n``."""
     if token_sizes is None:
         token_sizes = torch.ones(kept_idx.shape[0], num_tokens, device=kept_idx.device)
-    if kept_idx.shape[1] == num_tokens:
-        return token_sizes
-    kept = token_sizes.gather(1, kept_idx)
-    if not fuse_token:
+    kept = token_sizes.gather(1, kept_idx.clamp(min=0)).masked_fill(kept_idx < 0, 0.)
+    if not fused:
         return kept
-    fused = token_sizes.sum(dim=1, keepdim=True) - kept.sum(dim=1, keepdim=True)
-    return torch.cat([kept, fused], dim=1)
+    remainder = token_sizes.sum(dim=1, keepdim=True) - kept.sum(dim=1, keepdim=True)
+    return torch.cat([kept, remainder], dim=1)
 
 
 def size_weighted_pool(
@@ -228,34 +301,37 @@ def size_weighted_pool(
 ) -> torch.Tensor:
     """timm's ``avg`` / ``avgmax`` / ``max`` pooling of tokens ``[B, P + n, C]`` where each non-prefix
     token stands for ``token_sizes`` ``[B, n]`` patches (prefix tokens, where included, for one):
-    the mean is weighted by size (the mean over the patches), the max needs no weights."""
+    the mean is weighted by size (the mean over the patches), the max is over the tokens of size > 0
+    (padding, size 0, is in neither)."""
     sizes = token_sizes.to(x.dtype)
     if include_prefix:
         sizes = torch.cat([sizes.new_ones(sizes.shape[0], num_prefix_tokens), sizes], dim=1)
     else:
         x = x[:, num_prefix_tokens:]
+    if pool_type in ('max', 'avgmax'):
+        peak = x.masked_fill((sizes == 0).unsqueeze(-1), float('-inf')).amax(dim=1)
     if pool_type == 'max':
-        return x.amax(dim=1)
+        return peak
     mean = (x * sizes.unsqueeze(-1)).sum(dim=1) / sizes.sum(dim=1, keepdim=True)
     if pool_type == 'avg':
         return mean
     if pool_type == 'avgmax':
-        return 0.5 * (x.amax(dim=1) + mean)
+        return 0.5 * (peak + mean)
     raise ValueError(f"pool_type must be 'avg', 'avgmax' or 'max', got {pool_type!r}")
 
 
-def trace_token_patch_ids(token_patch_ids: torch.Tensor, kept_idx: torch.Tensor, fuse_token: bool) -> torch.Tensor:
-    """``token_patch_ids`` after a reorganisation: the patch each token came from (-1: fused).
+def trace_token_patch_ids(token_patch_ids: torch.Tensor, kept_idx: torch.Tensor, fused: bool) -> torch.Tensor:
+    """``token_patch_ids`` after a reorganisation: the patch each token came from (-1: fused, -2:
+    padding).
 
     ``token_patch_ids`` ``[B, n]`` holds it for the non-prefix tokens before the block; the result
-    ``[B, num_keep (+1)]`` after it. A block that kept every token changed nothing (its kept
-    indices are the identity and it made no fused token).
+    ``[B, num_keep (+1)]`` after it, where ``fused`` says the block made a fused slot (last). A
+    padding slot (kept index -1) is -2, and so is the fused slot of an image that dropped no token.
     """
-    if kept_idx.shape[1] == token_patch_ids.shape[1]:
-        return token_patch_ids
-    ids = token_patch_ids.gather(1, kept_idx)
-    if fuse_token:
-        ids = torch.cat([ids, ids.new_full((ids.shape[0], 1), -1)], dim=1)
+    ids = token_patch_ids.gather(1, kept_idx.clamp(min=0)).masked_fill(kept_idx < 0, -2)
+    if fused:
+        dropped_any = (token_patch_ids > -2).sum(dim=1, keepdim=True) > (kept_idx >= 0).sum(dim=1, keepdim=True)
+        ids = torch.cat([ids, torch.where(dropped_any, -1, -2).to(ids.dtype)], dim=1)
     return ids
 
 
@@ -263,21 +339,21 @@ def trace_patch_token_index(
         patch_token_index: torch.Tensor,
         kept_idx: torch.Tensor,
         num_tokens: int,
-        fuse_token: bool,
+        fused: bool,
 ) -> torch.Tensor:
     """``patch_token_index`` after a reorganisation: the token now carrying each patch (-1: none).
 
     ``patch_token_index`` ``[B, patches]`` indexes the ``num_tokens`` non-prefix tokens before the
-    block. A kept token moves to its rank; a dropped one is carried by the fused token (index
-    ``num_keep``) or, without fusion, by none (-1). Composing this per block traces every patch
+    block. A kept token moves to its slot; a dropped one is carried by the fused slot (index
+    ``num_keep``, where ``fused``) or by none (-1). Composing this per block traces every patch
     through all stages.
     """
     B, num_keep = kept_idx.shape
-    # remap[b, j]: new index of old token j; the extra last column sends -1 to -1.
-    remap = kept_idx.new_full((B, num_tokens + 1), num_keep if fuse_token else -1)
-    remap[:, num_tokens] = -1
+    # remap[b, j]: new index of old token j; the extra last column sends -1 (and padding slots) to -1.
+    remap = kept_idx.new_full((B, num_tokens + 1), num_keep if fused else -1)
     ranks = torch.arange(num_keep, device=kept_idx.device).expand(B, -1)
-    remap.scatter_(1, kept_idx, ranks)
+    remap.scatter_(1, torch.where(kept_idx < 0, num_tokens, kept_idx), ranks)
+    remap[:, num_tokens] = -1
     old = torch.where(patch_token_index < 0, num_tokens, patch_token_index)
     return remap.gather(1, old)
 
@@ -301,7 +377,7 @@ def rotary_rows_for_tokens(rope: torch.Tensor, token_patch_ids: torch.Tensor) ->
     splits in two halves) for the ``N`` tokens entering the blocks: ``[N, 2D]`` or ``[H, N, 2D]``
     shared by the batch, or ``[B, 1 or H, N, 2D]`` per image. ``token_patch_ids`` ``[B, n]`` gives
     the patch (entering token) each remaining one came from (-1: a fused token, which like a prefix token
-    gets no rotation: sin 0, cos 1). Returns ``[B, 1 or H, n, 2D]``: per image, since images keep
+    gets no rotation: sin 0, cos 1; -2: padding, likewise). Returns ``[B, 1 or H, n, 2D]``: per image, since images keep
     different tokens.
     """
     B = token_patch_ids.shape[0]
