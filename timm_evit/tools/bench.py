@@ -3,16 +3,22 @@
 Speed is only reported as a ratio measured in one run: the plain timm model and the EViT model
 (same weights, same attention implementation, same batch, dtype and device) are timed
 interleaved, after a warm-up, and the median of the repeats is taken.
+
+A keep mass (``keep_mass``: each image keeps its own count) is measured on real images only: its
+counts, GMACs and time depend on what the images show, so random noise would measure nothing
+that any image gives. Its GMACs are counted per image, each alone (a mean and a spread), and its
+time is that of the batch as the model runs it, padded to the batch's largest count.
 """
 import contextlib
 import copy
 import math
+import os
 import statistics
 import textwrap
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
@@ -26,7 +32,9 @@ from .plain import create_plain_counterpart, evit_label, plain_model_name
 __all__ = [
     'BenchRow', 'model_at_keep_rate', 'set_fused_attn', 'count_gmacs', 'tokens_per_stage', 'time_interleaved', 'run_bench',
     'markdown_table', 'format_rows', 'rows_as_dicts', 'rows_figure', 'DTYPES', 'COMPILE_MODES', 'min_warmup',
-    'RUNTIMES', 'check_runtime', 'input_tokens', 'require_distinct_keep_rates',
+    'RUNTIMES', 'check_runtime', 'input_tokens', 'require_distinct_keep_rates', 'require_distinct_keep_masses',
+    'KeepMass', 'budget_kwargs', 'budget_text', 'model_at_keep_mass', 'check_keep_masses', 'gmacs_per_image',
+    'mean_tokens_per_stage', 'move_beside',
 ]
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
@@ -37,15 +45,16 @@ RUNTIMES = ('torch', 'onnxruntime')
 @dataclass
 class BenchRow:
     model: str
-    keep_rate: Optional[float]        # None for the plain timm model
+    keep_rate: Optional[float]        # None for the plain timm model and for a keep_mass row
     fuse_token: Optional[bool]
     attn: str                         # 'fused' (SDPA) or 'math'
     dtype: str
     compile_mode: Optional[str]       # None: eager; else the torch.compile mode
     device: str
     batch_size: int
-    tokens: List[int]                 # non-class tokens at the input, then after each reorganising block
-    gmacs: float                      # per image
+    tokens: List[float]               # non-class tokens at the input, then after each reorganising block
+                                      # (keep_mass: the mean over the batch's images)
+    gmacs: float                      # per image (keep_mass: the mean over the batch's images, each alone)
     mac_ratio: float                  # plain GMACs / these GMACs: what time would give if it followed MACs
     images_per_s: float
     speedup: float                    # throughput / plain throughput, same run
@@ -57,6 +66,27 @@ class BenchRow:
     quantize: Optional[str] = None              # 'int8': both ONNX exports quantized (onnxruntime only)
     speedup_vs_torch: Optional[float] = None    # onnxruntime: throughput / the plain model's in torch fp32, same run
     latency_speedup_vs_torch: Optional[float] = None   # the same at batch 1
+    keep_mass: Optional[float] = None           # a keep_mass row (keep_rate None): each image its own count
+    gmacs_std: float = 0.                       # keep_mass: the standard deviation of the GMACs over the images
+
+
+class KeepMass(NamedTuple):
+    """A keep mass among the keep rates of a run: the key of its row (a float key is a keep rate)."""
+    value: float
+
+
+Budget = Union[float, KeepMass]   # a keep rate, or a keep mass
+
+
+def budget_kwargs(budget: Budget) -> dict:
+    """The forward's argument for ``budget``: ``{'keep_rate': r}`` or ``{'keep_mass': m}``."""
+    return {'keep_mass': budget.value} if isinstance(budget, KeepMass) else {'keep_rate': budget}
+
+
+def budget_text(budget: Budget) -> str:
+    """``budget`` for a message: 'keep_rate 0.7' or 'keep_mass 0.8'."""
+    (name, value), = budget_kwargs(budget).items()
+    return f'{name} {value:g}'
 
 
 def check_runtime(runtime: str, compile: Optional[str], device: str, dtype: str,
@@ -93,7 +123,7 @@ def _forwards(models: Dict[object, torch.nn.Module], runtime: str, wrap: Callabl
         from .export import onnxruntime_forward
         forwards = {}
         for key, model in models.items():
-            status(f'exporting {key if key == "plain" else f"keep {key:g}"} to ONNX'
+            status(f'exporting {key if key == "plain" else budget_text(key)} to ONNX'
                    + (f' and quantizing to {quantize}' if quantize else ''))
             forwards[key] = onnxruntime_forward(model, quantize=quantize)
         return forwards
@@ -150,6 +180,22 @@ def tokens_per_stage(model: torch.nn.Module, x: torch.Tensor, keep_rate: Optiona
     return [input_tokens(model, x)] + [tokens[i].shape[1] for i in layers]
 
 
+@torch.no_grad()
+def mean_tokens_per_stage(model: torch.nn.Module, x: torch.Tensor, keep_mass: float) -> List[float]:
+    """Non-class token counts at ``keep_mass``, each the mean over the images ``x``: at the input,
+    then after each reorganising block (an image's count: its tokens of size > 0, padding left out)."""
+    out = model.forward_intermediates(x, output_dict=True, intermediates_only=True, keep_mass=keep_mass)
+    counts = [(out['token_sizes'][i] > 0).sum(dim=1).double().mean().item() for i in model.reorg_layers]
+    return [float(input_tokens(model, x))] + counts
+
+
+def gmacs_per_image(model: torch.nn.Module, x: torch.Tensor, fused_attn: Optional[bool] = None,
+                    **forward_kwargs) -> List[float]:
+    """``count_gmacs`` of each image of ``x`` alone (batch 1): with ``keep_mass`` each image keeps its
+    own count, so its MACs are its own; alone, no other image's padding is counted with it."""
+    return [count_gmacs(model, image[None], fused_attn, **forward_kwargs) for image in x]
+
+
 def input_tokens(model: torch.nn.Module, x: torch.Tensor) -> int:
     """Patch tokens of images ``x``: the patch grid, padded where the model pads (``dynamic_img_pad``)."""
     return math.prod(model.patch_embed.dynamic_feat_size(tuple(x.shape[-2:])))
@@ -160,6 +206,19 @@ def model_at_keep_rate(model: torch.nn.Module, keep_rate: float) -> torch.nn.Mod
     model = copy.deepcopy(model)
     model.set_keep_rate(keep_rate)
     return model
+
+
+def model_at_keep_mass(model: torch.nn.Module, keep_mass: float) -> torch.nn.Module:
+    """A copy of ``model`` at ``keep_mass`` (shares nothing with it)."""
+    model = copy.deepcopy(model)
+    model.set_keep_mass(keep_mass)
+    return model
+
+
+def _model_at(model: torch.nn.Module, budget: Budget) -> torch.nn.Module:
+    if isinstance(budget, KeepMass):
+        return model_at_keep_mass(model, budget.value)
+    return model_at_keep_rate(model, budget)
 
 
 def _dynamo():
@@ -219,11 +278,33 @@ def time_interleaved(
 def require_distinct_keep_rates(keep_rates: Sequence[float]) -> None:
     """A ValueError naming ``--keep-rates`` and the first rate listed twice: each rate is measured
     once, and two rows from one measurement would look like two measurements that agree."""
+    _require_distinct(keep_rates, '--keep-rates', 'keep rate')
+
+
+def require_distinct_keep_masses(keep_masses: Sequence[float]) -> None:
+    """``require_distinct_keep_rates`` for ``--keep-masses``."""
+    _require_distinct(keep_masses, '--keep-masses', 'keep mass')
+
+
+def _require_distinct(values: Sequence[float], option: str, noun: str) -> None:
     seen = set()
-    for rate in keep_rates:
-        if rate in seen:
-            raise ValueError(f'--keep-rates lists {rate:g} twice: give each keep rate once')
-        seen.add(rate)
+    for value in values:
+        if value in seen:
+            raise ValueError(f'{option} lists {value:g} twice: give each {noun} once')
+        seen.add(value)
+
+
+def check_keep_masses(keep_masses: Sequence[float], runtime: str) -> None:
+    """A ValueError naming ``--keep-masses`` where it cannot be measured: a value outside (0, 1] or
+    listed twice, or ``runtime`` onnxruntime (an exported graph fixes every token count)."""
+    for mass in keep_masses:
+        if isinstance(mass, bool) or not isinstance(mass, (int, float)) or not 0. < mass <= 1.:
+            raise ValueError(f'--keep-masses takes floats in (0, 1], got {mass!r}')
+    require_distinct_keep_masses(keep_masses)
+    if keep_masses and runtime != 'torch':
+        raise ValueError(f'--keep-masses cannot run in --runtime {runtime}: keep_mass gives each image its own '
+                         'token count (data-dependent shapes), which an exported graph cannot hold; measure '
+                         'keep masses with --runtime torch')
 
 
 def run_bench(
@@ -243,8 +324,13 @@ def run_bench(
         model_kwargs: Optional[dict] = None,
         runtime: str = 'torch',
         quantize: Optional[str] = None,
+        keep_masses: Sequence[float] = (),
+        data_dir: Optional[str] = None,
+        split: str = 'validation',
+        checkpoint: Optional[str] = None,
 ) -> List[BenchRow]:
-    """Rows for the plain timm model and for ``model_name`` at each keep rate, per attention path.
+    """Rows for the plain timm model and for ``model_name`` at each keep rate, then at each keep
+    mass, per attention path.
 
     ``latency`` also times batch 1 (interleaved the same way). With ``compile`` (a torch.compile
     mode, one of COMPILE_MODES), every model and keep rate is compiled during the warm-up (at least
@@ -257,11 +343,23 @@ def run_bench(
     ``quantize='int8'`` (onnxruntime only) times both exports quantized as ``export --quantize int8``
     writes them. An onnxruntime run also times the plain model in torch fp32 eager in the same
     interleaved run: each row also gives its speed-up over that (``speedup_vs_torch``).
+
+    ``data_dir``: every row is measured on the first ``batch_size`` images of its ``split`` (an
+    ImageFolder, in timm's order, through the model's eval transform: ``sweep.first_images``)
+    instead of random noise. ``keep_masses`` need it (their counts depend on the images' content),
+    and torch (an exported graph fixes the counts). A keep-mass row gives the mean tokens per stage
+    over those images, their GMACs' mean and standard deviation with each image counted alone
+    (``gmacs_per_image``), the throughput of the whole batch (padded to its largest count, as the
+    model runs it), and its batch-1 latency on the first image.
     """
     from tqdm import tqdm
 
     plain_name = plain_model_name(model_name)[0]
     require_distinct_keep_rates(keep_rates)
+    check_keep_masses(keep_masses, runtime)
+    if keep_masses and data_dir is None:
+        raise ValueError('--keep-masses needs --data-dir: keep_mass gives each image the tokens its content needs, '
+                         'so its counts, GMACs and time are only measured on real images, not on random noise')
     if dtype not in DTYPES:
         raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
     if any(a not in ('math', 'fused') for a in attn):
@@ -272,42 +370,54 @@ def run_bench(
     dev = check_device(device)
     warmup = max(warmup, min_warmup(compile))
 
+    if checkpoint is not None and not os.path.isfile(checkpoint):
+        raise ValueError(f'--checkpoint {checkpoint!r} is not a file')
     model_kwargs = merge_model_kwargs(model_kwargs, fuse_token=fuse_token)
-    evit = create_evit_model(model_name, pretrained=pretrained, **model_kwargs).eval()
+    # weights matter to keep_mass (the counts follow the trained attention), not to a fixed keep rate
+    evit = create_evit_model(model_name, pretrained=pretrained, checkpoint=checkpoint, **model_kwargs).eval()
     input_size = (evit.in_chans, *evit.patch_embed.img_size)
     check_batch_fits(batch_size, input_size, DTYPES[dtype], dev)   # before allocating it
     fuse_token = evit.fuse_token
     plain = create_plain_counterpart(model_name, evit, **model_kwargs)  # same weights
+    budgets = [*keep_rates, *(KeepMass(m) for m in keep_masses)]
+    images = _bench_images(evit, batch_size, data_dir, split)
+    source = weights_source(model_name, pretrained, checkpoint)
 
     # GMACs and token counts do not depend on dtype or device: count them once, fp32 on the CPU.
-    x1 = torch.randn(1, *input_size)
-    for r in keep_rates:   # before the long run: a model computing NaN is not benchmarked as if it worked
-        require_finite_forward(evit, x1, f'{weights_source(model_name, pretrained)} at keep_rate {r:g}', keep_rate=r)
+    x1 = images[:1]
+    for b in budgets:   # before the long run: a model computing NaN is not benchmarked as if it worked
+        require_finite_forward(evit, images if isinstance(b, KeepMass) else x1, f'{source} at {budget_text(b)}',
+                               **budget_kwargs(b))
     plain_gmacs = {impl: count_gmacs(plain, x1, impl == 'fused') for impl in attn}
-    gmacs = {impl: {r: count_gmacs(evit, x1, impl == 'fused', keep_rate=r) for r in keep_rates} for impl in attn}
+    gmacs = {impl: {r: (count_gmacs(evit, x1, impl == 'fused', keep_rate=r), 0.) for r in keep_rates} for impl in attn}
     tokens = {r: tokens_per_stage(evit, x1, r) for r in keep_rates}
+    for m in keep_masses:
+        for impl in attn:
+            per_image = gmacs_per_image(evit, images, impl == 'fused', keep_mass=m)
+            gmacs[impl][KeepMass(m)] = (statistics.mean(per_image), statistics.pstdev(per_image))
+        tokens[KeepMass(m)] = mean_tokens_per_stage(evit, images, m)
 
     with out_of_memory_as_error(batch_size, dev):
         plain.to(device=dev, dtype=DTYPES[dtype])
-        batches = {batch_size: torch.randn(batch_size, *input_size, device=dev, dtype=DTYPES[dtype])}
+        batches = {batch_size: images.to(device=dev, dtype=DTYPES[dtype])}
         if latency:
             batches[1] = batches[batch_size][:1].clone()
         # One model per keep rate (shared-nothing copies): the rate is then a constant of each
         # compiled graph rather than a float argument that dynamo would make symbolic.
-        at_rate = {r: model_at_keep_rate(evit, r).to(device=dev, dtype=DTYPES[dtype]) for r in keep_rates}
+        at_budget = {b: _model_at(evit, b).to(device=dev, dtype=DTYPES[dtype]) for b in budgets}
     wrap = partial(torch.compile, dynamic=False, mode=compile) if compile else (lambda model: model)
 
     rows = []
-    steps = len(attn) * len(batches) * (len(keep_rates) + 1 + (runtime == 'onnxruntime')) * (repeats + warmup)
+    steps = len(attn) * len(batches) * (len(budgets) + 1 + (runtime == 'onnxruntime')) * (repeats + warmup)
     # Compiling one function per keep rate and batch size needs more than dynamo's default cache.
     compile_cache = _dynamo().config.patch(cache_size_limit=64) if compile else contextlib.nullcontext()
     progress = tqdm(total=steps, desc=f'bench {model_name}', unit='fwd', disable=not show_progress)
     with out_of_memory_as_error(batch_size, dev), compile_cache, cudnn_benchmark(dev.type == 'cuda'), progress as bar:
         for impl in attn:
-            for model in (plain, *at_rate.values()):
+            for model in (plain, *at_budget.values()):
                 set_fused_attn(model, impl == 'fused')
             seconds = {}
-            runners = _forwards({'plain': plain, **at_rate}, runtime, wrap,   # exported after the attention switch
+            runners = _forwards({'plain': plain, **at_budget}, runtime, wrap,   # exported after the attention switch
                                 status=lambda text: bar.set_description(f'bench {model_name}: {text}'),
                                 quantize=quantize)
             if runtime == 'onnxruntime':   # what every deployment is weighed against: timm's model in torch fp32
@@ -319,25 +429,36 @@ def run_bench(
             if compile:
                 _dynamo().reset()  # the attention switch is baked into the compiled graphs
 
-            def row(name, rate, fuse, row_tokens, row_gmacs, key, fusion=None):
+            def row(name, budget, fuse, row_tokens, row_gmacs, key, fusion=None):
                 ips = batch_size / seconds[batch_size][key]
                 plain_ips = batch_size / seconds[batch_size]['plain']
-                mac_ratio = plain_gmacs[impl] / row_gmacs
+                mean_gmacs, std_gmacs = row_gmacs
+                mac_ratio = plain_gmacs[impl] / mean_gmacs
                 lat = seconds[1][key] * 1e3 if latency else None
                 lat_speedup = seconds[1]['plain'] * 1e3 / lat if latency else None
                 vs_torch = lat_vs_torch = None
                 if runtime == 'onnxruntime':
                     vs_torch = seconds[batch_size]['torch fp32'] / seconds[batch_size][key]
                     lat_vs_torch = seconds[1]['torch fp32'] / seconds[1][key] if latency else None
-                return BenchRow(name, rate, fuse, impl, dtype, compile, str(dev), batch_size, row_tokens, row_gmacs,
+                rate = None if budget is None or isinstance(budget, KeepMass) else budget
+                return BenchRow(name, rate, fuse, impl, dtype, compile, str(dev), batch_size, row_tokens, mean_gmacs,
                                 mac_ratio, ips, ips / plain_ips, ips / plain_ips / mac_ratio, lat, lat_speedup, runtime,
-                                fusion, quantize, vs_torch, lat_vs_torch)
+                                fusion, quantize, vs_torch, lat_vs_torch,
+                                keep_mass=budget.value if isinstance(budget, KeepMass) else None, gmacs_std=std_gmacs)
 
-            rows.append(row(plain_name, None, None, [input_tokens(plain, x1)],
-                            plain_gmacs[impl], 'plain'))
-            rows.extend(row(evit_label(model_name), r, fuse_token, tokens[r], gmacs[impl][r], r, evit.fusion)
-                        for r in keep_rates)
+            rows.append(row(plain_name, None, None, [input_tokens(plain, x1)], (plain_gmacs[impl], 0.), 'plain'))
+            rows.extend(row(evit_label(model_name), b, fuse_token, tokens[b], gmacs[impl][b], b, evit.fusion)
+                        for b in budgets)
     return rows
+
+
+def _bench_images(model: torch.nn.Module, batch_size: int, data_dir: Optional[str], split: str) -> torch.Tensor:
+    """The images every row is measured on, fp32 on the CPU: the first ``batch_size`` of ``data_dir``
+    (see ``sweep.first_images``), or random noise of the model's input size without it."""
+    if data_dir is None:
+        return torch.randn(batch_size, model.in_chans, *model.patch_embed.img_size)
+    from .sweep import first_images   # (sweep imports this module)
+    return first_images(model, data_dir, split, batch_size)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -352,18 +473,25 @@ def _markdown_line(cells: Sequence[str]) -> str:
 
 def format_rows(rows: List[BenchRow]) -> str:
     """A Markdown table (speed-ups over the plain model in the same runtime; in onnxruntime also over
-    the plain model in torch fp32)."""
+    the plain model in torch fp32). With keep-mass rows, a ``keep_mass`` column after ``keep_rate``
+    (absent otherwise: the table of a keep-rate run is as it was), their tokens per stage the means
+    over the batch and their GMACs ``mean ± std`` over its images."""
     latency = rows[0].latency_ms is not None
     vs_torch = rows[0].speedup_vs_torch is not None
-    header = ['model', 'attn', 'keep_rate', 'fuse', 'tokens per stage', 'GMACs', 'MAC ratio', 'img/s', 'speed-up',
-              'efficiency'] + (['batch-1 ms', 'latency speed-up'] if latency else [])
+    masses = any(r.keep_mass is not None for r in rows)
+    header = ['model', 'attn', 'keep_rate'] + (['keep_mass'] if masses else []) + [
+        'fuse', 'tokens per stage', 'GMACs', 'MAC ratio', 'img/s', 'speed-up', 'efficiency'] + (
+        ['batch-1 ms', 'latency speed-up'] if latency else [])
     if vs_torch:
         header += ['speed-up vs torch fp32'] + (['latency speed-up vs torch fp32'] if latency else [])
     lines = []
     for r in rows:
-        keep = '-' if r.keep_rate is None else f'{r.keep_rate:g}'
+        keep = ['-' if r.keep_rate is None else f'{r.keep_rate:g}']
+        if masses:
+            keep.append('-' if r.keep_mass is None else f'{r.keep_mass:g}')
         fuse = '-' if r.fuse_token is None else ('no' if not r.fuse_token else 'size' if r.fusion == 'size' else 'yes')
-        line = [r.model, r.attn, keep, fuse, ', '.join(map(str, r.tokens)), f'{r.gmacs:.2f}', f'{r.mac_ratio:.2f}x',
+        macs = f'{r.gmacs:.2f}' + (f' ± {r.gmacs_std:.2f}' if r.keep_mass is not None else '')
+        line = [r.model, r.attn, *keep, fuse, ', '.join(map(_count_text, r.tokens)), macs, f'{r.mac_ratio:.2f}x',
                 f'{r.images_per_s:.1f}', f'{r.speedup:.2f}x', f'{r.efficiency:.2f}']
         if latency:
             line += [f'{r.latency_ms:.1f}', f'{r.latency_speedup:.2f}x']
@@ -373,26 +501,58 @@ def format_rows(rows: List[BenchRow]) -> str:
     return markdown_table(header, lines)
 
 
+def _count_text(count: float) -> str:
+    """A token count: whole as it is, a mean (keep_mass) to one decimal."""
+    return str(count) if isinstance(count, int) else f'{count:.1f}'
+
+
 def rows_as_dicts(rows: List[BenchRow]) -> List[dict]:
-    return [asdict(r) for r in rows]
+    """The rows as dicts, ``keep_mass`` beside ``keep_rate`` and ``gmacs_std`` beside ``gmacs``."""
+    return [move_beside(asdict(r), {'keep_rate': 'keep_mass', 'gmacs': 'gmacs_std'}) for r in rows]
+
+
+def move_beside(row: dict, after: Dict[str, str]) -> dict:
+    """``row`` with each value of ``after`` moved to just after its key (for readable JSON and CSV)."""
+    moved = set(after.values())
+    ordered = {}
+    for key, value in row.items():
+        if key in moved:
+            continue
+        ordered[key] = value
+        if key in after:
+            ordered[after[key]] = row[after[key]]
+    return ordered
 
 
 def rows_figure(rows: List[BenchRow], title: str = ''):
-    """Speed-up and GMACs against keep rate, as a matplotlib figure (close it with ``pyplot().close(fig)``)."""
+    """Speed-up and GMACs against keep rate, and against keep mass (dashed) where the run has
+    keep-mass rows (their GMACs the mean per image, bars one standard deviation), as a matplotlib
+    figure (close it with ``pyplot().close(fig)``)."""
     plt = pyplot()
     fig, (ax_speed, ax_macs) = plt.subplots(1, 2, figsize=(10, 4))
-    evit_rows = [r for r in rows if r.keep_rate is not None]
-    for impl in dict.fromkeys(r.attn for r in evit_rows):
-        sel = sorted((r for r in evit_rows if r.attn == impl), key=lambda r: r.keep_rate)
-        ax_speed.plot([r.keep_rate for r in sel], [r.speedup for r in sel], 'o-', label=f'measured, {impl} attention')
-    sel = sorted({r.keep_rate: r for r in evit_rows}.values(), key=lambda r: r.keep_rate)
-    ax_speed.plot([r.keep_rate for r in sel], [r.mac_ratio for r in sel], 'k--', label='MAC ratio')
-    ax_speed.set(xlabel='keep_rate', ylabel='throughput / plain timm model', title='speed-up (same run)')
-    ax_speed.legend()
-    ax_macs.plot([r.keep_rate for r in sel], [r.gmacs for r in sel], 'o-')
-    ax_macs.axhline(next(r.gmacs for r in rows if r.keep_rate is None), color='k', ls='--', label='plain model')
-    ax_macs.set(xlabel='keep_rate', ylabel='GMACs per image', title='GMACs')
-    ax_macs.legend()
+    kinds = [('keep_rate', 'o-', [r for r in rows if r.keep_rate is not None]),
+             ('keep_mass', 's--', [r for r in rows if r.keep_mass is not None])]
+    kinds = [(name, style, sel) for name, style, sel in kinds if sel]
+    for name, style, budget_rows in kinds:
+        value = lambda r, name=name: getattr(r, name)  # noqa: E731
+        for impl in dict.fromkeys(r.attn for r in budget_rows):
+            sel = sorted((r for r in budget_rows if r.attn == impl), key=value)
+            ax_speed.plot([value(r) for r in sel], [r.speedup for r in sel], style,
+                          label=f'{name}, measured, {impl} attention')
+        sel = sorted({value(r): r for r in budget_rows}.values(), key=value)
+        ax_speed.plot([value(r) for r in sel], [r.mac_ratio for r in sel], 'k' + style[1:],
+                      label=f'{name}, MAC ratio')
+        ax_macs.errorbar([value(r) for r in sel], [r.gmacs for r in sel],
+                         yerr=[r.gmacs_std for r in sel] if name == 'keep_mass' else None, fmt=style,
+                         capsize=3, label=name)
+    labels = ' or '.join(name for name, _, _ in kinds) or 'keep_rate'
+    ax_speed.set(xlabel=labels, ylabel='throughput / plain timm model', title='speed-up (same run)')
+    ax_speed.legend(fontsize=7)
+    plain = [r.gmacs for r in rows if r.keep_rate is None and r.keep_mass is None]
+    if plain:
+        ax_macs.axhline(plain[0], color='k', ls='--', label='plain model')
+    ax_macs.set(xlabel=labels, ylabel='GMACs per image', title='GMACs')
+    ax_macs.legend(fontsize=7)
     fig.suptitle(textwrap.fill(title, 130), fontsize=8)
     fig.tight_layout()
     return fig

@@ -12,23 +12,42 @@ from typing import List, Optional
 import torch
 
 from ..options import EVIT_ARGS
-from .bench import COMPILE_MODES, RUNTIMES, require_distinct_keep_rates
+from .bench import COMPILE_MODES, RUNTIMES, require_distinct_keep_masses, require_distinct_keep_rates
 from .export import FORMATS, QUANTIZATIONS
 from .plain import PLAIN_COUNTERPARTS
 
 
-def _keep_rates(text: str) -> List[float]:
+# bench's and sweep's keep rates where none are given; with --keep-masses alone, keep rate 1.0 only
+DEFAULT_KEEP_RATES = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
+
+
+def _float_list(text: str, option: str, require_distinct) -> List[float]:
     try:
-        rates = [float(v) for v in text.split(',') if v.strip()]
+        values = [float(v) for v in text.split(',') if v.strip()]
     except ValueError:
-        rates = []
-    if not rates or any(not 0. < r <= 1. for r in rates):
-        raise argparse.ArgumentTypeError(f'--keep-rates takes comma-separated floats in (0, 1], got {text!r}')
+        values = []
+    if not values or any(not 0. < v <= 1. for v in values):
+        raise argparse.ArgumentTypeError(f'{option} takes comma-separated floats in (0, 1], got {text!r}')
     try:
-        require_distinct_keep_rates(rates)
+        require_distinct(values)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f'{e}, got {text!r}') from e
-    return rates
+    return values
+
+
+def _keep_rates(text: str) -> List[float]:
+    return _float_list(text, '--keep-rates', require_distinct_keep_rates)
+
+
+def _keep_masses(text: str) -> List[float]:
+    return _float_list(text, '--keep-masses', require_distinct_keep_masses)
+
+
+def _resolve_keep_rates(args: argparse.Namespace) -> None:
+    """--keep-rates where not given: the default list, or with --keep-masses alone keep rate 1.0
+    only, timm's model, which every keep mass is weighed against."""
+    if args.keep_rates is None:
+        args.keep_rates = [1.0] if args.keep_masses else list(DEFAULT_KEEP_RATES)
 
 
 def _positive_int(text: str) -> int:
@@ -62,6 +81,7 @@ def bench_main(args: argparse.Namespace) -> int:
         return _user_error('bench', e)
     if args.threads:
         torch.set_num_threads(args.threads)
+    _resolve_keep_rates(args)
     attn = ('math', 'fused') if args.attn == 'both' else (args.attn,)
     args.warmup = max(args.warmup, min_warmup(args.compile))  # the warm-up compiles
     try:
@@ -69,7 +89,8 @@ def bench_main(args: argparse.Namespace) -> int:
             args.model, args.keep_rates, fuse_token=False if args.no_fuse else None, batch_size=args.batch_size,
             repeats=args.repeats, warmup=args.warmup, attn=attn, dtype=args.dtype, compile=args.compile,
             device=args.device, latency=not args.no_latency, pretrained=args.pretrained,
-            model_kwargs=dict(args.model_kwargs), runtime=args.runtime, quantize=args.quantize)
+            model_kwargs=dict(args.model_kwargs), runtime=args.runtime, quantize=args.quantize,
+            keep_masses=args.keep_masses or (), data_dir=args.data_dir, split=args.split, checkpoint=args.checkpoint)
     except ValueError as e:
         return _user_error('bench', e)
     evit = rows[1].model
@@ -77,7 +98,8 @@ def bench_main(args: argparse.Namespace) -> int:
     architecture = ''.join(f' {k}={v!r}' for k, v in args.model_kwargs if k not in EVIT_ARGS)   # the plain model's
     if architecture:
         plain += ' with' + architecture
-    header = (f'{evit} vs {plain}, batch {args.batch_size}, {args.dtype}, {_runtime(args)}, '
+    images = f' (the first images of {args.data_dir}, {args.split})' if args.data_dir else ' (random images)'
+    header = (f'{evit} vs {plain}, batch {args.batch_size}{images}, {args.dtype}, {_runtime(args)}, '
               f'{args.device}: {_machine(args.device)}, '
               f'timm {timm.__version__}; median of {args.repeats} interleaved repeats after {args.warmup} warm-up')
     print(f'# {header}')
@@ -195,7 +217,18 @@ def _fusion_text(model) -> str:
 
 def _keep_rates_text(model) -> str:
     """The model's keep rates for a message, each once, in block order ('0.7' or '0.9, 0.7')."""
-    return ', '.join(f'{r:g}' for r in sorted(set(model.keep_rate), key=model.keep_rate.index))
+    return _values_text(model.keep_rate)
+
+
+def _values_text(values) -> str:
+    return ', '.join(f'{v:g}' for v in sorted(set(values), key=values.index))
+
+
+def _budget_text(model) -> str:
+    """The model's budget for a message: 'keep_rate 0.7' or 'keep_mass 0.8' (each value once, in block order)."""
+    if getattr(model, 'keep_mass', None) is not None:
+        return f'keep_mass {_values_text(model.keep_mass)}'
+    return f'keep_rate {_keep_rates_text(model)}'
 
 
 def visualize_main(args: argparse.Namespace) -> int:
@@ -204,7 +237,7 @@ def visualize_main(args: argparse.Namespace) -> int:
     from .files import check_writable, figure_writer, write_all_whole
     from .models import create_evit_model, merge_model_kwargs
     from .sweep import eval_data_config
-    from .visualize import load_image, masks_figure, picture_names, reorganisation_masks, stage_names
+    from .visualize import load_image, masks_figure, picture_names, reorganisation, stage_names
     from ..checkpoints import require_finite_forward, weights_source
 
     if not _need_matplotlib('visualize'):
@@ -214,8 +247,8 @@ def visualize_main(args: argparse.Namespace) -> int:
         images = [load_image(path) for path in args.images]  # every image readable before any work
         check_writable(args.out, '--out', folder=True)
         _check_output_files({'--out': paths}, inputs={'IMAGE': args.images, '--checkpoint': args.checkpoint})
-        kwargs = merge_model_kwargs(dict(args.model_kwargs), keep_rate=args.keep_rate, img_size=args.img_size,
-                                    fuse_token=False if args.no_fuse else None)
+        kwargs = merge_model_kwargs(dict(args.model_kwargs), keep_rate=args.keep_rate, keep_mass=args.keep_mass,
+                                    img_size=args.img_size, fuse_token=False if args.no_fuse else None)
         model = create_evit_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
                                   whole_patches=True,   # patches drawn on pixels
                                   options={'img_size': '--img-size'} if args.img_size else None, **kwargs).eval()
@@ -226,7 +259,7 @@ def visualize_main(args: argparse.Namespace) -> int:
     to_pixels = create_transform(**{**config, 'mean': (0., 0., 0.), 'std': (1., 1., 1.)})
     mean, std = torch.tensor(config['mean']).view(3, 1, 1), torch.tensor(config['std']).view(3, 1, 1)
     weights = 'pretrained' if args.pretrained else (args.checkpoint or 'random weights')
-    title = (f'{args.model} ({weights}), keep_rate {_keep_rates_text(model)}, score {model.score!r}, '
+    title = (f'{args.model} ({weights}), {_budget_text(model)}, score {model.score!r}, '
              f'{_fusion_text(model)}' + (' (orange)' if model.fuse_token else '') + ', dropped greyed')
 
     source = weights_source(args.model, args.pretrained, args.checkpoint)
@@ -236,8 +269,8 @@ def visualize_main(args: argparse.Namespace) -> int:
             pixels = to_pixels(image)
             x = ((pixels - mean) / std)[None]
             require_finite_forward(model, x, source)   # masks chosen from NaN attention mean nothing
-            masks = reorganisation_masks(model, x)[0]
-            fig = masks_figure(pixels, masks, stage_names(model), title=title)
+            masks, counts = reorganisation(model, x)   # the image alone: its own count per block
+            fig = masks_figure(pixels, masks[0], stage_names(model), title=title, token_counts=counts[0])
             try:
                 figure_writer(fig)(f)
             finally:
@@ -269,6 +302,7 @@ def sweep_main(args: argparse.Namespace) -> int:
 
     if not args.no_plot and not _need_matplotlib('sweep'):
         return 2
+    _resolve_keep_rates(args)
     if args.max_drop is not None and 1.0 not in args.keep_rates:
         return _user_error('sweep', '--max-drop needs keep rate 1.0 in --keep-rates (the accuracy it is measured from)')
     prefix = _sweep_prefix(args.out, args.model)
@@ -283,7 +317,8 @@ def sweep_main(args: argparse.Namespace) -> int:
                          pretrained=args.pretrained, checkpoint=args.checkpoint, num_classes=args.num_classes,
                          fuse_token=False if args.no_fuse else None, workers=args.workers,
                          model_kwargs=dict(args.model_kwargs), crop_pct=args.crop_pct, repeats=args.repeats,
-                         runtime=args.runtime, quantize=args.quantize)
+                         runtime=args.runtime, quantize=args.quantize, keep_masses=args.keep_masses or (),
+                         macs_images=args.macs_images)
         paths = write_sweep(rows, prefix, title=setting, plot=not args.no_plot, make_folders=True)
     except ValueError as e:
         return _user_error('sweep', e)
@@ -294,20 +329,29 @@ def sweep_main(args: argparse.Namespace) -> int:
     print('wrote ' + ', '.join(paths))
     if args.max_drop is not None:
         best = pick_keep_rate(rows, args.max_drop)
-        print(f'fastest keep rate within {args.max_drop:g} top-1 points of keep 1.0: {best.keep_rate:g} '
-              f'(top-1 {best.top1:.2f}); use: --model-kwargs keep_rate={best.keep_rate:g}'
+        name, value = ('keep_rate', best.keep_rate) if best.keep_mass is None else ('keep_mass', best.keep_mass)
+        print(f'fastest within {args.max_drop:g} top-1 points of keep_rate 1.0: {name} {value:g} '
+              f'(top-1 {best.top1:.2f}); use: --model-kwargs {name}={value:g}'
               + (' fuse_token=False' if args.no_fuse else ''))
     return 0
 
 
 def _keep_rate(text: str) -> float:
+    return _one_float(text, '--keep-rate')
+
+
+def _keep_mass(text: str) -> float:
+    return _one_float(text, '--keep-mass')
+
+
+def _one_float(text: str, option: str) -> float:
     try:
-        rate = float(text)
+        value = float(text)
     except ValueError:
-        rate = float('nan')
-    if not 0. < rate <= 1.:
-        raise argparse.ArgumentTypeError(f'--keep-rate takes one float in (0, 1], got {text!r}')
-    return rate
+        value = float('nan')
+    if not 0. < value <= 1.:
+        raise argparse.ArgumentTypeError(f'{option} takes one float in (0, 1], got {text!r}')
+    return value
 
 
 def _model_kwarg(text: str):
@@ -359,11 +403,27 @@ def _add_model_options(parser: argparse.ArgumentParser, model_help: str = _MODEL
                             help=model_kwargs_help)
 
 
-def _add_keep_rates_option(parser: argparse.ArgumentParser) -> None:
-    # bench and sweep measure the same list of keep rates
-    parser.add_argument('--keep-rates', type=_keep_rates, default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5],
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'expected an integer >= 0, got {text!r}')
+    return value
+
+
+def _add_budget_options(parser: argparse.ArgumentParser, masses_help: str) -> None:
+    # bench and sweep measure the same lists of keep rates and keep masses
+    parser.add_argument('--keep-rates', type=_keep_rates, default=None,
                         help='comma-separated keep rates, each once (a repeated rate is refused, not '
-                        'measured twice; default: 1,0.9,0.8,0.7,0.6,0.5)')
+                        'measured twice; default: 1,0.9,0.8,0.7,0.6,0.5, or 1 alone with --keep-masses and no '
+                        '--keep-rates: timm\'s model as the reference)')
+    parser.add_argument('--keep-masses', type=_keep_masses, default=None, metavar='KEEP_MASSES',
+                        help='comma-separated keep masses in (0, 1], each once: rows after the keep rates\' in which '
+                        'each image keeps its own count (the fewest highest-scored tokens holding that share of its '
+                        'score); ' + masses_help + '; not with --runtime onnxruntime (an exported graph fixes '
+                        'every count)')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -372,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         'bench', help='tokens per stage, GMACs and throughput against the plain timm model, in one run')
     _add_model_options(
-        bench, checkpoint=False,
+        bench,
         model_help=f'one of {", ".join(PLAIN_COUNTERPARTS)} (beside timm\'s DeiT; LV-ViT, not in timm, beside '
                    'itself at keep_rate 1.0), evit_<timm name> for any timm ViT that timm_evit.apply '
                    'supports (e.g. evit_deit3_small_patch16_224, beside timm\'s deit3_small_patch16_224), '
@@ -380,7 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
                    'timm_evit.apply, beside itself; each with or without a pretrained tag (e.g. '
                    'evit_deit_small.keep70_fuse_in1k, beside timm\'s deit_small_patch16_224 with its weights)',
         model_kwargs_help='architecture of both models, as for timm\'s train.py (e.g. img_size=64 depth=6)')
-    _add_keep_rates_option(bench)
+    _add_budget_options(bench, 'needs --data-dir (the counts depend on what the images show); GMACs: the mean and '
+                        'standard deviation over the batch\'s images, each counted alone; tokens: the mean per stage; '
+                        'batch-1 latency: the first image')
+    bench.add_argument('--data-dir', help='measure every row on the first --batch-size images of this ImageFolder '
+                       '(timm\'s order, the model\'s eval transform) instead of random noise; --keep-masses need it')
+    bench.add_argument('--split', default='validation', help='split folder of --data-dir (as for sweep)')
     bench.add_argument('--batch-size', type=_positive_int, default=32)
     bench.add_argument('--repeats', type=_positive_int, default=5)
     bench.add_argument('--warmup', type=int, default=2)
@@ -409,7 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
     vis.add_argument('images', nargs='+', metavar='IMAGE')
     _add_model_options(vis, model_kwargs_help='model arguments, as for timm\'s train.py (e.g. score=mean '
                        '"reorg_layers=(3,6,9)")')
-    vis.add_argument('--keep-rate', type=_keep_rate, help="default: the model's own (0.7)")
+    budget = vis.add_mutually_exclusive_group()
+    budget.add_argument('--keep-rate', type=_keep_rate, help="default: the model's own (0.7)")
+    budget.add_argument('--keep-mass', type=_keep_mass,
+                        help='instead of --keep-rate: each image keeps its own count, the fewest highest-scored '
+                        'tokens holding this share (in (0, 1]) of its score; each panel gives the image\'s count')
     vis.add_argument('--img-size', type=_positive_int, help='model input size (position embeddings resampled)')
     vis.add_argument('--out', default='.', help='folder for the PNGs, created if missing (default: current folder); '
                      'each image gives NAME_evit.png, images of the same NAME NAME_1_evit.png, NAME_2_evit.png, ... '
@@ -423,7 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument('--split', default='validation',
                        help='split folder of --data-dir (or a timm synonym: val, eval, ...); a folder of class folders '
                        'alone is the validation split')
-    _add_keep_rates_option(sweep)
+    _add_budget_options(sweep, 'GMACs: the mean and standard deviation per image over the first --macs-images '
+                        'images, each counted alone; throughput: the first batch, padded to its largest count')
+    sweep.add_argument('--macs-images', type=_non_negative_int, default=256, metavar='N',
+                       help='--keep-masses: count the GMACs of the first N images, each alone (default: 256; 0: all)')
     sweep.add_argument('--batch-size', type=_positive_int, default=32)
     sweep.add_argument('--num-classes', type=_positive_int,
                        help='classes of the checkpoint (default: 1000; or num_classes in --model-kwargs)')
@@ -440,7 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument('--quantize', choices=QUANTIZATIONS,
                        help='with --runtime onnxruntime: each export quantized as export --quantize writes it')
     sweep.add_argument('--max-drop', type=_non_negative_float,
-                       help='print the fastest keep rate whose top-1 is within this many points of keep 1.0')
+                       help='print the fastest keep rate, or keep mass, whose top-1 is within this many points of '
+                       'keep rate 1.0')
     sweep.set_defaults(func=sweep_main)
 
     export = sub.add_parser(
@@ -454,7 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
                         'or not at all (default: MODEL.onnx or MODEL.pt2 in the current folder)')
     export.add_argument('--keep-rate', type=_keep_rate,
                         help="fixed in the exported graph (token counts are constants of it; another keep rate needs "
-                        "another export); default: the model's own (0.7)")
+                        "another export); default: the model's own (0.7); a model with keep_mass is refused (each "
+                        "image's count depends on its content: no graph holds it)")
     export.add_argument('--img-size', type=_positive_int,
                         help='input size, fixed in the graph (position embeddings resampled); the batch axis is dynamic')
     export.add_argument('--quantize', choices=QUANTIZATIONS,
