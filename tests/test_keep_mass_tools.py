@@ -16,7 +16,7 @@ from helpers import TINY_IMG32, TINY_IMG32_CLI, assert_one_line_error, randomise
 from timm_evit.tools import bench as bench_module
 from timm_evit.tools import sweep as sweep_module
 from timm_evit.tools import visualize as visualize_module
-from timm_evit.tools.bench import count_gmacs
+from timm_evit.tools.bench import count_gmacs, gmacs_per_image
 from timm_evit.tools.export import FIXED_COUNTS_NEEDED, exported_writer
 from timm_evit.tools.models import create_evit_model
 from timm_evit.tools.sweep import eval_data_config, first_images
@@ -126,16 +126,15 @@ def test_sweep_counts_the_gmacs_of_the_first_macs_images_and_times_real_images(d
     counted, timed = [], []
 
     def counting(model, x, fused_attn=None, **kwargs):
-        if 'keep_mass' in kwargs:
-            counted.append((kwargs['keep_mass'], x.shape[0]))
-        return count_gmacs(model, x, fused_attn, **kwargs)
+        counted.extend([(kwargs['keep_mass'], 1)] * x.shape[0])
+        return gmacs_per_image(model, x, fused_attn, **kwargs)
 
     def timing(forwards, repeats, warmup):
         for fn in forwards.values():
             timed.append(fn)
         return {key: 0.1 for key in forwards}
 
-    monkeypatch.setattr(sweep_module, 'count_gmacs', counting)
+    monkeypatch.setattr(sweep_module, 'gmacs_per_image', counting)
     monkeypatch.setattr(sweep_module, 'time_interleaved', timing)
     rows = sweep_module.run_sweep('evit_deit_tiny', str(root), keep_rates=(1.0,), keep_masses=(0.9, 0.6),
                                   batch_size=4, checkpoint=str(checkpoint), model_kwargs=MODEL_KWARGS,
@@ -183,6 +182,23 @@ def test_bench_measures_keep_rate_rows_on_the_data_too(data, monkeypatch):
                            data_dir=str(root))
     first = first_images(model, str(root), 'validation', 4)
     assert all(torch.equal(x, first[:1]) for x in seen)
+
+
+def test_bench_latency_on_the_data_is_each_image_alone(data, monkeypatch):
+    root, _, model = data
+    seen = []
+    real = bench_module.create_plain_counterpart
+
+    def recording(*args, **kwargs):
+        plain = real(*args, **kwargs)
+        plain.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].clone()))
+        return plain
+    monkeypatch.setattr(bench_module, 'create_plain_counterpart', recording)
+    bench_module.run_bench('evit_deit_tiny', keep_rates=(0.5,), batch_size=4, repeats=1, warmup=0, attn=('math',),
+                           show_progress=False, model_kwargs=MODEL_KWARGS, data_dir=str(root))
+    first = first_images(model, str(root), 'validation', 4)
+    alone = [x for x in seen if x.shape[0] == 1][-4:]   # the timed calls come last (after the GMACs count)
+    assert all(torch.equal(x[0], image) for x, image in zip(alone, first))
 
 
 # ---- visualize -----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import textwrap
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
@@ -149,9 +149,6 @@ def count_gmacs(model: torch.nn.Module, x: torch.Tensor, fused_attn: Optional[bo
     torch.utils.flop_counter on the attention path ``fused_attn`` (None: the model's own setting),
     so that what a score computes beside the fused kernel counts where it runs. The model's
     attention setting is restored afterwards."""
-    fused = {m: m.fused_attn for m in model.modules() if hasattr(m, 'fused_attn')}
-    if fused_attn is not None:
-        set_fused_attn(model, fused_attn)
     # The counter's module tracker hooks every module input that requires grad; a view of a
     # parameter made without grad (timm's attention pool expands its latent query) cannot be
     # hooked, so the weights are counted with requires_grad off.
@@ -161,11 +158,9 @@ def count_gmacs(model: torch.nn.Module, x: torch.Tensor, fused_attn: Optional[bo
     counter = FlopCounterMode(display=False, custom_mapping={
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_fused_attention_flops})
     try:
-        with torch.inference_mode(), counter:
+        with _attention_path(model, fused_attn), torch.inference_mode(), counter:
             model(x, **forward_kwargs)
     finally:
-        for module, value in fused.items():
-            module.fused_attn = value
         for p, value in requires_grad.items():
             p.requires_grad_(value)
     return counter.get_total_flops() / 2 / x.shape[0] / 1e9
@@ -192,8 +187,35 @@ def mean_tokens_per_stage(model: torch.nn.Module, x: torch.Tensor, keep_mass: fl
 def gmacs_per_image(model: torch.nn.Module, x: torch.Tensor, fused_attn: Optional[bool] = None,
                     **forward_kwargs) -> List[float]:
     """``count_gmacs`` of each image of ``x`` alone (batch 1): with ``keep_mass`` each image keeps its
-    own count, so its MACs are its own; alone, no other image's padding is counted with it."""
-    return [count_gmacs(model, image[None], fused_attn, **forward_kwargs) for image in x]
+    own count, so its MACs are its own; alone, no other image's padding is counted with it.
+
+    Every shape in a forward follows from the token counts, so images whose counts after every
+    block are the same (found by a plain forward of each alone, on the same attention path) have
+    the same MACs: the counter runs once per distinct counts (it is many times slower than a forward)."""
+    counted: Dict[Tuple[int, ...], float] = {}
+    result = []
+    for image in x:
+        with _attention_path(model, fused_attn), torch.inference_mode():
+            out = model.forward_intermediates(image[None], output_dict=True, intermediates_only=True,
+                                              **forward_kwargs)
+        counts = tuple(int((sizes > 0).sum()) for sizes in out['token_sizes'])
+        if counts not in counted:
+            counted[counts] = count_gmacs(model, image[None], fused_attn, **forward_kwargs)
+        result.append(counted[counts])
+    return result
+
+
+@contextlib.contextmanager
+def _attention_path(model: torch.nn.Module, fused_attn: Optional[bool]):
+    """``model`` on the attention path ``fused_attn`` (None: its own) for the block, restored after."""
+    fused = {m: m.fused_attn for m in model.modules() if hasattr(m, 'fused_attn')}
+    if fused_attn is not None:
+        set_fused_attn(model, fused_attn)
+    try:
+        yield
+    finally:
+        for module, value in fused.items():
+            module.fused_attn = value
 
 
 def input_tokens(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -307,6 +329,11 @@ def check_keep_masses(keep_masses: Sequence[float], runtime: str) -> None:
                          'keep masses with --runtime torch')
 
 
+def _each_alone(run: Callable, images: Sequence[torch.Tensor]) -> None:
+    for image in images:
+        run(image)
+
+
 def run_bench(
         model_name: str = 'evit_deit_small',
         keep_rates: Sequence[float] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5),
@@ -350,7 +377,8 @@ def run_bench(
     and torch (an exported graph fixes the counts). A keep-mass row gives the mean tokens per stage
     over those images, their GMACs' mean and standard deviation with each image counted alone
     (``gmacs_per_image``), the throughput of the whole batch (padded to its largest count, as the
-    model runs it), and its batch-1 latency on the first image.
+    model runs it); every row's batch-1 latency is then the mean over those images, each run alone
+    in turn (per-image counts vary from image to image).
     """
     from tqdm import tqdm
 
@@ -401,7 +429,10 @@ def run_bench(
         plain.to(device=dev, dtype=DTYPES[dtype])
         batches = {batch_size: images.to(device=dev, dtype=DTYPES[dtype])}
         if latency:
-            batches[1] = batches[batch_size][:1].clone()
+            # on real images, batch 1 is every image of the batch alone in turn (per-image counts vary);
+            # on noise, one image
+            singles = batches[batch_size].split(1) if data_dir is not None else batches[batch_size][:1].split(1)
+            batches[1] = [single.clone() for single in singles]
         # One model per keep rate (shared-nothing copies): the rate is then a constant of each
         # compiled graph rather than a float argument that dynamo would make symbolic.
         at_budget = {b: _model_at(evit, b).to(device=dev, dtype=DTYPES[dtype]) for b in budgets}
@@ -424,8 +455,13 @@ def run_bench(
                 runners['torch fp32'] = plain
             bar.set_description(f'bench {model_name}')
             for size, x in batches.items():
-                forwards = {key: partial(run, x) for key, run in runners.items()}
-                seconds[size] = time_interleaved(forwards, repeats, warmup, dev, progress=bar.update)
+                if isinstance(x, list):   # batch 1: the mean over the images, each timed alone
+                    forwards = {key: partial(_each_alone, run, x) for key, run in runners.items()}
+                    per_call = time_interleaved(forwards, repeats, warmup, dev, progress=bar.update)
+                    seconds[size] = {key: value / len(x) for key, value in per_call.items()}
+                else:
+                    forwards = {key: partial(run, x) for key, run in runners.items()}
+                    seconds[size] = time_interleaved(forwards, repeats, warmup, dev, progress=bar.update)
             if compile:
                 _dynamo().reset()  # the attention switch is baked into the compiled graphs
 

@@ -442,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
         model_kwargs_help='architecture of both models, as for timm\'s train.py (e.g. img_size=64 depth=6)')
     _add_budget_options(bench, 'needs --data-dir (the counts depend on what the images show); GMACs: the mean and '
                         'standard deviation over the batch\'s images, each counted alone; tokens: the mean per stage; '
-                        'batch-1 latency: the first image')
+                        'batch-1 latency: with --data-dir, every row\'s is the mean over the batch\'s images, '
+                        'each alone')
     bench.add_argument('--data-dir', help='measure every row on the first --batch-size images of this ImageFolder '
                        '(timm\'s order, the model\'s eval transform) instead of random noise; --keep-masses need it')
     bench.add_argument('--split', default='validation', help='split folder of --data-dir (as for sweep)')

@@ -16,8 +16,8 @@ from timm.utils import accuracy
 from ._io import pyplot, rgb_image
 from ..checkpoints import require_finite, require_finite_forward, weights_source
 from .bench import (
-    KeepMass, budget_kwargs, budget_text, check_keep_masses, check_runtime, count_gmacs, markdown_table,
-    model_at_keep_rate, move_beside, require_distinct_keep_rates, time_interleaved,
+    KeepMass, budget_kwargs, budget_text, check_keep_masses, check_runtime, count_gmacs, gmacs_per_image,
+    markdown_table, model_at_keep_rate, move_beside, require_distinct_keep_rates, time_interleaved,
 )
 from .files import figure_writer, write_all_whole
 from .models import create_evit_model, merge_model_kwargs
@@ -306,7 +306,7 @@ def run_sweep(
 
 def _gmacs_per_image(model, loader, keep_masses: Sequence[float], macs_images: int, show_progress: bool) -> dict:
     """KeepMass(m) -> (mean, standard deviation) of the GMACs of the first ``macs_images`` images of
-    ``loader`` (0: all) at each keep mass, each image counted alone (``count_gmacs`` at batch 1): with
+    ``loader`` (0: all) at each keep mass, each image counted alone (``gmacs_per_image``): with
     a keep mass each image keeps its own count. The population deviation: of exactly these images."""
     from tqdm import tqdm
     if not keep_masses:
@@ -315,11 +315,11 @@ def _gmacs_per_image(model, loader, keep_masses: Sequence[float], macs_images: i
     counts, counted = {m: [] for m in keep_masses}, 0
     with tqdm(total=total, desc='GMACs per image', unit='img', disable=not show_progress) as bar:
         for images, _ in loader:
-            for image in images[:total - counted]:
-                for m in keep_masses:
-                    counts[m].append(count_gmacs(model, image[None], keep_mass=m))
-                counted += 1
-                bar.update(1)
+            images = images[:total - counted]
+            for m in keep_masses:
+                counts[m].extend(gmacs_per_image(model, images, keep_mass=m))
+            counted += images.shape[0]
+            bar.update(images.shape[0])
             if counted >= total:
                 break
     return {KeepMass(m): (statistics.mean(c), statistics.pstdev(c)) for m, c in counts.items()}
