@@ -287,6 +287,7 @@ REFUSALS = {
     'bench keep masses without data': (BENCH + ['--keep-masses', '0.6'], ['--keep-masses needs --data-dir', 'noise']),
     'bench keep masses in onnxruntime': (BENCH + ['--keep-masses', '0.6', '--data-dir', '{root}',
                                                   '--runtime', 'onnxruntime'], ['--keep-masses', 'onnxruntime']),
+    'bench crop without data': (BENCH + ['--crop-pct', '0.9'], ['--crop-pct', 'needs --data-dir']),
     'bench keep mass given twice': (BENCH + ['--keep-masses', '0.6,0.60', '--data-dir', '{root}'],
                                     ['--keep-masses lists 0.6 twice']),
     'bench more images than the folder holds': (BENCH[:4] + ['20'] + BENCH[5:] + ['--data-dir', '{root}'],

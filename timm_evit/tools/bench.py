@@ -355,6 +355,7 @@ def run_bench(
         data_dir: Optional[str] = None,
         split: str = 'validation',
         checkpoint: Optional[str] = None,
+        crop_pct: Optional[float] = None,
 ) -> List[BenchRow]:
     """Rows for the plain timm model and for ``model_name`` at each keep rate, then at each keep
     mass, per attention path.
@@ -398,6 +399,8 @@ def run_bench(
     dev = check_device(device)
     warmup = max(warmup, min_warmup(compile))
 
+    if crop_pct is not None and (data_dir is None or not 0 < crop_pct <= 1):
+        raise ValueError(f'--crop-pct takes a fraction in (0, 1] and needs --data-dir, got {crop_pct!r}')
     if checkpoint is not None and not os.path.isfile(checkpoint):
         raise ValueError(f'--checkpoint {checkpoint!r} is not a file')
     model_kwargs = merge_model_kwargs(model_kwargs, fuse_token=fuse_token)
@@ -408,7 +411,7 @@ def run_bench(
     fuse_token = evit.fuse_token
     plain = create_plain_counterpart(model_name, evit, **model_kwargs)  # same weights
     budgets = [*keep_rates, *(KeepMass(m) for m in keep_masses)]
-    images = _bench_images(evit, batch_size, data_dir, split)
+    images = _bench_images(evit, batch_size, data_dir, split, crop_pct)
     source = weights_source(model_name, pretrained, checkpoint)
 
     # GMACs and token counts do not depend on dtype or device: count them once, fp32 on the CPU.
@@ -488,13 +491,14 @@ def run_bench(
     return rows
 
 
-def _bench_images(model: torch.nn.Module, batch_size: int, data_dir: Optional[str], split: str) -> torch.Tensor:
+def _bench_images(model: torch.nn.Module, batch_size: int, data_dir: Optional[str], split: str,
+                  crop_pct: Optional[float] = None) -> torch.Tensor:
     """The images every row is measured on, fp32 on the CPU: the first ``batch_size`` of ``data_dir``
-    (see ``sweep.first_images``), or random noise of the model's input size without it."""
+    (see ``sweep.first_images``, ``crop_pct`` as there), or random noise of the model's input size without it."""
     if data_dir is None:
         return torch.randn(batch_size, model.in_chans, *model.patch_embed.img_size)
     from .sweep import first_images   # (sweep imports this module)
-    return first_images(model, data_dir, split, batch_size)
+    return first_images(model, data_dir, split, batch_size, crop_pct)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

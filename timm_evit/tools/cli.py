@@ -90,7 +90,8 @@ def bench_main(args: argparse.Namespace) -> int:
             repeats=args.repeats, warmup=args.warmup, attn=attn, dtype=args.dtype, compile=args.compile,
             device=args.device, latency=not args.no_latency, pretrained=args.pretrained,
             model_kwargs=dict(args.model_kwargs), runtime=args.runtime, quantize=args.quantize,
-            keep_masses=args.keep_masses or (), data_dir=args.data_dir, split=args.split, checkpoint=args.checkpoint)
+            keep_masses=args.keep_masses or (), data_dir=args.data_dir, split=args.split, checkpoint=args.checkpoint,
+            crop_pct=args.crop_pct)
     except ValueError as e:
         return _user_error('bench', e)
     evit = rows[1].model
@@ -447,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument('--data-dir', help='measure every row on the first --batch-size images of this ImageFolder '
                        '(timm\'s order, the model\'s eval transform) instead of random noise; --keep-masses need it')
     bench.add_argument('--split', default='validation', help='split folder of --data-dir (as for sweep)')
+    bench.add_argument('--crop-pct', type=float, help='center-crop fraction of the eval transform of --data-dir '
+                       "(as for sweep; default: the model's pretrained_cfg)")
     bench.add_argument('--batch-size', type=_positive_int, default=32)
     bench.add_argument('--repeats', type=_positive_int, default=5)
     bench.add_argument('--warmup', type=int, default=2)
