@@ -259,3 +259,15 @@ def test_copies_and_state_dicts_are_unchanged():
     clone = copy.deepcopy(model)
     assert clone.keep_mass == (0.6,) * len(model.reorg_layers)
     assert set(model.state_dict()) == set(converted('deit', 0.5, True)[1].state_dict())
+
+
+def test_fx_symbolic_trace_keeps_the_per_image_counts():
+    # the count and the padded layout sit in functions FX keeps whole (opaque): the traced graph
+    # computes each image's own count, as the model does
+    _, model = converted('deit', 0.5, True, fusion='size')
+    model = content_driven(model, SHARPER['deit'])
+    model.keep_mass = 0.8
+    traced = torch.fx.symbolic_trace(model)
+    x = varied_images(FAMILIES['deit'].size)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
