@@ -129,28 +129,28 @@ def _check_one_rate(value, name: str) -> float:
     return value
 
 
+def _per_block(value: KeepRate, num_reorg_layers: int, name: str) -> Tuple[float, ...]:
+    """One float in (0, 1] per reorganising block, from a single value or a per-block sequence;
+    errors name the argument ``name``."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != num_reorg_layers:
+            raise ValueError(
+                f'{name} has {len(value)} values but there are {num_reorg_layers} reorganising '
+                f'blocks (reorg_layers); give one float in (0, 1] or exactly {num_reorg_layers}')
+        return tuple(_check_one_rate(v, f'{name}[{i}]') for i, v in enumerate(value))
+    return (_check_one_rate(value, name),) * num_reorg_layers
+
+
 def check_keep_rate(keep_rate: KeepRate, num_reorg_layers: int) -> Tuple[float, ...]:
     """One keep rate per reorganising block, from a single rate or a per-block sequence."""
-    if isinstance(keep_rate, (list, tuple)):
-        if len(keep_rate) != num_reorg_layers:
-            raise ValueError(
-                f'keep_rate has {len(keep_rate)} values but there are {num_reorg_layers} reorganising '
-                f'blocks (reorg_layers); give one float in (0, 1] or exactly {num_reorg_layers}')
-        return tuple(_check_one_rate(r, f'keep_rate[{i}]') for i, r in enumerate(keep_rate))
-    return (_check_one_rate(keep_rate, 'keep_rate'),) * num_reorg_layers
+    return _per_block(keep_rate, num_reorg_layers, 'keep_rate')
 
 
 def check_keep_mass(keep_mass: KeepRate, num_reorg_layers: int) -> Tuple[float, ...]:
     """One keep mass per reorganising block, from a single value or a per-block sequence: the share
     of the score, in (0, 1], that each image's kept tokens hold (docs/design.md, "Per-image token
     budgets")."""
-    if isinstance(keep_mass, (list, tuple)):
-        if len(keep_mass) != num_reorg_layers:
-            raise ValueError(
-                f'keep_mass has {len(keep_mass)} values but there are {num_reorg_layers} reorganising '
-                f'blocks (reorg_layers); give one float in (0, 1] or exactly {num_reorg_layers}')
-        return tuple(_check_one_rate(m, f'keep_mass[{i}]') for i, m in enumerate(keep_mass))
-    return (_check_one_rate(keep_mass, 'keep_mass'),) * num_reorg_layers
+    return _per_block(keep_mass, num_reorg_layers, 'keep_mass')
 
 
 def check_reorg_layers(reorg_layers: Sequence[int], depth: int) -> Tuple[int, ...]:

@@ -178,15 +178,8 @@ def reorganize_tokens(
         ``([prefix..., kept..., (fused)], kept_idx)``: kept tokens ordered by attention, descending;
         ``kept_idx`` ``[B, num_keep]`` indexes the ``n`` non-prefix tokens of ``x``.
     """
-    B, N, C = x.shape
     _, kept_idx = cls_attn.topk(num_keep, dim=1, largest=True, sorted=True)
-    # The kept tokens as rows of x flattened to [B * N, C], taken by one index_select: it copies
-    # whole rows, where a gather with the index expanded over channels goes element by element
-    # (3x slower at batch 1, over 10x at batch 32 on a CPU). Few operations: at batch 1 each one's
-    # fixed cost is what this step costs. (The range's end leaves an empty batch no rows.)
-    rows = kept_idx + torch.arange(num_prefix_tokens, B * N + num_prefix_tokens, N, device=x.device).unsqueeze(1)
-    kept = x.reshape(B * N, C).index_select(0, rows.flatten()).view(B, num_keep, C)
-    parts = [x[:, :num_prefix_tokens], kept]
+    parts = [x[:, :num_prefix_tokens], _non_prefix_rows(x, kept_idx, num_prefix_tokens)]
     if fuse_token:
         # Attention weights with the kept ones zeroed: the fused token is one batched matmul,
         # with no complement index and no second gather.
@@ -196,6 +189,18 @@ def reorganize_tokens(
         weights = weights.to(x.dtype)
         parts.append(weights.unsqueeze(1) @ x[:, num_prefix_tokens:])
     return torch.cat(parts, dim=1), kept_idx
+
+
+def _non_prefix_rows(x: torch.Tensor, idx: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """The non-prefix tokens ``idx`` ``[B, k]`` of ``x`` ``[B, P + n, C]``: ``[B, k, C]``.
+
+    Rows of x flattened to [B * N, C], taken by one index_select: it copies whole rows, where a
+    gather with the index expanded over channels goes element by element (3x slower at batch 1,
+    over 10x at batch 32 on a CPU). Few operations: at batch 1 each one's fixed cost is what this
+    step costs. (The range's end leaves an empty batch no rows.)"""
+    B, N, C = x.shape
+    rows = idx + torch.arange(num_prefix_tokens, B * N + num_prefix_tokens, N, device=x.device).unsqueeze(1)
+    return x.reshape(B * N, C).index_select(0, rows.flatten()).view(B, idx.shape[1], C)
 
 
 def reorganize_at_rate(
@@ -237,8 +242,7 @@ def reorganize_by_mass(
     nothing happens (the identity, as ``reorganize_at_rate``). At batch 1 there is never padding.
     Returns the tokens and the kept indices ``[B, K]`` into the ``n`` non-prefix tokens of ``x``.
     """
-    B, N, C = x.shape
-    n = N - num_prefix_tokens
+    B, n = x.shape[0], x.shape[1] - num_prefix_tokens
     valid = None if token_sizes is None else token_sizes > 0
     counts, order = num_kept_by_mass(cls_attn, keep_mass, valid)
     present = counts.new_full((B,), n) if valid is None else valid.sum(dim=1)
@@ -248,9 +252,7 @@ def reorganize_by_mass(
         return x, torch.arange(n, device=x.device).expand(B, -1)
     kept_idx = order[:, :width]
     filled = torch.arange(width, device=x.device) < counts.unsqueeze(1)
-    rows = kept_idx + torch.arange(num_prefix_tokens, B * N + num_prefix_tokens, N, device=x.device).unsqueeze(1)
-    kept = x.reshape(B * N, C).index_select(0, rows.flatten()).view(B, width, C)
-    parts = [x[:, :num_prefix_tokens], kept]
+    parts = [x[:, :num_prefix_tokens], _non_prefix_rows(x, kept_idx, num_prefix_tokens)]
     if fuse_token and drops:
         kept_mask = torch.zeros_like(cls_attn, dtype=torch.bool).scatter(1, kept_idx, filled)
         dropped = ~kept_mask if valid is None else valid & ~kept_mask
