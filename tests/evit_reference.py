@@ -190,6 +190,12 @@ def reorganise_by_hand(x, num_prefix_tokens, a, kept, fuse_token, fusion, sizes)
     return torch.stack(tokens), new_sizes
 
 
+def timm_forward_head(model, x):
+    """timm's own ``forward_head`` of the timm class the model converts (not EViT's)."""
+    timm_cls = next(cls for cls in type(model).__mro__ if cls.__module__.startswith('timm.'))
+    return timm_cls.forward_head(model, x)
+
+
 def head_by_hand(model, x, sizes, fusion):
     """The model's head on one image's final tokens ``x`` [1, N, C], with size-aware pooling
     (``fusion='size'``): ``avg`` the mean over the non-prefix tokens weighted by their sizes, an
@@ -198,7 +204,7 @@ def head_by_hand(model, x, sizes, fusion):
     P = model.num_prefix_tokens
     pool = getattr(model, 'attn_pool', None)
     if fusion != 'size' or (pool is None and model.global_pool != 'avg'):
-        return model.forward_head(x)[0]
+        return timm_forward_head(model, x)[0]
     if pool is not None:
         sees_prefix = getattr(model, 'pool_include_prefix', True)   # Eva's pool sees every token
         tokens = x if sees_prefix else x[:, P:]
@@ -214,10 +220,11 @@ def pool_score_by_hand(model, x, num_prefix_tokens, key_bias=None):
     """The ``'pool'`` score of one image's tokens ``x`` [N, C] (floats): the model's attention pool,
     its own modules, head by head: its latent queries against ``norm(x)`` keyed by its ``kv``,
     softmax over the tokens (``key_bias`` [N] added: -inf masks a token out), averaged over heads
-    and latents."""
+    and the latents whose output the pool keeps (the first where it returns that one, 'token')."""
     pool = model.attn_pool
     width = pool.num_heads * pool.head_dim
-    q = pool.q(pool.latent[0])                                   # [latents, width]
+    latents = pool.latent[0, :1] if pool.pool == 'token' else pool.latent[0]
+    q = pool.q(latents)                                          # [latents, width]
     k = pool.kv(model.norm(x[None])[0])[:, :width]               # the keys: first half of kv
     rows = []
     for hd in range(pool.num_heads):

@@ -155,6 +155,38 @@ def converted(family, keep_rate, fuse_token, fused_attn=True, fusion='paper', **
     return original, model
 
 
+# ---- per-image budgets: weights and images whose counts differ by image ----------------------------
+
+# how much sharper the query / key projections are made, per family, for counts that differ by image
+SHARPER = {'deit': 1.7, 'dinov2_reg': 1.7, 'eva02': 1.3, 'reg_gap': 3.0}
+
+
+def content_driven(model, sharper):
+    """The randomised model with patch content louder than position and sharper attention, so that
+    images of different content get different counts (as trained models do; random weights alone
+    attend almost evenly)."""
+    with torch.no_grad():
+        model.patch_embed.proj.weight.mul_(8)
+        if getattr(model, 'pos_embed', None) is not None:
+            model.pos_embed.mul_(0.1)
+        for name, p in model.named_parameters():
+            if name.endswith(('qkv.weight', 'q_proj.weight', 'k_proj.weight')):
+                p.mul_(sharper)
+    return model
+
+
+def varied_images(size):
+    """Four images: a blank field, a small object on a blank field, clutter everywhere, clutter on half."""
+    x = images(size, batch=4, seed=3)
+    x[0] = 0.
+    x[1] = 0.
+    x[1, :, 8:24, 8:24] = images(16, batch=1, seed=5)[0] * 6
+    x[2] *= 2.
+    x[3] = 0.
+    x[3, :, :, :size // 2] = images(size, batch=1, seed=7)[0, :, :, :size // 2] * 4
+    return x
+
+
 # ---- near-ties: the model's choice, checked, then everything else by the reference ----------------
 
 def compare_with_reference(model, x, reference, logits=None, min_logit_std=0.1):

@@ -189,3 +189,33 @@ def test_benchmark_sessions_do_not_spin_between_runs():
     model = randomise_weights(create_evit_model('evit_deit_tiny', **TINY_IMG32)).eval()
     options = onnxruntime_session(model).get_session_options()
     assert options.get_session_config_entry('session.intra_op.allow_spinning') == '0'
+
+
+# score x fusion, at 400 patches: enough tokens that a chunking of 'mean' taken from the batch would
+# split the queries differently at batch 32 than at the traced batch (issue 29)
+LARGE = dict(SMALL_VIT_10_CLASSES, img_size=160, patch_size=8, keep_rate=0.5)
+ANY_BATCH = {
+    'class size': ('evit_deit_tiny_patch16_224', dict(LARGE, fusion='size')),
+    'mean paper': ('evit_vit_medium_patch16_reg4_gap_256', dict(LARGE, fusion='paper')),
+    'mean size': ('evit_vit_medium_patch16_reg4_gap_256', dict(LARGE, fusion='size')),
+    'mean drop': ('evit_vit_medium_patch16_reg4_gap_256', dict(LARGE, fuse_token=False)),
+    'pool size': ('evit_vit_base_patch16_siglip_224', dict(LARGE, fusion='size')),
+}
+
+
+@pytest.mark.parametrize('case', sorted(ANY_BATCH))
+def test_onnx_and_torch_export_equal_pytorch_at_batch_1_3_and_32(case, tmp_path):
+    # no Python number taken from a shape may decide the graph's structure in a way that changes with
+    # the batch: both exports, traced at batch 2, at batch 1, 3 and 32
+    pytest.importorskip('onnxscript')
+    from timm_evit.tools.export import export_program
+    name, kwargs = ANY_BATCH[case]
+    model = randomise_weights(create_evit_model(name, **kwargs), peaky_std=0.3).eval()
+    write_all_whole({str(tmp_path / 'model.onnx'): exported_writer(model)})
+    program = export_program(model).module()
+    for batch_size in (1, 3, 32):
+        x = torch.randn(batch_size, 3, 160, 160, generator=torch.Generator().manual_seed(batch_size))
+        with torch.no_grad():
+            expected = model(x)
+            torch.testing.assert_close(program(x), expected, rtol=0, atol=1e-4)
+        assert_logits_close(onnxruntime_logits(tmp_path / 'model.onnx', x), expected)

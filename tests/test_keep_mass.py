@@ -12,41 +12,14 @@ import torch.nn.functional as F
 
 import timm_evit
 from evit_reference import at_mass_threshold, count_by_mass, kept_indices_by_block
-from helpers import FAMILIES, check_against_family_reference, converted, family_params, images, randomise_weights
+from helpers import (
+    FAMILIES, SHARPER, check_against_family_reference, content_driven, converted, family_params, images,
+    randomise_weights, varied_images,
+)
 from timm_evit.reorg import num_kept_by_mass
 
 # a class token, registers, RoPE (interleaved; half with registers), 'mean' on an 'avg' head, 'pool' heads
 MASS_FAMILIES = ['deit', 'dinov2_reg', 'eva02', 'dinov3', 'reg_gap', 'siglip', 'pe_map']
-# how much sharper the query / key projections are made, per family, for counts that differ by image
-SHARPER = {'deit': 1.7, 'dinov2_reg': 1.7, 'eva02': 1.3, 'reg_gap': 3.0}
-
-
-def content_driven(model, sharper):
-    """The randomised model with patch content louder than position and sharper attention, so that
-    images of different content get different counts (as trained models do; random weights alone
-    attend almost evenly)."""
-    with torch.no_grad():
-        model.patch_embed.proj.weight.mul_(8)
-        if getattr(model, 'pos_embed', None) is not None:
-            model.pos_embed.mul_(0.1)
-        for name, p in model.named_parameters():
-            if name.endswith(('qkv.weight', 'q_proj.weight', 'k_proj.weight')):
-                p.mul_(sharper)
-    return model
-
-
-def varied_images(size):
-    """Four images: a blank field, a small object on a blank field, clutter everywhere, clutter on half."""
-    x = images(size, batch=4, seed=3)
-    x[0] = 0.
-    x[1] = 0.
-    x[1, :, 8:24, 8:24] = images(16, batch=1, seed=5)[0] * 6
-    x[2] *= 2.
-    x[3] = 0.
-    x[3, :, :, :size // 2] = images(size, batch=1, seed=7)[0, :, :, :size // 2] * 4
-    return x
-
-
 def counts_per_block(model, x, **kwargs):
     """Each image's count after every block: its tokens of size > 0."""
     with torch.no_grad():

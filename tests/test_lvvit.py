@@ -97,8 +97,14 @@ def test_fused_tokens_are_left_out_of_the_auxiliary_max():
         model.aux_head.bias.zero_()
         model.aux_head.weight[7] = tokens[0, 3] * 100              # token 3 votes hard for class 7
         ids = torch.tensor([[5, 9, -1]])                         # ...but token 3 is a fused token
-        with_fused = model.forward_head(tokens)
+        with_fused = model.forward_head(tokens, token_patch_ids=torch.tensor([[5, 9, 11]]))   # were it a patch
         without = model.forward_head(tokens, token_patch_ids=ids)
+        # tokens whose ids are unknown, in a model that fuses: refused, not guessed
+        with pytest.raises(ValueError, match='forward_head needs the token state'):
+            model.forward_head(tokens)
+        feats, feats_ids = model.forward_features(torch.randn(2, 3, 224, 224), return_token_patch_ids=True)
+        torch.testing.assert_close(model.forward_head(feats), model.forward_head(feats, token_patch_ids=feats_ids),
+                                   rtol=0, atol=0)
         cls = model.head(tokens[:, 0])
     assert with_fused[0, 7] - cls[0, 7] == pytest.approx(0.5 * float(tokens[0, 3] @ tokens[0, 3] * 100), rel=1e-4)
     # without the fused token, the max is over the two patch tokens' votes

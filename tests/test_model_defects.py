@@ -224,3 +224,35 @@ def test_reorganising_an_empty_batch():
     for fuse in (True, False):
         tokens, kept = reorganize_tokens(torch.randn(0, 5, 8), torch.rand(0, 4), 2, fuse)
         assert tokens.shape == (0, 1 + 2 + fuse, 8) and kept.shape == (0, 2)
+
+
+def _evit_state(model):
+    blocks = [(type(b).__name__, getattr(b, 'budget', None), getattr(b, 'fusion', None), getattr(b, 'score', None),
+               getattr(b, 'fuse_token', None)) for b in model.blocks]
+    evit = {name: getattr(model, name, None) for name in ('keep_rate', 'keep_mass', 'reorg_layers', 'fuse_token',
+                                                           'fusion', 'score')}
+    return type(model).__name__, type(model.blocks).__name__, blocks, evit
+
+
+@pytest.mark.parametrize('first', [None, dict(keep_rate=0.5, fusion='paper', score='mean')], ids=['timm', 'evit'])
+@pytest.mark.parametrize('refused', [dict(score='class'), dict(keep_rate=0.5, keep_mass=0.5), dict(keep_rate=2.),
+                                     dict(reorg_layers=(3, 1)), dict(fusion='sized'), dict(keep_mass=0.5,
+                                     keep_rate_warmup_steps=10)],
+                         ids=['score', 'both budgets', 'rate', 'layers', 'fusion', 'mass with warm-up'])
+def test_a_refused_apply_leaves_the_model_as_it_was(first, refused):
+    # every argument is checked against the model before anything changes (a half-converted model,
+    # EViT effectively off, before)
+    import timm_evit
+    model = timm.create_model('vit_medium_patch16_reg4_gap_256', img_size=64, **SMALL_VIT).eval()   # no class token
+    if first is not None:
+        timm_evit.apply(model, **first)
+    before = _evit_state(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.raises((TypeError, ValueError)):
+        timm_evit.apply(model, keep_rate=0.3, **{'fusion': 'size', **refused}) if 'keep_rate' not in refused and \
+            'keep_mass' not in refused else timm_evit.apply(model, **{'fusion': 'size', **refused})
+    assert _evit_state(model) == before
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)

@@ -14,6 +14,7 @@ import timm_evit.opaque as opaque
 from evit_reference import masked_reference_timm_vit
 from helpers import (
     FAMILIES, SMALL_VIT, check_against_family_reference, compare_with_reference, converted, family_params, images,
+    randomise_weights,
 )
 from timm_evit.layers import PoolScore
 from timm_evit.reorg import class_attention, mean_received_attention, mean_received_row, pool_attention
@@ -102,7 +103,8 @@ def test_the_pool_score_survives_copies_and_refuses_losing_its_pool():
     with torch.no_grad():
         expected = model(x)
         for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-            assert all(blk.pool_score.pool is twin.attn_pool and blk.pool_score.norm is twin.norm for blk in twin.blocks)
+            assert all(blk.pool_score.model is twin and blk.pool_score.model._score_modules() == (twin.attn_pool, twin.norm)
+                       for blk in twin.blocks)
             torch.testing.assert_close(twin(x), expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"global_pool='avg' removes the attention pool that score='pool'"):
         model.reset_classifier(5, global_pool='avg')
@@ -122,22 +124,24 @@ def _mean_over_half_the_queries(q, k, scale, num_prefix_tokens=1, max_chunk_elem
     return mean_received_row(((q[:, :, :half] * scale) @ k.transpose(-2, -1)).softmax(dim=-1), num_prefix_tokens)
 
 
-def _pool_keyed_by_values(self, x, token_sizes=None):
-    pool, width = self.pool, self.pool.num_heads * self.pool.head_dim
-    values = torch.nn.functional.linear(self.norm(x), pool.kv.weight[width:], pool.kv.bias[width:])
+def _pool_keyed_by_values(self, x, token_weights=None):
+    pool, norm = self.model._score_modules()
+    width = pool.num_heads * pool.head_dim
+    values = torch.nn.functional.linear(norm(x), pool.kv.weight[width:], pool.kv.bias[width:])
     return _pool_score_of(self, values)
 
 
-def _pool_without_the_final_norm(self, x, token_sizes=None):
-    pool, width = self.pool, self.pool.num_heads * self.pool.head_dim
+def _pool_without_the_final_norm(self, x, token_weights=None):
+    pool, _ = self.model._score_modules()
+    width = pool.num_heads * pool.head_dim
     return _pool_score_of(self, torch.nn.functional.linear(x, pool.kv.weight[:width], pool.kv.bias[:width]))
 
 
 def _pool_score_of(self, keys):
-    pool, (B, N, _) = self.pool, keys.shape
+    (pool, _), (B, N, _) = self.model._score_modules(), keys.shape
     q = pool.q(pool.latent).reshape(1, pool.latent_len, pool.num_heads, pool.head_dim).transpose(1, 2)
     keys = keys.reshape(B, N, pool.num_heads, pool.head_dim).transpose(1, 2)
-    return pool_attention(pool.q_norm(q), pool.k_norm(keys), pool.scale, self.num_prefix_tokens)
+    return pool_attention(pool.q_norm(q), pool.k_norm(keys), pool.scale, self.model.num_prefix_tokens)
 
 
 @pytest.mark.parametrize('mutation', ['mean is the class row', 'mean over half the queries', 'pool keyed by values',
@@ -182,3 +186,31 @@ def test_features_only_on_a_model_ranked_by_its_pool():
                               **SMALL_VIT)
     features = model(torch.randn(2, 3, 32, 32))
     assert [f.shape for f in features][-1] == (2, 48, 4, 4)
+
+
+def test_pool_ranks_with_the_pool_and_norm_the_model_holds_now():
+    # a user who replaces model.attn_pool or model.norm gets rankings from the new modules (before:
+    # from the ones the blocks were built with, no longer in the model or its state dict)
+    _, model = scored('siglip', 'pool', 0.5, True)
+    x = images(FAMILIES['siglip'].size)
+    fresh = copy.deepcopy(model)
+    randomise_weights(fresh, seed=7, peaky_std=0.3)
+    model.attn_pool, model.norm = fresh.attn_pool, fresh.norm
+    check_against_family_reference(model, 'siglip', x)
+    # a pool the score cannot read is named, not ignored
+    model.attn_pool = torch.nn.Identity()
+    with pytest.raises(ValueError, match=r"score='pool' ranks tokens with timm's attention pool .* Identity"):
+        with torch.no_grad():
+            model(x)
+
+
+@pytest.mark.parametrize('pool_type', ['token', 'avg'])
+def test_pool_ranks_by_the_latents_the_pool_keeps(pool_type):
+    # timm's pool with pool_type='token' returns its first latent: only that latent's query ranks
+    _, model = scored('siglip', 'pool', 0.5, True)
+    model.attn_pool.pool = pool_type
+    with torch.no_grad():
+        model.attn_pool.latent_len = 3
+        model.attn_pool.latent = torch.nn.Parameter(torch.randn(1, 3, model.attn_pool.latent.shape[-1]))
+    x = images(FAMILIES['siglip'].size)
+    check_against_family_reference(model, 'siglip', x)

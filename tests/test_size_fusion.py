@@ -90,15 +90,28 @@ def test_a_fused_token_of_identical_tokens_is_exact():
                 assert close == exact, (name, fusion)
 
 
-def test_forward_head_alone_pools_without_sizes_and_forward_with_them():
+def test_forward_head_of_forward_features_pools_by_size_as_forward_does():
+    # docs/design.md, "One token state": forward_head of exactly what forward_features returned knows
+    # its sizes; other tokens need token_sizes, and without them the head refuses rather than
+    # pooling every token once (4.4 off on this model before)
     _, model = converted('reg_gap', 0.5, True, fusion='size')
     x = images(FAMILIES['reg_gap'].size)
     with torch.no_grad():
+        expected = model(x)
         features = model.forward_features(x)
+        torch.testing.assert_close(model.forward_head(features), expected, rtol=0, atol=0)
         out = model.forward_intermediates(x, output_dict=True, intermediates_only=True)
         sizes = out['token_sizes'][-1]
-        assert torch.equal(model.forward_head(features, token_sizes=sizes), model(x))
-        assert not torch.allclose(model.forward_head(features), model(x))
+        copied = features.clone()
+        torch.testing.assert_close(model.forward_head(copied, token_sizes=sizes), expected, rtol=1e-6, atol=1e-6)
+        with pytest.raises(ValueError, match=r'forward_head needs the token state .* token_sizes='):
+            model.forward_head(copied)
+        # pre_logits pools too: the same rule
+        torch.testing.assert_close(model.forward_head(features, pre_logits=True),
+                                   model.forward_head(copied, pre_logits=True, token_sizes=sizes), rtol=1e-6, atol=1e-6)
+        # the paper's fusion at a fixed rate pools every token once: nothing to know, nothing refused
+        model.fusion = 'paper'
+        torch.testing.assert_close(model.forward_head(model.forward_features(x).clone()), model(x), rtol=0, atol=0)
 
 
 def test_the_paper_s_names_keep_the_paper_s_fusion_apply_and_timm_names_default_to_size():
@@ -164,3 +177,43 @@ def test_autocast_and_bf16_weights_run_with_the_size_bias(family):
         with torch.autocast('cpu', dtype=torch.bfloat16):
             assert torch.isfinite(model(x)).all()
         assert torch.isfinite(model.to(torch.bfloat16)(x.bfloat16())).all()
+
+
+@pytest.mark.parametrize('dtype,sharpen', [(torch.float32, 60.), (torch.float16, 8.), (torch.bfloat16, 60.)],
+                         ids=['fp32-peaky', 'fp16', 'bf16'])
+def test_size_aware_fusion_stays_finite_where_the_dropped_attention_underflows(dtype, sharpen, monkeypatch):
+    # docs/design.md, "A fused token that keeps its size": the fused token is a mean over the dropped
+    # tokens' scores; where every one of them underflowed to 0 (peaky attention, half precision) it is
+    # the mean over the patches they carry, never 0 / 0 (NaN logits before)
+    import timm_evit.reorg as reorg
+    underflowed = []
+    normalise = reorg._weighted_mean_weights
+
+    def spy(weights, *args):
+        underflowed.append(bool((weights.sum(dim=1) == 0).any()))
+        return normalise(weights, *args)
+    monkeypatch.setattr(reorg, '_weighted_mean_weights', spy)
+    _, model = converted('deit', 0.5, True, fusion='size')
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.weight[:2 * blk.attn.qkv.in_features].mul_(sharpen)   # queries and keys
+    model = model.to(dtype)
+    with torch.no_grad():
+        assert torch.isfinite(model(images(FAMILIES['deit'].size).to(dtype))).all()
+    assert any(underflowed)   # the case is reached: every dropped score of some image is 0
+
+
+def test_a_fused_token_whose_scores_all_underflowed_is_the_mean_of_its_patches():
+    from timm_evit.reorg import keep_and_fuse
+    x = torch.randn(2, 1 + 5, 4)
+    score = torch.tensor([[0.9, 0.1, 0., 0., 0.], [0.6, 0.4, 0., 0., 0.]])   # tokens 2..4 scored 0
+    sizes = torch.tensor([[1., 1., 1., 3., 1.], [1., 1., 2., 1., 1.]])
+    kept = torch.tensor([[0, 1], [0, 1]])
+    out = keep_and_fuse(x, score, kept, True, 1, weighted_mean=True, token_weights=sizes)
+    for b in range(2):
+        by_hand = sum(sizes[b, j] * x[b, 1 + j] for j in (2, 3, 4)) / sizes[b, 2:].sum()
+        torch.testing.assert_close(out[b, -1], by_hand)
+    # where the dropped scores do not sum to 0, the mean is by score, as before
+    score[:, 2] = 1e-3
+    out = keep_and_fuse(x, score, kept, True, 1, weighted_mean=True, token_weights=sizes)
+    torch.testing.assert_close(out[:, -1], x[:, 3])

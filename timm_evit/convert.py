@@ -10,7 +10,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from .evit_deit import VisionTransformerDistilledEViT, VisionTransformerEViT
 from .evit_eva import EvaEViT
 from .layers import EVA_ATTENTION_CLASSES, EViTBlock, EViTEvaBlock
-from .mechanism import EViTMixin
+from .mechanism import EViTBlocks, EViTMixin
 from .options import APPLY_FUSION, EViTOptions, KeepRate
 
 __all__ = ['apply', 'refusal', 'EVIT_CLASSES']
@@ -105,13 +105,17 @@ def apply(
     timm_cls = type(model)
     block_cls, evit_block_cls, _ = _BLOCK_STEPS[timm_cls]
     blocks = list(model.blocks)
+    container_cls = type(model.blocks)
     model.__class__ = EVIT_CLASSES[timm_cls]
     for blk in blocks:
         blk.__class__ = evit_block_cls
+    if container_cls is nn.Sequential:   # (Eva's blocks are a ModuleList, which is not called)
+        model.blocks.__class__ = EViTBlocks
     try:
-        model._init_evit(options)
+        model._init_evit(options)   # checks everything before it changes anything
     except (TypeError, ValueError):
         model.__class__ = timm_cls   # as it was
+        model.blocks.__class__ = container_cls
         for blk in blocks:
             blk.__class__ = block_cls
         raise

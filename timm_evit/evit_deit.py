@@ -13,7 +13,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 
 from .checkpoints import ALLOWED_PICKLE_GLOBALS
 from .layers import EViTBlock
-from .mechanism import EViTMixin, default_reorg_layers
+from .mechanism import EViTBlocks, EViTMixin, default_reorg_layers
 from .options import EViTOptions, KeepRate, resolve_score
 from .release import HUB_NAMESPACE, release_weights_published
 
@@ -79,6 +79,7 @@ class VisionTransformerEViT(EViTMixin, VisionTransformer):
         options.checked(kwargs.get('depth', 12))
         resolve_score(options.score, kwargs.get('class_token', True), kwargs.get('global_pool') == 'map')
         super().__init__(block_fn=EViTBlock, **kwargs)
+        self.blocks.__class__ = EViTBlocks   # same modules; its call carries the token state (model.blocks(x))
         self._init_evit(options)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -133,12 +133,26 @@ class VisionTransformerEViTLVViT(VisionTransformerEViT):
     ) -> torch.Tensor:
         """``head(cls) + 0.5 * max aux_head(patch tokens)``; ``pre_logits`` gives the class token's features.
 
-        ``token_patch_ids`` (from ``forward_features(x, return_token_patch_ids=True)``) marks the
-        fused tokens to leave out of the max; without it every non-class token takes part.
+        Fused tokens and padding are left out of the max: ``token_patch_ids`` (from
+        ``forward_features(x, return_token_patch_ids=True)``) marks them (-1, -2); without them, the
+        ids of ``x`` where it is what ``forward_features`` returned; where neither is known and the
+        model's budgets fuse or pad, a ValueError says so.
         """
+        if token_patch_ids is None:
+            token_trace = self._token_state_for_head(x, pre_logits)
+            token_patch_ids = None if token_trace is None else token_trace.token_patch_ids
+        return self._head_with_ids(x, pre_logits, token_patch_ids)
+
+    def _head_reads_token_state(self, pre_logits: bool) -> bool:
+        budgets = self._budgets()
+        aux_reads_ids = not pre_logits and self.num_classes > 0 and any(b.reorganises for b in budgets) and (
+            self.fuse_token or any(b.keep_mass is not None for b in budgets))
+        return aux_reads_ids or super()._head_reads_token_state(pre_logits)
+
+    def _head_with_ids(self, x: torch.Tensor, pre_logits: bool, token_patch_ids: Optional[torch.Tensor]) -> torch.Tensor:
         if pre_logits or self.num_classes == 0:
-            return super().forward_head(x, pre_logits=pre_logits)
-        cls_logits = super().forward_head(x)
+            return super()._head(x, pre_logits, None)
+        cls_logits = super()._head(x, False, None)
         aux = self.aux_head(x[:, self.num_prefix_tokens:])
         if token_patch_ids is not None:
             aux = aux.masked_fill((token_patch_ids < 0).unsqueeze(-1), float('-inf'))
@@ -157,13 +171,10 @@ class VisionTransformerEViTLVViT(VisionTransformerEViT):
             keep_mass: Optional[KeepRate] = None,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Tokens after the final norm; with ``return_token_patch_ids`` also ``[B, n]`` patch ids
-        (-1: fused, -2: padding)."""
-        x, _ = self._entering_tokens(x)
-        rates, masses = self._budgets_for_call(keep_rate, keep_mass)
-        self._advance_warmup()
-        x, trace, _ = self._block_loop(x, rates, masses, attn_mask, is_causal, trace=return_token_patch_ids)
-        x = self.norm(x)
-        return (x, trace.token_patch_ids) if return_token_patch_ids else x
+        (-1: fused, -2: padding). ``forward_head`` of exactly these tokens leaves out what it should."""
+        x, token_trace = self._features(x, attn_mask, is_causal, keep_rate, keep_mass, trace=True)
+        self._remember(x, token_trace)
+        return (x, token_trace.token_patch_ids) if return_token_patch_ids else x
 
     def forward(
             self,
@@ -177,9 +188,8 @@ class VisionTransformerEViTLVViT(VisionTransformerEViT):
             if attn_mask is not None or is_causal:
                 raise ValueError('attn_mask / is_causal are not supported with dense_output=True training')
             return self._forward_dense(x, keep_rate, keep_mass)
-        x, token_patch_ids = self.forward_features(x, attn_mask=attn_mask, is_causal=is_causal, keep_rate=keep_rate,
-                                                   return_token_patch_ids=True, keep_mass=keep_mass)
-        return self.forward_head(x, token_patch_ids=token_patch_ids)
+        x, token_trace = self._features(x, attn_mask, is_causal, keep_rate, keep_mass, trace=True)
+        return self._head_with_ids(x, False, token_trace.token_patch_ids)
 
     def _forward_dense(self, x: torch.Tensor, keep_rate: Optional[KeepRate], keep_mass: Optional[KeepRate] = None):
         grid_h, grid_w = self.patch_embed.dynamic_feat_size(x.shape[-2:])
@@ -187,12 +197,12 @@ class VisionTransformerEViTLVViT(VisionTransformerEViT):
         bbox = (0, 0, 0, 0)
         if self.mix_token:
             tokens, bbox = _mix_tokens(tokens, grid_h, grid_w)
-        rates, masses = self._budgets_for_call(keep_rate, keep_mass)
+        budgets = self._budgets_for_call(keep_rate, keep_mass)
         self._advance_warmup()
         # every patch traced to the token that carries it, to put the aux logits back on the grid
-        tokens, trace, _ = self._block_loop(tokens, rates, masses, trace_patches=True)
+        tokens, trace, _ = self._block_loop(tokens, budgets, trace_patches=True)
         tokens = self.norm(tokens)
-        cls_logits = super().forward_head(tokens)
+        cls_logits = super()._head(tokens, False, None)
         aux = tokens_to_patch_grid(self.aux_head(tokens[:, self.num_prefix_tokens:]), trace.patch_token_index)
         if self.mix_token:
             aux = _unmix_grid(aux, bbox, grid_h, grid_w)

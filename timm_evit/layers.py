@@ -17,6 +17,7 @@ except ImportError:  # a timm without it has no Eva that uses it
     AttentionRope = None
 
 from . import opaque
+from .options import KEEP_ALL, Budget, budgets_per_block
 from .reorg import class_attention, head_averaged_class_row, mean_received_row, pool_attention, size_key_bias
 
 __all__ = [
@@ -33,15 +34,16 @@ def _attend_with_score(
         gate: Optional[torch.Tensor],
         num_prefix_tokens: int,
         score: Optional[str],
-        token_sizes: Optional[torch.Tensor] = None,
+        token_weights: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The end both timm attention modules share, from ``q, k, v`` ``[B, H, N, D]`` on: attention,
     heads joined, scale norm, gate, projection; also the block's ``score`` of the non-prefix tokens,
     ``[B, N - P]`` (``'class'``: the head-averaged class row; ``'mean'``: the attention each token
     receives; ``'pool'`` is not the attention's, and None asks for none: None).
 
-    ``token_sizes`` ``[B, N - P]`` (size-aware fusion, after a reorganisation): every query attends
-    to a token of size ``s`` with ``+ log(s)`` on its logit, in the attention and in the score, and
+    ``token_weights`` ``[B, N - P]`` (after a reorganisation: what each token counts for, its size
+    under size-aware fusion, 0 for padding; ``TokenTrace.token_weights``): every query attends to
+    a token of weight ``s`` with ``+ log(s)`` on its logit, in the attention and in the score, and
     ``'mean'`` counts it as ``s`` queries.
 
     Fused / unfused as the module says: the unfused path reads the score from the attention it
@@ -50,10 +52,10 @@ def _attend_with_score(
     mask ``[B, 1, 1, N]``, broadcast over heads and queries.
     """
     token_score, key_bias, query_weights = None, None, None
-    if token_sizes is not None:
-        key_bias = size_key_bias(token_sizes, num_prefix_tokens, q.dtype)
+    if token_weights is not None:
+        key_bias = size_key_bias(token_weights, num_prefix_tokens, q.dtype)
         if score == 'mean':
-            query_weights = F.pad(token_sizes, (num_prefix_tokens, 0), value=1.)
+            query_weights = F.pad(token_weights, (num_prefix_tokens, 0), value=1.)
     if attn.fused_attn:
         if score == 'class':
             token_score = class_attention(q, k, attn.scale, num_prefix_tokens, key_bias)
@@ -83,12 +85,12 @@ def attention_with_class_attention(
         x: torch.Tensor,
         num_prefix_tokens: int = 1,
         score: Optional[str] = 'class',
-        token_sizes: Optional[torch.Tensor] = None,
+        token_weights: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """timm ``Attention`` forward that also returns the ``score`` of the ``N - P`` non-prefix
     tokens, ``[B, N - P]``: the head-averaged class attention (``'class'``), the attention each
     receives (``'mean'``), or None (``'pool'``, which the block computes from its tokens, or None).
-    ``token_sizes``: size-aware attention (``_attend_with_score``).
+    ``token_weights``: weighted attention (``_attend_with_score``).
 
     Runs the module's own layers (qkv, q/k norms, scale norm, gate, proj, dropouts) in the order of
     timm's ``Attention.forward``, so its output is that forward's (a test compares them), on the
@@ -101,7 +103,7 @@ def attention_with_class_attention(
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
 
-    return _attend_with_score(attn, q, k, v, gate, num_prefix_tokens, score, token_sizes)
+    return _attend_with_score(attn, q, k, v, gate, num_prefix_tokens, score, token_weights)
 
 
 class PoolScore:
@@ -109,36 +111,50 @@ class PoolScore:
     the pool's own query (``latent`` through ``q`` and ``q_norm``) against a block's tokens, keyed as
     the pool would key them after the model's final ``norm`` (``kv``'s key half, ``k_norm``).
 
-    Not a module: the blocks hold it beside their own modules, and it holds the model's ``norm``
-    and pool, so nothing is registered twice (the state dict stays timm's)."""
+    It looks up the model's pool and norm at every call (``model._score_modules()``), so a pool or
+    norm the user replaces is the one that ranks. Only the latents the pool's output keeps are
+    read: the first where timm's pool returns its first latent (``pool_type='token'``), all of them
+    where it averages them. Not a module: the blocks hold it, it holds the model, and nothing is
+    registered twice (the state dict stays timm's); copies and pickles follow the model."""
 
-    def __init__(self, pool: torch.nn.Module, norm: torch.nn.Module, num_prefix_tokens: int) -> None:
-        self.pool, self.norm, self.num_prefix_tokens = pool, norm, num_prefix_tokens
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
 
-    def __call__(self, x: torch.Tensor, token_sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
-        pool = self.pool
+    def __call__(self, x: torch.Tensor, token_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        pool, norm = self.model._score_modules()
+        num_prefix_tokens = self.model.num_prefix_tokens
         B, N, _ = x.shape
         width = pool.num_heads * pool.head_dim
-        q = pool.q(pool.latent).reshape(1, pool.latent_len, pool.num_heads, pool.head_dim).transpose(1, 2)
+        latent = pool.latent[:, :1] if pool.pool == 'token' else pool.latent
+        q = pool.q(latent).reshape(1, latent.shape[1], pool.num_heads, pool.head_dim).transpose(1, 2)
         kv_bias = None if pool.kv.bias is None else pool.kv.bias[:width]
-        k = F.linear(self.norm(x), pool.kv.weight[:width], kv_bias)    # the key half of the pool's kv only
+        k = F.linear(norm(x), pool.kv.weight[:width], kv_bias)    # the key half of the pool's kv only
         k = k.reshape(B, N, pool.num_heads, pool.head_dim).transpose(1, 2)
-        key_bias = None if token_sizes is None else size_key_bias(token_sizes, self.num_prefix_tokens, k.dtype)
-        return pool_attention(pool.q_norm(q), pool.k_norm(k), pool.scale, self.num_prefix_tokens, key_bias)
+        key_bias = None if token_weights is None else size_key_bias(token_weights, num_prefix_tokens, k.dtype)
+        return pool_attention(pool.q_norm(q), pool.k_norm(k), pool.scale, num_prefix_tokens, key_bias)
 
 
 class _ReorganisingStep:
     """What EViT's two block types share (docs/design.md, "Layers and file ownership"): the state the
-    model sets, and the choice per call between timm's own forward (keep rate 1.0) and the block's
-    reorganising step, which each block writes out after the timm block it follows."""
+    model sets, and the choice per call between timm's own forward (a budget that keeps every
+    token, no token weights) and the block's reorganising step, which each block writes out after
+    the timm block it follows."""
 
-    keep_rate: float = 1.0
-    keep_mass: Optional[float] = None       # per-image budgets in place of keep_rate (docs/design.md)
+    budget: Budget = KEEP_ALL               # set by the model (set_keep_rate, set_keep_mass)
     fuse_token: bool = True
     fusion: str = 'paper'                   # options.FUSIONS
     num_prefix_tokens: int = 1
     score: str = 'class'                    # what ranks the tokens (options.SCORES)
     pool_score: Optional[PoolScore] = None  # for score 'pool'
+
+    @property
+    def keep_rate(self) -> Optional[float]:
+        """The block's keep rate (1.0: keeps every token; None while a keep mass sets the counts)."""
+        return self.budget.keep_rate
+
+    @property
+    def keep_mass(self) -> Optional[float]:
+        return self.budget.keep_mass
 
     def _budget(
             self,
@@ -146,22 +162,19 @@ class _ReorganisingStep:
             keep_mass: Optional[float],
             attn_mask: Optional[torch.Tensor],
             is_causal: bool,
-    ) -> Tuple[float, Optional[float]]:
-        """This call's keep rate and keep mass: those given (one of them), else the block's own."""
-        if keep_rate is not None and keep_mass is not None:
-            raise ValueError(f'give keep_rate or keep_mass, not both (got {keep_rate!r} and {keep_mass!r})')
-        if keep_rate is None and keep_mass is None:
-            keep_rate, keep_mass = self.keep_rate, self.keep_mass
-        rate = 1.0 if keep_rate is None else keep_rate
-        if (rate < 1.0 or keep_mass is not None) and (attn_mask is not None or is_causal):
+    ) -> Budget:
+        """This call's budget: the one given (``keep_rate`` or ``keep_mass``), else the block's own."""
+        given = budgets_per_block(keep_rate, keep_mass, 1)
+        budget = self.budget if given is None else given[0]
+        if budget.reorganises and (attn_mask is not None or is_causal):
             # A mask is laid out for the tokens before this block; the reorganised ones have no place in it.
             raise ValueError('attn_mask / is_causal cannot be used in a block that reorganises tokens '
-                             f'(keep_rate {rate}, keep_mass {keep_mass}); use keep_rate=1.0 for masked attention')
-        return rate, keep_mass
+                             f'({_budget_words(budget)}); use keep_rate=1.0 for masked attention')
+        return budget
 
-    def _score_at(self, rate: float, mass: Optional[float]) -> Optional[str]:
+    def _score_at(self, budget: Budget) -> Optional[str]:
         # what the attention core computes beside the attention: no score where no token is dropped
-        return self.score if rate < 1.0 or mass is not None else None
+        return self.score if budget.reorganises else None
 
     def _kept_all(self, x: torch.Tensor, kept_indices: Optional[List[torch.Tensor]]) -> torch.Tensor:
         # a block that keeps every token reports the identity (callers need no branch)
@@ -174,42 +187,43 @@ class _ReorganisingStep:
             self,
             x: torch.Tensor,
             score: Optional[torch.Tensor],
-            rate: float,
-            mass: Optional[float],
+            budget: Budget,
             kept_indices: Optional[List[torch.Tensor]],
-            token_sizes: Optional[torch.Tensor],
+            token_weights: Optional[torch.Tensor],
     ) -> torch.Tensor:
-        if rate >= 1.0 and mass is None:   # a block that only carries sizes (or padding) keeps every token
+        if not budget.reorganises:   # a block that only carries token weights keeps every token
             return self._kept_all(x, kept_indices)
         if score is None:   # 'pool': from the tokens after the attention residual
-            score = self.pool_score(x, token_sizes)
-        weighted_mean = self.fusion == 'size'
-        if mass is None:
-            x, kept_idx = opaque.reorganize_at_rate(
-                x, score, rate, self.fuse_token, self.num_prefix_tokens, weighted_mean=weighted_mean)
-        else:
-            x, kept_idx = opaque.reorganize_by_mass(
-                x, score, mass, self.fuse_token, self.num_prefix_tokens, weighted_mean, token_sizes)
+            score = self.pool_score(x, token_weights)
+        x, kept_idx = opaque.reorganize(
+            x, score, budget.keep_rate, budget.keep_mass, self.fuse_token, self.num_prefix_tokens,
+            self.fusion == 'size', token_weights)
         if kept_indices is not None:
             kept_indices.append(kept_idx)
         return x
+
+
+def _budget_words(budget: Budget) -> str:
+    return f'keep_mass {budget.keep_mass}' if budget.keep_mass is not None else f'keep_rate {budget.keep_rate}'
 
 
 class EViTBlock(_ReorganisingStep, Block):
     """timm ``Block`` that can reorganise its tokens between attention and MLP.
 
     Same parameters, state-dict keys and output as ``Block`` (a tensor ``[B, N_out, C]``, so forward
-    hooks and ``model.blocks(x)`` work as on timm's blocks). ``keep_rate`` and ``fuse_token`` are
-    set by the model (``set_keep_rate``), as is ``num_prefix_tokens`` (class, distillation and
-    register tokens, never reorganised); at ``keep_rate`` 1.0 the block is timm's ``Block.forward``.
+    hooks and ``model.blocks(x)`` work as on timm's blocks). Its ``budget`` (read as ``keep_rate`` /
+    ``keep_mass``) and ``fuse_token`` are set by the model (``set_keep_rate``, ``set_keep_mass``), as
+    is ``num_prefix_tokens`` (class, distillation and register tokens, never reorganised); with a
+    budget that keeps every token and no token weights the block is timm's ``Block.forward``.
 
     ``forward`` also takes ``keep_rate`` for one call, and ``kept_indices``: a list to which the
     block appends the indices ``[B, num_keep]`` of the non-prefix tokens it kept, in their new order
     (the identity when it kept them all). Models use it to trace tokens back to their patches.
-    ``token_sizes`` ``[B, n]``: the sizes of the non-prefix tokens after a size-aware fusion (their
-    ``log`` biases every attention to them; 0 is padding, hidden from every attention); None: every
-    token has size 1. ``keep_mass`` in place of ``keep_rate``: each image's own count
-    (``reorg.reorganize_by_mass``).
+    ``token_weights`` ``[B, n]``: what each non-prefix token counts for after a reorganisation
+    (``TokenTrace.token_weights``: its size under size-aware fusion; 0 is padding, hidden from every
+    attention; their ``log`` biases every attention to them); None: each counts once. ``keep_mass``
+    in place of ``keep_rate``: each image's own count (``reorg.reorganize``). The model's block loop
+    carries the weights from block to block; so does ``model.blocks(x)`` (``EViTBlocks``).
     """
 
     def forward(
@@ -219,17 +233,17 @@ class EViTBlock(_ReorganisingStep, Block):
             is_causal: bool = False,
             keep_rate: Optional[float] = None,
             kept_indices: Optional[List[torch.Tensor]] = None,
-            token_sizes: Optional[torch.Tensor] = None,
+            token_weights: Optional[torch.Tensor] = None,
             keep_mass: Optional[float] = None,
     ) -> torch.Tensor:
-        rate, mass = self._budget(keep_rate, keep_mass, attn_mask, is_causal)
-        if rate >= 1.0 and mass is None and token_sizes is None:
+        budget = self._budget(keep_rate, keep_mass, attn_mask, is_causal)
+        if not budget.reorganises and token_weights is None:
             return self._kept_all(super().forward(x, attn_mask=attn_mask, is_causal=is_causal), kept_indices)
-        # Block.forward with the size bias, and the reorganisation between its two residual branches
+        # Block.forward with the token weights' bias, and the reorganisation between its two residual branches
         attn_out, score = attention_with_class_attention(
-            self.attn, self.norm1(x), self.num_prefix_tokens, self._score_at(rate, mass), token_sizes)
+            self.attn, self.norm1(x), self.num_prefix_tokens, self._score_at(budget), token_weights)
         x = x + self.drop_path1(self.ls1(attn_out))
-        x = self._reorganise(x, score, rate, mass, kept_indices, token_sizes)
+        x = self._reorganise(x, score, budget, kept_indices, token_weights)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -267,11 +281,11 @@ def rope_attention_with_class_attention(
         rope: Optional[torch.Tensor],
         num_prefix_tokens: int = 1,
         score: Optional[str] = 'class',
-        token_sizes: Optional[torch.Tensor] = None,
+        token_weights: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """timm ``EvaAttention`` / ``AttentionRope`` forward that also returns the ``score`` of the
     ``N - P`` non-prefix tokens, ``[B, N - P]`` (as ``attention_with_class_attention``, with its
-    ``token_sizes``).
+    ``token_weights``).
 
     Runs the module's own layers in the order of its forward (projections, q/k norms, rotary
     embedding of the non-prefix queries and keys with timm's ``apply_rot_embed_cat``, grouped k/v
@@ -293,7 +307,7 @@ def rope_attention_with_class_attention(
         k = k.repeat_interleave(num_kv_groups, dim=1)
         v = v.repeat_interleave(num_kv_groups, dim=1)
 
-    return _attend_with_score(attn, q, k, v, gate, num_prefix_tokens, score, token_sizes)
+    return _attend_with_score(attn, q, k, v, gate, num_prefix_tokens, score, token_weights)
 
 
 class EViTEvaBlock(_ReorganisingStep, EvaBlock):
@@ -315,20 +329,20 @@ class EViTEvaBlock(_ReorganisingStep, EvaBlock):
             is_causal: bool = False,
             keep_rate: Optional[float] = None,
             kept_indices: Optional[List[torch.Tensor]] = None,
-            token_sizes: Optional[torch.Tensor] = None,
+            token_weights: Optional[torch.Tensor] = None,
             keep_mass: Optional[float] = None,
     ) -> torch.Tensor:
-        rate, mass = self._budget(keep_rate, keep_mass, attn_mask, is_causal)
-        if rate >= 1.0 and mass is None and token_sizes is None:
+        budget = self._budget(keep_rate, keep_mass, attn_mask, is_causal)
+        if not budget.reorganises and token_weights is None:
             x = super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
             return self._kept_all(x, kept_indices)
-        # EvaBlock.forward with the size bias, and the reorganisation between its two residual branches
+        # EvaBlock.forward with the token weights' bias, and the reorganisation between its two residual branches
         attn_out, score = rope_attention_with_class_attention(
-            self.attn, self.norm1(x), rope, self.num_prefix_tokens, self._score_at(rate, mass), token_sizes)
+            self.attn, self.norm1(x), rope, self.num_prefix_tokens, self._score_at(budget), token_weights)
         if self.gamma_1 is not None:
             attn_out = self.gamma_1 * attn_out
         x = x + self.drop_path1(attn_out)
-        x = self._reorganise(x, score, rate, mass, kept_indices, token_sizes)
+        x = self._reorganise(x, score, budget, kept_indices, token_weights)
         mlp_out = self.mlp(self.norm2(x))
         if self.gamma_2 is not None:
             mlp_out = self.gamma_2 * mlp_out

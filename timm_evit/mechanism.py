@@ -8,8 +8,9 @@ takes ``keep_rate`` and ``kept_indices`` (``EViTBlock``, ``EViTEvaBlock``). Its 
 (``schedule.KeepRateWarmup``), token tracing (``tracing.TokenTrace``), the functions FX keeps whole
 (``opaque``).
 """
+import weakref
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -20,14 +21,114 @@ from timm.models._features import feature_take_indices
 from . import opaque
 from .layers import PoolScore
 from .options import (
-    EViTOptions, KeepRate, check_fuse_token, check_fusion, check_keep_mass, check_keep_rate, default_reorg_layers,
-    resolve_score,
+    KEEP_ALL, Budget, EViTOptions, KeepRate, budgets_per_block, check_fuse_token, check_fusion, default_reorg_layers,
+    mass_budgets, rate_budgets, resolve_score,
 )
 from .reorg import size_key_bias, size_weighted_pool, tokens_to_patch_grid
 from .schedule import KeepRateWarmup
-from .tracing import TokenTrace
+from .tracing import TokenTrace, token_weights_from_sizes
 
-__all__ = ['EViTMixin', 'default_reorg_layers']
+__all__ = ['EViTMixin', 'EViTBlocks', 'run_blocks', 'default_reorg_layers']
+
+
+def run_blocks(
+        blocks: Sequence[nn.Module],
+        x: torch.Tensor,
+        budgets: Sequence[Budget],
+        num_prefix_tokens: int,
+        size_aware: bool,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+        rope: Optional[torch.Tensor] = None,
+        rope_per_block: bool = False,
+        trace: bool = False,
+        trace_patches: bool = False,
+        take_indices: Sequence[int] = (),
+        call: Optional[Callable[..., torch.Tensor]] = None,
+) -> Tuple[torch.Tensor, Optional[TokenTrace], List[Tuple[torch.Tensor, TokenTrace]]]:
+    """The one block loop (docs/design.md, "One token state"): ``blocks`` at their ``budgets`` (one
+    per block), the token state carried from block to block.
+
+    Once a block has reorganised, the ``TokenTrace`` holds every token's patch and size (0: padding
+    of per-image budgets in a batch), and every later block gets the token weights it implies
+    (``TokenTrace.token_weights``). With ``rope`` (timm's rotary embedding of the entering tokens;
+    ``[depth, ...]`` with ``rope_per_block``), each block gets the rows of the tokens that remain:
+    every kept token its patch's rotation, a fused token none. ``call(blk, x, **kwargs)`` runs a
+    block (gradient checkpointing); default ``blk(x, **kwargs)``, so hooks see every block.
+
+    Returns the tokens, their ``TokenTrace`` (None where nothing asked for one and nothing needed
+    it; its ``patch_token_index`` only with ``trace_patches`` or ``take_indices``), and for each
+    block in ``take_indices`` its tokens and trace.
+    """
+    opaque.check_attention_mask(attn_mask, is_causal, any(b.reorganises for b in budgets))
+    take_indices = list(take_indices)
+    adaptive = any(b.keep_mass is not None for b in budgets)
+    token_trace = None
+    if trace or trace_patches or take_indices or rope is not None or size_aware or adaptive:
+        token_trace = TokenTrace.start(x, num_prefix_tokens, trace_patches or bool(take_indices),
+                                       with_sizes=size_aware or adaptive or bool(take_indices))
+    # one image alone is never padded (under FX tracing the batch size is unknown: padded)
+    batch = x.shape[0]
+    alone = isinstance(batch, int) and batch == 1
+    reorganised, block_rope, taken = False, rope, []
+    for i, (blk, budget) in enumerate(zip(blocks, budgets)):
+        if rope_per_block:
+            block_rope = rope[i]
+            if reorganised:
+                block_rope = opaque.rotary_rows_for_tokens(block_rope, token_trace.token_patch_ids)
+        kept_indices = [] if budget.reorganises else None
+        kwargs = dict(keep_rate=budget.keep_rate) if budget.keep_mass is None else dict(keep_mass=budget.keep_mass)
+        kwargs.update(kept_indices=kept_indices)
+        if block_rope is not None:
+            kwargs.update(rope=block_rope)
+        weights = None if token_trace is None else token_trace.token_weights(size_aware)
+        if weights is not None:
+            kwargs.update(token_weights=weights)
+        if not budget.reorganises and (attn_mask is not None or is_causal):
+            # (check_attention_mask has made sure that no mask meets a reorganising block; under
+            # FX tracing both are placeholders, passed on to the plain blocks as timm does)
+            kwargs.update(attn_mask=attn_mask, is_causal=is_causal)
+        x = blk(x, **kwargs) if call is None else call(blk, x, **kwargs)
+        if kept_indices and token_trace is not None:
+            kept_idx = kept_indices[0]
+            fused = x.shape[1] - num_prefix_tokens > kept_idx.shape[1]   # the block appended a fused slot
+            token_trace = token_trace.after(kept_idx, fused, may_pad=budget.keep_mass is not None and not alone)
+            # before any reorganisation, timm's own rope goes to the blocks (keep_rate 1.0 is timm's model)
+            reorganised = True
+            if rope is not None and not rope_per_block:
+                block_rope = opaque.rotary_rows_for_tokens(rope, token_trace.token_patch_ids)
+        if i in take_indices:
+            taken.append((x, token_trace))
+    return x, token_trace, taken
+
+
+class EViTBlocks(nn.Sequential):
+    """A ViT's ``blocks`` (timm's ``nn.Sequential`` of ``EViTBlock``) whose call carries the token
+    state from block to block as the model does (``run_blocks``, at the blocks' own budgets): with
+    size-aware fusion or per-image budgets, ``model.norm(model.blocks(tokens))`` is
+    ``forward_features``. Same modules and state-dict keys as timm's ``nn.Sequential``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = list(self)
+        if not blocks:
+            return x
+        first = blocks[0]
+        size_aware = first.fusion == 'size' and first.fuse_token
+        return run_blocks(blocks, x, [blk.budget for blk in blocks], first.num_prefix_tokens, size_aware)[0]
+
+
+# The token state each model's last forward_features left, keyed weakly by the model and held
+# beside a weak reference to the tensor it returned: forward_head finds the state of exactly that
+# tensor (docs/design.md, "One token state"). Off the model, so copies and pickles never hold it.
+_FEATURES_STATE: 'weakref.WeakKeyDictionary[nn.Module, Tuple[weakref.ref, Optional[TokenTrace]]]' = \
+    weakref.WeakKeyDictionary()
+
+
+def _tracing() -> bool:
+    # (FX's symbolic trace, torch.export, torch.compile: a graph has no place for the remembered state)
+    fx = torch.fx._symbolic_trace
+    symbolic = getattr(fx, 'is_fx_symbolic_tracing', fx.is_fx_tracing)
+    return symbolic() or torch.compiler.is_compiling()
 
 
 class EViTMixin(KeepRateWarmup):
@@ -40,18 +141,21 @@ class EViTMixin(KeepRateWarmup):
     """
 
     def _init_evit(self, options: EViTOptions) -> None:
-        """EViT's state on a built model whose blocks are EViTBlocks (from __init__, or from ``apply``)."""
+        """EViT's state on a built model whose blocks are EViTBlocks (from __init__, or from ``apply``).
+        Every argument is checked against the model before anything changes: a refusal leaves the
+        model as it was."""
         options = options.checked(len(self.blocks))
+        score = resolve_score(options.score, self.cls_token is not None, self._pool_for_score() is not None)
+        self._check_fusion_fits(options.fusion)
         for blk in self.blocks:
             blk.num_prefix_tokens = self.num_prefix_tokens
-            blk.keep_rate = 1.0
+            blk.budget = KEEP_ALL
         self.reorg_layers = options.reorg_layers
         self.fuse_token = options.fuse_token
         self.fusion = options.fusion
-        self.score = options.score
-        self.set_keep_rate(options.keep_rate)
+        self.score = score
         self._init_warmup(options.keep_rate_warmup_start, options.keep_rate_warmup_steps, self._place()['device'])
-        self.set_keep_mass(options.keep_mass)
+        self._set_budgets(options.budgets())
 
     def _place(self) -> Dict[str, Any]:
         """The device and dtype of the model's weights (a class token is not always there)."""
@@ -65,13 +169,22 @@ class EViTMixin(KeepRateWarmup):
             'and cannot follow the data-dependent token counts of EViT); to deploy, use torch.export.export(model, '
             '(images,)) or export to ONNX (torch.onnx.export(model, (images,), dynamo=True))')
 
+    def _budgets(self) -> Tuple[Budget, ...]:
+        """The budget of each reorganising block (held by the blocks themselves)."""
+        return tuple(self.blocks[layer].budget for layer in self.reorg_layers)
+
+    def _set_budgets(self, budgets: Sequence[Budget]) -> None:
+        for layer, budget in zip(self.reorg_layers, budgets):
+            self.blocks[layer].budget = budget
+
     @property
     def keep_rate(self) -> Optional[Tuple[float, ...]]:
         """Keep rate of each reorganising block (held by the blocks themselves); None while
         ``keep_mass`` sets each image's count instead."""
-        if self.keep_mass is not None:
+        budgets = self._budgets()
+        if any(b.keep_mass is not None for b in budgets):
             return None
-        return tuple(self.blocks[layer].keep_rate for layer in self.reorg_layers)
+        return tuple(b.keep_rate for b in budgets)
 
     @keep_rate.setter
     def keep_rate(self, keep_rate: KeepRate) -> None:
@@ -81,7 +194,7 @@ class EViTMixin(KeepRateWarmup):
     def keep_mass(self) -> Optional[Tuple[float, ...]]:
         """Keep mass of each reorganising block (docs/design.md, "Per-image token budgets"); None:
         the keep rate fixes every image's count."""
-        masses = tuple(self.blocks[layer].keep_mass for layer in self.reorg_layers)
+        masses = tuple(b.keep_mass for b in self._budgets())
         return masses if masses and masses[0] is not None else None
 
     @keep_mass.setter
@@ -96,10 +209,8 @@ class EViTMixin(KeepRateWarmup):
 
     @score.setter
     def score(self, score: Optional[str]) -> None:
-        pool = self._pool_for_score()
-        self._score = resolve_score(score, self.cls_token is not None, pool is not None)
-        norm = getattr(self, 'score_norm', self.norm)   # (see prune_intermediate_layers)
-        pool_score = PoolScore(pool, norm, self.num_prefix_tokens) if self._score == 'pool' else None
+        self._score = resolve_score(score, self.cls_token is not None, self._pool_for_score() is not None)
+        pool_score = PoolScore(self) if self._score == 'pool' else None
         for blk in self.blocks:
             blk.score, blk.pool_score = self._score, pool_score
 
@@ -112,6 +223,15 @@ class EViTMixin(KeepRateWarmup):
         if isinstance(pool, AttentionPoolLatent) and pool.pos_embed is None:
             return pool
         return None
+
+    def _score_modules(self) -> Tuple[nn.Module, nn.Module]:
+        """The attention pool and final norm that ``'pool'`` ranks with, as the model holds them now."""
+        pool = self._pool_for_score()
+        if pool is None:
+            raise ValueError(f"score='pool' ranks tokens with timm's attention pool (AttentionPoolLatent without a "
+                             f"position embedding), and the model's attn_pool is now {type(self.attn_pool).__name__}: "
+                             "set model.score = 'mean'")
+        return pool, getattr(self, 'score_norm', self.norm)   # (see prune_intermediate_layers)
 
     @property
     def fuse_token(self) -> bool:
@@ -132,14 +252,17 @@ class EViTMixin(KeepRateWarmup):
 
     @fusion.setter
     def fusion(self, fusion: str) -> None:
+        self._check_fusion_fits(fusion)
+        self._fusion = fusion
+        for blk in self.blocks:
+            blk.fusion = fusion
+
+    def _check_fusion_fits(self, fusion: str) -> None:
         fusion = check_fusion(fusion)
         pool = getattr(self, 'attn_pool', None)
         if fusion == 'size' and pool is not None and not isinstance(pool, AttentionPoolLatent):
             raise ValueError(f"fusion='size' weighs pooled tokens by size, which this model's {type(pool).__name__} "
                              "pool cannot: use fusion='paper'")
-        self._fusion = fusion
-        for blk in self.blocks:
-            blk.fusion = fusion
 
     @property
     def _size_aware(self) -> bool:
@@ -149,24 +272,19 @@ class EViTMixin(KeepRateWarmup):
     def set_keep_rate(self, keep_rate: KeepRate) -> None:
         """Change the keep rate (one float, or one per reorganising block); no retraining needed.
         It takes the place of a ``keep_mass``."""
-        rates = check_keep_rate(keep_rate, len(self.reorg_layers))
-        for layer, rate in zip(self.reorg_layers, rates):
-            self.blocks[layer].keep_rate = rate
-            self.blocks[layer].keep_mass = None
+        self._set_budgets(rate_budgets(keep_rate, len(self.reorg_layers)))
 
     def set_keep_mass(self, keep_mass: Optional[KeepRate]) -> None:
         """Give each image its own count (one float in (0, 1], or one per reorganising block: the
-        share of its score the kept tokens hold); it takes the place of the keep rate, which the
-        blocks keep at 1.0. None: back to a fixed keep rate, 1.0 until ``set_keep_rate``."""
-        if keep_mass is not None and self.has_keep_rate_warmup:
+        share of its score the kept tokens hold); it takes the place of the keep rate. None: back
+        to a fixed keep rate, 1.0 until ``set_keep_rate``."""
+        if keep_mass is None:
+            self._set_budgets(rate_budgets(1.0, len(self.reorg_layers)))
+            return
+        if self.has_keep_rate_warmup:
             raise ValueError('keep_mass cannot be used with the keep-rate warm-up (keep_rate_warmup_start / '
                              'keep_rate_warmup_steps), which schedules keep_rate')
-        masses = (None,) * len(self.reorg_layers) if keep_mass is None else check_keep_mass(
-            keep_mass, len(self.reorg_layers))
-        for layer, mass in zip(self.reorg_layers, masses):
-            if mass is not None:
-                self.blocks[layer].keep_rate = 1.0
-            self.blocks[layer].keep_mass = mass
+        self._set_budgets(mass_budgets(keep_mass, len(self.reorg_layers)))
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         pruning = getattr(self, '_pruning_head', False)   # timm's pruning drops the head, not the ranking
@@ -210,66 +328,30 @@ class EViTMixin(KeepRateWarmup):
             self,
             keep_rate: Optional[KeepRate],
             keep_mass: Optional[KeepRate] = None,
-    ) -> Tuple[List[float], List[Optional[float]]]:
-        """This call's keep rate and keep mass for every block (rate 1.0 and no mass: the block keeps
-        all its tokens): those given for the call (one of the two), else the model's."""
+    ) -> List[Budget]:
+        """This call's budget for every block (``KEEP_ALL`` outside ``reorg_layers``): the one given for
+        the call (``keep_rate`` or ``keep_mass``), else the warm-up's rates in training, else the model's."""
         # FX tracing (timm feature extraction) turns every forward argument into a Proxy;
         # a traced graph keeps the model's budgets, fixed at tracing time.
         keep_rate = None if isinstance(keep_rate, torch.fx.Proxy) else keep_rate
         keep_mass = None if isinstance(keep_mass, torch.fx.Proxy) else keep_mass
-        num_layers = len(self.reorg_layers)
-        if keep_rate is not None and keep_mass is not None:
-            raise ValueError(f'give keep_rate or keep_mass, not both (got keep_rate={keep_rate!r}, '
-                             f'keep_mass={keep_mass!r})')
-        if keep_rate is not None:
-            rates, masses = check_keep_rate(keep_rate, num_layers), (None,) * num_layers
-        elif keep_mass is not None:
-            rates, masses = (1.0,) * num_layers, check_keep_mass(keep_mass, num_layers)
-        elif self.keep_mass is not None:
-            rates, masses = (1.0,) * num_layers, self.keep_mass
-        elif self.training and self.has_keep_rate_warmup:
-            rates, masses = self.scheduled_keep_rate(), (None,) * num_layers
-        else:  # evaluation always uses the target keep rate
-            rates, masses = self.keep_rate, (None,) * num_layers
-        per_block_rates = [blk.keep_rate for blk in self.blocks]
-        per_block_masses = [None] * len(self.blocks)
-        for layer, rate, mass in zip(self.reorg_layers, rates, masses):
-            per_block_rates[layer], per_block_masses[layer] = rate, mass
-        return per_block_rates, per_block_masses
+        budgets = budgets_per_block(keep_rate, keep_mass, len(self.reorg_layers))
+        if budgets is None:
+            if self.training and self.has_keep_rate_warmup:
+                budgets = rate_budgets(self.scheduled_keep_rate(), len(self.reorg_layers))
+            else:   # evaluation always uses the target budget
+                budgets = self._budgets()
+        per_block = [KEEP_ALL] * len(self.blocks)
+        for layer, budget in zip(self.reorg_layers, budgets):
+            per_block[layer] = budget
+        return per_block
 
-    def _run_block(
-            self,
-            blk: nn.Module,
-            x: torch.Tensor,
-            keep_rate: float,
-            keep_mass: Optional[float] = None,
-            attn_mask: Optional[torch.Tensor] = None,
-            is_causal: bool = False,
-            rope: Optional[torch.Tensor] = None,
-            token_sizes: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Runs one block through its ``__call__`` (hooks see it); returns the tokens and the kept
-        indices, or None where the block keeps every token at this rate (and has no ``keep_mass``).
-        ``rope``: the rotary rows of the tokens entering it (RoPE families only); ``token_sizes``:
-        the weights of its tokens (``TokenTrace.attention_weights``)."""
-        reorganises = keep_rate < 1.0 or keep_mass is not None
-        kept_indices = [] if reorganises else None
-        budget = dict(keep_rate=keep_rate) if keep_mass is None else dict(keep_mass=keep_mass)
-        kwargs = dict(budget, kept_indices=kept_indices)
-        if rope is not None:
-            kwargs.update(rope=rope)
-        if token_sizes is not None:
-            kwargs.update(token_sizes=token_sizes)
-        if not reorganises and (attn_mask is not None or is_causal):
-            # (check_attention_mask has made sure that no mask meets a reorganising block; under
-            # FX tracing both are placeholders, passed on to the plain blocks as timm does)
-            kwargs.update(attn_mask=attn_mask, is_causal=is_causal)
+    def _call_block(self, blk: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        """One block through its ``__call__`` (hooks see it), checkpointed where the model says so."""
         if self.grad_checkpointing and not torch.jit.is_scripting():
             # keyword arguments bound first: reentrant checkpointing (timm's set_reentrant_ckpt) takes none
-            x = checkpoint(partial(blk, **kwargs), x)
-        else:
-            x = blk(x, **kwargs)
-        return x, (kept_indices[0] if kept_indices else None)
+            return checkpoint(partial(blk, **kwargs), x)
+        return blk(x, **kwargs)
 
     def _embed_with_rope(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Tokens entering the blocks and their rotary position embedding (None: no RoPE)."""
@@ -282,8 +364,7 @@ class EViTMixin(KeepRateWarmup):
     def _block_loop(
             self,
             x: torch.Tensor,
-            rates: Sequence[float],
-            masses: Sequence[Optional[float]],
+            budgets: Sequence[Budget],
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
             rope: Optional[torch.Tensor] = None,
@@ -292,65 +373,61 @@ class EViTMixin(KeepRateWarmup):
             take_indices: Sequence[int] = (),
             num_blocks: Optional[int] = None,
     ) -> Tuple[torch.Tensor, Optional[TokenTrace], List[Tuple[torch.Tensor, TokenTrace]]]:
-        """The one block loop: the first ``num_blocks`` blocks (default all) at their keep ``rates``
-        or, where given, keep ``masses`` (per-image counts: the trace then carries every token's
-        size, 0 for padding, and every later block gets the weights that hide the padding).
+        """``run_blocks`` over the model's first ``num_blocks`` blocks (default all) with the model's
+        prefix tokens, fusion, per-block RoPE and gradient checkpointing."""
+        blocks = self.blocks if num_blocks is None else self.blocks[:num_blocks]
+        return run_blocks(
+            blocks, x, budgets, self.num_prefix_tokens, self._size_aware, attn_mask, is_causal, rope,
+            rope_per_block=rope is not None and getattr(self, 'rope_mixed', False), trace=trace,
+            trace_patches=trace_patches, take_indices=take_indices, call=self._call_block)
 
-        With ``rope`` (timm's rotary embedding of the entering tokens; ``[depth, ...]`` where the model
-        has one per block, ``rope_mixed``), each block gets the rows of the tokens that remain: every
-        kept token its patch's rotation, a fused token none. With size-aware fusion each block gets
-        the tokens' sizes. Returns the tokens, their ``TokenTrace`` (None unless ``trace``,
-        ``trace_patches``, ``rope`` or size-aware fusion asked for one; its ``patch_token_index`` only
-        with ``trace_patches`` or ``take_indices``, its sizes with those or size-aware fusion), and for
-        each block in ``take_indices`` its tokens and trace.
-        """
-        opaque.check_attention_mask(attn_mask, is_causal, rates, masses)
-        take_indices = list(take_indices)
-        token_trace = None
-        size_aware = self._size_aware
-        adaptive = any(mass is not None for mass in masses)
-        if trace or trace_patches or take_indices or rope is not None or size_aware or adaptive:
-            token_trace = TokenTrace.start(x, self.num_prefix_tokens, trace_patches or bool(take_indices),
-                                           with_sizes=size_aware or adaptive or bool(take_indices))
-        # one image alone is never padded (under FX tracing the batch size is unknown: padded)
-        batch = x.shape[0]
-        alone = isinstance(batch, int) and batch == 1
-        rope_per_block = rope is not None and getattr(self, 'rope_mixed', False)
-        reorganised, block_rope, taken = False, rope, []
-        for i in range(len(self.blocks) if num_blocks is None else num_blocks):
-            if rope_per_block:
-                block_rope = rope[i]
-                if reorganised:
-                    block_rope = opaque.rotary_rows_for_tokens(block_rope, token_trace.token_patch_ids)
-            block_weights = None if token_trace is None else token_trace.attention_weights(size_aware)
-            x, kept_idx = self._run_block(
-                self.blocks[i], x, rates[i], masses[i], attn_mask, is_causal, block_rope, block_weights)
-            if kept_idx is not None and token_trace is not None:
-                fused = x.shape[1] - self.num_prefix_tokens > kept_idx.shape[1]   # the block appended a fused slot
-                token_trace = token_trace.after(kept_idx, fused, may_pad=masses[i] is not None and not alone)
-                # before any reorganisation, timm's own rope goes to the blocks (keep_rate 1.0 is timm's model)
-                reorganised = True
-                if rope is not None and not rope_per_block:
-                    block_rope = opaque.rotary_rows_for_tokens(rope, token_trace.token_patch_ids)
-            if i in take_indices:
-                taken.append((x, token_trace))
-        return x, token_trace, taken
-
-    def _features_and_sizes(
+    def _features(
             self,
             x: torch.Tensor,
             attn_mask: Optional[torch.Tensor],
             is_causal: bool,
             keep_rate: Optional[KeepRate],
             keep_mass: Optional[KeepRate] = None,
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``forward_features`` and the weights the head pools the remaining non-prefix tokens with
-        (``TokenTrace.attention_weights``; None: each once)."""
+            trace: bool = False,
+    ) -> Tuple[torch.Tensor, Optional[TokenTrace]]:
+        """The forward preamble every entry point shares (input check, embedding, this call's
+        budgets, the warm-up's step), the blocks, the final norm: the tokens and their state."""
         x, rope = self._entering_tokens(x)
-        rates, masses = self._budgets_for_call(keep_rate, keep_mass)
+        budgets = self._budgets_for_call(keep_rate, keep_mass)
         self._advance_warmup()
-        x, trace, _ = self._block_loop(x, rates, masses, attn_mask, is_causal, rope)
-        return self.norm(x), (None if trace is None else trace.attention_weights(self._size_aware))
+        x, token_trace, _ = self._block_loop(x, budgets, attn_mask, is_causal, rope, trace=trace)
+        return self.norm(x), token_trace
+
+    def _remember(self, features: torch.Tensor, token_trace: Optional[TokenTrace]) -> None:
+        """What ``forward_head`` needs of ``features`` beyond the tensor (not under tracing or compiling)."""
+        if not _tracing():
+            _FEATURES_STATE[self] = (weakref.ref(features), token_trace)
+
+    def _state_of(self, features: torch.Tensor) -> Tuple[bool, Optional[TokenTrace]]:
+        """Whether ``features`` is what the last ``forward_features`` returned, and its token state."""
+        remembered = None if _tracing() else _FEATURES_STATE.get(self)
+        if remembered is not None and remembered[0]() is features:
+            return True, remembered[1]
+        return False, None
+
+    def _head_reads_token_state(self, pre_logits: bool) -> bool:
+        """Whether the head's output depends on the token state the model's budgets leave (beyond the
+        tokens): pooling by size, or around padding."""
+        pools_tokens = getattr(self, 'attn_pool', None) is not None or self.global_pool in ('avg', 'avgmax', 'max')
+        budgets = self._budgets()
+        return pools_tokens and any(b.reorganises for b in budgets) and (
+            self._size_aware or any(b.keep_mass is not None for b in budgets))
+
+    def _token_state_for_head(self, x: torch.Tensor, pre_logits: bool) -> Optional[TokenTrace]:
+        """The token state of features ``x`` handed to ``forward_head`` alone: remembered where ``x``
+        is what ``forward_features`` returned; refused where the head needs it and it is unknown."""
+        known, token_trace = self._state_of(x)
+        if not known and self._head_reads_token_state(pre_logits):
+            raise ValueError(
+                'forward_head needs the token state of these features (sizes of fused tokens, padding of keep_mass): '
+                'pass the tensor forward_features returned, unchanged, or token_sizes= from '
+                "forward_intermediates(..., output_dict=True)['token_sizes'][-1]")
+        return token_trace
 
     def forward_features(
             self,
@@ -362,8 +439,14 @@ class EViTMixin(KeepRateWarmup):
     ) -> torch.Tensor:
         """Tokens after the final norm: ``[B, prefix + remaining tokens, C]`` (with ``keep_mass`` in
         a batch, an image's padding too: ``forward_intermediates`` gives its sizes, 0). ``attn_mask``
-        / ``is_causal`` go to every block's attention as in timm, with ``keep_rate`` 1.0 only."""
-        return self._features_and_sizes(x, attn_mask, is_causal, keep_rate, keep_mass)[0]
+        / ``is_causal`` go to every block's attention as in timm, with ``keep_rate`` 1.0 only.
+        ``forward_head`` of exactly this tensor pools it as ``forward`` does (sizes, padding)."""
+        x, token_trace = self._features(x, attn_mask, is_causal, keep_rate, keep_mass)
+        self._remember(x, token_trace)
+        return x
+
+    def _head_weights(self, token_trace: Optional[TokenTrace]) -> Optional[torch.Tensor]:
+        return None if token_trace is None else token_trace.token_weights(self._size_aware)
 
     def forward_head(
             self,
@@ -371,20 +454,29 @@ class EViTMixin(KeepRateWarmup):
             pre_logits: bool = False,
             token_sizes: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """timm's head; with ``token_sizes`` ``[B, n]`` (size-aware fusion, or padding with size 0) an
-        ``avg`` / ``avgmax`` pooling weighs each non-prefix token by its size, ``max`` leaves the
-        padding out, and an attention pool adds ``log(size)`` to its logits (``forward`` passes
-        them; without them every token counts once)."""
+        """timm's head over the tokens that remain, weighing them as ``forward`` does: with
+        size-aware fusion an ``avg`` / ``avgmax`` pooling weighs each non-prefix token by its size
+        and an attention pool adds ``log(size)`` to its logits; padding (``keep_mass``, size 0) is in
+        no pooling. The sizes are those of ``x`` when it is what ``forward_features`` returned,
+        else ``token_sizes`` ``[B, n]`` (as ``forward_intermediates(output_dict=True)`` gives them);
+        where the head needs them and neither is there, a ValueError says so."""
+        if token_sizes is not None:
+            weights = token_weights_from_sizes(token_sizes, self._size_aware)
+        else:
+            weights = self._head_weights(self._token_state_for_head(x, pre_logits))
+        return self._head(x, pre_logits, weights)
+
+    def _head(self, x: torch.Tensor, pre_logits: bool, token_weights: Optional[torch.Tensor]) -> torch.Tensor:
         pool = getattr(self, 'attn_pool', None)
-        if token_sizes is None or (pool is None and self.global_pool not in ('avg', 'avgmax', 'max')):
+        if token_weights is None or (pool is None and self.global_pool not in ('avg', 'avgmax', 'max')):
             return super().forward_head(x, pre_logits=pre_logits)
         # timm's ViT says whether its pool sees the prefix tokens; Eva's attention pool sees them, its average not
         include_prefix = getattr(self, 'pool_include_prefix', pool is not None)
         if pool is None:
-            x = size_weighted_pool(x, token_sizes, self.global_pool, self.num_prefix_tokens, include_prefix)
+            x = size_weighted_pool(x, token_weights, self.global_pool, self.num_prefix_tokens, include_prefix)
         else:
             num_prefix = self.num_prefix_tokens if include_prefix else 0
-            bias = size_key_bias(token_sizes, num_prefix, x.dtype)
+            bias = size_key_bias(token_weights, num_prefix, x.dtype)
             x = pool(x[:, self.num_prefix_tokens - num_prefix:], attn_mask=bias)
         # the rest of timm's forward_head
         x = self.head_drop(self.fc_norm(x))
@@ -399,8 +491,8 @@ class EViTMixin(KeepRateWarmup):
             keep_mass: Optional[KeepRate] = None,
     ) -> torch.Tensor:
         """Logits; ``keep_rate`` or ``keep_mass`` overrides the model's budget for this call only."""
-        x, token_sizes = self._features_and_sizes(x, attn_mask, is_causal, keep_rate, keep_mass)
-        return self.forward_head(x, token_sizes=token_sizes)
+        x, token_trace = self._features(x, attn_mask, is_causal, keep_rate, keep_mass)
+        return self._head(x, False, self._head_weights(token_trace))
 
     def forward_intermediates(
             self,
@@ -437,11 +529,11 @@ class EViTMixin(KeepRateWarmup):
         if output_fmt == 'NCHW':
             opaque.check_patch_grid(x.shape[1] - self.num_prefix_tokens, (grid_h, grid_w))
 
-        rates, masses = self._budgets_for_call(keep_rate, keep_mass)
+        budgets = self._budgets_for_call(keep_rate, keep_mass)
         self._advance_warmup()
         num_blocks = max_index + 1 if stop_early else len(self.blocks)
-        x, _, taken = self._block_loop(
-            x, rates, masses, attn_mask, is_causal, rope, take_indices=take_indices, num_blocks=num_blocks)
+        x, final_trace, taken = self._block_loop(
+            x, budgets, attn_mask, is_causal, rope, take_indices=take_indices, num_blocks=num_blocks)
 
         intermediates, prefix_tokens, token_ids_out, patch_index_out, sizes_out = [], [], [], [], []
         for y, trace in taken:
@@ -466,10 +558,17 @@ class EViTMixin(KeepRateWarmup):
             if return_prefix_tokens:
                 result['image_intermediates_prefix'] = prefix_tokens
             if not intermediates_only:
-                result['image_features'] = self.norm(x)
+                result['image_features'] = self._remembered_features(x, final_trace, stop_early)
             return result
         if return_prefix_tokens:
             intermediates = list(zip(intermediates, prefix_tokens))
         if intermediates_only:
             return intermediates
-        return self.norm(x), intermediates
+        return self._remembered_features(x, final_trace, stop_early), intermediates
+
+    def _remembered_features(self, x: torch.Tensor, token_trace: Optional[TokenTrace], stopped_early: bool) -> torch.Tensor:
+        # the final features, remembered for forward_head where every block ran
+        x = self.norm(x)
+        if not stopped_early:
+            self._remember(x, token_trace)
+        return x

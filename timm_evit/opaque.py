@@ -2,23 +2,23 @@
 on its input's shape or values (token counts, layouts, checks), which a symbolic trace cannot follow.
 
 One home for them: ``torch.fx.wrap`` patches a name in the module that declares it, so every
-caller calls them through this module (``opaque.reorganize_at_rate(...)``), where the patch is
+caller calls them through this module (``opaque.reorganize(...)``), where the patch is
 seen; ``register_notrace_function`` makes timm's feature extraction keep them whole too.
 """
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 from timm.models import register_notrace_function
 
 from .reorg import (
-    mean_received_attention, reorganize_at_rate, reorganize_by_mass, rotary_rows_for_tokens, sizes_after,
+    mean_received_attention, reorganize, rotary_rows_for_tokens, sizes_after,
     trace_patch_token_index,
     trace_token_patch_ids,
 )
 
 __all__ = [
     'check_image_batch', 'check_attention_mask', 'check_patch_grid', 'mean_received_attention',
-    'reorganize_at_rate', 'reorganize_by_mass', 'trace_token_patch_ids', 'trace_patch_token_index', 'sizes_after',
+    'reorganize', 'trace_token_patch_ids', 'trace_patch_token_index', 'sizes_after',
     'rotary_rows_for_tokens',
 ]
 
@@ -32,13 +32,7 @@ def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
         raise ValueError(f'x must have {in_chans} channels (in_chans), got shape {tuple(x.shape)}')
 
 
-def check_attention_mask(
-        attn_mask: Optional[torch.Tensor],
-        is_causal: bool,
-        block_keep_rates: Sequence[float],
-        block_keep_masses: Sequence[Optional[float]] = (),
-) -> None:
-    reorganises = min(block_keep_rates, default=1.0) < 1.0 or any(m is not None for m in block_keep_masses)
+def check_attention_mask(attn_mask: Optional[torch.Tensor], is_causal: bool, reorganises: bool) -> None:
     if (attn_mask is not None or is_causal) and reorganises:
         # A mask is laid out for the tokens entering the blocks; reorganised tokens have no place in it.
         raise ValueError('attn_mask / is_causal need keep_rate=1.0: EViT changes the number and order of '
@@ -54,7 +48,7 @@ def check_patch_grid(num_patches: int, grid_size: Tuple[int, int]) -> None:
 
 
 for _function in (check_image_batch, check_attention_mask, check_patch_grid, mean_received_attention,
-                  reorganize_at_rate, reorganize_by_mass, trace_token_patch_ids, trace_patch_token_index, sizes_after,
+                  reorganize, trace_token_patch_ids, trace_patch_token_index, sizes_after,
                   rotary_rows_for_tokens):
     torch.fx.wrap(_function.__name__)       # (at module level, as torch.fx.wrap requires)
     register_notrace_function(_function)

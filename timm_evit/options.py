@@ -6,10 +6,10 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 __all__ = [
-    'KeepRate', 'DEFAULT_KEEP_RATE', 'EViTOptions', 'check_keep_mass', 'EVIT_ARGS', 'TRAINING_ARGS', 'pop_evit_args', 'default_reorg_layers',
+    'KeepRate', 'DEFAULT_KEEP_RATE', 'Budget', 'KEEP_ALL', 'budgets_per_block', 'rate_budgets', 'mass_budgets', 'EViTOptions', 'check_keep_mass', 'EVIT_ARGS', 'TRAINING_ARGS', 'pop_evit_args', 'default_reorg_layers',
     'check_keep_rate', 'check_reorg_layers', 'check_fuse_token', 'SCORES', 'check_score', 'resolve_score',
     'FUSIONS', 'APPLY_FUSION', 'check_fusion',
 ]
@@ -30,6 +30,51 @@ FUSIONS = ('paper', 'size')
 # retraining: measured better than the paper's there (docs/design.md, "A fused token that keeps its
 # size"). The paper's names keep EViTOptions.fusion, the paper's (parity with the official code).
 APPLY_FUSION = 'size'
+
+
+class Budget(NamedTuple):
+    """One block's token budget (docs/design.md, "Budgets"): a keep rate (every image keeps the
+    same count), or a keep mass (each image its own count); never both. ``KEEP_ALL`` (rate 1.0)
+    keeps every token."""
+    keep_rate: Optional[float] = 1.0
+    keep_mass: Optional[float] = None
+
+    @property
+    def reorganises(self) -> bool:
+        """Whether the block may change its tokens (the one place that says so)."""
+        return self.keep_mass is not None or self.keep_rate < 1.0
+
+
+KEEP_ALL = Budget()
+
+
+def budgets_per_block(
+        keep_rate: Optional[KeepRate],
+        keep_mass: Optional[KeepRate],
+        num_reorg_layers: int,
+) -> Optional[Tuple[Budget, ...]]:
+    """One ``Budget`` per reorganising block from the public arguments ``keep_rate`` / ``keep_mass``
+    (one float, or one per block; checked): the one place where they meet. Giving both is a
+    ValueError; giving neither returns None (the caller's default applies)."""
+    if keep_rate is not None and keep_mass is not None:
+        raise ValueError(f'give keep_rate or keep_mass, not both (got keep_rate={keep_rate!r}, '
+                         f'keep_mass={keep_mass!r}): keep_rate fixes every image\'s token count, '
+                         'keep_mass lets each image keep what its attention needs')
+    if keep_rate is not None:
+        return rate_budgets(keep_rate, num_reorg_layers)
+    if keep_mass is not None:
+        return mass_budgets(keep_mass, num_reorg_layers)
+    return None
+
+
+def rate_budgets(keep_rate: KeepRate, num_reorg_layers: int) -> Tuple[Budget, ...]:
+    """A fixed count per block from ``keep_rate`` (one float, or one per block; checked)."""
+    return tuple(Budget(rate, None) for rate in check_keep_rate(keep_rate, num_reorg_layers))
+
+
+def mass_budgets(keep_mass: KeepRate, num_reorg_layers: int) -> Tuple[Budget, ...]:
+    """Each image's own count per block from ``keep_mass`` (one float, or one per block; checked)."""
+    return tuple(Budget(None, mass) for mass in check_keep_mass(keep_mass, num_reorg_layers))
 
 
 def default_reorg_layers(depth: int) -> Tuple[int, ...]:
@@ -54,8 +99,8 @@ class EViTOptions:
 
     def checked(self, depth: int) -> 'EViTOptions':
         """The options checked for a model of ``depth`` blocks, resolved: ``reorg_layers`` a tuple
-        of block indices (the default places for None), ``keep_rate`` one float per reorganising
-        block (1.0 where ``keep_mass`` sets the counts), ``keep_mass`` None or one float per block.
+        of block indices (the default places for None), and one float per reorganising block in
+        ``keep_rate`` or in ``keep_mass`` (the other None; ``budgets()`` pairs them per block).
         A TypeError or ValueError names the argument otherwise."""
         for name in TRAINING_ARGS:
             value = getattr(self, name)
@@ -64,21 +109,21 @@ class EViTOptions:
         layers = default_reorg_layers(depth) if self.reorg_layers is None else check_reorg_layers(self.reorg_layers, depth)
         fuse_token = check_fuse_token(self.fuse_token)
         score = None if self.score is None else check_score(self.score)
-        if self.keep_mass is None:
-            rate = DEFAULT_KEEP_RATE if self.keep_rate is None else self.keep_rate
-            rates, masses = check_keep_rate(rate, len(layers)), None
-        else:
-            if self.keep_rate is not None:
-                raise ValueError(f'give keep_rate or keep_mass, not both (got keep_rate={self.keep_rate!r}, '
-                                 f'keep_mass={self.keep_mass!r}): keep_rate fixes every image\'s token count, '
-                                 'keep_mass lets each image keep what its attention needs')
-            if self.keep_rate_warmup_start or self.keep_rate_warmup_steps:
-                raise ValueError('keep_rate_warmup_start / keep_rate_warmup_steps schedule keep_rate; they cannot be '
-                                 'used with keep_mass')
-            rates, masses = (1.0,) * len(layers), check_keep_mass(self.keep_mass, len(layers))
+        if self.keep_mass is not None and (self.keep_rate_warmup_start or self.keep_rate_warmup_steps):
+            raise ValueError('keep_rate_warmup_start / keep_rate_warmup_steps schedule keep_rate; they cannot be '
+                             'used with keep_mass')
+        budgets = budgets_per_block(self.keep_rate, self.keep_mass, len(layers))
+        if budgets is None:
+            budgets = budgets_per_block(DEFAULT_KEEP_RATE, None, len(layers))
+        rates = tuple(b.keep_rate for b in budgets) if self.keep_mass is None else None
+        masses = tuple(b.keep_mass for b in budgets) if self.keep_mass is not None else None
         return dataclasses.replace(self, keep_rate=rates, keep_mass=masses,
                                    reorg_layers=layers, fuse_token=fuse_token, score=score,
                                    fusion=check_fusion(self.fusion))
+
+    def budgets(self) -> Tuple[Budget, ...]:
+        """One ``Budget`` per reorganising block, of checked options."""
+        return budgets_per_block(self.keep_rate, self.keep_mass, len(self.reorg_layers))
 
 
 # The EViT arguments by name, in declaration order; those that act only in training.

@@ -23,7 +23,7 @@ import torch
 
 __all__ = [
     'num_kept_tokens', 'num_kept_by_mass', 'head_averaged_class_row', 'class_attention', 'mean_received_row',
-    'mean_received_attention', 'pool_attention', 'reorganize_tokens', 'reorganize_at_rate', 'reorganize_by_mass',
+    'mean_received_attention', 'pool_attention', 'keep_and_fuse', 'reorganize_tokens', 'reorganize',
     'size_key_bias', 'sizes_after', 'size_weighted_pool',
     'trace_token_patch_ids', 'trace_patch_token_index', 'tokens_to_patch_grid', 'rotary_rows_for_tokens',
 ]
@@ -107,8 +107,8 @@ def mean_received_row(
     if query_weights is None:
         return attn.mean(dim=(1, 2))[:, num_prefix_tokens:]
     w = query_weights.to(attn.dtype)
-    received = (attn.mean(dim=1) * w.unsqueeze(-1)).sum(dim=1) / w.sum(dim=1, keepdim=True)
-    return received[:, num_prefix_tokens:]
+    w = w / w.sum(dim=1, keepdim=True)   # normalised first: no sum of sizes times probabilities grows large
+    return (attn.mean(dim=1) * w.unsqueeze(-1)).sum(dim=1)[:, num_prefix_tokens:]
 
 
 def mean_received_attention(
@@ -116,28 +116,37 @@ def mean_received_attention(
         k: torch.Tensor,
         scale: float,
         num_prefix_tokens: int = 1,
-        max_chunk_elements: int = 1 << 22,
+        max_chunk_elements: int = 1 << 20,
         key_bias: Optional[torch.Tensor] = None,
         query_weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``mean_received_row`` from ``q, k`` ``[B, H, N, D]``, for use beside a fused attention kernel:
     the softmax rows are made a chunk of queries at a time (at most ``max_chunk_elements``
-    probabilities each, 16 MB in float32), summed over heads and queries, and dropped, so no
+    probabilities per image, 4 MB in float32), summed over heads and queries, and dropped, so no
     ``[B, H, N, N]`` buffer exists where ``N`` is large. Its matmuls are ``q k^T`` once more.
-    ``key_bias`` and ``query_weights`` as in ``class_attention`` and ``mean_received_row``."""
-    B, H, N, _ = q.shape
-    rows = max(1, max_chunk_elements // max(1, B * H * N))
+    ``key_bias`` and ``query_weights`` as in ``class_attention`` and ``mean_received_row``.
+
+    The chunks depend on ``H`` and ``N`` only, never on the batch: a graph traced at one batch
+    (ONNX, ``torch.export`` with a dynamic batch) holds the same chunks at every batch. The sum is
+    kept in float32 (in bf16 or fp16 a sum over thousands of probabilities loses the small ones)."""
+    _, H, N, _ = q.shape
+    rows = max(1, max_chunk_elements // max(1, H * N))
     k_t = k.transpose(-2, -1)
-    received = q.new_zeros(B, N)
-    w = None if query_weights is None else query_weights.to(q.dtype)
+    wide = torch.promote_types(q.dtype, torch.float32)
+    received = None
+    w = None
+    if query_weights is not None:   # normalised first: no sum of sizes times probabilities grows large
+        w = query_weights.to(wide)
+        w = w / w.sum(dim=1, keepdim=True)
     for start in range(0, N, rows):
         probs = _with_bias((q[:, :, start:start + rows] * scale) @ k_t, key_bias).softmax(dim=-1)
         if w is None:
-            received = received + probs.sum(dim=(1, 2))
+            part = probs.sum(dim=(1, 2), dtype=wide)
         else:
-            received = received + (probs.sum(dim=1) * w[:, start:start + rows].unsqueeze(-1)).sum(dim=1)
-    total = H * N if w is None else H * w.sum(dim=1, keepdim=True)
-    return received[:, num_prefix_tokens:] / total
+            part = (probs.sum(dim=1, dtype=wide) * w[:, start:start + rows, None]).sum(dim=1)
+        received = part if received is None else received + part
+    total = H * N if w is None else H
+    return (received[:, num_prefix_tokens:] / total).to(q.dtype)
 
 
 def pool_attention(
@@ -154,41 +163,92 @@ def pool_attention(
     return probs.mean(dim=(1, 2))[:, num_prefix_tokens:]
 
 
+def keep_and_fuse(
+        x: torch.Tensor,
+        score: torch.Tensor,
+        kept_idx: torch.Tensor,
+        fuse: bool,
+        num_prefix_tokens: int = 1,
+        weighted_mean: bool = False,
+        token_weights: Optional[torch.Tensor] = None,
+        filled: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The one place where tokens are kept and fused (docs/design.md, "EViT, exactly"), for a count
+    fixed for every image and for each image's own count alike.
+
+    Args:
+        x: tokens ``[B, P + n, C]``, the ``P`` prefix tokens (class token first) before the others.
+        score: the score of the ``n`` others ``[B, n]`` (``class_attention``, ``mean_received_attention``,
+            ``pool_attention``): the fusion weights.
+        kept_idx: ``[B, K]`` the tokens to keep, in their new order (indices into the ``n``).
+        fuse: append one fused token after the kept ones: ``sum_j a_j * x_j`` over the dropped ``j``
+            (raw weights, the paper's).
+        weighted_mean: the fused token is ``sum_j a_j x_j / sum_j a_j`` instead (size-aware fusion,
+            docs/design.md, "A fused token that keeps its size"). Where every dropped weight is 0
+            (attention that underflowed: peaky, fp16, bf16) the mean is taken over the patches the
+            dropped tokens carry (their ``token_weights``): never 0 / 0.
+        token_weights: ``[B, n]`` what each token counts for (its size; 0: padding, never fused);
+            None: 1 each.
+        filled: ``[B, K]`` which slots an image fills (per-image counts; the others are its padding:
+            their tokens count as dropped); None: all.
+
+    Returns ``[prefix..., kept..., (fused)]``: ``[B, P + K (+ 1), C]``.
+    """
+    parts = [x[:, :num_prefix_tokens], _non_prefix_rows(x, kept_idx, num_prefix_tokens)]
+    if fuse:
+        # the score with the kept tokens zeroed: the fused token is one batched matmul,
+        # with no complement index and no second gather
+        weights = _zero_at(score, kept_idx, filled)
+        if weighted_mean:
+            weights = _weighted_mean_weights(weights, kept_idx, token_weights, filled)
+        parts.append(weights.to(x.dtype).unsqueeze(1) @ x[:, num_prefix_tokens:])
+    return torch.cat(parts, dim=1)
+
+
+def _zero_at(values: torch.Tensor, idx: torch.Tensor, filled: Optional[torch.Tensor]) -> torch.Tensor:
+    """``values`` ``[B, n]`` with 0 at ``idx`` ``[B, K]`` (only where ``filled``, if given)."""
+    if filled is None:
+        return values.scatter(1, idx, 0.)
+    return values.scatter(1, idx, values.gather(1, idx).masked_fill(filled, 0.))
+
+
+def _weighted_mean_weights(
+        weights: torch.Tensor,
+        kept_idx: torch.Tensor,
+        token_weights: Optional[torch.Tensor],
+        filled: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """The dropped tokens' score ``weights`` (kept: 0) normalised to sum to 1, in float32 at least.
+    Where they sum to 0 (underflow), the dropped tokens' sizes instead; an image that dropped nothing
+    (its fused slot is padding) gets zeros."""
+    wide = torch.promote_types(weights.dtype, torch.float32)
+    weights = weights.to(wide)
+    sizes = torch.ones_like(weights) if token_weights is None else token_weights.to(wide)
+    # (padding is a key no attention sees: its score is 0 already)
+    carried = _zero_at(sizes, kept_idx, filled)   # what each dropped token carries; 0: kept or padding
+    weights = torch.where(weights.sum(dim=1, keepdim=True) > 0, weights, carried)
+    return weights / weights.sum(dim=1, keepdim=True).clamp(min=torch.finfo(wide).tiny)
+
+
 def reorganize_tokens(
         x: torch.Tensor,
-        cls_attn: torch.Tensor,
+        score: torch.Tensor,
         num_keep: int,
         fuse_token: bool,
         num_prefix_tokens: int = 1,
         weighted_mean: bool = False,
+        token_weights: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Keep the ``num_keep`` most attentive tokens and, optionally, fuse the rest into one.
+    """Keep the ``num_keep`` highest-scored tokens of every image, ordered by score descending
+    (``topk(sorted=True)``), and, with ``fuse_token``, fuse the rest into one (``keep_and_fuse``,
+    whose arguments these are).
 
-    Args:
-        x: tokens ``[B, P + n, C]``, the ``P`` prefix tokens (class token first) before the others.
-        cls_attn: the score of the ``n`` others ``[B, n]``: the head-averaged class attention
-            (``class_attention``), or another score (``mean_received_attention``, ``pool_attention``).
-        num_keep: tokens to keep, ``1 <= num_keep <= n``.
-        fuse_token: append ``sum_j a_j * x_j`` over the dropped tokens ``j`` (raw weights).
-        num_prefix_tokens: ``P``; they stay first, in their order.
-        weighted_mean: the fused token is ``sum_j a_j x_j / sum_j a_j`` instead (size-aware
-            fusion, docs/design.md, "A fused token that keeps its size").
-
-    Returns:
-        ``([prefix..., kept..., (fused)], kept_idx)``: kept tokens ordered by attention, descending;
-        ``kept_idx`` ``[B, num_keep]`` indexes the ``n`` non-prefix tokens of ``x``.
+    Returns ``([prefix..., kept..., (fused)], kept_idx)``; ``kept_idx`` ``[B, num_keep]`` indexes the
+    ``n`` non-prefix tokens of ``x``.
     """
-    _, kept_idx = cls_attn.topk(num_keep, dim=1, largest=True, sorted=True)
-    parts = [x[:, :num_prefix_tokens], _non_prefix_rows(x, kept_idx, num_prefix_tokens)]
-    if fuse_token:
-        # Attention weights with the kept ones zeroed: the fused token is one batched matmul,
-        # with no complement index and no second gather.
-        weights = cls_attn.scatter(1, kept_idx, 0.)
-        if weighted_mean:
-            weights = weights / weights.sum(dim=1, keepdim=True)
-        weights = weights.to(x.dtype)
-        parts.append(weights.unsqueeze(1) @ x[:, num_prefix_tokens:])
-    return torch.cat(parts, dim=1), kept_idx
+    _, kept_idx = score.topk(num_keep, dim=1, largest=True, sorted=True)
+    x = keep_and_fuse(x, score, kept_idx, fuse_token, num_prefix_tokens, weighted_mean, token_weights)
+    return x, kept_idx
 
 
 def _non_prefix_rows(x: torch.Tensor, idx: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
@@ -203,48 +263,37 @@ def _non_prefix_rows(x: torch.Tensor, idx: torch.Tensor, num_prefix_tokens: int)
     return x.reshape(B * N, C).index_select(0, rows.flatten()).view(B, idx.shape[1], C)
 
 
-def reorganize_at_rate(
+def reorganize(
         x: torch.Tensor,
-        cls_attn: torch.Tensor,
-        keep_rate: float,
+        score: torch.Tensor,
+        keep_rate: Optional[float],
+        keep_mass: Optional[float],
         fuse_token: bool,
         num_prefix_tokens: int = 1,
         weighted_mean: bool = False,
+        token_weights: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``reorganize_tokens`` keeping ``ceil(keep_rate * n)`` of the ``n`` non-prefix tokens.
+    """One block's reorganisation under its budget (docs/design.md, "Budgets"): ``keep_rate`` (every
+    image keeps ``ceil(keep_rate * n)``) or ``keep_mass`` (each image its own count,
+    ``num_kept_by_mass``, laid out to the batch's largest count ``K``), then ``keep_and_fuse``.
 
-    Where that keeps them all, nothing happens (docs/design.md, "EViT, exactly"): ``x`` is returned
-    unchanged with the identity as kept indices, so that callers need no branch on the token count.
-    """
-    B, num_tokens = cls_attn.shape
-    num_keep = num_kept_tokens(keep_rate, num_tokens)
-    if num_keep >= num_tokens:
-        return x, torch.arange(num_tokens, device=x.device).expand(B, -1)
-    return reorganize_tokens(x, cls_attn, num_keep, fuse_token, num_prefix_tokens, weighted_mean)
+    ``token_weights`` ``[B, n]``: what each token counts for (its size under size-aware fusion; 0:
+    padding, never kept or fused); None: 1 each. With per-image counts, slots past an image's count
+    are its padding (kept index -1), and the fused slot is the image's padding where it dropped
+    nothing; the slot exists where some image dropped a token. Where the budget keeps every token
+    (and there is no padding to remove) nothing happens: ``x`` is returned with the identity as kept
+    indices, so that callers need no branch. At batch 1 there is never padding.
 
-
-def reorganize_by_mass(
-        x: torch.Tensor,
-        cls_attn: torch.Tensor,
-        keep_mass: float,
-        fuse_token: bool,
-        num_prefix_tokens: int = 1,
-        weighted_mean: bool = False,
-        token_sizes: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``reorganize_tokens`` with each image's own count (``num_kept_by_mass``), laid out to the
-    batch's largest count ``K``: ``[prefix..., K slots, (fused)]``.
-
-    ``token_sizes`` ``[B, n]`` (None: every token present) marks padding with size 0: it is never
-    kept or fused. Slots past an image's count are its padding (kept index -1); the fused slot is
-    the image's padding where it dropped nothing, and exists only where some image dropped a token
-    (with ``fuse_token``). Where every image keeps all its tokens and there is no padding to remove,
-    nothing happens (the identity, as ``reorganize_at_rate``). At batch 1 there is never padding.
     Returns the tokens and the kept indices ``[B, K]`` into the ``n`` non-prefix tokens of ``x``.
     """
-    B, n = x.shape[0], x.shape[1] - num_prefix_tokens
-    valid = None if token_sizes is None else token_sizes > 0
-    counts, order = num_kept_by_mass(cls_attn, keep_mass, valid)
+    B, n = score.shape
+    if keep_mass is None:
+        num_keep = num_kept_tokens(keep_rate, n)
+        if num_keep >= n:
+            return x, torch.arange(n, device=x.device).expand(B, -1)
+        return reorganize_tokens(x, score, num_keep, fuse_token, num_prefix_tokens, weighted_mean, token_weights)
+    valid = None if token_weights is None else token_weights > 0
+    counts, order = num_kept_by_mass(score, keep_mass, valid)
     present = counts.new_full((B,), n) if valid is None else valid.sum(dim=1)
     # the one host sync: the layout's width, and whether any image drops a token
     width, drops = torch.stack([counts.max(), (counts < present).any().long()]).tolist() if B else (n, 0)
@@ -252,16 +301,9 @@ def reorganize_by_mass(
         return x, torch.arange(n, device=x.device).expand(B, -1)
     kept_idx = order[:, :width]
     filled = torch.arange(width, device=x.device) < counts.unsqueeze(1)
-    parts = [x[:, :num_prefix_tokens], _non_prefix_rows(x, kept_idx, num_prefix_tokens)]
-    if fuse_token and drops:
-        kept_mask = torch.zeros_like(cls_attn, dtype=torch.bool).scatter(1, kept_idx, filled)
-        dropped = ~kept_mask if valid is None else valid & ~kept_mask
-        weights = cls_attn.masked_fill(~dropped, 0.)
-        if weighted_mean:   # an image that dropped nothing has no mean: its fused slot is zeros (padding)
-            total = weights.sum(dim=1, keepdim=True)
-            weights = weights / torch.where(total > 0, total, torch.ones_like(total))
-        parts.append(weights.to(x.dtype).unsqueeze(1) @ x[:, num_prefix_tokens:])
-    return torch.cat(parts, dim=1), kept_idx.masked_fill(~filled, -1)
+    x = keep_and_fuse(x, score, kept_idx, fuse_token and bool(drops), num_prefix_tokens, weighted_mean,
+                      token_weights, filled)
+    return x, kept_idx.masked_fill(~filled, -1)
 
 
 def size_key_bias(token_sizes: torch.Tensor, num_prefix_tokens: int, dtype: torch.dtype) -> torch.Tensor:

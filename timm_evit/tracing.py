@@ -6,7 +6,13 @@ import torch
 
 from . import opaque
 
-__all__ = ['TokenTrace']
+__all__ = ['TokenTrace', 'token_weights_from_sizes']
+
+
+def token_weights_from_sizes(token_sizes: torch.Tensor, size_aware: bool) -> torch.Tensor:
+    """Token weights from sizes (the patches each token stands for, 0: padding): the sizes
+    themselves under size-aware fusion; else every token once, padding never."""
+    return token_sizes if size_aware else (token_sizes > 0).to(token_sizes.dtype)
 
 
 class TokenTrace(NamedTuple):
@@ -42,17 +48,14 @@ class TokenTrace(NamedTuple):
         token_patch_ids = opaque.trace_token_patch_ids(self.token_patch_ids, kept_idx, fused)
         return TokenTrace(token_patch_ids, patch_token_index, token_sizes, self.with_sizes, self.padded or may_pad)
 
-    def attention_weights(self, size_aware: bool) -> Optional[torch.Tensor]:
+    def token_weights(self, size_aware: bool) -> Optional[torch.Tensor]:
         """What every later attention, score and pooling weighs each non-prefix token by ``[B, n]``
-        (``reorg.size_key_bias``): its size (size-aware fusion), else 1 and 0 for padding where an
-        image may hold padding; None: every token counts once."""
-        if self.token_sizes is None:
+        (``reorg.size_key_bias``; docs/design.md, "One token state"): its size under size-aware
+        fusion, else 1, and 0 for padding where an image may hold padding; None: every token counts
+        once (nothing to weigh)."""
+        if self.token_sizes is None or not (size_aware or self.padded):
             return None
-        if size_aware:
-            return self.token_sizes
-        if self.padded:
-            return (self.token_sizes > 0).to(self.token_sizes.dtype)
-        return None
+        return token_weights_from_sizes(self.token_sizes, size_aware)
 
     def sizes_or_ones(self) -> torch.Tensor:
         """``token_sizes``, or ones where no token has been fused yet."""
