@@ -124,14 +124,14 @@ def _mean_over_half_the_queries(q, k, scale, num_prefix_tokens=1, max_chunk_elem
     return mean_received_row(((q[:, :, :half] * scale) @ k.transpose(-2, -1)).softmax(dim=-1), num_prefix_tokens)
 
 
-def _pool_keyed_by_values(self, x, token_weights=None):
+def _pool_keyed_by_values(self, x, token_weights=None, key_bias=None):
     pool, norm = self.model._score_modules()
     width = pool.num_heads * pool.head_dim
     values = torch.nn.functional.linear(norm(x), pool.kv.weight[width:], pool.kv.bias[width:])
     return _pool_score_of(self, values)
 
 
-def _pool_without_the_final_norm(self, x, token_weights=None):
+def _pool_without_the_final_norm(self, x, token_weights=None, key_bias=None):
     pool, _ = self.model._score_modules()
     width = pool.num_heads * pool.head_dim
     return _pool_score_of(self, torch.nn.functional.linear(x, pool.kv.weight[:width], pool.kv.bias[:width]))

@@ -187,12 +187,12 @@ def test_size_aware_fusion_stays_finite_where_the_dropped_attention_underflows(d
     # the mean over the patches they carry, never 0 / 0 (NaN logits before)
     import timm_evit.reorg as reorg
     underflowed = []
-    normalise = reorg._weighted_mean_weights
+    keep_and_fuse = reorg.keep_and_fuse
 
-    def spy(weights, *args):
-        underflowed.append(bool((weights.sum(dim=1) == 0).any()))
-        return normalise(weights, *args)
-    monkeypatch.setattr(reorg, '_weighted_mean_weights', spy)
+    def spy(x, score, kept_idx, *args, **kwargs):
+        underflowed.append(bool((score.scatter(1, kept_idx, 0.).sum(dim=1) == 0).any()))
+        return keep_and_fuse(x, score, kept_idx, *args, **kwargs)
+    monkeypatch.setattr(reorg, 'keep_and_fuse', spy)
     _, model = converted('deit', 0.5, True, fusion='size')
     with torch.no_grad():
         for blk in model.blocks:

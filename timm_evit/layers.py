@@ -18,7 +18,7 @@ except ImportError:  # a timm without it has no Eva that uses it
 
 from . import opaque
 from .options import KEEP_ALL, Budget, budgets_per_block
-from .reorg import class_attention, head_averaged_class_row, mean_received_row, pool_attention, size_key_bias
+from .reorg import bias_as, class_attention, head_averaged_class_row, mean_received_row, pool_attention, size_key_bias
 
 __all__ = [
     'EViTBlock', 'EViTEvaBlock', 'attention_with_class_attention', 'rope_attention_with_class_attention', 'PoolScore',
@@ -35,6 +35,7 @@ def _attend_with_score(
         num_prefix_tokens: int,
         score: Optional[str],
         token_weights: Optional[torch.Tensor] = None,
+        key_bias: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The end both timm attention modules share, from ``q, k, v`` ``[B, H, N, D]`` on: attention,
     heads joined, scale norm, gate, projection; also the block's ``score`` of the non-prefix tokens,
@@ -44,16 +45,17 @@ def _attend_with_score(
     ``token_weights`` ``[B, N - P]`` (after a reorganisation: what each token counts for, its size
     under size-aware fusion, 0 for padding; ``TokenTrace.token_weights``): every query attends to
     a token of weight ``s`` with ``+ log(s)`` on its logit, in the attention and in the score, and
-    ``'mean'`` counts it as ``s`` queries.
+    ``'mean'`` counts it as ``s`` queries. ``key_bias``: their log as a key bias ``[B, 1, 1, N]``
+    (``reorg.size_key_bias``), where the caller built it once for many blocks; None: built here.
 
     Fused / unfused as the module says: the unfused path reads the score from the attention it
     materialises anyway; the fused path computes it beside the SDPA kernel (the class row alone,
     or the received attention a chunk of queries at a time), the size bias as SDPA's additive
     mask ``[B, 1, 1, N]``, broadcast over heads and queries.
     """
-    token_score, key_bias, query_weights = None, None, None
+    token_score, query_weights = None, None
     if token_weights is not None:
-        key_bias = size_key_bias(token_weights, num_prefix_tokens, q.dtype)
+        key_bias = bias_as(size_key_bias(token_weights, num_prefix_tokens) if key_bias is None else key_bias, q)
         if score == 'mean':
             query_weights = F.pad(token_weights, (num_prefix_tokens, 0), value=1.)
     if attn.fused_attn:
@@ -86,11 +88,12 @@ def attention_with_class_attention(
         num_prefix_tokens: int = 1,
         score: Optional[str] = 'class',
         token_weights: Optional[torch.Tensor] = None,
+        key_bias: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """timm ``Attention`` forward that also returns the ``score`` of the ``N - P`` non-prefix
     tokens, ``[B, N - P]``: the head-averaged class attention (``'class'``), the attention each
     receives (``'mean'``), or None (``'pool'``, which the block computes from its tokens, or None).
-    ``token_weights``: weighted attention (``_attend_with_score``).
+    ``token_weights`` (and their ``key_bias``): weighted attention (``_attend_with_score``).
 
     Runs the module's own layers (qkv, q/k norms, scale norm, gate, proj, dropouts) in the order of
     timm's ``Attention.forward``, so its output is that forward's (a test compares them), on the
@@ -103,7 +106,7 @@ def attention_with_class_attention(
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
 
-    return _attend_with_score(attn, q, k, v, gate, num_prefix_tokens, score, token_weights)
+    return _attend_with_score(attn, q, k, v, gate, num_prefix_tokens, score, token_weights, key_bias)
 
 
 class PoolScore:
@@ -120,7 +123,12 @@ class PoolScore:
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
 
-    def __call__(self, x: torch.Tensor, token_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(
+            self,
+            x: torch.Tensor,
+            token_weights: Optional[torch.Tensor] = None,
+            key_bias: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         pool, norm = self.model._score_modules()
         num_prefix_tokens = self.model.num_prefix_tokens
         B, N, _ = x.shape
@@ -130,7 +138,9 @@ class PoolScore:
         kv_bias = None if pool.kv.bias is None else pool.kv.bias[:width]
         k = F.linear(norm(x), pool.kv.weight[:width], kv_bias)    # the key half of the pool's kv only
         k = k.reshape(B, N, pool.num_heads, pool.head_dim).transpose(1, 2)
-        key_bias = None if token_weights is None else size_key_bias(token_weights, num_prefix_tokens, k.dtype)
+        if token_weights is not None and key_bias is None:
+            key_bias = size_key_bias(token_weights, num_prefix_tokens)
+        key_bias = bias_as(key_bias, k)
         return pool_attention(pool.q_norm(q), pool.k_norm(k), pool.scale, num_prefix_tokens, key_bias)
 
 
@@ -190,11 +200,12 @@ class _ReorganisingStep:
             budget: Budget,
             kept_indices: Optional[List[torch.Tensor]],
             token_weights: Optional[torch.Tensor],
+            key_bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         if not budget.reorganises:   # a block that only carries token weights keeps every token
             return self._kept_all(x, kept_indices)
         if score is None:   # 'pool': from the tokens after the attention residual
-            score = self.pool_score(x, token_weights)
+            score = self.pool_score(x, token_weights, key_bias)
         x, kept_idx = opaque.reorganize(
             x, score, budget.keep_rate, budget.keep_mass, self.fuse_token, self.num_prefix_tokens,
             self.fusion == 'size', token_weights)
@@ -221,7 +232,8 @@ class EViTBlock(_ReorganisingStep, Block):
     (the identity when it kept them all). Models use it to trace tokens back to their patches.
     ``token_weights`` ``[B, n]``: what each non-prefix token counts for after a reorganisation
     (``TokenTrace.token_weights``: its size under size-aware fusion; 0 is padding, hidden from every
-    attention; their ``log`` biases every attention to them); None: each counts once. ``keep_mass``
+    attention; their ``log`` biases every attention to them: ``key_bias``, where the caller built it
+    once for many blocks); None: each counts once. ``keep_mass``
     in place of ``keep_rate``: each image's own count (``reorg.reorganize``). The model's block loop
     carries the weights from block to block; so does ``model.blocks(x)`` (``EViTBlocks``).
     """
@@ -235,15 +247,17 @@ class EViTBlock(_ReorganisingStep, Block):
             kept_indices: Optional[List[torch.Tensor]] = None,
             token_weights: Optional[torch.Tensor] = None,
             keep_mass: Optional[float] = None,
+            key_bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         budget = self._budget(keep_rate, keep_mass, attn_mask, is_causal)
         if not budget.reorganises and token_weights is None:
             return self._kept_all(super().forward(x, attn_mask=attn_mask, is_causal=is_causal), kept_indices)
         # Block.forward with the token weights' bias, and the reorganisation between its two residual branches
         attn_out, score = attention_with_class_attention(
-            self.attn, self.norm1(x), self.num_prefix_tokens, self._score_at(budget), token_weights)
+            self.attn, self.norm1(x), self.num_prefix_tokens, self._score_at(budget), token_weights,
+            key_bias)
         x = x + self.drop_path1(self.ls1(attn_out))
-        x = self._reorganise(x, score, budget, kept_indices, token_weights)
+        x = self._reorganise(x, score, budget, kept_indices, token_weights, key_bias)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -282,6 +296,7 @@ def rope_attention_with_class_attention(
         num_prefix_tokens: int = 1,
         score: Optional[str] = 'class',
         token_weights: Optional[torch.Tensor] = None,
+        key_bias: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """timm ``EvaAttention`` / ``AttentionRope`` forward that also returns the ``score`` of the
     ``N - P`` non-prefix tokens, ``[B, N - P]`` (as ``attention_with_class_attention``, with its
@@ -307,7 +322,7 @@ def rope_attention_with_class_attention(
         k = k.repeat_interleave(num_kv_groups, dim=1)
         v = v.repeat_interleave(num_kv_groups, dim=1)
 
-    return _attend_with_score(attn, q, k, v, gate, num_prefix_tokens, score, token_weights)
+    return _attend_with_score(attn, q, k, v, gate, num_prefix_tokens, score, token_weights, key_bias)
 
 
 class EViTEvaBlock(_ReorganisingStep, EvaBlock):
@@ -331,6 +346,7 @@ class EViTEvaBlock(_ReorganisingStep, EvaBlock):
             kept_indices: Optional[List[torch.Tensor]] = None,
             token_weights: Optional[torch.Tensor] = None,
             keep_mass: Optional[float] = None,
+            key_bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         budget = self._budget(keep_rate, keep_mass, attn_mask, is_causal)
         if not budget.reorganises and token_weights is None:
@@ -338,11 +354,12 @@ class EViTEvaBlock(_ReorganisingStep, EvaBlock):
             return self._kept_all(x, kept_indices)
         # EvaBlock.forward with the token weights' bias, and the reorganisation between its two residual branches
         attn_out, score = rope_attention_with_class_attention(
-            self.attn, self.norm1(x), rope, self.num_prefix_tokens, self._score_at(budget), token_weights)
+            self.attn, self.norm1(x), rope, self.num_prefix_tokens, self._score_at(budget), token_weights,
+            key_bias)
         if self.gamma_1 is not None:
             attn_out = self.gamma_1 * attn_out
         x = x + self.drop_path1(attn_out)
-        x = self._reorganise(x, score, budget, kept_indices, token_weights)
+        x = self._reorganise(x, score, budget, kept_indices, token_weights, key_bias)
         mlp_out = self.mlp(self.norm2(x))
         if self.gamma_2 is not None:
             mlp_out = self.gamma_2 * mlp_out

@@ -24,7 +24,7 @@ from .options import (
     KEEP_ALL, Budget, EViTOptions, KeepRate, budgets_per_block, check_fuse_token, check_fusion, default_reorg_layers,
     mass_budgets, rate_budgets, resolve_score,
 )
-from .reorg import size_key_bias, size_weighted_pool, tokens_to_patch_grid
+from .reorg import bias_as, size_key_bias, size_weighted_pool, tokens_to_patch_grid
 from .schedule import KeepRateWarmup
 from .tracing import TokenTrace, token_weights_from_sizes
 
@@ -64,9 +64,10 @@ def run_blocks(
     take_indices = list(take_indices)
     adaptive = any(b.keep_mass is not None for b in budgets)
     token_trace = None
-    if trace or trace_patches or take_indices or rope is not None or size_aware or adaptive:
-        token_trace = TokenTrace.start(x, num_prefix_tokens, trace_patches or bool(take_indices),
-                                       with_sizes=size_aware or adaptive or bool(take_indices))
+    with_ids = trace or bool(take_indices) or rope is not None
+    if with_ids or trace_patches or size_aware or adaptive:
+        token_trace = TokenTrace.start(x, num_prefix_tokens, with_ids, trace_patches or bool(take_indices),
+                                       with_sizes=size_aware or adaptive or bool(take_indices), size_aware=size_aware)
     # one image alone is never padded (under FX tracing the batch size is unknown: padded)
     batch = x.shape[0]
     alone = isinstance(batch, int) and batch == 1
@@ -81,18 +82,20 @@ def run_blocks(
         kwargs.update(kept_indices=kept_indices)
         if block_rope is not None:
             kwargs.update(rope=block_rope)
-        weights = None if token_trace is None else token_trace.token_weights(size_aware)
-        if weights is not None:
-            kwargs.update(token_weights=weights)
+        weights = None if token_trace is None else token_trace.token_weights()
+        if weights is not None:   # (with their log, built once per reorganisation)
+            kwargs.update(token_weights=weights, key_bias=token_trace.key_bias)
         if not budget.reorganises and (attn_mask is not None or is_causal):
             # (check_attention_mask has made sure that no mask meets a reorganising block; under
             # FX tracing both are placeholders, passed on to the plain blocks as timm does)
             kwargs.update(attn_mask=attn_mask, is_causal=is_causal)
+        num_tokens = x.shape[1] - num_prefix_tokens
         x = blk(x, **kwargs) if call is None else call(blk, x, **kwargs)
         if kept_indices and token_trace is not None:
             kept_idx = kept_indices[0]
             fused = x.shape[1] - num_prefix_tokens > kept_idx.shape[1]   # the block appended a fused slot
-            token_trace = token_trace.after(kept_idx, fused, may_pad=budget.keep_mass is not None and not alone)
+            token_trace = token_trace.after(kept_idx, num_tokens, fused,
+                                            may_pad=budget.keep_mass is not None and not alone)
             # before any reorganisation, timm's own rope goes to the blocks (keep_rate 1.0 is timm's model)
             reorganised = True
             if rope is not None and not rope_per_block:
@@ -446,7 +449,7 @@ class EViTMixin(KeepRateWarmup):
         return x
 
     def _head_weights(self, token_trace: Optional[TokenTrace]) -> Optional[torch.Tensor]:
-        return None if token_trace is None else token_trace.token_weights(self._size_aware)
+        return None if token_trace is None else token_trace.token_weights()
 
     def forward_head(
             self,
@@ -476,7 +479,7 @@ class EViTMixin(KeepRateWarmup):
             x = size_weighted_pool(x, token_weights, self.global_pool, self.num_prefix_tokens, include_prefix)
         else:
             num_prefix = self.num_prefix_tokens if include_prefix else 0
-            bias = size_key_bias(token_weights, num_prefix, x.dtype)
+            bias = bias_as(size_key_bias(token_weights, num_prefix), x)
             x = pool(x[:, self.num_prefix_tokens - num_prefix:], attn_mask=bias)
         # the rest of timm's forward_head
         x = self.head_drop(self.fc_norm(x))

@@ -20,11 +20,12 @@ import math
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     'num_kept_tokens', 'num_kept_by_mass', 'head_averaged_class_row', 'class_attention', 'mean_received_row',
     'mean_received_attention', 'pool_attention', 'keep_and_fuse', 'reorganize_tokens', 'reorganize',
-    'size_key_bias', 'sizes_after', 'size_weighted_pool',
+    'size_key_bias', 'bias_as', 'sizes_after', 'size_weighted_pool',
     'trace_token_patch_ids', 'trace_patch_token_index', 'tokens_to_patch_grid', 'rotary_rows_for_tokens',
 ]
 
@@ -184,9 +185,10 @@ def keep_and_fuse(
         fuse: append one fused token after the kept ones: ``sum_j a_j * x_j`` over the dropped ``j``
             (raw weights, the paper's).
         weighted_mean: the fused token is ``sum_j a_j x_j / sum_j a_j`` instead (size-aware fusion,
-            docs/design.md, "A fused token that keeps its size"). Where every dropped weight is 0
-            (attention that underflowed: peaky, fp16, bf16) the mean is taken over the patches the
-            dropped tokens carry (their ``token_weights``): never 0 / 0.
+            docs/design.md, "A fused token that keeps its size"), in float32 at least. Where every
+            dropped weight is 0 (attention that underflowed: peaky, fp16, bf16) the mean is taken
+            over the patches the dropped tokens carry (their ``token_weights``, ``UNDERFLOW_SHARE``):
+            never 0 / 0.
         token_weights: ``[B, n]`` what each token counts for (its size; 0: padding, never fused);
             None: 1 each.
         filled: ``[B, K]`` which slots an image fills (per-image counts; the others are its padding:
@@ -196,12 +198,21 @@ def keep_and_fuse(
     """
     parts = [x[:, :num_prefix_tokens], _non_prefix_rows(x, kept_idx, num_prefix_tokens)]
     if fuse:
+        weights = score
+        if weighted_mean:   # in float32 at least, each token's patches' tiny share added (_UNDERFLOW_SHARE)
+            wide = score.dtype if score.dtype in (torch.float32, torch.float64) else torch.float32
+            weights = _as(score, wide)
+            sizes = 1. if token_weights is None else token_weights
+            weights = weights + UNDERFLOW_SHARE * sizes
         # the score with the kept tokens zeroed: the fused token is one batched matmul,
         # with no complement index and no second gather
-        weights = _zero_at(score, kept_idx, filled)
+        weights = _zero_at(weights, kept_idx, filled)
         if weighted_mean:
-            weights = _weighted_mean_weights(weights, kept_idx, token_weights, filled)
-        parts.append(weights.to(x.dtype).unsqueeze(1) @ x[:, num_prefix_tokens:])
+            total = weights.sum(dim=1, keepdim=True)
+            if filled is not None:   # an image that dropped nothing has nothing to average (a fixed count always drops)
+                total = total.clamp(min=torch.finfo(weights.dtype).tiny)
+            weights = weights / total
+        parts.append(_as(weights, x.dtype).unsqueeze(1) @ x[:, num_prefix_tokens:])
     return torch.cat(parts, dim=1)
 
 
@@ -212,22 +223,18 @@ def _zero_at(values: torch.Tensor, idx: torch.Tensor, filled: Optional[torch.Ten
     return values.scatter(1, idx, values.gather(1, idx).masked_fill(filled, 0.))
 
 
-def _weighted_mean_weights(
-        weights: torch.Tensor,
-        kept_idx: torch.Tensor,
-        token_weights: Optional[torch.Tensor],
-        filled: Optional[torch.Tensor],
-) -> torch.Tensor:
-    """The dropped tokens' score ``weights`` (kept: 0) normalised to sum to 1, in float32 at least.
-    Where they sum to 0 (underflow), the dropped tokens' sizes instead; an image that dropped nothing
-    (its fused slot is padding) gets zeros."""
-    wide = torch.promote_types(weights.dtype, torch.float32)
-    weights = weights.to(wide)
-    sizes = torch.ones_like(weights) if token_weights is None else token_weights.to(wide)
-    # (padding is a key no attention sees: its score is 0 already)
-    carried = _zero_at(sizes, kept_idx, filled)   # what each dropped token carries; 0: kept or padding
-    weights = torch.where(weights.sum(dim=1, keepdim=True) > 0, weights, carried)
-    return weights / weights.sum(dim=1, keepdim=True).clamp(min=torch.finfo(wide).tiny)
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # a conversion only where the dtype differs: each call is an operation (a GPU launch) even when it copies nothing
+    if isinstance(t, torch.fx.Proxy):   # (FX's symbolic trace: the dtype is not known there)
+        return t.to(dtype)
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+# Size-aware fusion adds this share of the patches each token carries to its fusion weight: it
+# vanishes beside any score float32 holds, and is the whole weight where every dropped score
+# underflowed to 0 (peaky attention, fp16, bf16): the fused token is then the mean over the patches
+# the dropped tokens carry, never 0 / 0. (float32's smallest normal is 1.2e-38: the share survives.)
+UNDERFLOW_SHARE = 1e-30
 
 
 def reorganize_tokens(
@@ -306,34 +313,43 @@ def reorganize(
     return x, kept_idx.masked_fill(~filled, -1)
 
 
-def size_key_bias(token_sizes: torch.Tensor, num_prefix_tokens: int, dtype: torch.dtype) -> torch.Tensor:
-    """``log(size)`` of every token as a key bias ``[B, 1, 1, P + n]`` (prefix tokens: size 1, bias 0),
-    for attention logits ``[B, H, queries, P + n]``: a token of size ``s`` is attended to as ``s``
-    copies of itself (ToMe's proportional attention). ``token_sizes`` ``[B, n]``."""
-    bias = token_sizes.log()
-    if num_prefix_tokens:
-        bias = torch.cat([bias.new_zeros(bias.shape[0], num_prefix_tokens), bias], dim=1)
-    return bias.to(dtype)[:, None, None, :]
+def size_key_bias(token_weights: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """``log(weight)`` of every token as a key bias ``[B, 1, 1, P + n]`` (prefix tokens: weight 1,
+    bias 0; padding: weight 0, bias -inf), for attention logits ``[B, H, queries, P + n]``: a token
+    of size ``s`` is attended to as ``s`` copies of itself (ToMe's proportional attention).
+    ``token_weights`` ``[B, n]``; the bias keeps their dtype (``bias_as``)."""
+    bias = F.pad(token_weights.log(), (num_prefix_tokens, 0))
+    return bias.view(bias.shape[0], 1, 1, bias.shape[1])
+
+
+def bias_as(key_bias: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    """``key_bias`` in ``like``'s dtype, converted only where it differs (each conversion is one
+    more operation, and a GPU launch, per block)."""
+    return key_bias if key_bias is None else _as(key_bias, like.dtype)
 
 
 def sizes_after(
         token_sizes: Optional[torch.Tensor],
         kept_idx: torch.Tensor,
-        num_tokens: int,
         fused: bool,
+        num_patches: int,
+        padded: bool = False,
 ) -> torch.Tensor:
     """The sizes (patches each token stands for) after a reorganisation: each kept token keeps its
-    size, a padding slot (kept index -1) has size 0 and, where the block made a fused slot (``fused``:
-    the last token), it holds the sum of the sizes it replaced (0: the image dropped nothing, so the
-    slot is its padding): ``[B, num_keep (+1)]``. ``token_sizes`` ``[B, n]`` before the block (None:
-    every token has size 1); ``num_tokens`` is ``n``."""
+    size, a padding slot (kept index -1, only where ``padded``) has size 0 and, where the block made a
+    fused slot (``fused``: the last token), it holds the patches no kept token carries (the sizes
+    always sum to ``num_patches``; 0: the image dropped nothing, so the slot is its padding):
+    ``[B, num_keep (+1)]``. ``token_sizes`` ``[B, n]`` before the block (None: every token has
+    size 1)."""
     if token_sizes is None:
-        token_sizes = torch.ones(kept_idx.shape[0], num_tokens, device=kept_idx.device)
-    kept = token_sizes.gather(1, kept_idx.clamp(min=0)).masked_fill(kept_idx < 0, 0.)
+        kept = (kept_idx >= 0).float() if padded else torch.ones(kept_idx.shape, device=kept_idx.device)
+    elif padded:
+        kept = token_sizes.gather(1, kept_idx.clamp(min=0)).masked_fill(kept_idx < 0, 0.)
+    else:
+        kept = token_sizes.gather(1, kept_idx)
     if not fused:
         return kept
-    remainder = token_sizes.sum(dim=1, keepdim=True) - kept.sum(dim=1, keepdim=True)
-    return torch.cat([kept, remainder], dim=1)
+    return torch.cat([kept, num_patches - kept.sum(dim=1, keepdim=True)], dim=1)
 
 
 def size_weighted_pool(
@@ -347,16 +363,19 @@ def size_weighted_pool(
     token stands for ``token_sizes`` ``[B, n]`` patches (prefix tokens, where included, for one):
     the mean is weighted by size (the mean over the patches), the max is over the tokens of size > 0
     (padding, size 0, is in neither)."""
-    sizes = token_sizes.to(x.dtype)
+    sizes = token_sizes
     if include_prefix:
-        sizes = torch.cat([sizes.new_ones(sizes.shape[0], num_prefix_tokens), sizes], dim=1)
+        sizes = F.pad(sizes, (num_prefix_tokens, 0), value=1.)
     else:
         x = x[:, num_prefix_tokens:]
     if pool_type in ('max', 'avgmax'):
         peak = x.masked_fill((sizes == 0).unsqueeze(-1), float('-inf')).amax(dim=1)
     if pool_type == 'max':
         return peak
-    mean = (x * sizes.unsqueeze(-1)).sum(dim=1) / sizes.sum(dim=1, keepdim=True)
+    # the weights normalised first (in their own precision, float32): no sum of sizes times tokens
+    # grows large in half precision
+    weights = (sizes / sizes.sum(dim=1, keepdim=True)).to(x.dtype)
+    mean = (weights.unsqueeze(1) @ x).squeeze(1)
     if pool_type == 'avg':
         return mean
     if pool_type == 'avgmax':

@@ -1,10 +1,13 @@
-"""Token tracing, a part of the block loop: which patch each token now present came from, and which
-token now carries each patch (docs/design.md, "Traced indices", for the two names)."""
-from typing import NamedTuple, Optional
+"""The token state, a part of the block loop (docs/design.md, "One token state"): which patch each
+token now present came from, which token now carries each patch (docs/design.md, "Traced
+indices", for the two names), the patches each token stands for, and what every later attention
+weighs each token by."""
+from typing import Any, NamedTuple, Optional
 
 import torch
 
 from . import opaque
+from .reorg import size_key_bias
 
 __all__ = ['TokenTrace', 'token_weights_from_sizes']
 
@@ -16,49 +19,72 @@ def token_weights_from_sizes(token_sizes: torch.Tensor, size_aware: bool) -> tor
 
 
 class TokenTrace(NamedTuple):
-    """``token_patch_ids`` ``[B, n]`` and, where asked for, ``patch_token_index`` ``[B, patches]``
-    and ``token_sizes`` ``[B, n]`` (the patches each token stands for: None until a reorganisation,
-    while every token is one patch; 0: padding, docs/design.md, "Per-image token budgets"), for the
-    non-prefix tokens present at one point of the loop."""
+    """The state of the non-prefix tokens present at one point of the loop, each part only where
+    asked for: ``token_patch_ids`` ``[B, n]``, ``patch_token_index`` ``[B, patches]``, ``token_sizes``
+    ``[B, n]`` (the patches each token stands for: None until a reorganisation, while every token
+    is one patch; 0: padding, docs/design.md, "Per-image token budgets"), and ``key_bias``, the log
+    of the token weights as a key bias ``[B, 1, 1, P + n]`` (float32), built once per
+    reorganisation for every later block (None: every token counts once)."""
 
-    token_patch_ids: torch.Tensor
+    token_patch_ids: Optional[torch.Tensor]
     patch_token_index: Optional[torch.Tensor] = None
     token_sizes: Optional[torch.Tensor] = None
+    key_bias: Optional[torch.Tensor] = None
+    num_patches: Any = 0            # patches entering the blocks (an int; a graph value under FX)
+    num_prefix_tokens: int = 0
     with_sizes: bool = False
-    padded: bool = False   # images may hold padding (per-image budgets in a batch)
+    size_aware: bool = False        # tokens weigh by size (size-aware fusion), not once each
+    padded: bool = False            # images may hold padding (per-image budgets in a batch)
 
     @classmethod
-    def start(cls, x: torch.Tensor, num_prefix_tokens: int, with_patch_index: bool, with_sizes: bool) -> 'TokenTrace':
+    def start(
+            cls,
+            x: torch.Tensor,
+            num_prefix_tokens: int,
+            with_ids: bool,
+            with_patch_index: bool,
+            with_sizes: bool,
+            size_aware: bool,
+    ) -> 'TokenTrace':
         """Before the blocks every patch is its own token: both indices are the identity."""
         num_patches = x.shape[1] - num_prefix_tokens
-        identity = torch.arange(num_patches, device=x.device).expand(x.shape[0], -1)
-        return cls(identity, identity if with_patch_index else None, None, with_sizes)
+        identity = None
+        if with_ids or with_patch_index:
+            identity = torch.arange(num_patches, device=x.device).expand(x.shape[0], -1)
+        return cls(identity if with_ids else None, identity if with_patch_index else None, None, None, num_patches,
+                   num_prefix_tokens, with_sizes, size_aware)
 
-    def after(self, kept_idx: torch.Tensor, fused: bool, may_pad: bool = False) -> 'TokenTrace':
-        """The trace after a block that kept ``kept_idx`` ``[B, num_keep]`` of the tokens before it
-        (-1: a padding slot) and, where ``fused``, made a fused slot after them; ``may_pad``: the
-        block gave its images their own counts in a batch."""
-        num_tokens = self.token_patch_ids.shape[1]
+    def after(self, kept_idx: torch.Tensor, num_tokens: Any, fused: bool, may_pad: bool = False) -> 'TokenTrace':
+        """The state after a block that kept ``kept_idx`` ``[B, num_keep]`` of its ``num_tokens``
+        non-prefix tokens (-1: a padding slot) and, where ``fused``, made a fused slot after them;
+        ``may_pad``: the block gave its images their own counts in a batch."""
+        padded = self.padded or may_pad
         patch_token_index = self.patch_token_index
         if patch_token_index is not None:
             patch_token_index = opaque.trace_patch_token_index(patch_token_index, kept_idx, num_tokens, fused)
         token_sizes = self.token_sizes
         if self.with_sizes:
-            token_sizes = opaque.sizes_after(token_sizes, kept_idx, num_tokens, fused)
-        token_patch_ids = opaque.trace_token_patch_ids(self.token_patch_ids, kept_idx, fused)
-        return TokenTrace(token_patch_ids, patch_token_index, token_sizes, self.with_sizes, self.padded or may_pad)
+            token_sizes = opaque.sizes_after(token_sizes, kept_idx, fused, self.num_patches, padded)
+        token_patch_ids = self.token_patch_ids
+        if token_patch_ids is not None:
+            token_patch_ids = opaque.trace_token_patch_ids(token_patch_ids, kept_idx, fused)
+        state = self._replace(token_patch_ids=token_patch_ids, patch_token_index=patch_token_index,
+                              token_sizes=token_sizes, padded=padded)
+        weights = state.token_weights()
+        key_bias = None if weights is None else size_key_bias(weights, self.num_prefix_tokens)
+        return state._replace(key_bias=key_bias)
 
-    def token_weights(self, size_aware: bool) -> Optional[torch.Tensor]:
+    def token_weights(self) -> Optional[torch.Tensor]:
         """What every later attention, score and pooling weighs each non-prefix token by ``[B, n]``
-        (``reorg.size_key_bias``; docs/design.md, "One token state"): its size under size-aware
-        fusion, else 1, and 0 for padding where an image may hold padding; None: every token counts
-        once (nothing to weigh)."""
-        if self.token_sizes is None or not (size_aware or self.padded):
+        (its log is ``key_bias``): its size under size-aware fusion, else 1, and 0 for padding
+        where an image may hold padding; None: every token counts once (nothing to weigh)."""
+        if self.token_sizes is None or not (self.size_aware or self.padded):
             return None
-        return token_weights_from_sizes(self.token_sizes, size_aware)
+        return token_weights_from_sizes(self.token_sizes, self.size_aware)
 
     def sizes_or_ones(self) -> torch.Tensor:
         """``token_sizes``, or ones where no token has been fused yet."""
         if self.token_sizes is not None:
             return self.token_sizes
-        return torch.ones(self.token_patch_ids.shape, device=self.token_patch_ids.device)
+        like = self.token_patch_ids if self.token_patch_ids is not None else self.patch_token_index
+        return torch.ones(like.shape, device=like.device)
