@@ -297,6 +297,10 @@ REFUSALS = {
     'sweep keep mass out of range': (SWEEP + ['--keep-masses', '0.5,1.5'], ['--keep-masses takes', '(0, 1]']),
     'sweep negative macs images': (SWEEP + ['--keep-masses', '0.5', '--macs-images', '-1'],
                                    ['--macs-images', 'integer >= 0']),
+    # a budget in --model-kwargs would be replaced by each row's: refused, naming the option to use (issue 29)
+    'bench keep mass in model kwargs': (BENCH + ['keep_mass=0.9'], ['--model-kwargs keep_mass=0.9', '--keep-masses 0.9']),
+    'bench keep rate in model kwargs': (BENCH + ['keep_rate=0.6'], ['--model-kwargs keep_rate=0.6', '--keep-rates 0.6']),
+    'sweep keep mass in model kwargs': (SWEEP + ['keep_mass=0.9'], ['--model-kwargs keep_mass=0.9', '--keep-masses 0.9']),
     'export keep mass model': (EXPORT + ['keep_mass=0.8'], [FIXED_COUNTS_NEEDED]),
     'export keep mass model as a program': (EXPORT + ['keep_mass=0.8', '--format', 'export'], [FIXED_COUNTS_NEEDED]),
     'export keep rate beside a keep mass': (EXPORT + ['keep_mass=0.8', '--keep-rate', '0.5'],
@@ -322,3 +326,19 @@ def test_the_python_export_refuses_a_keep_mass_model():
     for format in ('onnx', 'export'):
         with pytest.raises(ValueError, match=re.escape(FIXED_COUNTS_NEEDED)):
             exported_writer(model, format)
+
+
+def test_torch_s_own_exports_of_a_keep_mass_model_say_why_in_one_line():
+    # torch.export and torch.jit.trace stop where the budgets are read, with one line naming keep_mass
+    # (a 480-line guard error deep in the tracer before, issue 29); torch.onnx.export wraps the same line
+    model = timm.create_model('evit_deit_tiny', keep_mass=0.8, **TINY_IMG32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    dynamic = ({0: torch.export.Dim('batch')},)
+    for export in (lambda: torch.export.export(model, (x,)),
+                   lambda: torch.export.export(model, (x,), dynamic_shapes=dynamic),
+                   lambda: torch.jit.trace(model, (x,))):
+        with pytest.raises(ValueError) as refused:
+            export()
+        assert str(refused.value) == FIXED_COUNTS_NEEDED and 'keep_mass' in FIXED_COUNTS_NEEDED
+    with torch.no_grad():
+        assert model(x).shape == (2, 1000)   # eager still runs

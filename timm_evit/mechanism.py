@@ -28,7 +28,7 @@ from .reorg import bias_as, size_key_bias, size_weighted_pool, tokens_to_patch_g
 from .schedule import KeepRateWarmup
 from .tracing import TokenTrace, token_weights_from_sizes
 
-__all__ = ['EViTMixin', 'EViTBlocks', 'run_blocks', 'default_reorg_layers']
+__all__ = ['EViTMixin', 'EViTBlocks', 'run_blocks', 'default_reorg_layers', 'KEEP_MASS_NOT_EXPORTABLE']
 
 
 def run_blocks(
@@ -125,6 +125,17 @@ class EViTBlocks(nn.Sequential):
 # tensor (docs/design.md, "One token state"). Off the model, so copies and pickles never hold it.
 _FEATURES_STATE: 'weakref.WeakKeyDictionary[nn.Module, Tuple[weakref.ref, Optional[TokenTrace]]]' = \
     weakref.WeakKeyDictionary()
+
+
+# Why a keep_mass model cannot be exported (torch.export, ONNX, torch.jit.trace), said in one line
+# where the export starts instead of a guard error deep in the tracer.
+KEEP_MASS_NOT_EXPORTABLE = ('keep_mass gives each image its own token count (data-dependent shapes), which an '
+                            'exported graph cannot hold: export at a fixed keep_rate (model.set_keep_rate(...))')
+
+
+def _exporting() -> bool:
+    is_exporting = getattr(torch.compiler, 'is_exporting', None)   # (torch 2.5 and later)
+    return bool(is_exporting and is_exporting()) or torch.jit.is_tracing()
 
 
 def _tracing() -> bool:
@@ -344,6 +355,8 @@ class EViTMixin(KeepRateWarmup):
                 budgets = rate_budgets(self.scheduled_keep_rate(), len(self.reorg_layers))
             else:   # evaluation always uses the target budget
                 budgets = self._budgets()
+        if any(b.keep_mass is not None for b in budgets) and _exporting():
+            raise ValueError(KEEP_MASS_NOT_EXPORTABLE)
         per_block = [KEEP_ALL] * len(self.blocks)
         for layer, budget in zip(self.reorg_layers, budgets):
             per_block[layer] = budget

@@ -35,6 +35,17 @@ def _float_list(text: str, option: str, require_distinct) -> List[float]:
     return values
 
 
+def _budget_in_model_kwargs(args: argparse.Namespace, command: str) -> Optional[str]:
+    """Why ``--model-kwargs`` cannot hold a budget for ``command``, which measures the budgets of its
+    own options row by row (a budget there would be silently replaced), or None."""
+    given = dict(args.model_kwargs)
+    for key, option in (('keep_rate', '--keep-rates'), ('keep_mass', '--keep-masses')):
+        if key in given:
+            return (f'{command} measures the budgets of --keep-rates / --keep-masses row by row: give --model-kwargs '
+                    f'{key}={given[key]!r} as {option} {given[key]!r}')
+    return None
+
+
 def _keep_rates(text: str) -> List[float]:
     return _float_list(text, '--keep-rates', require_distinct_keep_rates)
 
@@ -81,6 +92,9 @@ def bench_main(args: argparse.Namespace) -> int:
         return _user_error('bench', e)
     if args.threads:
         torch.set_num_threads(args.threads)
+    problem = _budget_in_model_kwargs(args, 'bench')
+    if problem:
+        return _user_error('bench', problem)
     _resolve_keep_rates(args)
     attn = ('math', 'fused') if args.attn == 'both' else (args.attn,)
     args.warmup = max(args.warmup, min_warmup(args.compile))  # the warm-up compiles
@@ -303,6 +317,9 @@ def sweep_main(args: argparse.Namespace) -> int:
 
     if not args.no_plot and not _need_matplotlib('sweep'):
         return 2
+    problem = _budget_in_model_kwargs(args, 'sweep')
+    if problem:
+        return _user_error('sweep', problem)
     _resolve_keep_rates(args)
     if args.max_drop is not None and 1.0 not in args.keep_rates:
         return _user_error('sweep', '--max-drop needs keep rate 1.0 in --keep-rates (the accuracy it is measured from)')

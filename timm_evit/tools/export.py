@@ -15,6 +15,7 @@ from typing import Callable, Dict, Iterator, Optional
 
 import torch
 
+from ..mechanism import KEEP_MASS_NOT_EXPORTABLE
 from .files import Writer
 
 __all__ = ['FORMATS', 'QUANTIZATIONS', 'FIXED_COUNTS_NEEDED', 'INPUT_NAME', 'OUTPUT_NAME', 'BATCH_AXIS',
@@ -118,8 +119,7 @@ def _parameter_bytes(model: torch.nn.Module) -> int:
 
 
 # what an exported graph cannot hold (torch.export stops at the count's data-dependent branch)
-FIXED_COUNTS_NEEDED = ('keep_mass gives each image its own token count (data-dependent shapes), which an exported '
-                       'graph cannot hold: export at a fixed keep_rate')
+FIXED_COUNTS_NEEDED = KEEP_MASS_NOT_EXPORTABLE
 
 
 def check_exportable(model: torch.nn.Module, format: str) -> None:
