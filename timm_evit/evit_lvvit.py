@@ -193,12 +193,10 @@ class VisionTransformerEViTLVViT(VisionTransformerEViT):
 
     def _forward_dense(self, x: torch.Tensor, keep_rate: Optional[KeepRate], keep_mass: Optional[KeepRate] = None):
         grid_h, grid_w = self.patch_embed.dynamic_feat_size(x.shape[-2:])
-        tokens, _ = self._entering_tokens(x)
+        tokens, _, budgets = self._preamble(x, keep_rate, keep_mass)
         bbox = (0, 0, 0, 0)
         if self.mix_token:
             tokens, bbox = _mix_tokens(tokens, grid_h, grid_w)
-        budgets = self._budgets_for_call(keep_rate, keep_mass)
-        self._advance_warmup()
         # every patch traced to the token that carries it, to put the aux logits back on the grid
         tokens, trace, _ = self._block_loop(tokens, budgets, trace_patches=True)
         tokens = self.norm(tokens)

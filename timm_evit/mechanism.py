@@ -373,9 +373,20 @@ class EViTMixin(KeepRateWarmup):
         """Tokens entering the blocks and their rotary position embedding (None: no RoPE)."""
         return self._embed(x), None
 
-    def _entering_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        opaque.check_image_batch(x, self.in_chans)
-        return self._embed_with_rope(x)
+    def _preamble(
+            self,
+            images: torch.Tensor,
+            keep_rate: Optional[KeepRate],
+            keep_mass: Optional[KeepRate],
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], List[Budget]]:
+        """What every forward entry point does first, in this order: the input check, the family's
+        embedding (tokens entering the blocks, their rotary embedding), this call's budgets, the
+        warm-up's step (after the budgets have read it)."""
+        opaque.check_image_batch(images, self.in_chans)
+        x, rope = self._embed_with_rope(images)
+        budgets = self._budgets_for_call(keep_rate, keep_mass)
+        self._advance_warmup()
+        return x, rope, budgets
 
     def _block_loop(
             self,
@@ -408,9 +419,7 @@ class EViTMixin(KeepRateWarmup):
     ) -> Tuple[torch.Tensor, Optional[TokenTrace]]:
         """The forward preamble every entry point shares (input check, embedding, this call's
         budgets, the warm-up's step), the blocks, the final norm: the tokens and their state."""
-        x, rope = self._entering_tokens(x)
-        budgets = self._budgets_for_call(keep_rate, keep_mass)
-        self._advance_warmup()
+        x, rope, budgets = self._preamble(x, keep_rate, keep_mass)
         x, token_trace, _ = self._block_loop(x, budgets, attn_mask, is_causal, rope, trace=trace)
         return self.norm(x), token_trace
 
@@ -540,13 +549,10 @@ class EViTMixin(KeepRateWarmup):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         images = x
-        x, rope = self._entering_tokens(images)
+        x, rope, budgets = self._preamble(images, keep_rate, keep_mass)
         grid_h, grid_w = self.patch_embed.dynamic_feat_size(images.shape[-2:])
         if output_fmt == 'NCHW':
             opaque.check_patch_grid(x.shape[1] - self.num_prefix_tokens, (grid_h, grid_w))
-
-        budgets = self._budgets_for_call(keep_rate, keep_mass)
-        self._advance_warmup()
         num_blocks = max_index + 1 if stop_early else len(self.blocks)
         x, final_trace, taken = self._block_loop(
             x, budgets, attn_mask, is_causal, rope, take_indices=take_indices, num_blocks=num_blocks)
