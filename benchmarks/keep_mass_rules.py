@@ -106,6 +106,16 @@ def evaluate(model, loader, branch, outside, **budget):
     return 100. * correct / total, float(torch.cat(macs).mean()) / 1e9
 
 
+def rate_curve_at(curve, gmacs: float):
+    """Top-1 of the fixed-rate curve (``[(gmacs, top1)]``) at ``gmacs``, linearly interpolated;
+    None outside its range."""
+    curve = sorted(curve)
+    for (g0, a0), (g1, a1) in zip(curve, curve[1:]):
+        if g0 <= gmacs <= g1:
+            return a0 + (a1 - a0) * (gmacs - g0) / (g1 - g0)
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--data-dir', required=True)
@@ -134,21 +144,30 @@ def main() -> None:
     for temperature in (2., 4.):
         rules += [(f'mass, T {temperature:g}', t, dict(temperature=temperature), dict(keep_mass=t))
                   for t in (0.99, 0.98, 0.95, 0.9, 0.8, 0.7)]
-    print(f'| checkpoint | rule | value | top-1 | mean GMACs per image |')
-    print('|---|---|---|---|---|')
+    print('| checkpoint | rule | value | top-1 | mean GMACs per image | top-1 minus the fixed rates at equal MACs |')
+    print('|---|---|---|---|---|---|')
     for checkpoint in args.checkpoint:
         model = create_evit_model(args.model, checkpoint=checkpoint, num_classes=args.num_classes,
                                   fusion=args.fusion, **kwargs).eval()
         loader = image_loader(load_image_folder(args.data_dir, args.split),
                               eval_data_config(model, args.crop_pct), args.batch_size)
         branch, outside = block_macs_table(model, model.patch_embed.num_patches + model.num_prefix_tokens)
+        top1, gmacs = evaluate(model, loader, branch, outside, keep_rate=1.0)
+        print(f'| {checkpoint} | rate | 1 | {top1:.2f} | {gmacs:.5f} | |', flush=True)
+        curve = [(gmacs, top1)]
         for name, value, change, budget in rules:
             reorg.num_kept_by_mass = rule_counts(**change) if change else _num_kept_by_mass
             try:
                 top1, gmacs = evaluate(model, loader, branch, outside, **budget)
             finally:
                 reorg.num_kept_by_mass = _num_kept_by_mass
-            print(f'| {checkpoint} | {name} | {value:g} | {top1:.2f} | {gmacs:.5f} |', flush=True)
+            if name == 'rate':
+                curve.append((gmacs, top1))
+                delta = ''
+            else:
+                at = rate_curve_at(curve, gmacs)
+                delta = '-' if at is None else f'{top1 - at:+.2f}'
+            print(f'| {checkpoint} | {name} | {value:g} | {top1:.2f} | {gmacs:.5f} | {delta} |', flush=True)
 
 
 if __name__ == '__main__':

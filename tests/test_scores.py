@@ -181,6 +181,17 @@ def test_pruning_the_head_keeps_the_pool_that_ranks_the_tokens():
         converted('siglip', 0.5, True)[1].reset_classifier(0, 'avg')   # a user's reset still says why
 
 
+def test_pruning_every_reorganising_block_keeps_no_unused_parameter():
+    # timm's pruning contract (tests/test_models.py of timm's source distribution): every parameter
+    # left is used by the forward, as DistributedDataParallel without find_unused_parameters needs
+    _, model = converted('siglip', 0.5, True)
+    model.prune_intermediate_layers([0], prune_head=True, prune_norm=True)   # block 0 alone: no reorganisation
+    assert model.reorg_layers == ()
+    assert not any(name.startswith(('score_pool.', 'score_norm.')) for name in model.state_dict())
+    model.forward_intermediates(images(FAMILIES['siglip'].size), indices=[0], intermediates_only=True)[0].sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_features_only_on_a_model_ranked_by_its_pool():
     model = timm.create_model('evit_vit_base_patch16_siglip_224', features_only=True, img_size=32, patch_size=8,
                               **SMALL_VIT)

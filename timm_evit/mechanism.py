@@ -323,19 +323,21 @@ class EViTMixin(KeepRateWarmup):
         A ``'pool'`` model's blocks rank with the attention pool and final norm that pruning takes
         out of the head (timm's feature extraction prunes the head): the blocks keep using them,
         and the model keeps them registered as ``score_pool`` / ``score_norm`` (moved and saved
-        with it)."""
+        with it), where a reorganising block remains to use them."""
         pool, norm = self._pool_for_score(), self.norm
         self._pruning_head = True
         try:
             take_indices = super().prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
         finally:
             self._pruning_head = False
-        if self.score == 'pool':
+        self.reorg_layers = tuple(layer for layer in self.reorg_layers if layer < len(self.blocks))
+        # kept only where a remaining block ranks with them: a parameter no forward uses breaks
+        # DistributedDataParallel (without find_unused_parameters) and timm's pruning contract
+        if self.score == 'pool' and self.reorg_layers:
             if getattr(self, 'attn_pool', None) is not pool:
                 self.score_pool = pool
             if self.norm is not norm:
                 self.score_norm = norm
-        self.reorg_layers = tuple(layer for layer in self.reorg_layers if layer < len(self.blocks))
         return take_indices
 
     def _budgets_for_call(
