@@ -1,8 +1,10 @@
 """Bad input gets a clear error naming the argument and what is allowed; nothing is clamped."""
+import numpy as np
 import pytest
 import timm
 import torch
 
+import timm_evit
 from helpers import tiny_evit
 
 
@@ -78,3 +80,24 @@ def test_a_rate_that_would_keep_no_token_keeps_one():
     model = tiny_evit(keep_rate=1e-6, fuse_token=False).eval()
     tokens = model.forward_intermediates(torch.randn(1, 3, 224, 224), output_fmt='NLC', intermediates_only=True)
     assert [t.shape[1] for t in tokens] == [196, 1, 1, 1]
+
+
+@pytest.mark.parametrize('number', [np.float32(0.5), np.float64(0.5), torch.tensor(0.5), torch.tensor(0.5).half()],
+                         ids=['np.float32', 'np.float64', '0-d tensor', '0-d half tensor'])
+def test_numpy_numbers_and_0d_tensors_are_numbers_everywhere(number):
+    # a timm user's numbers come from numpy and tensors too (issue 30): the same as a Python float
+    small = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=2)
+    steps, layer = np.int64(3), torch.tensor(2)
+    model = timm.create_model('evit_deit_tiny', keep_rate=number, reorg_layers=(np.int64(1), layer),
+                              keep_rate_warmup_start=steps, keep_rate_warmup_steps=torch.tensor(4), **small)
+    assert model.keep_rate == (0.5, 0.5) and model.reorg_layers == (1, 2)
+    assert type(model.keep_rate_warmup_start) is int and model.keep_rate_warmup_steps == 4
+    model.set_keep_rate((number, np.float32(0.25)))
+    assert model.keep_rate == (0.5, 0.25)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x, keep_rate=number), model(x, keep_rate=0.5), rtol=0, atol=0)
+    applied = timm_evit.apply(timm.create_model('deit_tiny_patch16_224', **small), keep_rate=number)
+    assert applied.keep_rate == (0.5,) * 3
+    with pytest.raises(TypeError, match='keep_rate must be a float'):
+        model.set_keep_rate(torch.tensor([0.5, 0.5]))   # not a number: one per block is a list

@@ -8,10 +8,12 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
+import torch
+
 __all__ = [
     'KeepRate', 'DEFAULT_KEEP_RATE', 'Budget', 'KEEP_ALL', 'budgets_per_block', 'rate_budgets', 'mass_budgets', 'EViTOptions', 'check_keep_mass', 'EVIT_ARGS', 'TRAINING_ARGS', 'pop_evit_args', 'default_reorg_layers',
     'check_keep_rate', 'check_reorg_layers', 'check_fuse_token', 'SCORES', 'check_score', 'resolve_score',
-    'FUSIONS', 'APPLY_FUSION', 'check_fusion',
+    'FUSIONS', 'APPLY_FUSION', 'check_fusion', 'as_python_number',
 ]
 
 KeepRate = Union[float, Sequence[float]]
@@ -102,10 +104,12 @@ class EViTOptions:
         of block indices (the default places for None), and one float per reorganising block in
         ``keep_rate`` or in ``keep_mass`` (the other None; ``budgets()`` pairs them per block).
         A TypeError or ValueError names the argument otherwise."""
+        steps = {}
         for name in TRAINING_ARGS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            value = as_python_number(getattr(self, name))
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
                 raise ValueError(f'{name} must be an integer >= 0 (optimizer steps), got {value!r}')
+            steps[name] = int(value)
         layers = default_reorg_layers(depth) if self.reorg_layers is None else check_reorg_layers(self.reorg_layers, depth)
         fuse_token = check_fuse_token(self.fuse_token)
         score = None if self.score is None else check_score(self.score)
@@ -119,7 +123,7 @@ class EViTOptions:
         masses = tuple(b.keep_mass for b in budgets) if self.keep_mass is not None else None
         return dataclasses.replace(self, keep_rate=rates, keep_mass=masses,
                                    reorg_layers=layers, fuse_token=fuse_token, score=score,
-                                   fusion=check_fusion(self.fusion))
+                                   fusion=check_fusion(self.fusion), **steps)
 
     def budgets(self) -> Tuple[Budget, ...]:
         """One ``Budget`` per reorganising block, of checked options."""
@@ -165,7 +169,16 @@ def resolve_score(score: Optional[str], has_class_token: bool, has_attention_poo
     return score
 
 
+def as_python_number(value: Any) -> Any:
+    """A number as timm users hold them: a 0-d tensor (not a boolean one) as its Python value;
+    numpy's scalars are numbers already (``numbers.Real`` / ``Integral``). Anything else as given."""
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and value.dtype != torch.bool:
+        return value.item()
+    return value
+
+
 def _check_one_rate(value, name: str) -> float:
+    value = as_python_number(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f'{name} must be a float in (0, 1], got {value!r} of type {type(value).__name__}')
     value = float(value)
@@ -202,6 +215,7 @@ def check_reorg_layers(reorg_layers: Sequence[int], depth: int) -> Tuple[int, ..
     """Zero-based block indices, strictly increasing, each in ``[0, depth)``."""
     if isinstance(reorg_layers, (str, bytes)) or not isinstance(reorg_layers, Sequence):
         raise TypeError(f'reorg_layers must be a sequence of block indices, got {reorg_layers!r}')
+    reorg_layers = [as_python_number(layer) for layer in reorg_layers]
     for layer in reorg_layers:
         if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
             raise TypeError(f'reorg_layers must hold integer block indices, got {layer!r} in {reorg_layers!r}')
