@@ -101,3 +101,16 @@ def test_numpy_numbers_and_0d_tensors_are_numbers_everywhere(number):
     assert applied.keep_rate == (0.5,) * 3
     with pytest.raises(TypeError, match='keep_rate must be a float'):
         model.set_keep_rate(torch.tensor([0.5, 0.5]))   # not a number: one per block is a list
+
+
+@pytest.mark.parametrize('name, plain', [('evit_deit_tiny', 'deit_tiny_patch16_224'),
+                                         ('evit_vit_base_patch16_siglip_224', 'vit_base_patch16_siglip_224')])
+def test_a_model_without_blocks_builds_as_timm_s_does(name, plain):
+    # depth=0 builds in timm; it has no block to reorganise (an IndexError before, issue 30)
+    small = dict(img_size=32, patch_size=8, embed_dim=48, num_heads=2, depth=0)
+    model, reference = timm.create_model(name, **small).eval(), timm.create_model(plain, **small).eval()
+    reference.load_state_dict(model.state_dict())
+    assert model.reorg_layers == () and model.keep_rate == ()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))

@@ -80,7 +80,10 @@ def mass_budgets(keep_mass: KeepRate, num_reorg_layers: int) -> Tuple[Budget, ..
 
 
 def default_reorg_layers(depth: int) -> Tuple[int, ...]:
-    """The paper's relative places: blocks ``depth // 4, depth // 2, 3 * depth // 4`` (3, 6, 9 of 12)."""
+    """The paper's relative places: blocks ``depth // 4, depth // 2, 3 * depth // 4`` (3, 6, 9 of 12);
+    none for a model without blocks (timm builds one)."""
+    if depth <= 0:
+        return ()
     return tuple(sorted({depth // 4, depth // 2, 3 * depth // 4}))
 
 
