@@ -1,13 +1,17 @@
 """EViT on a CUDA GPU: the same function as on the CPU, and no host-device synchronisation in
 forward. Skipped where torch sees no GPU (CI has none); run them on a GPU machine with
 `pytest tests/test_cuda.py`."""
+import copy
+
 import pytest
 import timm
 import torch
 
 import timm_evit
 from evit_reference import reference_forward
-from helpers import compare_with_reference, randomised_evit_deit
+from helpers import FAMILIES, SMALL_VIT, compare_with_reference, converted, images, randomised_evit_deit
+
+DEVICE = 'cuda'   # (the tests' bodies smoke-run on the CPU by setting this, where no GPU is lent)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
@@ -46,6 +50,13 @@ MODELS = {
     'applied_deit_distilled': lambda: timm_evit.apply(timm.create_model('deit_small_distilled_patch16_224'), 0.7),
     'evit_lvvit_s': lambda: timm.create_model('evit_lvvit_s', keep_rate=0.7),
     'applied_dinov2_reg4': _applied_dinov2,
+    # size-aware fusion (the default of every evit_<timm name>): the key bias in SDPA's mask, the
+    # weighted mean, the sizes; with each score: 'class', 'pool' (SigLIP's attention pool), 'mean'
+    'evit_deit_small_patch16_224': lambda: timm.create_model('evit_deit_small_patch16_224', keep_rate=0.7),
+    'evit_siglip_pool': lambda: timm.create_model('evit_vit_base_patch16_siglip_224', keep_rate=0.7,
+                                                  img_size=64, **SMALL_VIT),
+    'evit_reg4_gap_mean': lambda: timm.create_model('evit_vit_medium_patch16_reg4_gap_256', keep_rate=0.7,
+                                                    img_size=64, **SMALL_VIT),
 }
 
 
@@ -114,3 +125,21 @@ def test_inductor_compiled_equals_eager():
     with torch.no_grad():
         ref, out = model(x), compiled(x)
     assert (out - ref).abs().max() < 1e-4 * max(1., float(ref.abs().max()))
+
+
+@pytest.mark.parametrize('family,score', [('deit', 'class'), ('siglip', 'pool'), ('reg_gap', 'mean'),
+                                          ('dinov2_reg', 'mean')])
+def test_size_aware_fusion_and_every_score_match_the_cpu_reference(family, score):
+    # the GPU model's logits against the family's reference run on the CPU copy of the same weights,
+    # near-ties resolved by the GPU model's own choice (compare_with_reference)
+    _, cpu_model = converted(family, 0.5, True, fusion='size')
+    cpu_model.score = score
+    model = copy.deepcopy(cpu_model).to(DEVICE)
+    x = images(FAMILIES[family].size, batch=3)
+    rates = dict(zip(model.reorg_layers, model.keep_rate))
+
+    def reference(b, choose):
+        with torch.no_grad():
+            return FAMILIES[family].reference(cpu_model, x[b], rates, True, choose=choose, score=score,
+                                              fusion='size', keep_masses={})[0]
+    compare_with_reference(model, x.to(DEVICE), reference)
