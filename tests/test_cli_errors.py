@@ -71,6 +71,13 @@ CASES = {
     'export keep rate given twice': (EXPORT + ['--keep-rate', '0.5', '--model-kwargs', 'keep_rate=0.6'],
                                      ['--keep-rate 0.5', 'keep_rate=0.6']),
     'export unsafe checkpoint': (EXPORT + ['--checkpoint', '{root}/unsafe.pth'], ['unsafe.pth', 'weights_only']),
+    # a path that names nothing, or a folder where an image goes (issue 30: silently nothing, or "no such file")
+    'bench empty json and plot paths': (BENCH + ['--json', '', '--plot', ''], ['--json', "needs a path, got ''"]),
+    'sweep empty out': (SWEEP + ['--out', ''], ['--out', "needs a path, got ''"]),
+    'export empty out': (EXPORT[:-1] + [''], ['--out', "needs a path, got ''"]),
+    'visualize empty image path': (['visualize', '', '--model', 'evit_deit_tiny'], ['IMAGE', "needs a path, got ''"]),
+    'visualize a folder': (['visualize', '{root}/data/validation/cat', '--model', 'evit_deit_tiny', '--out',
+                            '{root}/pics'], ['cat', 'is a folder', 'image files']),
     'export checkpoint of another shape': (EXPORT + ['--checkpoint', '{root}/five_classes.pth',
                                                      '--model-kwargs', *TINY_IMG32_CLI],
                                            ['five_classes.pth', 'size mismatch for head.weight']),

@@ -46,6 +46,13 @@ def _budget_in_model_kwargs(args: argparse.Namespace, command: str) -> Optional[
     return None
 
 
+def _path(text: str) -> str:
+    """A path option's value: refused where it names nothing (an empty path wrote nothing, silently)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f'needs a path, got {text!r}')
+    return text
+
+
 def _keep_rates(text: str) -> List[float]:
     return _float_list(text, '--keep-rates', require_distinct_keep_rates)
 
@@ -414,7 +421,7 @@ def _add_model_options(parser: argparse.ArgumentParser, model_help: str = _MODEL
     parser.add_argument('--model', default='evit_deit_small', metavar='MODEL', help=model_help)
     parser.add_argument('--pretrained', action='store_true', help='pretrained weights (must be cached offline)')
     if checkpoint:
-        parser.add_argument('--checkpoint', help='weights file to load instead (for example from timm\'s train.py)')
+        parser.add_argument('--checkpoint', type=_path, help='weights file to load instead (for example from timm\'s train.py)')
     parser.add_argument('--no-fuse', action='store_true', help='drop inattentive tokens instead of fusing them')
     if model_kwargs_help:
         parser.add_argument('--model-kwargs', nargs='*', type=_model_kwarg, default=[], metavar='KEY=VALUE',
@@ -462,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
                         'standard deviation over the batch\'s images, each counted alone; tokens: the mean per stage; '
                         'batch-1 latency: with --data-dir, every row\'s is the mean over the batch\'s images, '
                         'each alone')
-    bench.add_argument('--data-dir', help='measure every row on the first --batch-size images of this ImageFolder '
+    bench.add_argument('--data-dir', type=_path, help='measure every row on the first --batch-size images of this ImageFolder '
                        '(timm\'s order, the model\'s eval transform) instead of random noise; --keep-masses need it')
     bench.add_argument('--split', default='validation', help='split folder of --data-dir (as for sweep)')
     bench.add_argument('--crop-pct', type=float, help='center-crop fraction of the eval transform of --data-dir '
@@ -486,13 +493,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "--quantize writes them (beside the plain model in torch fp32, as every onnxruntime run)")
     bench.add_argument('--no-latency', action='store_true', help='skip the batch-1 latency measurement')
     bench.add_argument('--threads', type=_positive_int, default=None, help="torch threads (default: torch's)")
-    bench.add_argument('--json', metavar='PATH', help='also write the rows as JSON (missing folders are created)')
-    bench.add_argument('--plot', metavar='PNG', help='also draw speed-up and GMACs against keep rate '
+    bench.add_argument('--json', type=_path, metavar='PATH', help='also write the rows as JSON (missing folders are created)')
+    bench.add_argument('--plot', type=_path, metavar='PNG', help='also draw speed-up and GMACs against keep rate '
                        '(needs matplotlib); with --json, both are written or neither')
     bench.set_defaults(func=bench_main)
 
     vis = sub.add_parser('visualize', help='draw which patches each reorganising block keeps, fuses or drops')
-    vis.add_argument('images', nargs='+', metavar='IMAGE')
+    vis.add_argument('images', nargs='+', type=_path, metavar='IMAGE')
     _add_model_options(vis, model_kwargs_help='model arguments, as for timm\'s train.py (e.g. score=mean '
                        '"reorg_layers=(3,6,9)")')
     budget = vis.add_mutually_exclusive_group()
@@ -501,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help='instead of --keep-rate: each image keeps its own count, the fewest highest-scored '
                         'tokens holding this share (in (0, 1]) of its score; each panel gives the image\'s count')
     vis.add_argument('--img-size', type=_positive_int, help='model input size (position embeddings resampled)')
-    vis.add_argument('--out', default='.', help='folder for the PNGs, created if missing (default: current folder); '
+    vis.add_argument('--out', type=_path, default='.', help='folder for the PNGs, created if missing (default: current folder); '
                      'each image gives NAME_evit.png, images of the same NAME NAME_1_evit.png, NAME_2_evit.png, ... '
                      'in the order given')
     vis.set_defaults(func=visualize_main)
@@ -509,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser('sweep', help='top-1, top-5, GMACs and throughput at several keep rates on an ImageFolder')
     _add_model_options(sweep, model_kwargs_help='model arguments, as for timm\'s train.py (e.g. img_size=64 '
                        '"reorg_layers=(1,3,5)")')
-    sweep.add_argument('--data-dir', required=True, help='ImageFolder root (class folders, or split folders of them)')
+    sweep.add_argument('--data-dir', type=_path, required=True, help='ImageFolder root (class folders, or split folders of them)')
     sweep.add_argument('--split', default='validation',
                        help='split folder of --data-dir (or a timm synonym: val, eval, ...); a folder of class folders '
                        'alone is the validation split')
@@ -524,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: the model's pretrained_cfg)")
     sweep.add_argument('--repeats', type=int, default=10, help='timed batches per model for throughput (median)')
     sweep.add_argument('--workers', type=int, default=0)
-    sweep.add_argument('--out', help='output prefix for .csv, .json and .png, all written or none; missing folders '
+    sweep.add_argument('--out', type=_path, help='output prefix for .csv, .json and .png, all written or none; missing folders '
                        'are created; a folder (or a path ending in /) gets sweep_MODEL.* in it (default: sweep_MODEL)')
     sweep.add_argument('--no-plot', action='store_true', help='skip the chart (no matplotlib needed)')
     sweep.add_argument('--runtime', choices=RUNTIMES, default='torch',
@@ -544,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument('--format', default='onnx', choices=list(FORMATS),
                         help="'onnx' (default; torch's dynamo exporter, needs timm-evit[deploy]) or 'export' "
                         "(a torch.export program written by torch.export.save, loaded by torch.export.load)")
-    export.add_argument('--out', metavar='PATH', help='the file to write (missing folders are created); written whole '
+    export.add_argument('--out', type=_path, metavar='PATH', help='the file to write (missing folders are created); written whole '
                         'or not at all (default: MODEL.onnx or MODEL.pt2 in the current folder)')
     export.add_argument('--keep-rate', type=_keep_rate,
                         help="fixed in the exported graph (token counts are constants of it; another keep rate needs "

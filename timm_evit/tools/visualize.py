@@ -64,6 +64,9 @@ def load_image(path: str):
     """An 8-bit RGB PIL image (see ``rgb_image``: 16-bit images scaled, not clipped), or a
     ValueError that names the file and says why it cannot be read."""
     from PIL import Image, UnidentifiedImageError
+    if os.path.isdir(path):
+        raise ValueError(f'cannot read image {path!r}: it is a folder; give its image files (e.g. '
+                         f'{os.path.join(path, "*.png")})')
     if not os.path.isfile(path):
         raise ValueError(f'cannot read image {path!r}: no such file')
     try:
