@@ -133,7 +133,7 @@ def mean_received_attention(
     _, H, N, _ = q.shape
     rows = max(1, max_chunk_elements // max(1, H * N))
     k_t = k.transpose(-2, -1)
-    wide = torch.promote_types(q.dtype, torch.float32)
+    wide = _wide(q.dtype)
     received = None
     w = None
     if query_weights is not None:   # normalised first: no sum of sizes times probabilities grows large
@@ -199,9 +199,8 @@ def keep_and_fuse(
     parts = [x[:, :num_prefix_tokens], _non_prefix_rows(x, kept_idx, num_prefix_tokens)]
     if fuse:
         weights = score
-        if weighted_mean:   # in float32 at least, each token's patches' tiny share added (_UNDERFLOW_SHARE)
-            wide = score.dtype if score.dtype in (torch.float32, torch.float64) else torch.float32
-            weights = _as(score, wide)
+        if weighted_mean:   # in float32 at least, each token's patches' tiny share added (UNDERFLOW_SHARE)
+            weights = _as(score, _wide(score.dtype))
             sizes = 1. if token_weights is None else token_weights
             weights = weights + UNDERFLOW_SHARE * sizes
         # the score with the kept tokens zeroed: the fused token is one batched matmul,
@@ -221,6 +220,11 @@ def _zero_at(values: torch.Tensor, idx: torch.Tensor, filled: Optional[torch.Ten
     if filled is None:
         return values.scatter(1, idx, 0.)
     return values.scatter(1, idx, values.gather(1, idx).masked_fill(filled, 0.))
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    # the precision of a sum over many small weights: float32 at least (plain Python, no operation)
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

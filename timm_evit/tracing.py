@@ -30,6 +30,7 @@ class TokenTrace(NamedTuple):
     patch_token_index: Optional[torch.Tensor] = None
     token_sizes: Optional[torch.Tensor] = None
     key_bias: Optional[torch.Tensor] = None
+    weights: Optional[torch.Tensor] = None  # the token weights key_bias is the log of (token_weights)
     num_patches: Any = 0            # patches entering the blocks (an int; a graph value under FX)
     num_prefix_tokens: int = 0
     with_sizes: bool = False
@@ -51,8 +52,8 @@ class TokenTrace(NamedTuple):
         identity = None
         if with_ids or with_patch_index:
             identity = torch.arange(num_patches, device=x.device).expand(x.shape[0], -1)
-        return cls(identity if with_ids else None, identity if with_patch_index else None, None, None, num_patches,
-                   num_prefix_tokens, with_sizes, size_aware)
+        return cls(identity if with_ids else None, identity if with_patch_index else None, num_patches=num_patches,
+                   num_prefix_tokens=num_prefix_tokens, with_sizes=with_sizes, size_aware=size_aware)
 
     def after(self, kept_idx: torch.Tensor, num_tokens: Any, fused: bool, may_pad: bool = False) -> 'TokenTrace':
         """The state after a block that kept ``kept_idx`` ``[B, num_keep]`` of its ``num_tokens``
@@ -68,19 +69,19 @@ class TokenTrace(NamedTuple):
         token_patch_ids = self.token_patch_ids
         if token_patch_ids is not None:
             token_patch_ids = opaque.trace_token_patch_ids(token_patch_ids, kept_idx, fused)
-        state = self._replace(token_patch_ids=token_patch_ids, patch_token_index=patch_token_index,
-                              token_sizes=token_sizes, padded=padded)
-        weights = state.token_weights()
+        weights = None
+        if token_sizes is not None and (self.size_aware or padded):
+            weights = token_weights_from_sizes(token_sizes, self.size_aware)
         key_bias = None if weights is None else size_key_bias(weights, self.num_prefix_tokens)
-        return state._replace(key_bias=key_bias)
+        return self._replace(token_patch_ids=token_patch_ids, patch_token_index=patch_token_index,
+                             token_sizes=token_sizes, key_bias=key_bias, weights=weights, padded=padded)
 
     def token_weights(self) -> Optional[torch.Tensor]:
         """What every later attention, score and pooling weighs each non-prefix token by ``[B, n]``
         (its log is ``key_bias``): its size under size-aware fusion, else 1, and 0 for padding
-        where an image may hold padding; None: every token counts once (nothing to weigh)."""
-        if self.token_sizes is None or not (self.size_aware or self.padded):
-            return None
-        return token_weights_from_sizes(self.token_sizes, self.size_aware)
+        where an image may hold padding; None: every token counts once (nothing to weigh). Built
+        once per reorganisation, with ``key_bias``, not once per block."""
+        return self.weights
 
     def sizes_or_ones(self) -> torch.Tensor:
         """``token_sizes``, or ones where no token has been fused yet."""
