@@ -22,47 +22,20 @@ def deit_patch_tokens(sd, image, patch_size):
     return x.flatten(2)[0].T
 
 
-def most_attentive_first(block, a, num_keep, keep_mass=None):
+def most_attentive_first(block, a, num_keep):
     """The reference's own choice: the ``num_keep`` largest of ``a``, in descending order."""
     return sorted(range(len(a)), key=lambda j: a[j], reverse=True)[:num_keep]
 
 
-def count_by_mass(a, keep_mass):
-    """Per-image budgets by hand (docs/design.md, "Per-image token budgets"): the fewest of the
-    scores ``a`` (floats), largest first, whose sum reaches ``keep_mass`` times the sum of all,
-    summed one by one in Python floats."""
-    threshold, total = keep_mass * sum(a), 0.
-    for count, value in enumerate(sorted(a, reverse=True), start=1):
-        total += value
-        if total >= threshold:
-            return count
-    return len(a)
-
-
-def at_mass_threshold(a, keep_mass, counts, rel_tol):
-    """Whether two ``counts`` of the same scores ``a`` differ only by rounding: the sums of the
-    largest scores, at the smaller count and every count up to the larger one, all lie within
-    ``rel_tol * total`` of ``keep_mass`` times the total (a tie at the threshold: one count apart,
-    or more only where the scores between are below the rounding)."""
-    ranked, total = sorted(a, reverse=True), sum(a)
-    return all(abs(sum(ranked[:k]) - keep_mass * total) <= rel_tol * total for k in range(min(counts), max(counts)))
-
-
-def checked_choice(model_kept, rel_tol=1e-5, mass_rel_tol=1e-4):
+def checked_choice(model_kept, rel_tol=1e-5):
     """A ``choose`` that adopts the model's kept tokens ``model_kept[block]`` (a list of token
     indices) after checking them against the reference's own attention ``a``: exactly ``num_keep``
     distinct tokens, in descending order of ``a`` and none less attended than a dropped one, up to
     ``rel_tol * max(a)``. Two numerical paths (SDPA against this materialised softmax, another
     CPU's vector width) may order tokens whose attention differs by a few ulps either way; such
-    near-ties are all this tolerance forgives (docs/design.md, "Testing"). With a ``keep_mass``, the
-    model's count may differ from the reference's ``num_keep`` only where the threshold falls at a
-    tie (``at_mass_threshold``, to ``mass_rel_tol``)."""
-    def choose(block, a, num_keep, keep_mass=None):
+    near-ties are all this tolerance forgives (docs/design.md, "Testing")."""
+    def choose(block, a, num_keep):
         kept = list(model_kept[block])
-        if keep_mass is not None and len(kept) != num_keep:
-            assert at_mass_threshold(a, keep_mass, (len(kept), num_keep), mass_rel_tol), \
-                f'block {block}: kept {len(kept)} tokens, the mass rule says {num_keep}, and it is no tie'
-            num_keep = len(kept)
         assert len(kept) == num_keep, f'block {block}: kept {len(kept)} tokens, ceil rule says {num_keep}'
         assert len(set(kept)) == num_keep and all(0 <= j < len(a) for j in kept), f'block {block}: bad indices'
         tol = rel_tol * max(a)
@@ -151,15 +124,10 @@ def score_from_probabilities(score, head_probs, num_prefix_tokens, queries=None,
     return a
 
 
-def choice_for_block(block, a, n, keep_rates, keep_masses, choose):
+def choice_for_block(block, a, n, keep_rates, choose):
     """The tokens one image keeps in ``block`` (None: no reorganisation there): a fixed count
-    ``ceil(rate * n)`` where ``keep_rates`` has the block, the count by hand from the cumulative sum
-    where ``keep_masses`` has it (``count_by_mass``), taken by ``choose``. ``a``: a callable giving
-    the block's scores (read only where the block reorganises)."""
-    if block in keep_masses:
-        scores = a()
-        kept = choose(block, scores, count_by_mass(scores, keep_masses[block]), keep_masses[block])
-        return (kept, scores) if len(kept) < n else None
+    ``ceil(rate * n)`` where ``keep_rates`` has the block, taken by ``choose``. ``a``: a callable
+    giving the block's scores (read only where the block reorganises)."""
     if block in keep_rates and math.ceil(keep_rates[block] * n) < n:
         scores = a()
         return choose(block, scores, math.ceil(keep_rates[block] * n)), scores
@@ -261,14 +229,13 @@ def _attention_by_hand(blk, x, num_prefix_tokens, key_bias=None, score='class', 
 
 
 def reference_timm_vit(model, image, keep_rates, fuse_token, choose=most_attentive_first, score='class',
-                       fusion='paper', keep_masses=None):
+                       fusion='paper'):
     """EViT on a timm ViT of ``Block`` blocks, one image [3, H, W]: the model's own embedding and
     per-token layers (norms, MLP, LayerScale, head), attention materialised head by head, selection
     by ``score`` and fusion in Python loops. Returns the logits and, per block, the tokens after it
     [N_i, C] (prefix tokens first). ``keep_rates`` maps block index -> keep rate. ``fusion='size'``:
     every token carries its size, attention to it gets ``+ log(size)``, ``'mean'`` counts it as
-    ``size`` queries, the head pools by size (docs/design.md, "A fused token that keeps its size").
-    ``keep_masses`` maps block index -> keep mass: the count from the cumulative sum, by hand."""
+    ``size`` queries, the head pools by size (docs/design.md, "A fused token that keeps its size")."""
     P = model.num_prefix_tokens
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(image[None]))))[0]
     sizes = [1.] * (x.shape[0] - P)
@@ -279,7 +246,7 @@ def reference_timm_vit(model, image, keep_rates, fuse_token, choose=most_attenti
         attn_out, a = _attention_by_hand(blk, x, P, bias, score, query_sizes=[1.] * P + sizes if sized else None)
         x = x + blk.ls1(attn_out)
         scores = (lambda: pool_score_by_hand(model, x, P, key_bias=bias)) if score == 'pool' else (lambda: a)
-        choice = choice_for_block(i, scores, x.shape[0] - P, keep_rates, keep_masses or {}, choose)
+        choice = choice_for_block(i, scores, x.shape[0] - P, keep_rates, choose)
         if choice is not None:
             kept, a = choice
             x, sizes = reorganise_by_hand(x, P, a, kept, fuse_token, fusion, sizes)
@@ -449,13 +416,13 @@ def _scaled(gamma, y):
 
 
 def reference_eva(model, image, keep_rates, fuse_token, choose=most_attentive_first, embedded=None, score='class',
-                  fusion='paper', keep_masses=None):
+                  fusion='paper'):
     """EViT on a timm Eva of EvaBlocks, one image [3, H, W] (or ``embedded``: its tokens [N, C] and
     rotary embedding as the model's ``_pos_embed`` gives them for this image): the model's own
     embedding and per-token layers, attention materialised head by head with RoPE applied token by
     token (every kept token keeps its patch's rotary row, a fused token none), selection and fusion
     in loops. Returns the logits and, per block, the tokens after it [N_i, C] (prefix tokens first).
-    ``fusion`` and ``keep_masses`` as in ``reference_timm_vit``."""
+    ``fusion`` as in ``reference_timm_vit``."""
     P = model.num_prefix_tokens
     x, rope = _eva_embedded(model, image, embedded)
     patch_of = list(range(x.shape[0] - P))             # the entering token each token came from; None: fused
@@ -470,7 +437,7 @@ def reference_eva(model, image, keep_rates, fuse_token, choose=most_attentive_fi
                                              query_sizes=[1.] * P + sizes if sized else None)
         x = x + _scaled(blk.gamma_1, attn_out)
         scores = (lambda: pool_score_by_hand(model, x, P, key_bias=bias)) if score == 'pool' else (lambda: a)
-        choice = choice_for_block(i, scores, x.shape[0] - P, keep_rates, keep_masses or {}, choose)
+        choice = choice_for_block(i, scores, x.shape[0] - P, keep_rates, choose)
         if choice is not None:
             kept, a = choice
             x, sizes = reorganise_by_hand(x, P, a, kept, fuse_token, fusion, sizes)

@@ -219,15 +219,7 @@ def check_against_family_reference(model, family, x, embedded=None):
     as the model's own embedding drew them (Eva in training, patch dropout); the tokens are then
     not compared (forward_intermediates would draw anew)."""
     P = model.num_prefix_tokens
-    if model.keep_mass is not None and x.shape[0] > 1:
-        # per-image counts: each image alone against the reference (a batch equals its images
-        # alone: test_keep_mass)
-        for b in range(x.shape[0]):
-            check_against_family_reference(model, family, x[b:b + 1],
-                                           None if embedded is None else lambda _, b=b: embedded(b))
-        return
-    rates = {} if model.keep_rate is None else dict(zip(model.reorg_layers, model.keep_rate))
-    masses = {} if model.keep_mass is None else dict(zip(model.reorg_layers, model.keep_mass))
+    rates = dict(zip(model.reorg_layers, model.keep_rate))
     if embedded is None:
         with torch.no_grad():
             out = model.forward_intermediates(x, output_fmt='NLC', intermediates_only=True, return_prefix_tokens=True)
@@ -235,7 +227,7 @@ def check_against_family_reference(model, family, x, embedded=None):
     def reference(b, choose):
         extra = {} if embedded is None else dict(embedded=embedded(b))
         ref, ref_tokens = FAMILIES[family].reference(model, x[b], rates, model.fuse_token, choose=choose,
-                                                     score=model.score, fusion=model.fusion, keep_masses=masses,
+                                                     score=model.score, fusion=model.fusion,
                                                      **extra)
         if embedded is None:
             for (tokens, prefix), theirs in zip(out, ref_tokens):

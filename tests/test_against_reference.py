@@ -8,11 +8,7 @@ import torch
 
 from evit_reference import reference_forward
 import timm_evit.reorg as reorg
-from helpers import (
-    FAMILIES, assert_tokens_match, check_against_family_reference, compare_with_reference, converted,
-    randomised_evit_deit, set_attention_path,
-)
-from helpers import images as random_images
+from helpers import assert_tokens_match, compare_with_reference, randomised_evit_deit, set_attention_path
 
 
 def check_against_reference(model, images):
@@ -89,65 +85,42 @@ def test_float64_ceil_parity_with_100_tokens():
 
 
 # Each mutation is a plausible way to get EViT subtly wrong, planted in the one place where tokens are
-# kept and fused (reorg.keep_and_fuse, which both budgets use) or in the count; the reference
-# comparison must catch every one of them, under a keep rate and under a keep mass (so the
-# tolerances cannot hide them).
+# kept and fused (reorg.keep_and_fuse) or in the count; the reference comparison must catch every one
+# of them (so the tolerances cannot hide them).
 _keep_and_fuse = reorg.keep_and_fuse
 
 
-def _kept_in_position_order(x, score, kept_idx, fuse, num_prefix_tokens=1, weighted_mean=False, token_weights=None,
-                            filled=None):
+def _kept_in_position_order(x, score, kept_idx, fuse, num_prefix_tokens=1, weighted_mean=False, token_weights=None):
     return _keep_and_fuse(x, score, kept_idx.sort(dim=1).values, fuse, num_prefix_tokens, weighted_mean,
-                          token_weights, filled)
+                          token_weights)
 
 
-def _renormalised_fusion(x, score, kept_idx, fuse, num_prefix_tokens=1, weighted_mean=False, token_weights=None,
-                         filled=None):
-    out = _keep_and_fuse(x, score, kept_idx, fuse, num_prefix_tokens, weighted_mean, token_weights, filled)
+def _renormalised_fusion(x, score, kept_idx, fuse, num_prefix_tokens=1, weighted_mean=False, token_weights=None):
+    out = _keep_and_fuse(x, score, kept_idx, fuse, num_prefix_tokens, weighted_mean, token_weights)
     if not fuse:
         return out
-    dropped = score.scatter(1, kept_idx, 0.) if filled is None else \
-        score.scatter(1, kept_idx, score.gather(1, kept_idx).masked_fill(filled, 0.))
+    dropped = score.scatter(1, kept_idx, 0.)
     return torch.cat([out[:, :-1], out[:, -1:] / dropped.sum(1, keepdim=True)[..., None]], dim=1)
 
 
-def _fused_token_first(x, score, kept_idx, fuse, num_prefix_tokens=1, weighted_mean=False, token_weights=None,
-                       filled=None):
-    out = _keep_and_fuse(x, score, kept_idx, fuse, num_prefix_tokens, weighted_mean, token_weights, filled)
+def _fused_token_first(x, score, kept_idx, fuse, num_prefix_tokens=1, weighted_mean=False, token_weights=None):
+    out = _keep_and_fuse(x, score, kept_idx, fuse, num_prefix_tokens, weighted_mean, token_weights)
     if not fuse:
         return out
     P = num_prefix_tokens
     return torch.cat([out[:, :P], out[:, -1:], out[:, P:-1]], dim=1)
 
 
-def _mass_one_short(score, keep_mass, valid=None):
-    counts, order = _num_kept_by_mass(score, keep_mass, valid)
-    return (counts - 1).clamp(min=1), order
-
-
-_num_kept_by_mass = reorg.num_kept_by_mass
-
-
-@pytest.mark.parametrize('budget', ['keep_rate', 'keep_mass'])
 @pytest.mark.parametrize('mutation', ['position order', 'count', 'renormalised weights', 'fused token first'])
-def test_the_reference_comparison_catches_each_mutation(monkeypatch, mutation, budget):
-    if mutation == 'count':   # floor instead of ceil; a mass count one short
-        if budget == 'keep_rate':
-            monkeypatch.setattr(reorg, 'num_kept_tokens', lambda rate, n: max(1, math.floor(rate * n)))
-        else:
-            monkeypatch.setattr(reorg, 'num_kept_by_mass', _mass_one_short)
+def test_the_reference_comparison_catches_each_mutation(monkeypatch, mutation):
+    if mutation == 'count':   # floor instead of ceil
+        monkeypatch.setattr(reorg, 'num_kept_tokens', lambda rate, n: max(1, math.floor(rate * n)))
     else:
         monkeypatch.setattr(reorg, 'keep_and_fuse', {
             'position order': _kept_in_position_order,
             'renormalised weights': _renormalised_fusion,
             'fused token first': _fused_token_first,
         }[mutation])
-    if budget == 'keep_rate':
-        model = randomised_evit_deit(0.7, True, False)   # 196 -> ceil(137.2) = 138: floor would keep 137
-        with pytest.raises(AssertionError):
-            check_against_reference(model, torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1)))
-    else:
-        _, model = converted('deit', 1.0, True, fusion='paper')
-        model.set_keep_mass(0.7)
-        with pytest.raises(AssertionError):
-            check_against_family_reference(model, 'deit', random_images(FAMILIES['deit'].size, batch=2))
+    model = randomised_evit_deit(0.7, True, False)   # 196 -> ceil(137.2) = 138: floor would keep 137
+    with pytest.raises(AssertionError):
+        check_against_reference(model, torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1)))

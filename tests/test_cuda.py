@@ -141,5 +141,5 @@ def test_size_aware_fusion_and_every_score_match_the_cpu_reference(family, score
     def reference(b, choose):
         with torch.no_grad():
             return FAMILIES[family].reference(cpu_model, x[b], rates, True, choose=choose, score=score,
-                                              fusion='size', keep_masses={})[0]
+                                              fusion='size')[0]
     compare_with_reference(model, x.to(DEVICE), reference)

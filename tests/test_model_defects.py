@@ -229,16 +229,15 @@ def test_reorganising_an_empty_batch():
 def _evit_state(model):
     blocks = [(type(b).__name__, getattr(b, 'budget', None), getattr(b, 'fusion', None), getattr(b, 'score', None),
                getattr(b, 'fuse_token', None)) for b in model.blocks]
-    evit = {name: getattr(model, name, None) for name in ('keep_rate', 'keep_mass', 'reorg_layers', 'fuse_token',
+    evit = {name: getattr(model, name, None) for name in ('keep_rate', 'reorg_layers', 'fuse_token',
                                                            'fusion', 'score')}
     return type(model).__name__, type(model.blocks).__name__, blocks, evit
 
 
 @pytest.mark.parametrize('first', [None, dict(keep_rate=0.5, fusion='paper', score='mean')], ids=['timm', 'evit'])
-@pytest.mark.parametrize('refused', [dict(score='class'), dict(keep_rate=0.5, keep_mass=0.5), dict(keep_rate=2.),
-                                     dict(reorg_layers=(3, 1)), dict(fusion='sized'), dict(keep_mass=0.5,
-                                     keep_rate_warmup_steps=10)],
-                         ids=['score', 'both budgets', 'rate', 'layers', 'fusion', 'mass with warm-up'])
+@pytest.mark.parametrize('refused', [dict(score='class'), dict(keep_rate=[0.5, 0.5]), dict(keep_rate=2.),
+                                     dict(reorg_layers=(3, 1)), dict(fusion='sized'), dict(keep_rate_warmup_steps=-1)],
+                         ids=['score', 'rates per block', 'rate', 'layers', 'fusion', 'warm-up'])
 def test_a_refused_apply_leaves_the_model_as_it_was(first, refused):
     # every argument is checked against the model before anything changes (a half-converted model,
     # EViT effectively off, before)
@@ -251,8 +250,7 @@ def test_a_refused_apply_leaves_the_model_as_it_was(first, refused):
     with torch.no_grad():
         expected = model(x)
     with pytest.raises((TypeError, ValueError)):
-        timm_evit.apply(model, keep_rate=0.3, **{'fusion': 'size', **refused}) if 'keep_rate' not in refused and \
-            'keep_mass' not in refused else timm_evit.apply(model, **{'fusion': 'size', **refused})
+        timm_evit.apply(model, **{'keep_rate': 0.3, 'fusion': 'size', **refused})
     assert _evit_state(model) == before
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)

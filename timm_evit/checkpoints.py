@@ -104,14 +104,14 @@ def require_finite(values: torch.Tensor, what: str, source: str) -> None:
 
 @torch.no_grad()
 def require_finite_forward(model: torch.nn.Module, images: torch.Tensor, source: str,
-                           keep_rate: Optional[float] = None, keep_mass: Optional[float] = None) -> None:
+                           keep_rate: Optional[float] = None) -> None:
     """``require_finite`` on what an EViT ``model`` (eval mode) computes from ``images`` (at
-    ``keep_rate`` or ``keep_mass``; None: its own): every block's tokens, then the logits. Run on
+    ``keep_rate``; None: its own): every block's tokens, then the logits. Run on
     timm's math attention path, where a NaN attention row makes NaN tokens: torch's fused CPU kernel
     can turn it into finite output, while the class attention EViT chooses tokens by is still NaN."""
     fused = {m: m.fused_attn for m in model.modules() if hasattr(m, 'fused_attn')}
     training = model.training
-    kwargs = {k: v for k, v in (('keep_rate', keep_rate), ('keep_mass', keep_mass)) if v is not None}
+    kwargs = {} if keep_rate is None else dict(keep_rate=keep_rate)
     try:
         model.eval()
         for module in fused:

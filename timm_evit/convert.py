@@ -48,7 +48,6 @@ def refusal(model: nn.Module) -> Optional[str]:
 def apply(
         model: nn.Module,
         keep_rate: Optional[KeepRate] = EViTOptions.keep_rate,
-        keep_mass: Optional[KeepRate] = EViTOptions.keep_mass,
         reorg_layers: Optional[Sequence[int]] = EViTOptions.reorg_layers,
         fuse_token: bool = EViTOptions.fuse_token,
         keep_rate_warmup_start: int = EViTOptions.keep_rate_warmup_start,
@@ -78,8 +77,7 @@ def apply(
     Args:
         model: the timm model (converted in place).
         keep_rate: as ``VisionTransformerEViT``: one float in (0, 1] or one per reorganising block
-            (default 0.7 where ``keep_mass`` is not given).
-        keep_mass: instead of ``keep_rate``, each image's own count (as ``VisionTransformerEViT``).
+            (default 0.7).
         reorg_layers: reorganising blocks; default ``depth // 4, depth // 2, 3 * depth // 4``.
         fuse_token: fuse the inattentive tokens into one (True) or drop them (False).
         score: what ranks the tokens, ``'class'``, ``'mean'`` or ``'pool'``; None: the model's default.
@@ -93,7 +91,7 @@ def apply(
     Raises:
         ValueError: naming what the model lacks (timm's block / attention type, what a score needs) or its class.
     """
-    options = EViTOptions(keep_rate=keep_rate, keep_mass=keep_mass, reorg_layers=reorg_layers, fuse_token=fuse_token,
+    options = EViTOptions(keep_rate=keep_rate, reorg_layers=reorg_layers, fuse_token=fuse_token,
                           keep_rate_warmup_start=keep_rate_warmup_start, keep_rate_warmup_steps=keep_rate_warmup_steps,
                           score=score, fusion=fusion)
     if isinstance(model, EViTMixin):   # already EViT: set the new arguments

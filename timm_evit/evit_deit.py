@@ -38,10 +38,6 @@ class VisionTransformerEViT(EViTMixin, VisionTransformer):
         keep_rate: fraction of non-class tokens kept per reorganising block, in (0, 1]; one
             float for all or one per block of ``reorg_layers``; default 0.7 (None). Changeable after
             creation with ``set_keep_rate`` or per call with ``forward(x, keep_rate=...)``.
-        keep_mass: instead of ``keep_rate`` (giving both is refused): each image keeps, per block,
-            its fewest highest-scored tokens whose scores sum to at least this share of its total,
-            in (0, 1]; one float or one per block (docs/design.md, "Per-image token budgets").
-            Changeable with ``set_keep_mass`` or per call with ``forward(x, keep_mass=...)``.
         reorg_layers: zero-based indices of the reorganising blocks, strictly increasing; default
             the paper's relative places ``depth // 4, depth // 2, 3 * depth // 4`` (3, 6, 9 of 12).
         fuse_token: fuse the inattentive tokens into one (True) or drop them (False).
@@ -61,7 +57,6 @@ class VisionTransformerEViT(EViTMixin, VisionTransformer):
     def __init__(
             self,
             keep_rate: Optional[KeepRate] = EViTOptions.keep_rate,
-            keep_mass: Optional[KeepRate] = EViTOptions.keep_mass,
             reorg_layers: Optional[Sequence[int]] = EViTOptions.reorg_layers,
             fuse_token: bool = EViTOptions.fuse_token,
             keep_rate_warmup_start: int = EViTOptions.keep_rate_warmup_start,
@@ -73,7 +68,7 @@ class VisionTransformerEViT(EViTMixin, VisionTransformer):
         if 'block_fn' in kwargs:
             raise ValueError('block_fn is set by EViT (EViTBlock, timm\'s Block that can reorganise)')
         # checked before the (costly) construction, again in _init_evit
-        options = EViTOptions(keep_rate=keep_rate, keep_mass=keep_mass, reorg_layers=reorg_layers,
+        options = EViTOptions(keep_rate=keep_rate, reorg_layers=reorg_layers,
                               fuse_token=fuse_token, keep_rate_warmup_start=keep_rate_warmup_start,
                               keep_rate_warmup_steps=keep_rate_warmup_steps, score=score, fusion=fusion)
         options.checked(kwargs.get('depth', 12))
@@ -194,8 +189,6 @@ def evit_deit_small(pretrained: bool = False, **kwargs) -> VisionTransformerEViT
     """EViT-DeiT-S (patch 16, 224 px); keep_rate 0.7 with fusion in blocks (3, 6, 9) by default."""
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
     tag_args = dict(EVIT_DEIT_SMALL_TAGS.get(_requested_tag(kwargs.get('pretrained_cfg')), {}))
-    if kwargs.get('keep_mass') is not None:
-        tag_args.pop('keep_rate', None)   # the caller's per-image budgets take the place of the tag's keep rate
     model_args.update(tag_args)
     _refuse_unpublished_release_tag(pretrained, kwargs)
     return _create_evit_deit('evit_deit_small', pretrained=pretrained, **dict(model_args, **kwargs))

@@ -32,7 +32,6 @@ class EvaEViT(EViTMixin, Eva):
     def __init__(
             self,
             keep_rate: Optional[KeepRate] = EViTOptions.keep_rate,
-            keep_mass: Optional[KeepRate] = EViTOptions.keep_mass,
             reorg_layers: Optional[Sequence[int]] = EViTOptions.reorg_layers,
             fuse_token: bool = EViTOptions.fuse_token,
             keep_rate_warmup_start: int = EViTOptions.keep_rate_warmup_start,
@@ -43,7 +42,7 @@ class EvaEViT(EViTMixin, Eva):
     ) -> None:
         if kwargs.get('use_post_norm', False):
             raise ValueError('use_post_norm=True is not supported: EViT serves pre-norm EvaBlocks')
-        options = EViTOptions(keep_rate=keep_rate, keep_mass=keep_mass, reorg_layers=reorg_layers,
+        options = EViTOptions(keep_rate=keep_rate, reorg_layers=reorg_layers,
                               fuse_token=fuse_token, keep_rate_warmup_start=keep_rate_warmup_start,
                               keep_rate_warmup_steps=keep_rate_warmup_steps, score=score, fusion=fusion)
         options.checked(kwargs.get('depth', 12))

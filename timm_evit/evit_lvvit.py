@@ -133,10 +133,10 @@ class VisionTransformerEViTLVViT(VisionTransformerEViT):
     ) -> torch.Tensor:
         """``head(cls) + 0.5 * max aux_head(patch tokens)``; ``pre_logits`` gives the class token's features.
 
-        Fused tokens and padding are left out of the max: ``token_patch_ids`` (from
-        ``forward_features(x, return_token_patch_ids=True)``) marks them (-1, -2); without them, the
+        Fused tokens are left out of the max: ``token_patch_ids`` (from
+        ``forward_features(x, return_token_patch_ids=True)``) marks them (-1); without them, the
         ids of ``x`` where it is what ``forward_features`` returned; where neither is known and the
-        model's budgets fuse or pad, a ValueError says so.
+        model's budgets fuse, a ValueError says so.
         """
         if token_patch_ids is None:
             token_trace = self._token_state_for_head(x, pre_logits)
@@ -144,9 +144,8 @@ class VisionTransformerEViTLVViT(VisionTransformerEViT):
         return self._head_with_ids(x, pre_logits, token_patch_ids)
 
     def _head_reads_token_state(self, pre_logits: bool) -> bool:
-        budgets = self._budgets()
-        aux_reads_ids = not pre_logits and self.num_classes > 0 and any(b.reorganises for b in budgets) and (
-            self.fuse_token or any(b.keep_mass is not None for b in budgets))
+        aux_reads_ids = not pre_logits and self.num_classes > 0 and self.fuse_token and any(
+            b.reorganises for b in self._budgets())
         return aux_reads_ids or super()._head_reads_token_state(pre_logits)
 
     def _head_with_ids(self, x: torch.Tensor, pre_logits: bool, token_patch_ids: Optional[torch.Tensor]) -> torch.Tensor:
@@ -168,11 +167,10 @@ class VisionTransformerEViTLVViT(VisionTransformerEViT):
             is_causal: bool = False,
             keep_rate: Optional[KeepRate] = None,
             return_token_patch_ids: bool = False,
-            keep_mass: Optional[KeepRate] = None,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Tokens after the final norm; with ``return_token_patch_ids`` also ``[B, n]`` patch ids
-        (-1: fused, -2: padding). ``forward_head`` of exactly these tokens leaves out what it should."""
-        x, token_trace = self._features(x, attn_mask, is_causal, keep_rate, keep_mass, trace=True)
+        (-1: fused). ``forward_head`` of exactly these tokens leaves out what it should."""
+        x, token_trace = self._features(x, attn_mask, is_causal, keep_rate, trace=True)
         self._remember(x, token_trace)
         return (x, token_trace.token_patch_ids) if return_token_patch_ids else x
 
@@ -182,18 +180,17 @@ class VisionTransformerEViTLVViT(VisionTransformerEViT):
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
             keep_rate: Optional[KeepRate] = None,
-            keep_mass: Optional[KeepRate] = None,
     ):
         if self.dense_output and self.training:
             if attn_mask is not None or is_causal:
                 raise ValueError('attn_mask / is_causal are not supported with dense_output=True training')
-            return self._forward_dense(x, keep_rate, keep_mass)
-        x, token_trace = self._features(x, attn_mask, is_causal, keep_rate, keep_mass, trace=True)
+            return self._forward_dense(x, keep_rate)
+        x, token_trace = self._features(x, attn_mask, is_causal, keep_rate, trace=True)
         return self._head_with_ids(x, False, token_trace.token_patch_ids)
 
-    def _forward_dense(self, x: torch.Tensor, keep_rate: Optional[KeepRate], keep_mass: Optional[KeepRate] = None):
+    def _forward_dense(self, x: torch.Tensor, keep_rate: Optional[KeepRate]):
         grid_h, grid_w = self.patch_embed.dynamic_feat_size(x.shape[-2:])
-        tokens, _, budgets = self._preamble(x, keep_rate, keep_mass)
+        tokens, _, budgets = self._preamble(x, keep_rate)
         bbox = (0, 0, 0, 0)
         if self.mix_token:
             tokens, bbox = _mix_tokens(tokens, grid_h, grid_w)

@@ -42,8 +42,8 @@ def _attend_with_score(
     ``[B, N - P]`` (``'class'``: the head-averaged class row; ``'mean'``: the attention each token
     receives; ``'pool'`` is not the attention's, and None asks for none: None).
 
-    ``token_weights`` ``[B, N - P]`` (after a reorganisation: what each token counts for, its size
-    under size-aware fusion, 0 for padding; ``TokenTrace.token_weights``): every query attends to
+    ``token_weights`` ``[B, N - P]`` (after a reorganisation under size-aware fusion: the patches
+    each token stands for; ``TokenTrace.token_weights``): every query attends to
     a token of weight ``s`` with ``+ log(s)`` on its logit, in the attention and in the score, and
     ``'mean'`` counts it as ``s`` queries. ``key_bias``: their log as a key bias ``[B, 1, 1, N]``
     (``reorg.size_key_bias``), where the caller built it once for many blocks; None: built here.
@@ -150,7 +150,7 @@ class _ReorganisingStep:
     token, no token weights) and the block's reorganising step, which each block writes out after
     the timm block it follows."""
 
-    budget: Budget = KEEP_ALL               # set by the model (set_keep_rate, set_keep_mass)
+    budget: Budget = KEEP_ALL               # set by the model (set_keep_rate)
     fuse_token: bool = True
     fusion: str = 'paper'                   # options.FUSIONS
     num_prefix_tokens: int = 1
@@ -158,28 +158,22 @@ class _ReorganisingStep:
     pool_score: Optional[PoolScore] = None  # for score 'pool'
 
     @property
-    def keep_rate(self) -> Optional[float]:
-        """The block's keep rate (1.0: keeps every token; None while a keep mass sets the counts)."""
+    def keep_rate(self) -> float:
+        """The block's keep rate (1.0: keeps every token)."""
         return self.budget.keep_rate
-
-    @property
-    def keep_mass(self) -> Optional[float]:
-        return self.budget.keep_mass
 
     def _budget(
             self,
             keep_rate: Optional[float],
-            keep_mass: Optional[float],
             attn_mask: Optional[torch.Tensor],
             is_causal: bool,
     ) -> Budget:
-        """This call's budget: the one given (``keep_rate`` or ``keep_mass``), else the block's own."""
-        given = budgets_per_block(keep_rate, keep_mass, 1)
-        budget = self.budget if given is None else given[0]
+        """This call's budget: the one given (``keep_rate``), else the block's own."""
+        budget = self.budget if keep_rate is None else budgets_per_block(keep_rate, 1)[0]
         if budget.reorganises and (attn_mask is not None or is_causal):
             # A mask is laid out for the tokens before this block; the reorganised ones have no place in it.
             raise ValueError('attn_mask / is_causal cannot be used in a block that reorganises tokens '
-                             f'({_budget_words(budget)}); use keep_rate=1.0 for masked attention')
+                             f'(keep_rate {budget.keep_rate}); use keep_rate=1.0 for masked attention')
         return budget
 
     def _score_at(self, budget: Budget) -> Optional[str]:
@@ -207,23 +201,18 @@ class _ReorganisingStep:
         if score is None:   # 'pool': from the tokens after the attention residual
             score = self.pool_score(x, token_weights, key_bias)
         x, kept_idx = opaque.reorganize(
-            x, score, budget.keep_rate, budget.keep_mass, self.fuse_token, self.num_prefix_tokens,
-            self.fusion == 'size', token_weights)
+            x, score, budget.keep_rate, self.fuse_token, self.num_prefix_tokens, self.fusion == 'size', token_weights)
         if kept_indices is not None:
             kept_indices.append(kept_idx)
         return x
-
-
-def _budget_words(budget: Budget) -> str:
-    return f'keep_mass {budget.keep_mass}' if budget.keep_mass is not None else f'keep_rate {budget.keep_rate}'
 
 
 class EViTBlock(_ReorganisingStep, Block):
     """timm ``Block`` that can reorganise its tokens between attention and MLP.
 
     Same parameters, state-dict keys and output as ``Block`` (a tensor ``[B, N_out, C]``, so forward
-    hooks and ``model.blocks(x)`` work as on timm's blocks). Its ``budget`` (read as ``keep_rate`` /
-    ``keep_mass``) and ``fuse_token`` are set by the model (``set_keep_rate``, ``set_keep_mass``), as
+    hooks and ``model.blocks(x)`` work as on timm's blocks). Its ``budget`` (read as ``keep_rate``)
+    and ``fuse_token`` are set by the model (``set_keep_rate``), as
     is ``num_prefix_tokens`` (class, distillation and register tokens, never reorganised); with a
     budget that keeps every token and no token weights the block is timm's ``Block.forward``.
 
@@ -231,10 +220,9 @@ class EViTBlock(_ReorganisingStep, Block):
     block appends the indices ``[B, num_keep]`` of the non-prefix tokens it kept, in their new order
     (the identity when it kept them all). Models use it to trace tokens back to their patches.
     ``token_weights`` ``[B, n]``: what each non-prefix token counts for after a reorganisation
-    (``TokenTrace.token_weights``: its size under size-aware fusion; 0 is padding, hidden from every
-    attention; their ``log`` biases every attention to them: ``key_bias``, where the caller built it
-    once for many blocks); None: each counts once. ``keep_mass``
-    in place of ``keep_rate``: each image's own count (``reorg.reorganize``). The model's block loop
+    (``TokenTrace.token_weights``: its size under size-aware fusion; their ``log`` biases every
+    attention to them: ``key_bias``, where the caller built it once for many blocks); None: each
+    counts once. The model's block loop
     carries the weights from block to block; so does ``model.blocks(x)`` (``EViTBlocks``).
     """
 
@@ -246,10 +234,9 @@ class EViTBlock(_ReorganisingStep, Block):
             keep_rate: Optional[float] = None,
             kept_indices: Optional[List[torch.Tensor]] = None,
             token_weights: Optional[torch.Tensor] = None,
-            keep_mass: Optional[float] = None,
             key_bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        budget = self._budget(keep_rate, keep_mass, attn_mask, is_causal)
+        budget = self._budget(keep_rate, attn_mask, is_causal)
         if not budget.reorganises and token_weights is None:
             return self._kept_all(super().forward(x, attn_mask=attn_mask, is_causal=is_causal), kept_indices)
         # Block.forward with the token weights' bias, and the reorganisation between its two residual branches
@@ -345,10 +332,9 @@ class EViTEvaBlock(_ReorganisingStep, EvaBlock):
             keep_rate: Optional[float] = None,
             kept_indices: Optional[List[torch.Tensor]] = None,
             token_weights: Optional[torch.Tensor] = None,
-            keep_mass: Optional[float] = None,
             key_bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        budget = self._budget(keep_rate, keep_mass, attn_mask, is_causal)
+        budget = self._budget(keep_rate, attn_mask, is_causal)
         if not budget.reorganises and token_weights is None:
             x = super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
             return self._kept_all(x, kept_indices)

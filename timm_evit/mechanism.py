@@ -22,13 +22,13 @@ from . import opaque
 from .layers import PoolScore
 from .options import (
     KEEP_ALL, Budget, EViTOptions, KeepRate, budgets_per_block, check_fuse_token, check_fusion, default_reorg_layers,
-    mass_budgets, rate_budgets, resolve_score,
+    resolve_score,
 )
 from .reorg import bias_as, size_key_bias, size_weighted_pool, tokens_to_patch_grid
 from .schedule import KeepRateWarmup
-from .tracing import TokenTrace, token_weights_from_sizes
+from .tracing import TokenTrace
 
-__all__ = ['EViTMixin', 'EViTBlocks', 'run_blocks', 'default_reorg_layers', 'KEEP_MASS_NOT_EXPORTABLE']
+__all__ = ['EViTMixin', 'EViTBlocks', 'run_blocks', 'default_reorg_layers']
 
 
 def run_blocks(
@@ -49,8 +49,8 @@ def run_blocks(
     """The one block loop (docs/design.md, "One token state"): ``blocks`` at their ``budgets`` (one
     per block), the token state carried from block to block.
 
-    Once a block has reorganised, the ``TokenTrace`` holds every token's patch and size (0: padding
-    of per-image budgets in a batch), and every later block gets the token weights it implies
+    Once a block has reorganised, the ``TokenTrace`` holds every token's patch and size, and every
+    later block gets the token weights it implies
     (``TokenTrace.token_weights``). With ``rope`` (timm's rotary embedding of the entering tokens;
     ``[depth, ...]`` with ``rope_per_block``), each block gets the rows of the tokens that remain:
     every kept token its patch's rotation, a fused token none. ``call(blk, x, **kwargs)`` runs a
@@ -62,15 +62,11 @@ def run_blocks(
     """
     opaque.check_attention_mask(attn_mask, is_causal, any(b.reorganises for b in budgets))
     take_indices = list(take_indices)
-    adaptive = any(b.keep_mass is not None for b in budgets)
     token_trace = None
     with_ids = trace or bool(take_indices) or rope is not None
-    if with_ids or trace_patches or size_aware or adaptive:
+    if with_ids or trace_patches or size_aware:
         token_trace = TokenTrace.start(x, num_prefix_tokens, with_ids, trace_patches or bool(take_indices),
-                                       with_sizes=size_aware or adaptive or bool(take_indices), size_aware=size_aware)
-    # one image alone is never padded (under FX tracing the batch size is unknown: padded)
-    batch = x.shape[0]
-    alone = isinstance(batch, int) and batch == 1
+                                       with_sizes=size_aware or bool(take_indices), size_aware=size_aware)
     reorganised, block_rope, taken = False, rope, []
     for i, (blk, budget) in enumerate(zip(blocks, budgets)):
         if rope_per_block:
@@ -78,8 +74,7 @@ def run_blocks(
             if reorganised:
                 block_rope = opaque.rotary_rows_for_tokens(block_rope, token_trace.token_patch_ids)
         kept_indices = [] if budget.reorganises else None
-        kwargs = dict(keep_rate=budget.keep_rate) if budget.keep_mass is None else dict(keep_mass=budget.keep_mass)
-        kwargs.update(kept_indices=kept_indices)
+        kwargs = dict(keep_rate=budget.keep_rate, kept_indices=kept_indices)
         if block_rope is not None:
             kwargs.update(rope=block_rope)
         weights = None if token_trace is None else token_trace.token_weights()
@@ -94,8 +89,7 @@ def run_blocks(
         if kept_indices and token_trace is not None:
             kept_idx = kept_indices[0]
             fused = x.shape[1] - num_prefix_tokens > kept_idx.shape[1]   # the block appended a fused slot
-            token_trace = token_trace.after(kept_idx, num_tokens, fused,
-                                            may_pad=budget.keep_mass is not None and not alone)
+            token_trace = token_trace.after(kept_idx, num_tokens, fused)
             # before any reorganisation, timm's own rope goes to the blocks (keep_rate 1.0 is timm's model)
             reorganised = True
             if rope is not None and not rope_per_block:
@@ -108,7 +102,7 @@ def run_blocks(
 class EViTBlocks(nn.Sequential):
     """A ViT's ``blocks`` (timm's ``nn.Sequential`` of ``EViTBlock``) whose call carries the token
     state from block to block as the model does (``run_blocks``, at the blocks' own budgets): with
-    size-aware fusion or per-image budgets, ``model.norm(model.blocks(tokens))`` is
+    size-aware fusion, ``model.norm(model.blocks(tokens))`` is
     ``forward_features``. Same modules and state-dict keys as timm's ``nn.Sequential``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,17 +119,6 @@ class EViTBlocks(nn.Sequential):
 # tensor (docs/design.md, "One token state"). Off the model, so copies and pickles never hold it.
 _FEATURES_STATE: 'weakref.WeakKeyDictionary[nn.Module, Tuple[weakref.ref, Optional[TokenTrace]]]' = \
     weakref.WeakKeyDictionary()
-
-
-# Why a keep_mass model cannot be exported (torch.export, ONNX, torch.jit.trace), said in one line
-# where the export starts instead of a guard error deep in the tracer.
-KEEP_MASS_NOT_EXPORTABLE = ('keep_mass gives each image its own token count (data-dependent shapes), which an '
-                            'exported graph cannot hold: export at a fixed keep_rate (model.set_keep_rate(...))')
-
-
-def _exporting() -> bool:
-    is_exporting = getattr(torch.compiler, 'is_exporting', None)   # (torch 2.5 and later)
-    return bool(is_exporting and is_exporting()) or torch.jit.is_tracing()
 
 
 def _tracing() -> bool:
@@ -192,28 +175,13 @@ class EViTMixin(KeepRateWarmup):
             self.blocks[layer].budget = budget
 
     @property
-    def keep_rate(self) -> Optional[Tuple[float, ...]]:
-        """Keep rate of each reorganising block (held by the blocks themselves); None while
-        ``keep_mass`` sets each image's count instead."""
-        budgets = self._budgets()
-        if any(b.keep_mass is not None for b in budgets):
-            return None
-        return tuple(b.keep_rate for b in budgets)
+    def keep_rate(self) -> Tuple[float, ...]:
+        """Keep rate of each reorganising block (held by the blocks themselves)."""
+        return tuple(b.keep_rate for b in self._budgets())
 
     @keep_rate.setter
     def keep_rate(self, keep_rate: KeepRate) -> None:
         self.set_keep_rate(keep_rate)
-
-    @property
-    def keep_mass(self) -> Optional[Tuple[float, ...]]:
-        """Keep mass of each reorganising block (docs/design.md, "Per-image token budgets"); None:
-        the keep rate fixes every image's count."""
-        masses = tuple(b.keep_mass for b in self._budgets())
-        return masses if masses and masses[0] is not None else None
-
-    @keep_mass.setter
-    def keep_mass(self, keep_mass: Optional[KeepRate]) -> None:
-        self.set_keep_mass(keep_mass)
 
     @property
     def score(self) -> str:
@@ -284,21 +252,8 @@ class EViTMixin(KeepRateWarmup):
         return self.fusion == 'size' and self.fuse_token
 
     def set_keep_rate(self, keep_rate: KeepRate) -> None:
-        """Change the keep rate (one float, or one per reorganising block); no retraining needed.
-        It takes the place of a ``keep_mass``."""
-        self._set_budgets(rate_budgets(keep_rate, len(self.reorg_layers)))
-
-    def set_keep_mass(self, keep_mass: Optional[KeepRate]) -> None:
-        """Give each image its own count (one float in (0, 1], or one per reorganising block: the
-        share of its score the kept tokens hold); it takes the place of the keep rate. None: back
-        to a fixed keep rate, 1.0 until ``set_keep_rate``."""
-        if keep_mass is None:
-            self._set_budgets(rate_budgets(1.0, len(self.reorg_layers)))
-            return
-        if self.has_keep_rate_warmup:
-            raise ValueError('keep_mass cannot be used with the keep-rate warm-up (keep_rate_warmup_start / '
-                             'keep_rate_warmup_steps), which schedules keep_rate')
-        self._set_budgets(mass_budgets(keep_mass, len(self.reorg_layers)))
+        """Change the keep rate (one float, or one per reorganising block); no retraining needed."""
+        self._set_budgets(budgets_per_block(keep_rate, len(self.reorg_layers)))
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         pruning = getattr(self, '_pruning_head', False)   # timm's pruning drops the head, not the ranking
@@ -340,25 +295,18 @@ class EViTMixin(KeepRateWarmup):
                 self.score_norm = norm
         return take_indices
 
-    def _budgets_for_call(
-            self,
-            keep_rate: Optional[KeepRate],
-            keep_mass: Optional[KeepRate] = None,
-    ) -> List[Budget]:
+    def _budgets_for_call(self, keep_rate: Optional[KeepRate]) -> List[Budget]:
         """This call's budget for every block (``KEEP_ALL`` outside ``reorg_layers``): the one given for
-        the call (``keep_rate`` or ``keep_mass``), else the warm-up's rates in training, else the model's."""
+        the call (``keep_rate``), else the warm-up's rates in training, else the model's."""
         # FX tracing (timm feature extraction) turns every forward argument into a Proxy;
         # a traced graph keeps the model's budgets, fixed at tracing time.
         keep_rate = None if isinstance(keep_rate, torch.fx.Proxy) else keep_rate
-        keep_mass = None if isinstance(keep_mass, torch.fx.Proxy) else keep_mass
-        budgets = budgets_per_block(keep_rate, keep_mass, len(self.reorg_layers))
-        if budgets is None:
-            if self.training and self.has_keep_rate_warmup:
-                budgets = rate_budgets(self.scheduled_keep_rate(), len(self.reorg_layers))
-            else:   # evaluation always uses the target budget
-                budgets = self._budgets()
-        if any(b.keep_mass is not None for b in budgets) and _exporting():
-            raise ValueError(KEEP_MASS_NOT_EXPORTABLE)
+        if keep_rate is not None:
+            budgets = budgets_per_block(keep_rate, len(self.reorg_layers))
+        elif self.training and self.has_keep_rate_warmup:
+            budgets = budgets_per_block(self.scheduled_keep_rate(), len(self.reorg_layers))
+        else:   # evaluation always uses the target budget
+            budgets = self._budgets()
         per_block = [KEEP_ALL] * len(self.blocks)
         for layer, budget in zip(self.reorg_layers, budgets):
             per_block[layer] = budget
@@ -379,14 +327,13 @@ class EViTMixin(KeepRateWarmup):
             self,
             images: torch.Tensor,
             keep_rate: Optional[KeepRate],
-            keep_mass: Optional[KeepRate],
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], List[Budget]]:
         """What every forward entry point does first, in this order: the input check, the family's
         embedding (tokens entering the blocks, their rotary embedding), this call's budgets, the
         warm-up's step (after the budgets have read it)."""
         opaque.check_image_batch(images, self.in_chans)
         x, rope = self._embed_with_rope(images)
-        budgets = self._budgets_for_call(keep_rate, keep_mass)
+        budgets = self._budgets_for_call(keep_rate)
         self._advance_warmup()
         return x, rope, budgets
 
@@ -416,12 +363,11 @@ class EViTMixin(KeepRateWarmup):
             attn_mask: Optional[torch.Tensor],
             is_causal: bool,
             keep_rate: Optional[KeepRate],
-            keep_mass: Optional[KeepRate] = None,
             trace: bool = False,
     ) -> Tuple[torch.Tensor, Optional[TokenTrace]]:
         """The forward preamble every entry point shares (input check, embedding, this call's
         budgets, the warm-up's step), the blocks, the final norm: the tokens and their state."""
-        x, rope, budgets = self._preamble(x, keep_rate, keep_mass)
+        x, rope, budgets = self._preamble(x, keep_rate)
         x, token_trace, _ = self._block_loop(x, budgets, attn_mask, is_causal, rope, trace=trace)
         return self.norm(x), token_trace
 
@@ -439,11 +385,9 @@ class EViTMixin(KeepRateWarmup):
 
     def _head_reads_token_state(self, pre_logits: bool) -> bool:
         """Whether the head's output depends on the token state the model's budgets leave (beyond the
-        tokens): pooling by size, or around padding."""
+        tokens): pooling by size."""
         pools_tokens = getattr(self, 'attn_pool', None) is not None or self.global_pool in ('avg', 'avgmax', 'max')
-        budgets = self._budgets()
-        return pools_tokens and any(b.reorganises for b in budgets) and (
-            self._size_aware or any(b.keep_mass is not None for b in budgets))
+        return pools_tokens and self._size_aware and any(b.reorganises for b in self._budgets())
 
     def _token_state_for_head(self, x: torch.Tensor, pre_logits: bool) -> Optional[TokenTrace]:
         """The token state of features ``x`` handed to ``forward_head`` alone: remembered where ``x``
@@ -451,7 +395,7 @@ class EViTMixin(KeepRateWarmup):
         known, token_trace = self._state_of(x)
         if not known and self._head_reads_token_state(pre_logits):
             raise ValueError(
-                'forward_head needs the token state of these features (sizes of fused tokens, padding of keep_mass): '
+                'forward_head needs the token state of these features (the sizes of fused tokens): '
                 'pass the tensor forward_features returned, unchanged, or token_sizes= from '
                 "forward_intermediates(..., output_dict=True)['token_sizes'][-1]")
         return token_trace
@@ -462,13 +406,11 @@ class EViTMixin(KeepRateWarmup):
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
             keep_rate: Optional[KeepRate] = None,
-            keep_mass: Optional[KeepRate] = None,
     ) -> torch.Tensor:
-        """Tokens after the final norm: ``[B, prefix + remaining tokens, C]`` (with ``keep_mass`` in
-        a batch, an image's padding too: ``forward_intermediates`` gives its sizes, 0). ``attn_mask``
-        / ``is_causal`` go to every block's attention as in timm, with ``keep_rate`` 1.0 only.
-        ``forward_head`` of exactly this tensor pools it as ``forward`` does (sizes, padding)."""
-        x, token_trace = self._features(x, attn_mask, is_causal, keep_rate, keep_mass)
+        """Tokens after the final norm: ``[B, prefix + remaining tokens, C]``. ``attn_mask`` /
+        ``is_causal`` go to every block's attention as in timm, with ``keep_rate`` 1.0 only.
+        ``forward_head`` of exactly this tensor pools it as ``forward`` does (by size)."""
+        x, token_trace = self._features(x, attn_mask, is_causal, keep_rate)
         self._remember(x, token_trace)
         return x
 
@@ -483,12 +425,11 @@ class EViTMixin(KeepRateWarmup):
     ) -> torch.Tensor:
         """timm's head over the tokens that remain, weighing them as ``forward`` does: with
         size-aware fusion an ``avg`` / ``avgmax`` pooling weighs each non-prefix token by its size
-        and an attention pool adds ``log(size)`` to its logits; padding (``keep_mass``, size 0) is in
-        no pooling. The sizes are those of ``x`` when it is what ``forward_features`` returned,
+        and an attention pool adds ``log(size)`` to its logits. The sizes are those of ``x`` when it is what ``forward_features`` returned,
         else ``token_sizes`` ``[B, n]`` (as ``forward_intermediates(output_dict=True)`` gives them);
         where the head needs them and neither is there, a ValueError says so."""
         if token_sizes is not None:
-            weights = token_weights_from_sizes(token_sizes, self._size_aware)
+            weights = token_sizes if self._size_aware else None
         else:
             weights = self._head_weights(self._token_state_for_head(x, pre_logits))
         return self._head(x, pre_logits, weights)
@@ -515,10 +456,9 @@ class EViTMixin(KeepRateWarmup):
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
             keep_rate: Optional[KeepRate] = None,
-            keep_mass: Optional[KeepRate] = None,
     ) -> torch.Tensor:
-        """Logits; ``keep_rate`` or ``keep_mass`` overrides the model's budget for this call only."""
-        x, token_trace = self._features(x, attn_mask, is_causal, keep_rate, keep_mass)
+        """Logits; ``keep_rate`` overrides the model's keep rates for this call only."""
+        x, token_trace = self._features(x, attn_mask, is_causal, keep_rate)
         return self._head(x, False, self._head_weights(token_trace))
 
     def forward_intermediates(
@@ -534,7 +474,6 @@ class EViTMixin(KeepRateWarmup):
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
             keep_rate: Optional[KeepRate] = None,
-            keep_mass: Optional[KeepRate] = None,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]:
         """timm's ``forward_intermediates``, with tokens traced back to their patches.
 
@@ -542,16 +481,15 @@ class EViTMixin(KeepRateWarmup):
         kept, the fused token it went into, zeros if dropped without fusion). ``NLC`` gives the
         raw non-prefix tokens, fewer after each reorganisation. With ``output_dict=True`` the
         result also holds, per intermediate, ``token_patch_ids`` ``[B, n]`` (the patch each token
-        came from, -1 for a fused token, -2 for padding) and ``patch_token_index`` ``[B, H*W]`` (the
-        token now carrying each patch, -1 if dropped) and ``token_sizes`` ``[B, n]`` (the patches
-        each token stands for: 1, or for a fused token the patches it replaced; 0: padding). With
-        ``keep_mass``, an image's count after a block is its tokens of size > 0.
+        came from, -1 for a fused token) and ``patch_token_index`` ``[B, H*W]`` (the token now
+        carrying each patch, -1 if dropped) and ``token_sizes`` ``[B, n]`` (the patches each token
+        stands for: 1, or for a fused token the patches it replaced).
         """
         if output_fmt not in ('NCHW', 'NLC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         images = x
-        x, rope, budgets = self._preamble(images, keep_rate, keep_mass)
+        x, rope, budgets = self._preamble(images, keep_rate)
         grid_h, grid_w = self.patch_embed.dynamic_feat_size(images.shape[-2:])
         if output_fmt == 'NCHW':
             opaque.check_patch_grid(x.shape[1] - self.num_prefix_tokens, (grid_h, grid_w))

@@ -11,14 +11,15 @@ from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 
 __all__ = [
-    'KeepRate', 'DEFAULT_KEEP_RATE', 'Budget', 'KEEP_ALL', 'budgets_per_block', 'rate_budgets', 'mass_budgets', 'EViTOptions', 'check_keep_mass', 'EVIT_ARGS', 'TRAINING_ARGS', 'pop_evit_args', 'default_reorg_layers',
+    'KeepRate', 'DEFAULT_KEEP_RATE', 'Budget', 'KEEP_ALL', 'budgets_per_block', 'EViTOptions', 'EVIT_ARGS',
+    'TRAINING_ARGS', 'pop_evit_args', 'default_reorg_layers',
     'check_keep_rate', 'check_reorg_layers', 'check_fuse_token', 'SCORES', 'check_score', 'resolve_score',
     'FUSIONS', 'APPLY_FUSION', 'check_fusion', 'as_python_number',
 ]
 
 KeepRate = Union[float, Sequence[float]]
 
-# The paper's keep rate, where neither keep_rate nor keep_mass is given.
+# The paper's keep rate, where keep_rate is not given.
 DEFAULT_KEEP_RATE = 0.7
 
 # What ranks the tokens (docs/design.md, "What ranks the tokens"): the class token's attention row,
@@ -35,48 +36,25 @@ APPLY_FUSION = 'size'
 
 
 class Budget(NamedTuple):
-    """One block's token budget (docs/design.md, "Budgets"): a keep rate (every image keeps the
-    same count), or a keep mass (each image its own count); never both. ``KEEP_ALL`` (rate 1.0)
-    keeps every token."""
-    keep_rate: Optional[float] = 1.0
-    keep_mass: Optional[float] = None
+    """One block's token budget (docs/design.md, "Budgets"): the keep rate, every image keeping the
+    same count. ``KEEP_ALL`` (rate 1.0) keeps every token. The one type a block's budget travels
+    in, from the model's arguments and a call's overrides to the block: a new kind of budget is a
+    field here."""
+    keep_rate: float = 1.0
 
     @property
     def reorganises(self) -> bool:
         """Whether the block may change its tokens (the one place that says so)."""
-        return self.keep_mass is not None or self.keep_rate < 1.0
+        return self.keep_rate < 1.0
 
 
 KEEP_ALL = Budget()
 
 
-def budgets_per_block(
-        keep_rate: Optional[KeepRate],
-        keep_mass: Optional[KeepRate],
-        num_reorg_layers: int,
-) -> Optional[Tuple[Budget, ...]]:
-    """One ``Budget`` per reorganising block from the public arguments ``keep_rate`` / ``keep_mass``
-    (one float, or one per block; checked): the one place where they meet. Giving both is a
-    ValueError; giving neither returns None (the caller's default applies)."""
-    if keep_rate is not None and keep_mass is not None:
-        raise ValueError(f'give keep_rate or keep_mass, not both (got keep_rate={keep_rate!r}, '
-                         f'keep_mass={keep_mass!r}): keep_rate fixes every image\'s token count, '
-                         'keep_mass lets each image keep what its attention needs')
-    if keep_rate is not None:
-        return rate_budgets(keep_rate, num_reorg_layers)
-    if keep_mass is not None:
-        return mass_budgets(keep_mass, num_reorg_layers)
-    return None
-
-
-def rate_budgets(keep_rate: KeepRate, num_reorg_layers: int) -> Tuple[Budget, ...]:
-    """A fixed count per block from ``keep_rate`` (one float, or one per block; checked)."""
-    return tuple(Budget(rate, None) for rate in check_keep_rate(keep_rate, num_reorg_layers))
-
-
-def mass_budgets(keep_mass: KeepRate, num_reorg_layers: int) -> Tuple[Budget, ...]:
-    """Each image's own count per block from ``keep_mass`` (one float, or one per block; checked)."""
-    return tuple(Budget(None, mass) for mass in check_keep_mass(keep_mass, num_reorg_layers))
+def budgets_per_block(keep_rate: KeepRate, num_reorg_layers: int) -> Tuple[Budget, ...]:
+    """One ``Budget`` per reorganising block from the public argument ``keep_rate`` (one float, or
+    one per block; checked)."""
+    return tuple(Budget(rate) for rate in check_keep_rate(keep_rate, num_reorg_layers))
 
 
 def default_reorg_layers(depth: int) -> Tuple[int, ...]:
@@ -94,7 +72,6 @@ class EViTOptions:
 
     Fields marked ``training`` in their metadata only act in training (the keep-rate warm-up)."""
     keep_rate: Optional[KeepRate] = None            # one float in (0, 1] or one per block; None: 0.7
-    keep_mass: Optional[KeepRate] = None            # per-image budgets instead (one float or one per block)
     reorg_layers: Optional[Sequence[int]] = None    # None: default_reorg_layers(depth)
     fuse_token: bool = True                         # fuse the inattentive tokens (True) or drop them
     score: Optional[str] = None                     # one of SCORES; None: the model's default (resolve_score)
@@ -105,8 +82,8 @@ class EViTOptions:
     def checked(self, depth: int) -> 'EViTOptions':
         """The options checked for a model of ``depth`` blocks, resolved: ``reorg_layers`` a tuple
         of block indices (the default places for None), and one float per reorganising block in
-        ``keep_rate`` or in ``keep_mass`` (the other None; ``budgets()`` pairs them per block).
-        A TypeError or ValueError names the argument otherwise."""
+        ``keep_rate`` (``budgets()`` gives them as budgets). A TypeError or ValueError names the
+        argument otherwise."""
         steps = {}
         for name in TRAINING_ARGS:
             value = as_python_number(getattr(self, name))
@@ -116,21 +93,14 @@ class EViTOptions:
         layers = default_reorg_layers(depth) if self.reorg_layers is None else check_reorg_layers(self.reorg_layers, depth)
         fuse_token = check_fuse_token(self.fuse_token)
         score = None if self.score is None else check_score(self.score)
-        if self.keep_mass is not None and (self.keep_rate_warmup_start or self.keep_rate_warmup_steps):
-            raise ValueError('keep_rate_warmup_start / keep_rate_warmup_steps schedule keep_rate; they cannot be '
-                             'used with keep_mass')
-        budgets = budgets_per_block(self.keep_rate, self.keep_mass, len(layers))
-        if budgets is None:
-            budgets = budgets_per_block(DEFAULT_KEEP_RATE, None, len(layers))
-        rates = tuple(b.keep_rate for b in budgets) if self.keep_mass is None else None
-        masses = tuple(b.keep_mass for b in budgets) if self.keep_mass is not None else None
-        return dataclasses.replace(self, keep_rate=rates, keep_mass=masses,
-                                   reorg_layers=layers, fuse_token=fuse_token, score=score,
+        keep_rate = DEFAULT_KEEP_RATE if self.keep_rate is None else self.keep_rate
+        rates = tuple(b.keep_rate for b in budgets_per_block(keep_rate, len(layers)))
+        return dataclasses.replace(self, keep_rate=rates, reorg_layers=layers, fuse_token=fuse_token, score=score,
                                    fusion=check_fusion(self.fusion), **steps)
 
     def budgets(self) -> Tuple[Budget, ...]:
         """One ``Budget`` per reorganising block, of checked options."""
-        return budgets_per_block(self.keep_rate, self.keep_mass, len(self.reorg_layers))
+        return budgets_per_block(self.keep_rate, len(self.reorg_layers))
 
 
 # The EViT arguments by name, in declaration order; those that act only in training.
@@ -205,13 +175,6 @@ def _per_block(value: KeepRate, num_reorg_layers: int, name: str) -> Tuple[float
 def check_keep_rate(keep_rate: KeepRate, num_reorg_layers: int) -> Tuple[float, ...]:
     """One keep rate per reorganising block, from a single rate or a per-block sequence."""
     return _per_block(keep_rate, num_reorg_layers, 'keep_rate')
-
-
-def check_keep_mass(keep_mass: KeepRate, num_reorg_layers: int) -> Tuple[float, ...]:
-    """One keep mass per reorganising block, from a single value or a per-block sequence: the share
-    of the score, in (0, 1], that each image's kept tokens hold (docs/design.md, "Per-image token
-    budgets")."""
-    return _per_block(keep_mass, num_reorg_layers, 'keep_mass')
 
 
 def check_reorg_layers(reorg_layers: Sequence[int], depth: int) -> Tuple[int, ...]:

@@ -8,13 +8,8 @@ any distillation or register tokens: never dropped or fused), ``n`` other tokens
 Tracing names two indices, each with one meaning (docs/design.md, "Traced indices"). A *patch* is a
 non-prefix token as it entered the blocks, numbered in that order (the image's patches in raster
 order; under timm's patch dropout, in training, the patches it kept). ``token_patch_ids`` ``[B, n]``:
-for each token now present, the patch it came from (-1: a fused token, -2: padding). ``patch_token_index``
+for each token now present, the patch it came from (-1: a fused token). ``patch_token_index``
 ``[B, patches]``: for each patch, the token now carrying it (-1: dropped without fusion).
-
-Per-image budgets (``keep_mass``, docs/design.md, "Per-image token budgets") give images of one
-batch different counts: they are laid out to the batch's largest count, and the slots an image
-does not fill are *padding*, a token of size 0 (``sizes_after``) that ``size_key_bias`` hides from
-every attention. Kept indices ``[B, K]`` hold -1 in an image's padding slots.
 """
 import math
 from typing import Optional, Tuple
@@ -23,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    'num_kept_tokens', 'num_kept_by_mass', 'head_averaged_class_row', 'class_attention', 'mean_received_row',
+    'num_kept_tokens', 'head_averaged_class_row', 'class_attention', 'mean_received_row',
     'mean_received_attention', 'pool_attention', 'keep_and_fuse', 'reorganize_tokens', 'reorganize',
     'size_key_bias', 'bias_as', 'sizes_after', 'size_weighted_pool',
     'trace_token_patch_ids', 'trace_patch_token_index', 'tokens_to_patch_grid', 'rotary_rows_for_tokens',
@@ -39,31 +34,6 @@ def num_kept_tokens(keep_rate: float, num_tokens: int) -> int:
     is at least 1: a rate that would leave zero tokens keeps one.
     """
     return math.ceil(keep_rate * num_tokens)
-
-
-def num_kept_by_mass(
-        score: torch.Tensor,
-        keep_mass: float,
-        valid: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per image, the fewest highest-scored tokens whose scores sum to at least ``keep_mass`` times
-    the sum over all its tokens (docs/design.md, "Per-image token budgets").
-
-    ``score`` ``[B, n]`` (non-negative); ``valid`` ``[B, n]`` marks the tokens present (False:
-    padding, never counted or ranked; None: all). Returns ``(counts [B], order [B, n])``: ``1 <=
-    counts <= `` the image's present tokens, and ``order`` the tokens by score, descending (padding
-    last), whose first ``counts`` are kept.
-    """
-    ranking = score if valid is None else score.masked_fill(~valid, -1.)
-    ranked, order = ranking.detach().sort(dim=1, descending=True)
-    # summed in float64 (MPS has none): a float32 running sum stops growing on the smallest scores,
-    # which would end the count early at keep_mass near 1
-    wide = torch.float32 if score.device.type == 'mps' else torch.float64
-    mass = ranked.clamp(min=0).to(wide).cumsum(dim=1)
-    # tokens before the one that reaches the threshold, plus that one (the whole sum reaches it: t <= 1)
-    counts = (mass < keep_mass * mass[:, -1:]).sum(dim=1) + 1
-    present = score.shape[1] if valid is None else valid.sum(dim=1)
-    return torch.clamp(counts, max=present), order
 
 
 def head_averaged_class_row(attn: torch.Tensor, num_prefix_tokens: int = 1) -> torch.Tensor:
@@ -172,16 +142,15 @@ def keep_and_fuse(
         num_prefix_tokens: int = 1,
         weighted_mean: bool = False,
         token_weights: Optional[torch.Tensor] = None,
-        filled: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """The one place where tokens are kept and fused (docs/design.md, "EViT, exactly"), for a count
-    fixed for every image and for each image's own count alike.
+    """The one place where tokens are kept and fused (docs/design.md, "EViT, exactly").
 
     Args:
         x: tokens ``[B, P + n, C]``, the ``P`` prefix tokens (class token first) before the others.
         score: the score of the ``n`` others ``[B, n]`` (``class_attention``, ``mean_received_attention``,
             ``pool_attention``): the fusion weights.
-        kept_idx: ``[B, K]`` the tokens to keep, in their new order (indices into the ``n``).
+        kept_idx: ``[B, K]`` the tokens to keep, in their new order (indices into the ``n``; ``K < n``:
+            the fused token has at least one token to fuse).
         fuse: append one fused token after the kept ones: ``sum_j a_j * x_j`` over the dropped ``j``
             (raw weights, the paper's).
         weighted_mean: the fused token is ``sum_j a_j x_j / sum_j a_j`` instead (size-aware fusion,
@@ -189,10 +158,7 @@ def keep_and_fuse(
             dropped weight is 0 (attention that underflowed: peaky, fp16, bf16) the mean is taken
             over the patches the dropped tokens carry (their ``token_weights``, ``UNDERFLOW_SHARE``):
             never 0 / 0.
-        token_weights: ``[B, n]`` what each token counts for (its size; 0: padding, never fused);
-            None: 1 each.
-        filled: ``[B, K]`` which slots an image fills (per-image counts; the others are its padding:
-            their tokens count as dropped); None: all.
+        token_weights: ``[B, n]`` what each token counts for (its size); None: 1 each.
 
     Returns ``[prefix..., kept..., (fused)]``: ``[B, P + K (+ 1), C]``.
     """
@@ -205,21 +171,11 @@ def keep_and_fuse(
             weights = weights + UNDERFLOW_SHARE * sizes
         # the score with the kept tokens zeroed: the fused token is one batched matmul,
         # with no complement index and no second gather
-        weights = _zero_at(weights, kept_idx, filled)
-        if weighted_mean:
-            total = weights.sum(dim=1, keepdim=True)
-            if filled is not None:   # an image that dropped nothing has nothing to average (a fixed count always drops)
-                total = total.clamp(min=torch.finfo(weights.dtype).tiny)
-            weights = weights / total
+        weights = weights.scatter(1, kept_idx, 0.)
+        if weighted_mean:   # (the dropped tokens' weights sum to more than 0: each holds its UNDERFLOW_SHARE)
+            weights = weights / weights.sum(dim=1, keepdim=True)
         parts.append(_as(weights, x.dtype).unsqueeze(1) @ x[:, num_prefix_tokens:])
     return torch.cat(parts, dim=1)
-
-
-def _zero_at(values: torch.Tensor, idx: torch.Tensor, filled: Optional[torch.Tensor]) -> torch.Tensor:
-    """``values`` ``[B, n]`` with 0 at ``idx`` ``[B, K]`` (only where ``filled``, if given)."""
-    if filled is None:
-        return values.scatter(1, idx, 0.)
-    return values.scatter(1, idx, values.gather(1, idx).masked_fill(filled, 0.))
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -277,49 +233,29 @@ def _non_prefix_rows(x: torch.Tensor, idx: torch.Tensor, num_prefix_tokens: int)
 def reorganize(
         x: torch.Tensor,
         score: torch.Tensor,
-        keep_rate: Optional[float],
-        keep_mass: Optional[float],
+        keep_rate: float,
         fuse_token: bool,
         num_prefix_tokens: int = 1,
         weighted_mean: bool = False,
         token_weights: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One block's reorganisation under its budget (docs/design.md, "Budgets"): ``keep_rate`` (every
-    image keeps ``ceil(keep_rate * n)``) or ``keep_mass`` (each image its own count,
-    ``num_kept_by_mass``, laid out to the batch's largest count ``K``), then ``keep_and_fuse``.
-
-    ``token_weights`` ``[B, n]``: what each token counts for (its size under size-aware fusion; 0:
-    padding, never kept or fused); None: 1 each. With per-image counts, slots past an image's count
-    are its padding (kept index -1), and the fused slot is the image's padding where it dropped
-    nothing; the slot exists where some image dropped a token. Where the budget keeps every token
-    (and there is no padding to remove) nothing happens: ``x`` is returned with the identity as kept
-    indices, so that callers need no branch. At batch 1 there is never padding.
+    """One block's reorganisation under its budget (docs/design.md, "Budgets"): every image keeps
+    ``num_kept_tokens(keep_rate, n)`` (``reorganize_tokens``, whose arguments these are). Where that
+    is every token nothing happens: ``x`` is returned with the identity as kept indices, so that
+    callers need no branch.
 
     Returns the tokens and the kept indices ``[B, K]`` into the ``n`` non-prefix tokens of ``x``.
     """
     B, n = score.shape
-    if keep_mass is None:
-        num_keep = num_kept_tokens(keep_rate, n)
-        if num_keep >= n:
-            return x, torch.arange(n, device=x.device).expand(B, -1)
-        return reorganize_tokens(x, score, num_keep, fuse_token, num_prefix_tokens, weighted_mean, token_weights)
-    valid = None if token_weights is None else token_weights > 0
-    counts, order = num_kept_by_mass(score, keep_mass, valid)
-    present = counts.new_full((B,), n) if valid is None else valid.sum(dim=1)
-    # the one host sync: the layout's width, and whether any image drops a token
-    width, drops = torch.stack([counts.max(), (counts < present).any().long()]).tolist() if B else (n, 0)
-    if not drops and width == n:
+    num_keep = num_kept_tokens(keep_rate, n)
+    if num_keep >= n:
         return x, torch.arange(n, device=x.device).expand(B, -1)
-    kept_idx = order[:, :width]
-    filled = torch.arange(width, device=x.device) < counts.unsqueeze(1)
-    x = keep_and_fuse(x, score, kept_idx, fuse_token and bool(drops), num_prefix_tokens, weighted_mean,
-                      token_weights, filled)
-    return x, kept_idx.masked_fill(~filled, -1)
+    return reorganize_tokens(x, score, num_keep, fuse_token, num_prefix_tokens, weighted_mean, token_weights)
 
 
 def size_key_bias(token_weights: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
     """``log(weight)`` of every token as a key bias ``[B, 1, 1, P + n]`` (prefix tokens: weight 1,
-    bias 0; padding: weight 0, bias -inf), for attention logits ``[B, H, queries, P + n]``: a token
+    bias 0), for attention logits ``[B, H, queries, P + n]``: a token
     of size ``s`` is attended to as ``s`` copies of itself (ToMe's proportional attention).
     ``token_weights`` ``[B, n]``; the bias keeps their dtype (``bias_as``)."""
     bias = F.pad(token_weights.log(), (num_prefix_tokens, 0))
@@ -337,18 +273,13 @@ def sizes_after(
         kept_idx: torch.Tensor,
         fused: bool,
         num_patches: int,
-        padded: bool = False,
 ) -> torch.Tensor:
     """The sizes (patches each token stands for) after a reorganisation: each kept token keeps its
-    size, a padding slot (kept index -1, only where ``padded``) has size 0 and, where the block made a
-    fused slot (``fused``: the last token), it holds the patches no kept token carries (the sizes
-    always sum to ``num_patches``; 0: the image dropped nothing, so the slot is its padding):
-    ``[B, num_keep (+1)]``. ``token_sizes`` ``[B, n]`` before the block (None: every token has
-    size 1)."""
+    size and, where the block made a fused slot (``fused``: the last token), it holds the patches
+    no kept token carries (the sizes always sum to ``num_patches``): ``[B, num_keep (+1)]``.
+    ``token_sizes`` ``[B, n]`` before the block (None: every token has size 1)."""
     if token_sizes is None:
-        kept = (kept_idx >= 0).float() if padded else torch.ones(kept_idx.shape, device=kept_idx.device)
-    elif padded:
-        kept = token_sizes.gather(1, kept_idx.clamp(min=0)).masked_fill(kept_idx < 0, 0.)
+        kept = torch.ones(kept_idx.shape, device=kept_idx.device)
     else:
         kept = token_sizes.gather(1, kept_idx)
     if not fused:
@@ -365,15 +296,14 @@ def size_weighted_pool(
 ) -> torch.Tensor:
     """timm's ``avg`` / ``avgmax`` / ``max`` pooling of tokens ``[B, P + n, C]`` where each non-prefix
     token stands for ``token_sizes`` ``[B, n]`` patches (prefix tokens, where included, for one):
-    the mean is weighted by size (the mean over the patches), the max is over the tokens of size > 0
-    (padding, size 0, is in neither)."""
+    the mean is weighted by size (the mean over the patches), the max is over the tokens."""
     sizes = token_sizes
     if include_prefix:
         sizes = F.pad(sizes, (num_prefix_tokens, 0), value=1.)
     else:
         x = x[:, num_prefix_tokens:]
     if pool_type in ('max', 'avgmax'):
-        peak = x.masked_fill((sizes == 0).unsqueeze(-1), float('-inf')).amax(dim=1)
+        peak = x.amax(dim=1)
     if pool_type == 'max':
         return peak
     # the weights normalised first (in their own precision, float32): no sum of sizes times tokens
@@ -388,17 +318,14 @@ def size_weighted_pool(
 
 
 def trace_token_patch_ids(token_patch_ids: torch.Tensor, kept_idx: torch.Tensor, fused: bool) -> torch.Tensor:
-    """``token_patch_ids`` after a reorganisation: the patch each token came from (-1: fused, -2:
-    padding).
+    """``token_patch_ids`` after a reorganisation: the patch each token came from (-1: fused).
 
     ``token_patch_ids`` ``[B, n]`` holds it for the non-prefix tokens before the block; the result
-    ``[B, num_keep (+1)]`` after it, where ``fused`` says the block made a fused slot (last). A
-    padding slot (kept index -1) is -2, and so is the fused slot of an image that dropped no token.
+    ``[B, num_keep (+1)]`` after it, where ``fused`` says the block made a fused slot (last).
     """
-    ids = token_patch_ids.gather(1, kept_idx.clamp(min=0)).masked_fill(kept_idx < 0, -2)
+    ids = token_patch_ids.gather(1, kept_idx)
     if fused:
-        dropped_any = (token_patch_ids > -2).sum(dim=1, keepdim=True) > (kept_idx >= 0).sum(dim=1, keepdim=True)
-        ids = torch.cat([ids, torch.where(dropped_any, -1, -2).to(ids.dtype)], dim=1)
+        ids = F.pad(ids, (0, 1), value=-1)
     return ids
 
 
@@ -416,10 +343,10 @@ def trace_patch_token_index(
     through all stages.
     """
     B, num_keep = kept_idx.shape
-    # remap[b, j]: new index of old token j; the extra last column sends -1 (and padding slots) to -1.
+    # remap[b, j]: new index of old token j; the extra last column sends -1 to -1.
     remap = kept_idx.new_full((B, num_tokens + 1), num_keep if fused else -1)
     ranks = torch.arange(num_keep, device=kept_idx.device).expand(B, -1)
-    remap.scatter_(1, torch.where(kept_idx < 0, num_tokens, kept_idx), ranks)
+    remap.scatter_(1, kept_idx, ranks)
     remap[:, num_tokens] = -1
     old = torch.where(patch_token_index < 0, num_tokens, patch_token_index)
     return remap.gather(1, old)
@@ -444,7 +371,7 @@ def rotary_rows_for_tokens(rope: torch.Tensor, token_patch_ids: torch.Tensor) ->
     splits in two halves) for the ``N`` tokens entering the blocks: ``[N, 2D]`` or ``[H, N, 2D]``
     shared by the batch, or ``[B, 1 or H, N, 2D]`` per image. ``token_patch_ids`` ``[B, n]`` gives
     the patch (entering token) each remaining one came from (-1: a fused token, which like a prefix token
-    gets no rotation: sin 0, cos 1; -2: padding, likewise). Returns ``[B, 1 or H, n, 2D]``: per image, since images keep
+    gets no rotation: sin 0, cos 1). Returns ``[B, 1 or H, n, 2D]``: per image, since images keep
     different tokens.
     """
     B = token_patch_ids.shape[0]

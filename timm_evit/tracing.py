@@ -9,22 +9,15 @@ import torch
 from . import opaque
 from .reorg import size_key_bias
 
-__all__ = ['TokenTrace', 'token_weights_from_sizes']
-
-
-def token_weights_from_sizes(token_sizes: torch.Tensor, size_aware: bool) -> torch.Tensor:
-    """Token weights from sizes (the patches each token stands for, 0: padding): the sizes
-    themselves under size-aware fusion; else every token once, padding never."""
-    return token_sizes if size_aware else (token_sizes > 0).to(token_sizes.dtype)
+__all__ = ['TokenTrace']
 
 
 class TokenTrace(NamedTuple):
     """The state of the non-prefix tokens present at one point of the loop, each part only where
     asked for: ``token_patch_ids`` ``[B, n]``, ``patch_token_index`` ``[B, patches]``, ``token_sizes``
     ``[B, n]`` (the patches each token stands for: None until a reorganisation, while every token
-    is one patch; 0: padding, docs/design.md, "Per-image token budgets"), and ``key_bias``, the log
-    of the token weights as a key bias ``[B, 1, 1, P + n]`` (float32), built once per
-    reorganisation for every later block (None: every token counts once)."""
+    is one patch), and ``key_bias``, the log of the token weights as a key bias ``[B, 1, 1, P + n]``
+    (float32), built once per reorganisation for every later block (None: every token counts once)."""
 
     token_patch_ids: Optional[torch.Tensor]
     patch_token_index: Optional[torch.Tensor] = None
@@ -35,7 +28,6 @@ class TokenTrace(NamedTuple):
     num_prefix_tokens: int = 0
     with_sizes: bool = False
     size_aware: bool = False        # tokens weigh by size (size-aware fusion), not once each
-    padded: bool = False            # images may hold padding (per-image budgets in a batch)
 
     @classmethod
     def start(
@@ -55,32 +47,27 @@ class TokenTrace(NamedTuple):
         return cls(identity if with_ids else None, identity if with_patch_index else None, num_patches=num_patches,
                    num_prefix_tokens=num_prefix_tokens, with_sizes=with_sizes, size_aware=size_aware)
 
-    def after(self, kept_idx: torch.Tensor, num_tokens: Any, fused: bool, may_pad: bool = False) -> 'TokenTrace':
+    def after(self, kept_idx: torch.Tensor, num_tokens: Any, fused: bool) -> 'TokenTrace':
         """The state after a block that kept ``kept_idx`` ``[B, num_keep]`` of its ``num_tokens``
-        non-prefix tokens (-1: a padding slot) and, where ``fused``, made a fused slot after them;
-        ``may_pad``: the block gave its images their own counts in a batch."""
-        padded = self.padded or may_pad
+        non-prefix tokens and, where ``fused``, made a fused slot after them."""
         patch_token_index = self.patch_token_index
         if patch_token_index is not None:
             patch_token_index = opaque.trace_patch_token_index(patch_token_index, kept_idx, num_tokens, fused)
         token_sizes = self.token_sizes
         if self.with_sizes:
-            token_sizes = opaque.sizes_after(token_sizes, kept_idx, fused, self.num_patches, padded)
+            token_sizes = opaque.sizes_after(token_sizes, kept_idx, fused, self.num_patches)
         token_patch_ids = self.token_patch_ids
         if token_patch_ids is not None:
             token_patch_ids = opaque.trace_token_patch_ids(token_patch_ids, kept_idx, fused)
-        weights = None
-        if token_sizes is not None and (self.size_aware or padded):
-            weights = token_weights_from_sizes(token_sizes, self.size_aware)
+        weights = token_sizes if self.size_aware else None
         key_bias = None if weights is None else size_key_bias(weights, self.num_prefix_tokens)
         return self._replace(token_patch_ids=token_patch_ids, patch_token_index=patch_token_index,
-                             token_sizes=token_sizes, key_bias=key_bias, weights=weights, padded=padded)
+                             token_sizes=token_sizes, key_bias=key_bias, weights=weights)
 
     def token_weights(self) -> Optional[torch.Tensor]:
         """What every later attention, score and pooling weighs each non-prefix token by ``[B, n]``
-        (its log is ``key_bias``): its size under size-aware fusion, else 1, and 0 for padding
-        where an image may hold padding; None: every token counts once (nothing to weigh). Built
-        once per reorganisation, with ``key_bias``, not once per block."""
+        (its log is ``key_bias``): its size under size-aware fusion; None: every token counts once
+        (nothing to weigh). Built once per reorganisation, with ``key_bias``, not once per block."""
         return self.weights
 
     def sizes_or_ones(self) -> torch.Tensor:

@@ -3,11 +3,6 @@
 Speed is only reported as a ratio measured in one run: the plain timm model and the EViT model
 (same weights, same attention implementation, same batch, dtype and device) are timed
 interleaved, after a warm-up, and the median of the repeats is taken.
-
-A keep mass (``keep_mass``: each image keeps its own count) is measured on real images only: its
-counts, GMACs and time depend on what the images show, so random noise would measure nothing
-that any image gives. Its GMACs are counted per image, each alone (a mean and a spread), and its
-time is that of the batch as the model runs it, padded to the batch's largest count.
 """
 import contextlib
 import copy
@@ -18,7 +13,7 @@ import textwrap
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
@@ -32,9 +27,7 @@ from .plain import create_plain_counterpart, evit_label, plain_model_name
 __all__ = [
     'BenchRow', 'model_at_keep_rate', 'set_fused_attn', 'count_gmacs', 'tokens_per_stage', 'time_interleaved', 'run_bench',
     'markdown_table', 'format_rows', 'rows_as_dicts', 'rows_figure', 'DTYPES', 'COMPILE_MODES', 'min_warmup',
-    'RUNTIMES', 'check_runtime', 'input_tokens', 'require_distinct_keep_rates', 'require_distinct_keep_masses',
-    'KeepMass', 'budget_kwargs', 'budget_text', 'model_at_keep_mass', 'check_keep_masses', 'gmacs_per_image',
-    'mean_tokens_per_stage', 'move_beside',
+    'RUNTIMES', 'check_runtime', 'input_tokens', 'require_distinct_keep_rates',
 ]
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
@@ -45,16 +38,15 @@ RUNTIMES = ('torch', 'onnxruntime')
 @dataclass
 class BenchRow:
     model: str
-    keep_rate: Optional[float]        # None for the plain timm model and for a keep_mass row
+    keep_rate: Optional[float]        # None for the plain timm model
     fuse_token: Optional[bool]
     attn: str                         # 'fused' (SDPA) or 'math'
     dtype: str
     compile_mode: Optional[str]       # None: eager; else the torch.compile mode
     device: str
     batch_size: int
-    tokens: List[float]               # non-class tokens at the input, then after each reorganising block
-                                      # (keep_mass: the mean over the batch's images)
-    gmacs: float                      # per image (keep_mass: the mean over the batch's images, each alone)
+    tokens: List[int]                 # non-class tokens at the input, then after each reorganising block
+    gmacs: float                      # per image
     mac_ratio: float                  # plain GMACs / these GMACs: what time would give if it followed MACs
     images_per_s: float
     speedup: float                    # throughput / plain throughput, same run
@@ -66,27 +58,6 @@ class BenchRow:
     quantize: Optional[str] = None              # 'int8': both ONNX exports quantized (onnxruntime only)
     speedup_vs_torch: Optional[float] = None    # onnxruntime: throughput / the plain model's in torch fp32, same run
     latency_speedup_vs_torch: Optional[float] = None   # the same at batch 1
-    keep_mass: Optional[float] = None           # a keep_mass row (keep_rate None): each image its own count
-    gmacs_std: float = 0.                       # keep_mass: the standard deviation of the GMACs over the images
-
-
-class KeepMass(NamedTuple):
-    """A keep mass among the keep rates of a run: the key of its row (a float key is a keep rate)."""
-    value: float
-
-
-Budget = Union[float, KeepMass]   # a keep rate, or a keep mass
-
-
-def budget_kwargs(budget: Budget) -> dict:
-    """The forward's argument for ``budget``: ``{'keep_rate': r}`` or ``{'keep_mass': m}``."""
-    return {'keep_mass': budget.value} if isinstance(budget, KeepMass) else {'keep_rate': budget}
-
-
-def budget_text(budget: Budget) -> str:
-    """``budget`` for a message: 'keep_rate 0.7' or 'keep_mass 0.8'."""
-    (name, value), = budget_kwargs(budget).items()
-    return f'{name} {value:g}'
 
 
 def check_runtime(runtime: str, compile: Optional[str], device: str, dtype: str,
@@ -123,7 +94,7 @@ def _forwards(models: Dict[object, torch.nn.Module], runtime: str, wrap: Callabl
         from .export import onnxruntime_forward
         forwards = {}
         for key, model in models.items():
-            status(f'exporting {key if key == "plain" else budget_text(key)} to ONNX'
+            status(f'exporting {key if key == "plain" else f"keep_rate {key:g}"} to ONNX'
                    + (f' and quantizing to {quantize}' if quantize else ''))
             forwards[key] = onnxruntime_forward(model, quantize=quantize)
         return forwards
@@ -175,36 +146,6 @@ def tokens_per_stage(model: torch.nn.Module, x: torch.Tensor, keep_rate: Optiona
     return [input_tokens(model, x)] + [tokens[i].shape[1] for i in layers]
 
 
-@torch.no_grad()
-def mean_tokens_per_stage(model: torch.nn.Module, x: torch.Tensor, keep_mass: float) -> List[float]:
-    """Non-class token counts at ``keep_mass``, each the mean over the images ``x``: at the input,
-    then after each reorganising block (an image's count: its tokens of size > 0, padding left out)."""
-    out = model.forward_intermediates(x, output_dict=True, intermediates_only=True, keep_mass=keep_mass)
-    counts = [(out['token_sizes'][i] > 0).sum(dim=1).double().mean().item() for i in model.reorg_layers]
-    return [float(input_tokens(model, x))] + counts
-
-
-def gmacs_per_image(model: torch.nn.Module, x: torch.Tensor, fused_attn: Optional[bool] = None,
-                    **forward_kwargs) -> List[float]:
-    """``count_gmacs`` of each image of ``x`` alone (batch 1): with ``keep_mass`` each image keeps its
-    own count, so its MACs are its own; alone, no other image's padding is counted with it.
-
-    Every shape in a forward follows from the token counts, so images whose counts after every
-    block are the same (found by a plain forward of each alone, on the same attention path) have
-    the same MACs: the counter runs once per distinct counts (it is many times slower than a forward)."""
-    counted: Dict[Tuple[int, ...], float] = {}
-    result = []
-    for image in x:
-        with _attention_path(model, fused_attn), torch.inference_mode():
-            out = model.forward_intermediates(image[None], output_dict=True, intermediates_only=True,
-                                              **forward_kwargs)
-        counts = tuple(int((sizes > 0).sum()) for sizes in out['token_sizes'])
-        if counts not in counted:
-            counted[counts] = count_gmacs(model, image[None], fused_attn, **forward_kwargs)
-        result.append(counted[counts])
-    return result
-
-
 @contextlib.contextmanager
 def _attention_path(model: torch.nn.Module, fused_attn: Optional[bool]):
     """``model`` on the attention path ``fused_attn`` (None: its own) for the block, restored after."""
@@ -228,19 +169,6 @@ def model_at_keep_rate(model: torch.nn.Module, keep_rate: float) -> torch.nn.Mod
     model = copy.deepcopy(model)
     model.set_keep_rate(keep_rate)
     return model
-
-
-def model_at_keep_mass(model: torch.nn.Module, keep_mass: float) -> torch.nn.Module:
-    """A copy of ``model`` at ``keep_mass`` (shares nothing with it)."""
-    model = copy.deepcopy(model)
-    model.set_keep_mass(keep_mass)
-    return model
-
-
-def _model_at(model: torch.nn.Module, budget: Budget) -> torch.nn.Module:
-    if isinstance(budget, KeepMass):
-        return model_at_keep_mass(model, budget.value)
-    return model_at_keep_rate(model, budget)
 
 
 def _dynamo():
@@ -303,35 +231,12 @@ def require_distinct_keep_rates(keep_rates: Sequence[float]) -> None:
     _require_distinct(keep_rates, '--keep-rates', 'keep rate')
 
 
-def require_distinct_keep_masses(keep_masses: Sequence[float]) -> None:
-    """``require_distinct_keep_rates`` for ``--keep-masses``."""
-    _require_distinct(keep_masses, '--keep-masses', 'keep mass')
-
-
 def _require_distinct(values: Sequence[float], option: str, noun: str) -> None:
     seen = set()
     for value in values:
         if value in seen:
             raise ValueError(f'{option} lists {value:g} twice: give each {noun} once')
         seen.add(value)
-
-
-def check_keep_masses(keep_masses: Sequence[float], runtime: str) -> None:
-    """A ValueError naming ``--keep-masses`` where it cannot be measured: a value outside (0, 1] or
-    listed twice, or ``runtime`` onnxruntime (an exported graph fixes every token count)."""
-    for mass in keep_masses:
-        if isinstance(mass, bool) or not isinstance(mass, (int, float)) or not 0. < mass <= 1.:
-            raise ValueError(f'--keep-masses takes floats in (0, 1], got {mass!r}')
-    require_distinct_keep_masses(keep_masses)
-    if keep_masses and runtime != 'torch':
-        raise ValueError(f'--keep-masses cannot run in --runtime {runtime}: keep_mass gives each image its own '
-                         'token count (data-dependent shapes), which an exported graph cannot hold; measure '
-                         'keep masses with --runtime torch')
-
-
-def _each_alone(run: Callable, images: Sequence[torch.Tensor]) -> None:
-    for image in images:
-        run(image)
 
 
 def run_bench(
@@ -351,14 +256,12 @@ def run_bench(
         model_kwargs: Optional[dict] = None,
         runtime: str = 'torch',
         quantize: Optional[str] = None,
-        keep_masses: Sequence[float] = (),
         data_dir: Optional[str] = None,
         split: str = 'validation',
         checkpoint: Optional[str] = None,
         crop_pct: Optional[float] = None,
 ) -> List[BenchRow]:
-    """Rows for the plain timm model and for ``model_name`` at each keep rate, then at each keep
-    mass, per attention path.
+    """Rows for the plain timm model and for ``model_name`` at each keep rate, per attention path.
 
     ``latency`` also times batch 1 (interleaved the same way). With ``compile`` (a torch.compile
     mode, one of COMPILE_MODES), every model and keep rate is compiled during the warm-up (at least
@@ -374,21 +277,12 @@ def run_bench(
 
     ``data_dir``: every row is measured on the first ``batch_size`` images of its ``split`` (an
     ImageFolder, in timm's order, through the model's eval transform: ``sweep.first_images``)
-    instead of random noise. ``keep_masses`` need it (their counts depend on the images' content),
-    and torch (an exported graph fixes the counts). A keep-mass row gives the mean tokens per stage
-    over those images, their GMACs' mean and standard deviation with each image counted alone
-    (``gmacs_per_image``), the throughput of the whole batch (padded to its largest count, as the
-    model runs it); every row's batch-1 latency is then the mean over those images, each run alone
-    in turn (per-image counts vary from image to image).
+    instead of random noise (batch 1: the first of them).
     """
     from tqdm import tqdm
 
     plain_name = plain_model_name(model_name)[0]
     require_distinct_keep_rates(keep_rates)
-    check_keep_masses(keep_masses, runtime)
-    if keep_masses and data_dir is None:
-        raise ValueError('--keep-masses needs --data-dir: keep_mass gives each image the tokens its content needs, '
-                         'so its counts, GMACs and time are only measured on real images, not on random noise')
     if dtype not in DTYPES:
         raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
     if any(a not in ('math', 'fused') for a in attn):
@@ -404,90 +298,71 @@ def run_bench(
     if checkpoint is not None and not os.path.isfile(checkpoint):
         raise ValueError(f'--checkpoint {checkpoint!r} is not a file')
     model_kwargs = merge_model_kwargs(model_kwargs, fuse_token=fuse_token)
-    # weights matter to keep_mass (the counts follow the trained attention), not to a fixed keep rate
     evit = create_evit_model(model_name, pretrained=pretrained, checkpoint=checkpoint, **model_kwargs).eval()
     input_size = (evit.in_chans, *evit.patch_embed.img_size)
     check_batch_fits(batch_size, input_size, DTYPES[dtype], dev)   # before allocating it
     fuse_token = evit.fuse_token
     plain = create_plain_counterpart(model_name, evit, **model_kwargs)  # same weights
-    budgets = [*keep_rates, *(KeepMass(m) for m in keep_masses)]
     images = _bench_images(evit, batch_size, data_dir, split, crop_pct)
     source = weights_source(model_name, pretrained, checkpoint)
 
     # GMACs and token counts do not depend on dtype or device: count them once, fp32 on the CPU.
     x1 = images[:1]
-    for b in budgets:   # before the long run: a model computing NaN is not benchmarked as if it worked
-        require_finite_forward(evit, images if isinstance(b, KeepMass) else x1, f'{source} at {budget_text(b)}',
-                               **budget_kwargs(b))
+    for r in keep_rates:   # before the long run: a model computing NaN is not benchmarked as if it worked
+        require_finite_forward(evit, x1, f'{source} at keep_rate {r:g}', keep_rate=r)
     plain_gmacs = {impl: count_gmacs(plain, x1, impl == 'fused') for impl in attn}
-    gmacs = {impl: {r: (count_gmacs(evit, x1, impl == 'fused', keep_rate=r), 0.) for r in keep_rates} for impl in attn}
+    gmacs = {impl: {r: count_gmacs(evit, x1, impl == 'fused', keep_rate=r) for r in keep_rates} for impl in attn}
     tokens = {r: tokens_per_stage(evit, x1, r) for r in keep_rates}
-    for m in keep_masses:
-        for impl in attn:
-            per_image = gmacs_per_image(evit, images, impl == 'fused', keep_mass=m)
-            gmacs[impl][KeepMass(m)] = (statistics.mean(per_image), statistics.pstdev(per_image))
-        tokens[KeepMass(m)] = mean_tokens_per_stage(evit, images, m)
 
     with out_of_memory_as_error(batch_size, dev):
         plain.to(device=dev, dtype=DTYPES[dtype])
         batches = {batch_size: images.to(device=dev, dtype=DTYPES[dtype])}
         if latency:
-            # on real images, batch 1 is every image of the batch alone in turn (per-image counts vary);
-            # on noise, one image
-            singles = batches[batch_size].split(1) if data_dir is not None else batches[batch_size][:1].split(1)
-            batches[1] = [single.clone() for single in singles]
+            batches[1] = batches[batch_size][:1].clone()
         # One model per keep rate (shared-nothing copies): the rate is then a constant of each
         # compiled graph rather than a float argument that dynamo would make symbolic.
-        at_budget = {b: _model_at(evit, b).to(device=dev, dtype=DTYPES[dtype]) for b in budgets}
+        at_rate = {r: model_at_keep_rate(evit, r).to(device=dev, dtype=DTYPES[dtype]) for r in keep_rates}
     wrap = partial(torch.compile, dynamic=False, mode=compile) if compile else (lambda model: model)
 
     rows = []
-    steps = len(attn) * len(batches) * (len(budgets) + 1 + (runtime == 'onnxruntime')) * (repeats + warmup)
+    steps = len(attn) * len(batches) * (len(keep_rates) + 1 + (runtime == 'onnxruntime')) * (repeats + warmup)
     # Compiling one function per keep rate and batch size needs more than dynamo's default cache.
     compile_cache = _dynamo().config.patch(cache_size_limit=64) if compile else contextlib.nullcontext()
     progress = tqdm(total=steps, desc=f'bench {model_name}', unit='fwd', disable=not show_progress)
     with out_of_memory_as_error(batch_size, dev), compile_cache, cudnn_benchmark(dev.type == 'cuda'), progress as bar:
         for impl in attn:
-            for model in (plain, *at_budget.values()):
+            for model in (plain, *at_rate.values()):
                 set_fused_attn(model, impl == 'fused')
             seconds = {}
-            runners = _forwards({'plain': plain, **at_budget}, runtime, wrap,   # exported after the attention switch
+            runners = _forwards({'plain': plain, **at_rate}, runtime, wrap,   # exported after the attention switch
                                 status=lambda text: bar.set_description(f'bench {model_name}: {text}'),
                                 quantize=quantize)
             if runtime == 'onnxruntime':   # what every deployment is weighed against: timm's model in torch fp32
                 runners['torch fp32'] = plain
             bar.set_description(f'bench {model_name}')
             for size, x in batches.items():
-                if isinstance(x, list):   # batch 1: the mean over the images, each timed alone
-                    forwards = {key: partial(_each_alone, run, x) for key, run in runners.items()}
-                    per_call = time_interleaved(forwards, repeats, warmup, dev, progress=bar.update)
-                    seconds[size] = {key: value / len(x) for key, value in per_call.items()}
-                else:
-                    forwards = {key: partial(run, x) for key, run in runners.items()}
-                    seconds[size] = time_interleaved(forwards, repeats, warmup, dev, progress=bar.update)
+                forwards = {key: partial(run, x) for key, run in runners.items()}
+                seconds[size] = time_interleaved(forwards, repeats, warmup, dev, progress=bar.update)
             if compile:
                 _dynamo().reset()  # the attention switch is baked into the compiled graphs
 
-            def row(name, budget, fuse, row_tokens, row_gmacs, key, fusion=None):
+            def row(name, keep_rate, fuse, row_tokens, row_gmacs, key, fusion=None):
                 ips = batch_size / seconds[batch_size][key]
                 plain_ips = batch_size / seconds[batch_size]['plain']
-                mean_gmacs, std_gmacs = row_gmacs
-                mac_ratio = plain_gmacs[impl] / mean_gmacs
+                mac_ratio = plain_gmacs[impl] / row_gmacs
                 lat = seconds[1][key] * 1e3 if latency else None
                 lat_speedup = seconds[1]['plain'] * 1e3 / lat if latency else None
                 vs_torch = lat_vs_torch = None
                 if runtime == 'onnxruntime':
                     vs_torch = seconds[batch_size]['torch fp32'] / seconds[batch_size][key]
                     lat_vs_torch = seconds[1]['torch fp32'] / seconds[1][key] if latency else None
-                rate = None if budget is None or isinstance(budget, KeepMass) else budget
-                return BenchRow(name, rate, fuse, impl, dtype, compile, str(dev), batch_size, row_tokens, mean_gmacs,
-                                mac_ratio, ips, ips / plain_ips, ips / plain_ips / mac_ratio, lat, lat_speedup, runtime,
-                                fusion, quantize, vs_torch, lat_vs_torch,
-                                keep_mass=budget.value if isinstance(budget, KeepMass) else None, gmacs_std=std_gmacs)
+                return BenchRow(name, keep_rate, fuse, impl, dtype, compile, str(dev), batch_size, row_tokens,
+                                row_gmacs, mac_ratio, ips, ips / plain_ips, ips / plain_ips / mac_ratio, lat,
+                                lat_speedup, runtime, fusion, quantize, vs_torch, lat_vs_torch)
 
-            rows.append(row(plain_name, None, None, [input_tokens(plain, x1)], (plain_gmacs[impl], 0.), 'plain'))
-            rows.extend(row(evit_label(model_name), b, fuse_token, tokens[b], gmacs[impl][b], b, evit.fusion)
-                        for b in budgets)
+            rows.append(row(plain_name, None, None, [input_tokens(plain, x1)], plain_gmacs[impl], 'plain'))
+            rows.extend(row(evit_label(model_name), r, fuse_token, tokens[r], gmacs[impl][r], r, evit.fusion)
+                        for r in keep_rates)
     return rows
 
 
@@ -513,25 +388,19 @@ def _markdown_line(cells: Sequence[str]) -> str:
 
 def format_rows(rows: List[BenchRow]) -> str:
     """A Markdown table (speed-ups over the plain model in the same runtime; in onnxruntime also over
-    the plain model in torch fp32). With keep-mass rows, a ``keep_mass`` column after ``keep_rate``
-    (absent otherwise: the table of a keep-rate run is as it was), their tokens per stage the means
-    over the batch and their GMACs ``mean ± std`` over its images."""
+    the plain model in torch fp32)."""
     latency = rows[0].latency_ms is not None
     vs_torch = rows[0].speedup_vs_torch is not None
-    masses = any(r.keep_mass is not None for r in rows)
-    header = ['model', 'attn', 'keep_rate'] + (['keep_mass'] if masses else []) + [
-        'fuse', 'tokens per stage', 'GMACs', 'MAC ratio', 'img/s', 'speed-up', 'efficiency'] + (
+    header = ['model', 'attn', 'keep_rate', 
+'fuse', 'tokens per stage', 'GMACs', 'MAC ratio', 'img/s', 'speed-up', 'efficiency'] + (
         ['batch-1 ms', 'latency speed-up'] if latency else [])
     if vs_torch:
         header += ['speed-up vs torch fp32'] + (['latency speed-up vs torch fp32'] if latency else [])
     lines = []
     for r in rows:
-        keep = ['-' if r.keep_rate is None else f'{r.keep_rate:g}']
-        if masses:
-            keep.append('-' if r.keep_mass is None else f'{r.keep_mass:g}')
+        keep = '-' if r.keep_rate is None else f'{r.keep_rate:g}'
         fuse = '-' if r.fuse_token is None else ('no' if not r.fuse_token else 'size' if r.fusion == 'size' else 'yes')
-        macs = f'{r.gmacs:.2f}' + (f' ± {r.gmacs_std:.2f}' if r.keep_mass is not None else '')
-        line = [r.model, r.attn, *keep, fuse, ', '.join(map(_count_text, r.tokens)), macs, f'{r.mac_ratio:.2f}x',
+        line = [r.model, r.attn, keep, fuse, ', '.join(map(str, r.tokens)), f'{r.gmacs:.2f}', f'{r.mac_ratio:.2f}x',
                 f'{r.images_per_s:.1f}', f'{r.speedup:.2f}x', f'{r.efficiency:.2f}']
         if latency:
             line += [f'{r.latency_ms:.1f}', f'{r.latency_speedup:.2f}x']
@@ -541,57 +410,29 @@ def format_rows(rows: List[BenchRow]) -> str:
     return markdown_table(header, lines)
 
 
-def _count_text(count: float) -> str:
-    """A token count: whole as it is, a mean (keep_mass) to one decimal."""
-    return str(count) if isinstance(count, int) else f'{count:.1f}'
-
-
 def rows_as_dicts(rows: List[BenchRow]) -> List[dict]:
-    """The rows as dicts, ``keep_mass`` beside ``keep_rate`` and ``gmacs_std`` beside ``gmacs``."""
-    return [move_beside(asdict(r), {'keep_rate': 'keep_mass', 'gmacs': 'gmacs_std'}) for r in rows]
-
-
-def move_beside(row: dict, after: Dict[str, str]) -> dict:
-    """``row`` with each value of ``after`` moved to just after its key (for readable JSON and CSV)."""
-    moved = set(after.values())
-    ordered = {}
-    for key, value in row.items():
-        if key in moved:
-            continue
-        ordered[key] = value
-        if key in after:
-            ordered[after[key]] = row[after[key]]
-    return ordered
+    """The rows as dicts (for JSON and CSV)."""
+    return [asdict(r) for r in rows]
 
 
 def rows_figure(rows: List[BenchRow], title: str = ''):
-    """Speed-up and GMACs against keep rate, and against keep mass (dashed) where the run has
-    keep-mass rows (their GMACs the mean per image, bars one standard deviation), as a matplotlib
-    figure (close it with ``pyplot().close(fig)``)."""
+    """Speed-up and GMACs against keep rate, as a matplotlib figure (close it with
+    ``pyplot().close(fig)``)."""
     plt = pyplot()
     fig, (ax_speed, ax_macs) = plt.subplots(1, 2, figsize=(10, 4))
-    kinds = [('keep_rate', 'o-', [r for r in rows if r.keep_rate is not None]),
-             ('keep_mass', 's--', [r for r in rows if r.keep_mass is not None])]
-    kinds = [(name, style, sel) for name, style, sel in kinds if sel]
-    for name, style, budget_rows in kinds:
-        value = lambda r, name=name: getattr(r, name)  # noqa: E731
-        for impl in dict.fromkeys(r.attn for r in budget_rows):
-            sel = sorted((r for r in budget_rows if r.attn == impl), key=value)
-            ax_speed.plot([value(r) for r in sel], [r.speedup for r in sel], style,
-                          label=f'{name}, measured, {impl} attention')
-        sel = sorted({value(r): r for r in budget_rows}.values(), key=value)
-        ax_speed.plot([value(r) for r in sel], [r.mac_ratio for r in sel], 'k' + style[1:],
-                      label=f'{name}, MAC ratio')
-        ax_macs.errorbar([value(r) for r in sel], [r.gmacs for r in sel],
-                         yerr=[r.gmacs_std for r in sel] if name == 'keep_mass' else None, fmt=style,
-                         capsize=3, label=name)
-    labels = ' or '.join(name for name, _, _ in kinds) or 'keep_rate'
-    ax_speed.set(xlabel=labels, ylabel='throughput / plain timm model', title='speed-up (same run)')
+    evit_rows = [r for r in rows if r.keep_rate is not None]
+    for impl in dict.fromkeys(r.attn for r in evit_rows):
+        sel = sorted((r for r in evit_rows if r.attn == impl), key=lambda r: r.keep_rate)
+        ax_speed.plot([r.keep_rate for r in sel], [r.speedup for r in sel], 'o-', label=f'measured, {impl} attention')
+    sel = sorted({r.keep_rate: r for r in evit_rows}.values(), key=lambda r: r.keep_rate)
+    ax_speed.plot([r.keep_rate for r in sel], [r.mac_ratio for r in sel], 'ko-', label='MAC ratio')
+    ax_macs.plot([r.keep_rate for r in sel], [r.gmacs for r in sel], 'o-', label='keep_rate')
+    ax_speed.set(xlabel='keep_rate', ylabel='throughput / plain timm model', title='speed-up (same run)')
     ax_speed.legend(fontsize=7)
-    plain = [r.gmacs for r in rows if r.keep_rate is None and r.keep_mass is None]
+    plain = [r.gmacs for r in rows if r.keep_rate is None]
     if plain:
         ax_macs.axhline(plain[0], color='k', ls='--', label='plain model')
-    ax_macs.set(xlabel=labels, ylabel='GMACs per image', title='GMACs')
+    ax_macs.set(xlabel='keep_rate', ylabel='GMACs per image', title='GMACs')
     ax_macs.legend(fontsize=7)
     fig.suptitle(textwrap.fill(title, 130), fontsize=8)
     fig.tight_layout()

@@ -12,12 +12,12 @@ from typing import List, Optional
 import torch
 
 from ..options import EVIT_ARGS
-from .bench import COMPILE_MODES, RUNTIMES, require_distinct_keep_masses, require_distinct_keep_rates
+from .bench import COMPILE_MODES, RUNTIMES, require_distinct_keep_rates
 from .export import FORMATS, QUANTIZATIONS
 from .plain import PLAIN_COUNTERPARTS
 
 
-# bench's and sweep's keep rates where none are given; with --keep-masses alone, keep rate 1.0 only
+# bench's and sweep's keep rates where none are given
 DEFAULT_KEEP_RATES = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
 
 
@@ -36,13 +36,12 @@ def _float_list(text: str, option: str, require_distinct) -> List[float]:
 
 
 def _budget_in_model_kwargs(args: argparse.Namespace, command: str) -> Optional[str]:
-    """Why ``--model-kwargs`` cannot hold a budget for ``command``, which measures the budgets of its
-    own options row by row (a budget there would be silently replaced), or None."""
+    """Why ``--model-kwargs`` cannot hold a keep rate for ``command``, which measures the keep rates of
+    --keep-rates row by row (one there would be silently replaced), or None."""
     given = dict(args.model_kwargs)
-    for key, option in (('keep_rate', '--keep-rates'), ('keep_mass', '--keep-masses')):
-        if key in given:
-            return (f'{command} measures the budgets of --keep-rates / --keep-masses row by row: give --model-kwargs '
-                    f'{key}={given[key]!r} as {option} {given[key]!r}')
+    if 'keep_rate' in given:
+        return (f'{command} measures the keep rates of --keep-rates row by row: give --model-kwargs '
+                f'keep_rate={given["keep_rate"]!r} as --keep-rates {given["keep_rate"]!r}')
     return None
 
 
@@ -57,15 +56,10 @@ def _keep_rates(text: str) -> List[float]:
     return _float_list(text, '--keep-rates', require_distinct_keep_rates)
 
 
-def _keep_masses(text: str) -> List[float]:
-    return _float_list(text, '--keep-masses', require_distinct_keep_masses)
-
-
 def _resolve_keep_rates(args: argparse.Namespace) -> None:
-    """--keep-rates where not given: the default list, or with --keep-masses alone keep rate 1.0
-    only, timm's model, which every keep mass is weighed against."""
+    """--keep-rates where not given: the default list."""
     if args.keep_rates is None:
-        args.keep_rates = [1.0] if args.keep_masses else list(DEFAULT_KEEP_RATES)
+        args.keep_rates = list(DEFAULT_KEEP_RATES)
 
 
 def _positive_int(text: str) -> int:
@@ -111,7 +105,7 @@ def bench_main(args: argparse.Namespace) -> int:
             repeats=args.repeats, warmup=args.warmup, attn=attn, dtype=args.dtype, compile=args.compile,
             device=args.device, latency=not args.no_latency, pretrained=args.pretrained,
             model_kwargs=dict(args.model_kwargs), runtime=args.runtime, quantize=args.quantize,
-            keep_masses=args.keep_masses or (), data_dir=args.data_dir, split=args.split, checkpoint=args.checkpoint,
+            data_dir=args.data_dir, split=args.split, checkpoint=args.checkpoint,
             crop_pct=args.crop_pct)
     except ValueError as e:
         return _user_error('bench', e)
@@ -246,13 +240,6 @@ def _values_text(values) -> str:
     return ', '.join(f'{v:g}' for v in sorted(set(values), key=values.index))
 
 
-def _budget_text(model) -> str:
-    """The model's budget for a message: 'keep_rate 0.7' or 'keep_mass 0.8' (each value once, in block order)."""
-    if getattr(model, 'keep_mass', None) is not None:
-        return f'keep_mass {_values_text(model.keep_mass)}'
-    return f'keep_rate {_keep_rates_text(model)}'
-
-
 def visualize_main(args: argparse.Namespace) -> int:
     from timm.data import create_transform
     from ._io import pyplot
@@ -269,7 +256,7 @@ def visualize_main(args: argparse.Namespace) -> int:
         images = [load_image(path) for path in args.images]  # every image readable before any work
         check_writable(args.out, '--out', folder=True)
         _check_output_files({'--out': paths}, inputs={'IMAGE': args.images, '--checkpoint': args.checkpoint})
-        kwargs = merge_model_kwargs(dict(args.model_kwargs), keep_rate=args.keep_rate, keep_mass=args.keep_mass,
+        kwargs = merge_model_kwargs(dict(args.model_kwargs), keep_rate=args.keep_rate,
                                     img_size=args.img_size, fuse_token=False if args.no_fuse else None)
         model = create_evit_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
                                   whole_patches=True,   # patches drawn on pixels
@@ -281,7 +268,7 @@ def visualize_main(args: argparse.Namespace) -> int:
     to_pixels = create_transform(**{**config, 'mean': (0., 0., 0.), 'std': (1., 1., 1.)})
     mean, std = torch.tensor(config['mean']).view(3, 1, 1), torch.tensor(config['std']).view(3, 1, 1)
     weights = 'pretrained' if args.pretrained else (args.checkpoint or 'random weights')
-    title = (f'{args.model} ({weights}), {_budget_text(model)}, score {model.score!r}, '
+    title = (f'{args.model} ({weights}), keep_rate {_keep_rates_text(model)}, score {model.score!r}, '
              f'{_fusion_text(model)}' + (' (orange)' if model.fuse_token else '') + ', dropped greyed')
 
     source = weights_source(args.model, args.pretrained, args.checkpoint)
@@ -291,7 +278,7 @@ def visualize_main(args: argparse.Namespace) -> int:
             pixels = to_pixels(image)
             x = ((pixels - mean) / std)[None]
             require_finite_forward(model, x, source)   # masks chosen from NaN attention mean nothing
-            masks, counts = reorganisation(model, x)   # the image alone: its own count per block
+            masks, counts = reorganisation(model, x)
             fig = masks_figure(pixels, masks[0], stage_names(model), title=title, token_counts=counts[0])
             try:
                 figure_writer(fig)(f)
@@ -342,8 +329,7 @@ def sweep_main(args: argparse.Namespace) -> int:
                          pretrained=args.pretrained, checkpoint=args.checkpoint, num_classes=args.num_classes,
                          fuse_token=False if args.no_fuse else None, workers=args.workers,
                          model_kwargs=dict(args.model_kwargs), crop_pct=args.crop_pct, repeats=args.repeats,
-                         runtime=args.runtime, quantize=args.quantize, keep_masses=args.keep_masses or (),
-                         macs_images=args.macs_images)
+                         runtime=args.runtime, quantize=args.quantize)
         paths = write_sweep(rows, prefix, title=setting, plot=not args.no_plot, make_folders=True)
     except ValueError as e:
         return _user_error('sweep', e)
@@ -354,9 +340,8 @@ def sweep_main(args: argparse.Namespace) -> int:
     print('wrote ' + ', '.join(paths))
     if args.max_drop is not None:
         best = pick_keep_rate(rows, args.max_drop)
-        name, value = ('keep_rate', best.keep_rate) if best.keep_mass is None else ('keep_mass', best.keep_mass)
-        print(f'fastest within {args.max_drop:g} top-1 points of keep_rate 1.0: {name} {value:g} '
-              f'(top-1 {best.top1:.2f}); use: --model-kwargs {name}={value:g}'
+        print(f'fastest within {args.max_drop:g} top-1 points of keep_rate 1.0: keep_rate {best.keep_rate:g} '
+              f'(top-1 {best.top1:.2f}); use: --model-kwargs keep_rate={best.keep_rate:g}'
               + (' fuse_token=False' if args.no_fuse else ''))
     return 0
 
@@ -364,9 +349,6 @@ def sweep_main(args: argparse.Namespace) -> int:
 def _keep_rate(text: str) -> float:
     return _one_float(text, '--keep-rate')
 
-
-def _keep_mass(text: str) -> float:
-    return _one_float(text, '--keep-mass')
 
 
 def _one_float(text: str, option: str) -> float:
@@ -428,27 +410,11 @@ def _add_model_options(parser: argparse.ArgumentParser, model_help: str = _MODEL
                             help=model_kwargs_help)
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'expected an integer >= 0, got {text!r}')
-    return value
-
-
-def _add_budget_options(parser: argparse.ArgumentParser, masses_help: str) -> None:
-    # bench and sweep measure the same lists of keep rates and keep masses
+def _add_keep_rates_option(parser: argparse.ArgumentParser) -> None:
+    # bench and sweep measure the same list of keep rates
     parser.add_argument('--keep-rates', type=_keep_rates, default=None,
                         help='comma-separated keep rates, each once (a repeated rate is refused, not '
-                        'measured twice; default: 1,0.9,0.8,0.7,0.6,0.5, or 1 alone with --keep-masses and no '
-                        '--keep-rates: timm\'s model as the reference)')
-    parser.add_argument('--keep-masses', type=_keep_masses, default=None, metavar='KEEP_MASSES',
-                        help='comma-separated keep masses in (0, 1], each once: rows after the keep rates\' in which '
-                        'each image keeps its own count (the fewest highest-scored tokens holding that share of its '
-                        'score); ' + masses_help + '; not with --runtime onnxruntime (an exported graph fixes '
-                        'every count)')
+                        'measured twice; default: 1,0.9,0.8,0.7,0.6,0.5)')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -465,12 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
                    'timm_evit.apply, beside itself; each with or without a pretrained tag (e.g. '
                    'evit_deit_small.keep70_fuse_in1k, beside timm\'s deit_small_patch16_224 with its weights)',
         model_kwargs_help='architecture of both models, as for timm\'s train.py (e.g. img_size=64 depth=6)')
-    _add_budget_options(bench, 'needs --data-dir (the counts depend on what the images show); GMACs: the mean and '
-                        'standard deviation over the batch\'s images, each counted alone; tokens: the mean per stage; '
-                        'batch-1 latency: with --data-dir, every row\'s is the mean over the batch\'s images, '
-                        'each alone')
+    _add_keep_rates_option(bench)
     bench.add_argument('--data-dir', type=_path, help='measure every row on the first --batch-size images of this ImageFolder '
-                       '(timm\'s order, the model\'s eval transform) instead of random noise; --keep-masses need it')
+                       '(timm\'s order, the model\'s eval transform) instead of random noise (batch 1: the first)')
     bench.add_argument('--split', default='validation', help='split folder of --data-dir (as for sweep)')
     bench.add_argument('--crop-pct', type=float, help='center-crop fraction of the eval transform of --data-dir '
                        "(as for sweep; default: the model's pretrained_cfg)")
@@ -502,11 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     vis.add_argument('images', nargs='+', type=_path, metavar='IMAGE')
     _add_model_options(vis, model_kwargs_help='model arguments, as for timm\'s train.py (e.g. score=mean '
                        '"reorg_layers=(3,6,9)")')
-    budget = vis.add_mutually_exclusive_group()
-    budget.add_argument('--keep-rate', type=_keep_rate, help="default: the model's own (0.7)")
-    budget.add_argument('--keep-mass', type=_keep_mass,
-                        help='instead of --keep-rate: each image keeps its own count, the fewest highest-scored '
-                        'tokens holding this share (in (0, 1]) of its score; each panel gives the image\'s count')
+    vis.add_argument('--keep-rate', type=_keep_rate, help="default: the model's own (0.7)")
     vis.add_argument('--img-size', type=_positive_int, help='model input size (position embeddings resampled)')
     vis.add_argument('--out', type=_path, default='.', help='folder for the PNGs, created if missing (default: current folder); '
                      'each image gives NAME_evit.png, images of the same NAME NAME_1_evit.png, NAME_2_evit.png, ... '
@@ -520,10 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument('--split', default='validation',
                        help='split folder of --data-dir (or a timm synonym: val, eval, ...); a folder of class folders '
                        'alone is the validation split')
-    _add_budget_options(sweep, 'GMACs: the mean and standard deviation per image over the first --macs-images '
-                        'images, each counted alone; throughput: the first batch, padded to its largest count')
-    sweep.add_argument('--macs-images', type=_non_negative_int, default=256, metavar='N',
-                       help='--keep-masses: count the GMACs of the first N images, each alone (default: 256; 0: all)')
+    _add_keep_rates_option(sweep)
     sweep.add_argument('--batch-size', type=_positive_int, default=32)
     sweep.add_argument('--num-classes', type=_positive_int,
                        help='classes of the checkpoint (default: 1000; or num_classes in --model-kwargs)')
@@ -540,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument('--quantize', choices=QUANTIZATIONS,
                        help='with --runtime onnxruntime: each export quantized as export --quantize writes it')
     sweep.add_argument('--max-drop', type=_non_negative_float,
-                       help='print the fastest keep rate, or keep mass, whose top-1 is within this many points of '
+                       help='print the fastest keep rate whose top-1 is within this many points of '
                        'keep rate 1.0')
     sweep.set_defaults(func=sweep_main)
 
@@ -555,8 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
                         'or not at all (default: MODEL.onnx or MODEL.pt2 in the current folder)')
     export.add_argument('--keep-rate', type=_keep_rate,
                         help="fixed in the exported graph (token counts are constants of it; another keep rate needs "
-                        "another export); default: the model's own (0.7); a model with keep_mass is refused (each "
-                        "image's count depends on its content: no graph holds it)")
+                        "another export); default: the model's own (0.7)")
     export.add_argument('--img-size', type=_positive_int,
                         help='input size, fixed in the graph (position embeddings resampled); the batch axis is dynamic')
     export.add_argument('--quantize', choices=QUANTIZATIONS,

@@ -4,8 +4,6 @@ The keep rate is fixed in the exported graph. EViT keeps ``ceil(keep_rate * n)``
 ``n`` comes from the static image size: while tracing these are plain Python integers, so every
 token count is a constant of the graph and only the batch axis is symbolic. Another keep rate
 needs another export. Models are exported in eval mode (no keep-rate warm-up, no MixToken).
-A model with ``keep_mass`` (each image its own count, read from its attention) is refused: its
-shapes depend on the data, which torch.export cannot trace (``FIXED_COUNTS_NEEDED``).
 """
 import contextlib
 import importlib
@@ -15,10 +13,9 @@ from typing import Callable, Dict, Iterator, Optional
 
 import torch
 
-from ..mechanism import KEEP_MASS_NOT_EXPORTABLE
 from .files import Writer
 
-__all__ = ['FORMATS', 'QUANTIZATIONS', 'FIXED_COUNTS_NEEDED', 'INPUT_NAME', 'OUTPUT_NAME', 'BATCH_AXIS',
+__all__ = ['FORMATS', 'QUANTIZATIONS', 'INPUT_NAME', 'OUTPUT_NAME', 'BATCH_AXIS',
            'example_images', 'export_program', 'onnx_program', 'onnx_bytes', 'quantized_onnx', 'check_exportable',
            'exported_writer', 'require_exporter', 'require_quantizer', 'require_onnxruntime', 'onnxruntime_session',
            'onnxruntime_forward']
@@ -118,15 +115,8 @@ def _parameter_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
-# what an exported graph cannot hold (torch.export stops at the count's data-dependent branch)
-FIXED_COUNTS_NEEDED = KEEP_MASS_NOT_EXPORTABLE
-
-
 def check_exportable(model: torch.nn.Module, format: str) -> None:
-    """A ValueError, before the export, where ``format`` cannot hold ``model`` (or is not installed):
-    a model with ``keep_mass`` among them (``FIXED_COUNTS_NEEDED``)."""
-    if getattr(model, 'keep_mass', None) is not None:
-        raise ValueError(FIXED_COUNTS_NEEDED)
+    """A ValueError, before the export, where ``format`` cannot hold ``model`` or is not installed."""
     require_exporter(format)
     size = _parameter_bytes(model)
     if format == 'onnx' and size >= _ONNX_MAX_BYTES:

@@ -15,25 +15,16 @@ from .preflight import check_input_size, hub_offline, hub_unreachable, hub_weigh
 __all__ = ['create_evit_model', 'merge_model_kwargs', 'check_device']
 
 
-# the arguments that set the token budget, of which a model takes one
-_BUDGETS = ('keep_rate', 'keep_mass')
-
-
 def merge_model_kwargs(model_kwargs: Optional[dict], **given) -> dict:
     """``model_kwargs`` plus the arguments a tool takes on their own (``num_classes``,
-    ``fuse_token``, ``keep_rate``, ``keep_mass``; None: not given). An argument given both ways must
-    agree, and a tool's keep rate or keep mass cannot join the other budget in ``model_kwargs``: a
-    ValueError names both options otherwise (both would reach ``timm.create_model``)."""
+    ``fuse_token``, ``keep_rate``; None: not given). An argument given both ways must agree: a
+    ValueError names both options otherwise."""
     merged = dict(model_kwargs or {})
     for key, value in given.items():
         if value is None:
             continue
         if key in merged and merged[key] != value:
             raise ValueError(f'{_as_option(key, value)} conflicts with --model-kwargs {key}={merged[key]!r}')
-        other = next((b for b in _BUDGETS if b != key and b in merged), None) if key in _BUDGETS else None
-        if other is not None:
-            raise ValueError(f'{_as_option(key, value)} conflicts with --model-kwargs {other}={merged[other]!r}: '
-                             'give keep_rate or keep_mass, not both')
         merged[key] = value
     return merged
 

@@ -1,10 +1,8 @@
-"""Choose a keep rate: accuracy, GMACs and throughput of one model at several keep rates on an ImageFolder,
-and at several keep masses (``keep_mass``: each image keeps its own count), beside them."""
+"""Choose a keep rate: accuracy, GMACs and throughput of one model at several keep rates on an ImageFolder."""
 import csv
 import io
 import json
 import os
-import statistics
 from dataclasses import asdict, dataclass, fields
 from typing import List, Optional, Sequence
 
@@ -16,8 +14,7 @@ from timm.utils import accuracy
 from ._io import pyplot, rgb_image
 from ..checkpoints import require_finite, require_finite_forward, weights_source
 from .bench import (
-    KeepMass, budget_kwargs, budget_text, check_keep_masses, check_runtime, count_gmacs, gmacs_per_image,
-    markdown_table, model_at_keep_rate, move_beside, require_distinct_keep_rates, time_interleaved,
+    check_runtime, count_gmacs, markdown_table, model_at_keep_rate, require_distinct_keep_rates, time_interleaved,
 )
 from .files import figure_writer, write_all_whole
 from .models import create_evit_model, merge_model_kwargs
@@ -26,10 +23,7 @@ from .preflight import check_batch_fits
 
 __all__ = ['SweepRow', 'load_image_folder', 'image_files', 'with_rgb_images', 'split_folder', 'eval_data_config',
            'image_loader', 'first_images', 'evaluate', 'run_sweep', 'pick_keep_rate', 'format_rows', 'sweep_paths',
-           'write_sweep', 'DEFAULT_MACS_IMAGES']
-
-# keep-mass rows: the images whose GMACs are counted, each alone (0: all)
-DEFAULT_MACS_IMAGES = 256
+           'write_sweep']
 
 # timm's create_dataset looks for these folders for a split of these names: its own synonyms
 TRAIN_SPLITS = tuple(_TRAIN_SYNONYM)
@@ -39,10 +33,10 @@ KNOWN_SPLITS = TRAIN_SPLITS + EVAL_SPLITS + ('test', 'testing')
 
 @dataclass
 class SweepRow:
-    keep_rate: Optional[float]        # None in a keep_mass row (exactly one of the two is set)
+    keep_rate: float
     top1: float                       # percent
     top5: float                       # percent (top-k with k = number of classes if fewer than 5)
-    gmacs: float                      # per image (keep_mass: the mean over the counted images, each alone)
+    gmacs: float                      # per image
     images_per_s: float
     speedup_vs_plain: float           # throughput / throughput of timm's plain model, same run, same weights
     num_images: int
@@ -52,8 +46,6 @@ class SweepRow:
     quantize: Optional[str] = None    # 'int8': that export quantized (export --quantize)
     torch_top1: Optional[float] = None          # onnxruntime: the PyTorch model's top-1 on the same images
     changed_predictions: Optional[int] = None   # onnxruntime: images whose top-1 class differs from PyTorch's
-    keep_mass: Optional[float] = None           # a keep_mass row: each image kept its own count
-    gmacs_std: float = 0.                       # keep_mass: the standard deviation of the GMACs over those images
 
 
 def split_folder(data_dir: str, split: str) -> str:
@@ -172,29 +164,23 @@ def first_images(model, data_dir: str, split: str, count: int, crop_pct: Optiona
 
 
 @torch.no_grad()
-def evaluate(model, loader, keep_rate: Optional[float], progress=None, source: str = 'the model',
-             runtime_forward=None, keep_mass: Optional[float] = None):
-    """(top-1 %, top-5 %, images, changed, PyTorch's top-1 %) of ``model`` at ``keep_rate`` (or, with
-    ``keep_rate`` None, at ``keep_mass``: each image its own count) over ``loader``; a ValueError naming
+def evaluate(model, loader, keep_rate: float, progress=None, source: str = 'the model', runtime_forward=None):
+    """(top-1 %, top-5 %, images, changed, PyTorch's top-1 %) of ``model`` at ``keep_rate`` over
+    ``loader``; a ValueError naming
     ``source`` for non-finite values, in the first batch's every block (``require_finite_forward``)
     or in any batch's logits (a NaN logit is never ranked above the target: it would count as correct).
 
     ``runtime_forward`` (images -> logits, e.g. the onnxruntime session of this keep rate's export):
     the accuracy is that forward's, ``changed`` counts the images whose top-1 class differs from the
     PyTorch model's, and the last value is the PyTorch model's top-1 (both None without it)."""
-    if (keep_rate is None) == (keep_mass is None):
-        raise ValueError(f'evaluate takes keep_rate or keep_mass, one of the two (got keep_rate={keep_rate!r}, '
-                         f'keep_mass={keep_mass!r})')
-    budget = {'keep_rate': keep_rate} if keep_mass is None else {'keep_mass': keep_mass}
     model.eval()
     correct1 = correct5 = total = torch_correct1 = 0.
     changed = 0 if runtime_forward is not None else None
-    (name, value), = budget.items()
-    source = f'{source} at {name} {value:g}'
+    source = f'{source} at keep_rate {keep_rate:g}'
     for images, targets in loader:
         if not total:
-            require_finite_forward(model, images, source, **budget)
-        logits = model(images, **budget)
+            require_finite_forward(model, images, source, keep_rate=keep_rate)
+        logits = model(images, keep_rate=keep_rate)
         require_finite(logits, 'logits', source)
         if runtime_forward is not None:
             torch_logits, logits = logits, torch.as_tensor(runtime_forward(images))
@@ -228,34 +214,24 @@ def run_sweep(
         repeats: int = 10,
         runtime: str = 'torch',
         quantize: Optional[str] = None,
-        keep_masses: Sequence[float] = (),
-        macs_images: int = DEFAULT_MACS_IMAGES,
 ) -> List[SweepRow]:
-    """Evaluate one model at each keep rate, then at each keep mass (timm's dataset, loader and eval
-    transform of the model at the size it is built with, see ``eval_data_config``), with GMACs, and
-    throughput measured in the same run as that of timm's plain model of the same architecture and
-    weights, on the first batch of the data (``keep_mass`` counts depend on what the images show).
-    ``num_classes`` and ``fuse_token`` may also be in ``model_kwargs`` (with the same value); None:
-    the model's own. Each row sets its own budget for every call, over whatever ``model_kwargs`` give.
-
-    A keep-rate row's GMACs are one count (every image keeps the same tokens); a keep-mass row's are
-    the mean and standard deviation over the first ``macs_images`` images (0: all), each counted
-    alone, and its throughput is the first batch's as the model runs it, padded to its largest count.
+    """Evaluate one model at each keep rate (timm's dataset, loader and eval transform of the model
+    at the size it is built with, see ``eval_data_config``), with GMACs, and throughput measured in
+    the same run as that of timm's plain model of the same architecture and weights, on the first
+    batch of the data. ``num_classes`` and ``fuse_token`` may also be in ``model_kwargs`` (with the
+    same value); None: the model's own. Each row sets its own keep rate for every call, over
+    whatever ``model_kwargs`` give.
 
     ``runtime='onnxruntime'``: what is evaluated and timed is the model's ONNX export at each keep rate
     (one export per rate, the keep rate fixed in its graph, as ``timm-evit export`` writes it;
     ``quantize='int8'``: quantized as ``export --quantize int8``), beside the plain model exported the
-    same way; each row also gives the PyTorch model's top-1 and how many images' top-1 class changed.
-    It takes no ``keep_masses`` (an exported graph fixes every token count)."""
+    same way; each row also gives the PyTorch model's top-1 and how many images' top-1 class changed."""
     from tqdm import tqdm
 
     plain_name = plain_model_name(model_name)[0]   # a ValueError for a name no tool takes
     require_distinct_keep_rates(keep_rates)
-    check_keep_masses(keep_masses, runtime)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f'--repeats must be an integer >= 1, got {repeats!r}')
-    if isinstance(macs_images, bool) or not isinstance(macs_images, int) or macs_images < 0:
-        raise ValueError(f'--macs-images must be an integer >= 0 (0: all images), got {macs_images!r}')
     if crop_pct is not None and not 0 < crop_pct <= 1:
         raise ValueError(f'--crop-pct must be in (0, 1], got {crop_pct!r}')
     if checkpoint is not None and not os.path.isfile(checkpoint):
@@ -265,7 +241,6 @@ def run_sweep(
     dataset = load_image_folder(data_dir, split)
     model = create_evit_model(model_name, pretrained=pretrained, checkpoint=checkpoint, **model_kwargs).eval()
     loader = image_loader(dataset, eval_data_config(model, crop_pct), batch_size, workers)
-    budgets = [*keep_rates, *(KeepMass(m) for m in keep_masses)]
 
     plain = create_plain_counterpart(model_name, model, **model_kwargs)
     runtime_forwards = {}
@@ -275,60 +250,31 @@ def run_sweep(
                             for r in keep_rates}
         runtime_forwards['plain'] = onnxruntime_forward(plain, quantize=quantize)
     results = {}
-    with tqdm(total=len(dataset) * len(budgets), desc=f'sweep {model_name}', unit='img',
+    with tqdm(total=len(dataset) * len(keep_rates), desc=f'sweep {model_name}', unit='img',
               disable=not show_progress) as bar:
-        for budget in budgets:
-            bar.set_postfix(budget=budget_text(budget))
-            results[budget] = evaluate(model, loader, None if isinstance(budget, KeepMass) else budget,
-                                       progress=bar.update, source=weights_source(model_name, pretrained, checkpoint),
-                                       runtime_forward=runtime_forwards.get(budget),
-                                       keep_mass=budget.value if isinstance(budget, KeepMass) else None)
+        for r in keep_rates:
+            bar.set_postfix(keep_rate=f'{r:g}')
+            results[r] = evaluate(model, loader, r, progress=bar.update,
+                                  source=weights_source(model_name, pretrained, checkpoint),
+                                  runtime_forward=runtime_forwards.get(r))
 
-    x = next(iter(loader))[0]   # real images: a keep mass's counts depend on what they show
-    gmacs = {r: (count_gmacs(model, x[:1], keep_rate=r), 0.) for r in keep_rates}
-    gmacs.update(_gmacs_per_image(model, loader, keep_masses, macs_images, show_progress))
+    x = next(iter(loader))[0]
+    gmacs = {r: count_gmacs(model, x[:1], keep_rate=r) for r in keep_rates}
     if runtime == 'onnxruntime':
         forwards = {key: (lambda run=run: run(x)) for key, run in runtime_forwards.items()}
     else:
-        forwards = {'plain': lambda: plain(x),
-                    **{b: (lambda b=b: model(x, **budget_kwargs(b))) for b in budgets}}
+        forwards = {'plain': lambda: plain(x), **{r: (lambda r=r: model(x, keep_rate=r)) for r in keep_rates}}
     seconds = time_interleaved(forwards, repeats=repeats, warmup=1)
     rows = []
-    for budget in budgets:
-        top1, top5, n, changed, torch_top1 = results[budget]
-        mass = budget.value if isinstance(budget, KeepMass) else None
-        rows.append(SweepRow(None if mass is not None else budget, top1, top5, gmacs[budget][0],
-                             x.shape[0] / seconds[budget], seconds['plain'] / seconds[budget], n, plain_name,
-                             x.shape[0] / seconds['plain'], runtime, quantize, torch_top1, changed,
-                             keep_mass=mass, gmacs_std=gmacs[budget][1]))
+    for r in keep_rates:
+        top1, top5, n, changed, torch_top1 = results[r]
+        rows.append(SweepRow(r, top1, top5, gmacs[r], x.shape[0] / seconds[r], seconds['plain'] / seconds[r], n,
+                             plain_name, x.shape[0] / seconds['plain'], runtime, quantize, torch_top1, changed))
     return rows
 
 
-def _gmacs_per_image(model, loader, keep_masses: Sequence[float], macs_images: int, show_progress: bool) -> dict:
-    """KeepMass(m) -> (mean, standard deviation) of the GMACs of the first ``macs_images`` images of
-    ``loader`` (0: all) at each keep mass, each image counted alone (``gmacs_per_image``): with
-    a keep mass each image keeps its own count. The population deviation: of exactly these images."""
-    from tqdm import tqdm
-    if not keep_masses:
-        return {}
-    total = len(loader.dataset) if not macs_images else min(macs_images, len(loader.dataset))
-    counts, counted = {m: [] for m in keep_masses}, 0
-    with tqdm(total=total, desc='GMACs per image', unit='img', disable=not show_progress) as bar:
-        for images, _ in loader:
-            images = images[:total - counted]
-            for m in keep_masses:
-                counts[m].extend(gmacs_per_image(model, images, keep_mass=m))
-            counted += images.shape[0]
-            bar.update(images.shape[0])
-            if counted >= total:
-                break
-    return {KeepMass(m): (statistics.mean(c), statistics.pstdev(c)) for m, c in counts.items()}
-
-
 def pick_keep_rate(rows: List[SweepRow], max_drop: float) -> SweepRow:
-    """The fastest row, keep rate or keep mass, whose top-1 is within ``max_drop`` points of keep
-    rate 1.0 (timm's model): a keep mass is a setting to deploy as much as a keep rate, and its
-    throughput was measured on the same batch (padding included)."""
+    """The fastest row whose top-1 is within ``max_drop`` points of keep rate 1.0 (timm's model)."""
     reference = next((r for r in rows if r.keep_rate == 1.0), None)
     if reference is None:
         raise ValueError('--max-drop needs keep rate 1.0 in --keep-rates (the accuracy it is measured from)')
@@ -339,33 +285,15 @@ def pick_keep_rate(rows: List[SweepRow], max_drop: float) -> SweepRow:
 def format_rows(rows: List[SweepRow]) -> str:
     """A Markdown table (see ``bench.markdown_table``), speed-up against the plain model of the rows
     (in the same runtime); for an onnxruntime sweep also the PyTorch model's top-1 and the images
-    whose top-1 class the export changed. With keep-mass rows, a ``keep_mass`` column after
-    ``keep_rate`` (absent otherwise) and their GMACs ``mean ± std`` per image."""
-    masses = any(r.keep_mass is not None for r in rows)
-    header = ['keep_rate'] + (['keep_mass'] if masses else []) + [
-        'top-1', 'top-5', 'GMACs', 'img/s', f'speed-up vs {rows[0].plain_model}']
-    lines = [[_value_text(r.keep_rate)] + ([_value_text(r.keep_mass)] if masses else []) + [
-        f'{r.top1:.2f}', f'{r.top5:.2f}', _gmacs_text(r), f'{r.images_per_s:.1f}', f'{r.speedup_vs_plain:.2f}x']
-        for r in rows]
+    whose top-1 class the export changed."""
+    header = ['keep_rate', 'top-1', 'top-5', 'GMACs', 'img/s', f'speed-up vs {rows[0].plain_model}']
+    lines = [[f'{r.keep_rate:g}', f'{r.top1:.2f}', f'{r.top5:.2f}', f'{r.gmacs:.3g}', f'{r.images_per_s:.1f}',
+              f'{r.speedup_vs_plain:.2f}x'] for r in rows]
     if rows[0].runtime != 'torch':
         header += ['top-1 in PyTorch', 'top-1 class changed']
         for line, r in zip(lines, rows):
             line += [f'{r.torch_top1:.2f}', f'{r.changed_predictions} of {r.num_images}']
     return markdown_table(header, lines)
-
-
-def _value_text(value: Optional[float]) -> str:
-    return '-' if value is None else f'{value:g}'
-
-
-def _gmacs_text(row: SweepRow) -> str:
-    """One count ('1.26'), or for a keep mass the mean and standard deviation per image ('0.98 ± 0.12')."""
-    return f'{row.gmacs:.3g}' + (f' ± {row.gmacs_std:.2g}' if row.keep_mass is not None else '')
-
-
-def _row_dict(row: SweepRow) -> dict:
-    """``row`` as a dict, ``keep_mass`` beside ``keep_rate`` and ``gmacs_std`` beside ``gmacs``."""
-    return move_beside(asdict(row), {'keep_rate': 'keep_mass', 'gmacs': 'gmacs_std'})
 
 
 def sweep_paths(prefix: str, plot: bool = True) -> List[str]:
@@ -377,7 +305,7 @@ def write_sweep(rows: List[SweepRow], prefix: str, title: str = '', plot: bool =
                 make_folders: bool = False) -> List[str]:
     """``prefix``.csv, .json and (with ``plot``) .png, all written whole or none of them (see
     ``write_all_whole``, also for ``make_folders``); returns the paths."""
-    dicts = [_row_dict(r) for r in rows]
+    dicts = [asdict(r) for r in rows]
     names = list(dicts[0]) if dicts else [f.name for f in fields(SweepRow)]
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=names, lineterminator='\n')
@@ -400,23 +328,15 @@ def write_sweep(rows: List[SweepRow], prefix: str, title: str = '', plot: bool =
 
 
 def _accuracy_figure(plt, rows: List[SweepRow], title: str):
-    """Top-1 against the mean GMACs per image (what a budget costs; keep-mass points with bars of one
-    standard deviation) and against throughput (what it gives, on the same batch), one labelled line
-    for the keep rates and one for the keep masses, each point annotated with its value."""
+    """Top-1 against GMACs per image (what a keep rate costs) and against throughput (what it gives,
+    on the same batch), each point annotated with its keep rate."""
     fig, (ax_macs, ax_speed) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, style in (('keep_rate', 'o-'), ('keep_mass', 's--')):
-        sel = [r for r in rows if getattr(r, name) is not None]
-        if not sel:
-            continue
-        line = ax_macs.errorbar([r.gmacs for r in sel], [r.top1 for r in sel], fmt=style, capsize=3, label=name,
-                                xerr=[r.gmacs_std for r in sel] if name == 'keep_mass' else None)
-        ax_speed.plot([r.images_per_s for r in sel], [r.top1 for r in sel], style, label=name,
-                      color=line.lines[0].get_color())
-        for r in sel:
-            for ax, x in ((ax_macs, r.gmacs), (ax_speed, r.images_per_s)):
-                ax.annotate(f'{getattr(r, name):g}', (x, r.top1), textcoords='offset points', xytext=(4, 4),
-                            fontsize=8)
-    ax_macs.set(xlabel='GMACs per image (mean)', ylabel='top-1 (%)', title='accuracy against GMACs')
+    ax_macs.plot([r.gmacs for r in rows], [r.top1 for r in rows], 'o-', label='keep_rate')
+    ax_speed.plot([r.images_per_s for r in rows], [r.top1 for r in rows], 'o-', label='keep_rate')
+    for r in rows:
+        for ax, x in ((ax_macs, r.gmacs), (ax_speed, r.images_per_s)):
+            ax.annotate(f'{r.keep_rate:g}', (x, r.top1), textcoords='offset points', xytext=(4, 4), fontsize=8)
+    ax_macs.set(xlabel='GMACs per image', ylabel='top-1 (%)', title='accuracy against GMACs')
     ax_speed.set(xlabel='images / s (same run, same batch)', ylabel='top-1 (%)', title='accuracy against throughput')
     for ax in (ax_macs, ax_speed):
         ax.legend(fontsize=8)

@@ -13,17 +13,16 @@ __all__ = ['KEPT', 'FUSED', 'DROPPED', 'reorganisation', 'reorganisation_masks',
 KEPT, FUSED, DROPPED = 0, 1, 2  # patch states in the masks
 
 
-def reorganisation_masks(model, images: torch.Tensor, keep_rate: Optional[KeepRate] = None,
-                         keep_mass: Optional[KeepRate] = None) -> torch.Tensor:
+def reorganisation_masks(model, images: torch.Tensor, keep_rate: Optional[KeepRate] = None) -> torch.Tensor:
     """The masks of ``reorganisation``: ``[B, stages, grid_h, grid_w]``."""
-    return reorganisation(model, images, keep_rate, keep_mass)[0]
+    return reorganisation(model, images, keep_rate)[0]
 
 
 @torch.no_grad()
-def reorganisation(model, images: torch.Tensor, keep_rate: Optional[KeepRate] = None,
-                   keep_mass: Optional[KeepRate] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def reorganisation(model, images: torch.Tensor,
+                   keep_rate: Optional[KeepRate] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """State of every patch after each reorganising block, ``[B, stages, grid_h, grid_w]``, and each
-    image's token count there, ``[B, stages]`` (at ``keep_rate`` or ``keep_mass``; None: the model's own).
+    image's token count there, ``[B, stages]`` (at ``keep_rate``; None: the model's own).
 
     ``KEPT``: the patch still has its own token. ``FUSED``: it is carried by a fused token
     (possibly after several stages: a patch fused once stays fused, even if its fused token is
@@ -32,16 +31,14 @@ def reorganisation(model, images: torch.Tensor, keep_rate: Optional[KeepRate] = 
     first stage is shown dropped in every later one. A model without reorganising blocks
     (``reorg_layers=()``) has no stages: ``[B, 0, grid_h, grid_w]``, the input alone.
 
-    The count is the image's own non-prefix tokens, patch and fused ones: with ``keep_mass`` each
-    image keeps its own number, and in a batch the others' larger counts are its padding (patch id
-    -2, size 0), which carries no patch and is not counted.
+    The count is the non-prefix tokens, patch and fused ones.
     """
     was_training = model.training
     model.eval()
     try:
         # every block's trace (timm's indices take at least one block), the reorganising ones read below
         out = model.forward_intermediates(images, output_fmt='NLC', output_dict=True, intermediates_only=True,
-                                          keep_rate=keep_rate, keep_mass=keep_mass)
+                                          keep_rate=keep_rate)
     finally:
         model.train(was_training)
     grid_h, grid_w = model.patch_embed.dynamic_feat_size(images.shape[-2:])
@@ -50,7 +47,7 @@ def reorganisation(model, images: torch.Tensor, keep_rate: Optional[KeepRate] = 
     counts = torch.empty(shape[:2], dtype=torch.long, device=images.device)
     for stage, layer in enumerate(model.reorg_layers):
         token_patch_ids, patch_token_index = out['token_patch_ids'][layer], out['patch_token_index'][layer]
-        counts[:, stage] = (token_patch_ids >= -1).sum(dim=1)   # patches and fused tokens (-1), not padding (-2)
+        counts[:, stage] = token_patch_ids.shape[1]   # patch tokens and the fused one (-1)
         carried = patch_token_index >= 0
         carrier_is_patch = token_patch_ids.gather(1, patch_token_index.clamp(min=0)) >= 0
         state = torch.full_like(patch_token_index, DROPPED)
@@ -109,7 +106,7 @@ def masks_figure(image: torch.Tensor, masks: torch.Tensor, stage_names: Sequence
 def panel_titles(masks: torch.Tensor, stage_names: Sequence[str],
                  token_counts: Optional[Sequence[int]] = None) -> List[str]:
     """One title per stage of one image's ``masks`` ``[stages, gh, gw]``: its tokens there (where
-    ``token_counts`` are given: each image its own with ``keep_mass``), the patches kept with a token
+    ``token_counts`` are given), the patches kept with a token
     of their own, and those its fused tokens stand for (their size): 'block 3: 72 tokens' over '71
     kept, 125 fused' (two lines: a panel is narrow)."""
     titles = []
