@@ -3,6 +3,7 @@ read as what they show, one measurement per keep rate, no output written over an
 interrupt leaving no temporary file, and no advice to load an untrusted pickle unsafely."""
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -253,6 +254,80 @@ def test_sweep_never_writes_over_its_images_or_checkpoint(kind, data, tmp_path, 
                                                '--num-classes', '2', '--model-kwargs', *TINY_IMG32_CLI, '--out', str(out)])
     assert_one_line_error(code, err, 'sweep', '--out', '--data-dir' if kind == 'image' else '--checkpoint')
     assert (image.read_bytes(), checkpoint.read_bytes()) == before
+
+
+BENCH = ['bench', '--model', 'evit_deit_tiny', '--keep-rates', '0.5', '--repeats', '1', '--warmup', '0',
+         '--batch-size', '2', '--attn', 'fused', '--no-latency']
+
+
+@pytest.mark.parametrize('option', ['--json', '--plot'])
+@pytest.mark.parametrize('kind', ['image', 'checkpoint'])
+def test_bench_never_writes_over_its_images_or_checkpoint(option, kind, data, tmp_path, capsys):
+    checkpoint = tmp_path / 'ck.pth'
+    checkpoint.write_bytes((data / 'tiny.pth').read_bytes())
+    image = data / 'data' / 'validation' / 'cat' / '0.png'
+    out = link('symbolic link', image, tmp_path / 'out.png') if kind == 'image' else str(checkpoint)
+    before = image.read_bytes(), checkpoint.read_bytes()
+    code, _, err = run_cli(capsys, BENCH + ['--data-dir', str(data / 'data'), '--checkpoint', str(checkpoint), option,
+                                          out, '--model-kwargs', 'num_classes=2', *TINY_IMG32_CLI])
+    assert_one_line_error(code, err, 'bench', option, '--data-dir' if kind == 'image' else '--checkpoint')
+    assert (image.read_bytes(), checkpoint.read_bytes()) == before
+
+
+# ---- 6b. an output that is not a regular file --------------------------------------------------
+
+def not_a_regular_file(kind, path):
+    """``path`` made a FIFO, or a symbolic link to the character device /dev/null."""
+    if kind == 'fifo':
+        os.mkfifo(path)
+    else:
+        os.symlink(os.devnull, path)
+    return path
+
+
+def outputs_of(command, tmp_path, special):
+    """(argv of ``command`` writing ``special`` among its outputs, the option named in its refusal)."""
+    photo = tmp_path / 'photo.png'
+    Image.new('RGB', (40, 40), 'blue').save(photo)
+    if command == 'export':
+        return EXPORT + ['--out', str(special)], '--out'
+    if command == 'bench':
+        return BENCH + ['--json', str(special), '--model-kwargs', *TINY_IMG32_CLI], '--json'
+    if command == 'sweep':
+        prefix = str(special)[:-len('.csv')]
+        data = tmp_path / 'data' / 'validation' / 'cat'
+        data.mkdir(parents=True)
+        Image.new('RGB', (40, 40), 'red').save(data / '0.png')
+        return SWEEP + ['--data-dir', str(tmp_path / 'data'), '--out', prefix, '--model-kwargs', *TINY_IMG32_CLI], '--out'
+    return ['visualize', str(photo), '--model', 'evit_deit_tiny', '--img-size', '32', '--out',
+            str(special.parent)], '--out'
+
+
+SPECIAL_NAMES = {'export': 'm.pt2', 'bench': 'rows.json', 'sweep': 'sw.csv', 'visualize': 'photo_evit.png'}
+
+
+@pytest.mark.parametrize('kind', ['fifo', 'link to /dev/null'])
+@pytest.mark.parametrize('command', ['export', 'bench', 'sweep', 'visualize'])
+def test_an_output_that_is_not_a_regular_file_is_refused(command, kind, tmp_path, capsys):
+    (tmp_path / 'out').mkdir()
+    special = not_a_regular_file(kind, tmp_path / 'out' / SPECIAL_NAMES[command])
+    argv, option = outputs_of(command, tmp_path, special)
+    code, _, err = run_cli(capsys, argv)
+    assert_one_line_error(code, err, command, option, 'not a regular file')
+    assert not os.path.isfile(special) and os.path.lexists(special)   # left as it was
+    if kind == 'fifo':
+        assert stat.S_ISFIFO(os.lstat(special).st_mode)
+    else:
+        assert os.readlink(special) == os.devnull
+
+
+@pytest.mark.parametrize('kind', ['fifo', 'link to /dev/null'])
+def test_the_shared_writer_refuses_a_path_that_is_not_a_regular_file(kind, tmp_path):
+    from timm_evit.tools.files import OutputError, write_all_whole
+    special = not_a_regular_file(kind, tmp_path / 'special')
+    with pytest.raises(OutputError, match='not a regular file'):
+        write_all_whole({str(tmp_path / 'a.txt'): lambda f: f.write(b'a'), str(special): lambda f: f.write(b'b')})
+    assert files_under(tmp_path) == ['special']   # neither written
 
 
 # ---- 7. interrupts -----------------------------------------------------------------------------

@@ -88,7 +88,11 @@ def bench_main(args: argparse.Namespace) -> int:
     if args.plot and not _need_matplotlib('bench'):  # fail before the long run, not after it
         return 2
     try:
-        _check_output_files({'--json': args.json, '--plot': args.plot})
+        inputs = {'--checkpoint': args.checkpoint}
+        if args.data_dir:
+            from .sweep import image_files
+            inputs['--data-dir'] = image_files(args.data_dir, args.split)
+        _check_output_files({'--json': args.json, '--plot': args.plot}, inputs=inputs)
     except ValueError as e:
         return _user_error('bench', e)
     if args.threads:

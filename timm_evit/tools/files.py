@@ -4,6 +4,7 @@ none at all (temporary files beside them, renamed once every one is written). Th
 import contextlib
 import os
 import secrets
+import stat
 import tempfile
 from typing import BinaryIO, Callable, List, Mapping, Optional, Sequence
 
@@ -42,6 +43,8 @@ def check_writable(path: str, argument: str, folder: bool = False) -> None:
     target = os.path.abspath(path)
     if not folder and os.path.isdir(target):
         raise ValueError(f'{argument} {path!r} is a folder; give a file name')
+    if not folder:
+        _require_regular_or_absent(path, ValueError, argument)
     existing = target if folder else os.path.dirname(target)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -53,6 +56,32 @@ def check_writable(path: str, argument: str, folder: bool = False) -> None:
         os.unlink(probe)
     except OSError as e:
         raise ValueError(f'{argument} {path!r} cannot be written: {e}') from e
+
+
+def _require_regular_or_absent(path: str, error: type, argument: str = '') -> None:
+    """``error`` unless ``path`` is absent or a regular file (links followed): the rename that writes
+    a file would put a regular file in the place of a device, a FIFO or a socket (as root, over
+    /dev/null itself)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if not os.path.lexists(path):
+            return
+        mode = None   # a dangling link: the rename would replace the link, not write its target
+    except OSError:
+        return        # unreadable: writing it reports why
+    if mode is None or not stat.S_ISREG(mode):
+        what = 'a link to nothing' if mode is None else f'a {_file_type(mode)}'
+        raise error(f'{argument + " " if argument else ""}{path!r} is not a regular file ({what}): '
+                    'give the path of a new or ordinary file')
+
+
+def _file_type(mode: int) -> str:
+    for test, name in ((stat.S_ISCHR, 'character device'), (stat.S_ISBLK, 'block device'), (stat.S_ISFIFO, 'FIFO'),
+                       (stat.S_ISSOCK, 'socket'), (stat.S_ISDIR, 'folder')):
+        if test(mode):
+            return name
+    return 'special file'
 
 
 def same_file_as(path: str, inputs: Sequence[str]) -> Optional[int]:
@@ -121,6 +150,7 @@ def write_all_whole(outputs: Mapping[str, Writer], make_folders: bool = False) -
     created, temporaries, renamed = [], {}, []
     try:
         for path in outputs:
+            _require_regular_or_absent(path, OutputError)
             folder = os.path.dirname(os.path.abspath(path))
             if make_folders:
                 try:
