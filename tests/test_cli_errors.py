@@ -101,3 +101,31 @@ def test_pretrained_weights_not_in_the_cache_offline(files, offline_hub, capsys,
     for argv in (BENCH, SWEEP, VISUALIZE, EXPORT):
         code, _, err = run_cli(capsys, [a.format(root=files) for a in argv] + ['--pretrained'])
         assert_one_line_error(code, err, argv[0], '--pretrained', 'evit_deit_tiny')
+
+
+ONNX_RUNS = {
+    'bench': (BENCH + ['--runtime', 'onnxruntime'], '--runtime onnxruntime'),
+    'bench int8': (BENCH + ['--runtime', 'onnxruntime', '--quantize', 'int8'], '--runtime onnxruntime'),
+    'sweep': (SWEEP + ['--runtime', 'onnxruntime', '--no-plot'], '--runtime onnxruntime'),
+    'sweep int8': (SWEEP + ['--runtime', 'onnxruntime', '--quantize', 'int8', '--no-plot'], '--runtime onnxruntime'),
+    'export': (EXPORT[:4] + ['onnx', '--out', '{root}/m.onnx'], '--format onnx'),
+    'export int8': (EXPORT[:4] + ['onnx', '--out', '{root}/m.onnx', '--quantize', 'int8'], '--format onnx'),
+}
+
+
+@pytest.mark.parametrize('missing', ['onnx', 'onnxscript', 'onnxruntime', 'onnxruntime.quantization'])
+@pytest.mark.parametrize('run', sorted(ONNX_RUNS))
+def test_a_missing_deploy_package_is_one_line_naming_the_option_that_needs_it(run, missing, files, capsys, monkeypatch):
+    argv, option = ONNX_RUNS[run]
+    needs_it = ('int8' in run or missing != 'onnxruntime.quantization') and (
+        not run.startswith('export') or missing != 'onnxruntime' or 'int8' in run)
+    if not needs_it:
+        pytest.skip(f'{run} does not use {missing}')
+    monkeypatch.setitem(__import__('sys').modules, missing, None)   # import fails, as where it is not installed
+    monkeypatch.chdir(files)
+    before = sorted(files.rglob('*'))
+    code, _, err = run_cli(capsys, [a.format(root=files) for a in argv])
+    if missing == 'onnxruntime.quantization' or (missing == 'onnxruntime' and 'int8' in run and run.startswith('export')):
+        option = '--quantize int8'
+    assert_one_line_error(code, err, argv[0], f'{option} needs {missing}', "pip install 'timm-evit[deploy]'")
+    assert sorted(files.rglob('*')) == before

@@ -406,6 +406,46 @@ def test_an_interrupt_right_after_the_temporary_file_is_created_leaves_nothing(t
     assert files_under(tmp_path) == []
 
 
+# Runs the `timm-evit` command's entry point (pyproject.toml, [project.scripts]) with torch's import
+# made slow: says so when it starts, then waits, as torch and timm take seconds to import.
+SLOW_IMPORT = textwrap.dedent("""
+    import importlib, importlib.abc, sys, time
+
+    class SlowTorch(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == 'torch':
+                print('importing', flush=True)
+                time.sleep(120)
+            return None
+
+    sys.meta_path.insert(0, SlowTorch())
+    module, _, function = sys.argv.pop(1).partition(':')
+    sys.exit(getattr(importlib.import_module(module), function)())
+""")
+
+
+def entry_point():
+    import re
+    return re.search(r'^timm-evit = "(.+)"$', (ROOT / 'pyproject.toml').read_text(), re.MULTILINE).group(1)
+
+
+@pytest.mark.parametrize('sig, code, word', [(signal.SIGTERM, 143, 'terminated'), (signal.SIGINT, 130, 'interrupted')])
+def test_a_signal_while_the_command_imports_is_one_line(sig, code, word, tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]),
+               TIMM_EVIT_AUTOLOAD='0')
+    process = subprocess.Popen([sys.executable, '-c', SLOW_IMPORT, entry_point(), 'bench', '--no-latency'],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        assert process.stdout.readline() == 'importing\n', process.stderr.read()[-3000:]
+        process.send_signal(sig)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == code and err.strip() == f'timm-evit bench: {word}', err[-3000:]
+    assert files_under(tmp_path) == []
+
+
 # ---- 14. no advice to load an untrusted pickle unsafely -----------------------------------------
 
 def unsafe_advice(message):

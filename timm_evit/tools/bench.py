@@ -78,7 +78,7 @@ def check_runtime(runtime: str, compile: Optional[str], device: str, dtype: str,
     if dtype != 'fp32':
         raise ValueError(f'--runtime onnxruntime times the fp32 export: --dtype must be fp32, got {dtype!r}')
     from .export import require_exporter, require_onnxruntime, require_quantizer
-    require_exporter('onnx')   # before the long work: the packages are there
+    require_exporter('onnx', '--runtime onnxruntime')   # before the long work: the packages are there
     require_onnxruntime()
     require_quantizer(quantize)
 

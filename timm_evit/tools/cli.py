@@ -143,7 +143,8 @@ def bench_main(args: argparse.Namespace) -> int:
 
 def _runtime(args: argparse.Namespace) -> str:
     if args.runtime == 'onnxruntime':
-        import onnxruntime
+        from .export import require_onnxruntime
+        onnxruntime = require_onnxruntime()   # a one-line ValueError where it is missing
         export = 'ONNX export quantized to int8 (dynamic)' if args.quantize else 'ONNX export'
         if args.command == 'bench':
             export += ', beside the plain model in torch fp32'
@@ -311,6 +312,7 @@ def _sweep_prefix(out: Optional[str], model: str) -> str:
 
 def sweep_main(args: argparse.Namespace) -> int:
     from .files import check_writable
+    from .bench import check_runtime
     from .sweep import format_rows, image_files, pick_keep_rate, run_sweep, sweep_paths, write_sweep
 
     if not args.no_plot and not _need_matplotlib('sweep'):
@@ -323,9 +325,10 @@ def sweep_main(args: argparse.Namespace) -> int:
         return _user_error('sweep', '--max-drop needs keep rate 1.0 in --keep-rates (the accuracy it is measured from)')
     prefix = _sweep_prefix(args.out, args.model)
     setting = f'{args.model} on {args.data_dir} ({args.split}), batch {args.batch_size}, CPU: {_machine("cpu")}'
-    if args.runtime != 'torch':
-        setting += ', ' + _runtime(args)
     try:
+        if args.runtime != 'torch':
+            check_runtime(args.runtime, None, 'cpu', 'fp32', args.quantize)   # what it needs is installed
+            setting += ', ' + _runtime(args)
         check_writable(prefix, '--out')
         inputs = {'--data-dir': image_files(args.data_dir, args.split), '--checkpoint': args.checkpoint}
         _check_output_files({'--out': sweep_paths(prefix, plot=not args.no_plot)}, inputs=inputs)

@@ -39,13 +39,14 @@ def _import(module: str, purpose: str):
         raise ValueError(f'{purpose} needs {module}: {_DEPLOY_EXTRA}') from e
 
 
-def require_exporter(format: str) -> None:
-    """A ValueError naming ``--format`` and what is allowed, or the package it is missing."""
+def require_exporter(format: str, purpose: Optional[str] = None) -> None:
+    """A ValueError naming ``--format`` and what is allowed, or the package it is missing, named as
+    what ``purpose`` (the option that exports: default ``--format FORMAT``) needs."""
     if format not in FORMATS:
         raise ValueError(f'--format takes one of {", ".join(FORMATS)}, got {format!r}')
     if format == 'onnx':
         for module in ('onnx', 'onnxscript'):   # torch's dynamo ONNX exporter imports both
-            _import(module, '--format onnx')
+            _import(module, purpose or '--format onnx')
 
 
 def require_quantizer(quantize: Optional[str], format: str = 'onnx') -> None:
