@@ -187,6 +187,16 @@ BAD_VALUES = [
     (_set(source_url=''), 'source_url must be an https:// address'),
     (_set(figures_from=''), 'figures_from must say where top1 / top5 / gmacs come from'),
     (_set(keep_rate=' 0.6'), "keep_rate has spaces around it: ' 0.6'"),
+    # issue 30, item 4: the tag (keep60_drop_in1k) and the columns must say the same
+    (_set(keep_rate='0.5'), 'the tag keep60_drop_in1k says keep_rate 0.6, but the keep_rate column says 0.5'),
+    (_set(fuse_token='True'), 'the tag keep60_drop_in1k says fuse_token False, but the fuse_token column says True'),
+    (_set(keep_rate='', fuse_token=''), 'the tag keep60_drop_in1k says keep_rate 0.6, but the keep_rate column is empty'),
+    # ... and it is published where its tag says
+    (_set(published_as='{namespace}/evit_deit_small.keep60_drop'),
+     "published_as '{namespace}/evit_deit_small.keep60_drop' must be '{namespace}/evit_deit_small.keep60_drop_in1k'"),
+    (_set(published_as='timm-evit/evit_deit_small.keep60_drop_in1k'),
+     "published_as 'timm-evit/evit_deit_small.keep60_drop_in1k' must be "
+     "'{namespace}/evit_deit_small.keep60_drop_in1k'"),
 ]
 
 
@@ -254,3 +264,46 @@ def test_a_failed_conversion_leaves_no_out_folder(tmp_path, capsys):
     existing.mkdir()
     one_line_refusal(capsys, ['--sources', str(sources), '--out', str(existing), '--only', DEIT_ROW])
     assert existing.is_dir() and os.listdir(existing) == []   # a folder that was there stays
+
+
+# --- issue 30, item 4: rows that contradict themselves or each other ---------------------------------
+
+def _line(shipped_tag, **values):
+    """The shipped manifest line of evit_deit_small.<shipped_tag>, with ``values`` over it."""
+    header, *lines = _manifest_lines()
+    row = next(dict(zip(header, r)) for r in lines if r[:2] == ['evit_deit_small', shipped_tag])
+    return [{**row, **values}.get(c, '') for c in header]
+
+
+def test_a_row_whose_columns_contradict_its_tag_is_refused(tmp_path, capsys):
+    path = write_manifest(tmp_path / 'm.csv', rows=[_line('keep90_fuse_in1k', keep_rate='0.5', fuse_token='False')])
+    err = one_line_refusal(capsys, ['--manifest', str(path)])
+    assert err == (f'{path} line 2 (evit_deit_small.keep90_fuse_in1k): the tag keep90_fuse_in1k says keep_rate 0.9, '
+                   f'but the keep_rate column says 0.5; it says fuse_token True, but the fuse_token column says False'), err
+
+
+def test_two_rows_published_as_one_repository_are_refused(tmp_path, capsys):
+    first = _line('keep90_fuse_in1k')
+    path = write_manifest(tmp_path / 'm.csv', rows=[first, _line('keep80_fuse_in1k', published_as=first[4])])
+    err = one_line_refusal(capsys, ['--manifest', str(path)])
+    assert err == (f"{path} line 3 (evit_deit_small.keep80_fuse_in1k): published_as "
+                   f"'{{namespace}}/evit_deit_small.keep90_fuse_in1k' is line 2's too (evit_deit_small.keep90_fuse_in1k)")
+
+
+def test_tags_that_name_no_keep_rate_take_any_columns(tmp_path, capsys):
+    # fb_in1k (DeiT's weights used with EViT) and tl_in1k (Token Labeling's) say nothing of a keep rate
+    header, *lines = _manifest_lines()
+    lvvit = next(r for r in lines if r[0] == 'evit_lvvit_s')
+    fb = _line('keep70_fuse_in1k', tag='fb_in1k', published_as='{namespace}/evit_deit_small.fb_in1k', keep_rate='0.5')
+    path = write_manifest(tmp_path / 'm.csv', rows=[lvvit, fb])
+    assert hub.main(['--manifest', str(path)]) == 0, capsys.readouterr().err
+    assert [r.model_args for r in hub.read_manifest(str(path))] == [{}, dict(keep_rate=0.5, fuse_token=True)]
+
+
+def test_the_tag_grammar_reads_what_the_release_tags_set():
+    from timm_evit import EVIT_DEIT_SMALL_TAGS
+    for tag, args in EVIT_DEIT_SMALL_TAGS.items():
+        assert hub.args_named_by_tag(tag) == args, tag
+    for tag in ('fb_in1k', 'tl_in1k', 'keeper_in1k', 'in1k_keep70'):
+        assert hub.args_named_by_tag(tag) == {}, tag
+    assert hub.args_named_by_tag('keep75_in1k') == dict(keep_rate=0.75)

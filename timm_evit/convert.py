@@ -3,6 +3,7 @@ from typing import Optional, Sequence
 
 import torch.nn as nn
 from timm.layers import Attention
+from timm.models import is_model
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.eva import Eva, EvaBlock
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -13,7 +14,10 @@ from .layers import EVA_ATTENTION_CLASSES, EViTBlock, EViTEvaBlock
 from .mechanism import EViTBlocks, EViTMixin
 from .options import APPLY_FUSION, EViTOptions, KeepRate
 
-__all__ = ['apply', 'refusal', 'EVIT_CLASSES']
+__all__ = ['apply', 'refusal', 'EVIT_CLASSES', 'EVIT_PREFIX']
+
+# evit_<timm name>: the registered name of timm's architecture converted by apply (evit_timm.py)
+EVIT_PREFIX = 'evit_'
 
 # timm model class -> its EViT class (a subclass of it: isinstance checks, methods and pickling hold)
 EVIT_CLASSES = {
@@ -45,6 +49,17 @@ def refusal(model: nn.Module) -> Optional[str]:
     return None
 
 
+def name_the_evit_architecture(model: nn.Module) -> None:
+    """``model.pretrained_cfg['architecture']`` made the name that builds the converted model,
+    ``evit_<timm name>``, where that name is registered (else as it was): timm's ``save_for_hf`` writes
+    it into config.json, and ``local-dir:`` / ``hf-hub:`` build that name with the saved model arguments
+    (timm's own name would build the plain model, and refuse EViT's arguments)."""
+    cfg = getattr(model, 'pretrained_cfg', None)
+    architecture = (cfg or {}).get('architecture')
+    if architecture and is_model(EVIT_PREFIX + architecture):
+        model.pretrained_cfg = model.default_cfg = {**cfg, 'architecture': EVIT_PREFIX + architecture}
+
+
 def apply(
         model: nn.Module,
         keep_rate: Optional[KeepRate] = EViTOptions.keep_rate,
@@ -58,7 +73,8 @@ def apply(
     """Convert a timm ViT in place to EViT and return it.
 
     Parameters, buffers, state-dict keys and weights are untouched: at ``keep_rate=1.0`` the model
-    computes what it did before. Supported, with a class token or without one (SigLIP, PE, ``_gap_``
+    computes what it did before. Its ``pretrained_cfg`` names ``evit_<timm name>`` (where registered)
+    as the architecture, so that timm's ``save_for_hf`` / ``push_to_hf_hub`` folder loads back as EViT. Supported, with a class token or without one (SigLIP, PE, ``_gap_``
     models: docs/design.md, "What ranks the tokens"):
 
     - timm's ``VisionTransformer`` with ``Block`` blocks (register tokens, LayerScale, q/k norm,
@@ -117,4 +133,5 @@ def apply(
         for blk in blocks:
             blk.__class__ = block_cls
         raise
+    name_the_evit_architecture(model)
     return model

@@ -20,13 +20,11 @@ from typing import Callable, Dict, Tuple
 from timm.models import DefaultCfg, get_arch_pretrained_cfgs, is_model, model_entrypoint, register_model
 from torch import nn
 
-from .convert import apply
+from .convert import EVIT_PREFIX, apply
 from .evit_deit import build_evit_model
 from .options import pop_evit_args
 
 __all__ = ['EVIT_PREFIX', 'TIMM_ARCHITECTURES', 'GENERATED_WITH_TIMM', 'read_architectures']
-
-EVIT_PREFIX = 'evit_'
 
 
 def read_architectures() -> Tuple[str, Tuple[str, ...]]:
@@ -64,7 +62,7 @@ def _entrypoint(arch: str, name: str) -> Callable[..., nn.Module]:
 
         def evit_model(**model_kwargs) -> nn.Module:
             return apply(model_entrypoint(arch)(pretrained=pretrained, **source, **model_kwargs), **evit_args)
-        return build_evit_model(evit_model, arch, False, None, **kwargs)
+        return build_evit_model(evit_model, name, False, None, **kwargs)
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = __name__
     entrypoint.__doc__ = f"timm's ``{arch}`` converted with ``timm_evit.apply`` (its pretrained tags are timm's)."

@@ -21,7 +21,7 @@ from timm.models._features import feature_take_indices
 from . import opaque
 from .layers import PoolScore
 from .options import (
-    KEEP_ALL, Budget, EViTOptions, KeepRate, budgets_per_block, check_fuse_token, check_fusion, default_reorg_layers,
+    EVIT_ARGS, KEEP_ALL, Budget, EViTOptions, KeepRate, budgets_per_block, check_fuse_token, check_fusion, default_reorg_layers,
     resolve_score,
 )
 from .reorg import bias_as, size_key_bias, size_weighted_pool, tokens_to_patch_grid
@@ -144,6 +144,8 @@ class EViTMixin(KeepRateWarmup):
         options = options.checked(len(self.blocks))
         score = resolve_score(options.score, self.cls_token is not None, self._pool_for_score() is not None)
         self._check_fusion_fits(options.fusion)
+        if '_model_args' in self.__dict__:   # timm's record on a model apply converts: under the property now
+            self._model_args = self.__dict__.pop('_model_args')
         for blk in self.blocks:
             blk.num_prefix_tokens = self.num_prefix_tokens
             blk.budget = KEEP_ALL
@@ -153,6 +155,25 @@ class EViTMixin(KeepRateWarmup):
         self.score = score
         self._init_warmup(options.keep_rate_warmup_start, options.keep_rate_warmup_steps, self._place()['device'])
         self._set_budgets(options.budgets())
+
+    def evit_args(self) -> Dict[str, Any]:
+        """The model's EViT arguments as they are now (``options.EVIT_ARGS``), in the form creation takes."""
+        return {name: getattr(self, name) for name in EVIT_ARGS}
+
+    # timm records a model's creation arguments in ``_model_args`` (create_model, from timm 1.0.31),
+    # and save_for_hf / push_to_hf_hub write them into config.json, from which local-dir: and hf-hub:
+    # build the model again. EViT's arguments change after creation (set_keep_rate, the setters,
+    # apply), so they are read from the model when asked for, never from a record that could be stale.
+    @property
+    def _model_args(self) -> Dict[str, Any]:
+        architecture_args = self.__dict__.get('_architecture_args', {})
+        if getattr(self, '_pruning_head', False):   # timm's pruning reads them, blocks gone, reorg_layers not yet cut
+            return dict(architecture_args)
+        return {**architecture_args, **self.evit_args()}
+
+    @_model_args.setter
+    def _model_args(self, args: Dict[str, Any]) -> None:
+        self.__dict__['_architecture_args'] = {k: v for k, v in args.items() if k not in EVIT_ARGS}
 
     def _place(self) -> Dict[str, Any]:
         """The device and dtype of the model's weights (a class token is not always there)."""

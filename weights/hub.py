@@ -4,7 +4,9 @@
     python weights/hub.py --sources DL --out hub/           # convert what is in DL/, print what would be uploaded
     python weights/hub.py --sources DL --out hub/ --push    # ... and upload (token: HF_TOKEN)
 
-Every manifest row is checked first, the same way in the dry run and the real run (``parse_row``).
+Every manifest row is checked first, the same way in the dry run and the real run (``parse_row``,
+``read_manifest``): its values, its tag against its keep_rate / fuse_token columns, its published_as
+against its architecture.tag and the other rows'.
 For each row: read the official file (never running code from it), convert it to our state dict -
 only if every tensor is exactly the model's dtype and shape: nothing is cast or resampled -, load it
 strictly into the timm model, run a forward pass, and write a folder in timm's Hub format
@@ -152,6 +154,48 @@ def _fuse_token(value: str) -> Optional[bool]:
     return choices[value]
 
 
+# A tag that names the training's keep rate, in percent, and maybe its fusion: keep<NN>[_fuse|_drop]_...
+# (the release tags, evit_deit.EVIT_DEIT_SMALL_TAGS: keep70_fuse_in1k). Other tags (fb_in1k,
+# tl_in1k) name neither, and a row with one may give any keep_rate / fuse_token.
+KEEP_TAG = re.compile(r'keep(?P<percent>[0-9]+)(?:_(?P<fusion>fuse|drop))?(?:_|$)')
+
+
+def args_named_by_tag(tag: str) -> Dict[str, object]:
+    """The keep_rate / fuse_token that ``tag`` names (none for a tag that names neither)."""
+    match = KEEP_TAG.match(tag)
+    if not match:
+        return {}
+    named: Dict[str, object] = {'keep_rate': int(match['percent']) / 100}
+    if match['fusion']:
+        named['fuse_token'] = match['fusion'] == 'fuse'
+    return named
+
+
+def _column_text(value: object) -> str:
+    return 'is empty' if value is None else f'says {value}'
+
+
+def tag_contradiction(tag: str, keep_rate: Optional[float], fuse_token: Optional[bool]) -> Optional[str]:
+    """What the columns say against what ``tag`` names, or None: the tag is what users load
+    (timm.create_model('<architecture>.<tag>') sets the tag's arguments), the columns what
+    config.json and the model card say, so a row whose two disagree is not published."""
+    columns = {'keep_rate': keep_rate, 'fuse_token': fuse_token}
+    differs = [f'says {name} {named}, but the {name} column {_column_text(columns[name])}'
+               for name, named in args_named_by_tag(tag).items()
+               if columns[name] is None or not math.isclose(columns[name], named)]
+    return ('the tag ' + tag + ' ' + '; it '.join(differs)) if differs else None
+
+
+def published_as_mismatch(row: Row) -> Optional[str]:
+    """Why ``row.published_as`` is not the repository of its architecture.tag, or None: the tag's
+    Hub id (evit_deit._evit_release_cfg) is '<namespace>/<architecture>.<tag>', in the namespace of
+    the day (TIMM_EVIT_HUB_NAMESPACE), so the placeholder, not a namespace written out."""
+    expected = '{namespace}/' + row.name
+    if row.published_as != expected:
+        return f'published_as {row.published_as!r} must be {expected!r} (the Hub repository of the row\'s architecture.tag)'
+    return None
+
+
 def parse_row(values: Dict[str, str]) -> Row:
     """The manifest row ``values`` (column -> text), checked as the real run needs it: a timm
     architecture and tag hub.py converts, values in range; a ValueError saying what is wrong."""
@@ -176,10 +220,14 @@ def parse_row(values: Dict[str, str]) -> Row:
     if not re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9.+-]*', values['weights_license']):
         raise ValueError(f'weights_license must be a license identifier (as apache-2.0), got '
                          f'{values["weights_license"]!r}')
-    return Row(architecture=architecture, tag=_tag(architecture, values['tag']), source_file=source_file,
-               source_url=values['source_url'], published_as=_published_as(values['published_as']),
-               sha256=sha256, keep_rate=_keep_rate(values['keep_rate']), fuse_token=_fuse_token(values['fuse_token']),
-               figures_from=values['figures_from'], weights_license=values['weights_license'], **figures)
+    row = Row(architecture=architecture, tag=_tag(architecture, values['tag']), source_file=source_file,
+              source_url=values['source_url'], published_as=_published_as(values['published_as']),
+              sha256=sha256, keep_rate=_keep_rate(values['keep_rate']), fuse_token=_fuse_token(values['fuse_token']),
+              figures_from=values['figures_from'], weights_license=values['weights_license'], **figures)
+    contradiction = tag_contradiction(row.tag, row.keep_rate, row.fuse_token)
+    if contradiction:
+        raise ValueError(contradiction)
+    return row
 
 
 def read_manifest(path: str = MANIFEST) -> List[Row]:
@@ -201,7 +249,7 @@ def read_manifest(path: str = MANIFEST) -> List[Row]:
                          + f' (the columns are {", ".join(COLUMNS)})')
     if len(lines) == 1:
         raise ValueError(f'{path}: no rows')
-    rows, seen = [], {}
+    rows, seen, published = [], {}, {}
     for n, cells in lines[1:]:
         where = f'{path} line {n}'
         if len(cells) != len(header):
@@ -215,7 +263,15 @@ def read_manifest(path: str = MANIFEST) -> List[Row]:
             raise ValueError(f'{where}: {e}') from e
         if row.name in seen:
             raise ValueError(f'{where}: the same row as line {seen[row.name]}')
+        # a collision breaks the name rule below too; checked first so that the line says which rows collide
+        if row.repo_id in published:
+            line, other = published[row.repo_id]
+            raise ValueError(f'{where}: published_as {row.published_as!r} is line {line}\'s too ({other})')
+        mismatch = published_as_mismatch(row)
+        if mismatch:
+            raise ValueError(f'{where}: {mismatch}')
         seen[row.name] = n
+        published[row.repo_id] = (n, row.name)
         rows.append(row)
     return rows
 
