@@ -85,7 +85,8 @@ def test_cli_benchmarks_another_architecture_beside_the_same_plain_one(tmp_path,
         'num_heads=3', 'reorg_layers=(1,3,5)'])
     assert result.code == 0, result.err
     # the plain model's architecture; EViT's own arguments (reorg_layers) are not the plain model's
-    assert "deit_tiny_patch16_224 with img_size=64 patch_size=8 embed_dim=96 depth=6 num_heads=3, batch 2" in result.out
+    assert ("vs timm's deit_tiny_patch16_224 (same weights) with img_size=64 patch_size=8 embed_dim=96 depth=6 "
+            "num_heads=3; fused (SDPA) attention; batch 2 of random images" in result.out.splitlines()[0])
     plain, keep1, keep07 = json.loads(out.read_text())['rows']
     # by hand: 64 patches; keep ceil(0.7 n) of n tokens, plus the fused one, after blocks 1, 3, 5
     assert plain['tokens'] == [64] and keep1['tokens'] == [64] * 4 and keep07['tokens'] == [64, 46, 34, 25]
@@ -136,7 +137,7 @@ def test_cli_benchmarks_any_timm_vit_through_apply_beside_itself(tmp_path, capsy
             '--warmup', '0', '--keep-rates', '1,0.5', '--attn', 'math', '--no-latency', '--json', str(out),
             '--model-kwargs', f'img_size={4 * patch}', 'depth=4', 'embed_dim=48', 'num_heads=2', 'num_classes=10'])
         assert result.code == 0, result.err
-        assert f'# {name} + EViT vs {name} with ' in result.out
+        assert result.out.startswith(f"# {name} + EViT at keep rates 1, 0.5 vs timm's {name} (same weights) with ")
         plain, keep1, keep05 = json.loads(out.read_text())['rows']
         assert plain['model'] == name and keep1['model'] == keep05['model'] == f'{name} + EViT'
         # 16 patches; default reorganising blocks 1, 2, 3 of 4: ceil(0.5 n) kept plus the fused token
@@ -161,3 +162,66 @@ def test_cli_says_size_aware_fusion_and_counts_its_macs(tmp_path, capsys):
     paper = run_bench('evit_deit_tiny', keep_rates=(0.5,), batch_size=1, repeats=1, warmup=0, attn=('fused',),
                       latency=False)
     assert abs(rows[2]['gmacs'] - paper[1].gmacs) < 0.005 * paper[1].gmacs
+
+
+TINY = ['--model-kwargs', 'img_size=32', 'patch_size=8', 'embed_dim=48', 'depth=4', 'num_heads=2']
+
+
+@pytest.mark.parametrize('full', [False, True])
+def test_a_bare_bench_says_what_it_measures_before_it_starts(full, tmp_path, capsys, monkeypatch):
+    # a bare `timm-evit bench` (the README's first line) is the quick look; --full the whole table
+    import timm_evit.tools.bench as bench
+    real, printed_before = bench.time_interleaved_samples, []
+
+    def timed(*args, **kwargs):
+        printed_before.append(capsys.readouterr().out)   # what the user had read when timing began
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, 'time_interleaved_samples', timed)
+    out = tmp_path / 'rows.json'
+    result = run_cli(capsys, ['bench', '--repeats', '1', '--warmup', '0', '--batch-size', '2', '--json', str(out)]
+                     + ['--full'] * full + TINY)
+    assert result.code == 0, result.err[-2000:]
+    header = printed_before[0].splitlines()[0]
+    rates = '1, 0.9, 0.8, 0.7, 0.6, 0.5' if full else '0.7, 0.5'
+    paths = 'math and fused (SDPA) attention' if full else 'fused (SDPA) attention'
+    for words in (f'# evit_deit_small at keep rates {rates} vs timm\'s deit_small_patch16_224 (same weights)', paths,
+                  'batch 2 and batch 1 (latency)', 'median of 1 interleaved repeats after 0 warm-up', 'timm '):
+        assert words in header, (words, header)
+    assert ('--full for keep rates 1 to 0.5 on both attention paths' in header) != full
+    rows = json.loads(out.read_text())['rows']
+    expected_rates = [None, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5] if full else [None, 0.7, 0.5]
+    expected_paths = ['math', 'fused'] if full else ['fused']
+    assert [(r['attn'], r['keep_rate']) for r in rows] == [(a, k) for a in expected_paths for k in expected_rates]
+
+
+def test_a_wide_spread_of_the_repeats_is_said_with_a_rerun(tmp_path, capsys, monkeypatch):
+    import timm_evit.tools.bench as bench
+    real = bench.time_interleaved_samples
+
+    def busy_for_a_moment(forwards, repeats, warmup, *args, **kwargs):
+        samples = real(forwards, repeats, warmup, *args, **kwargs)
+        samples[0.5][2] *= 3   # the third repeat of keep 0.5 ran beside something else
+        return samples
+
+    monkeypatch.setattr(bench, 'time_interleaved_samples', busy_for_a_moment)
+    out = tmp_path / 'rows.json'
+    result = run_cli(capsys, ['bench', '--repeats', '5', '--warmup', '0', '--batch-size', '2', '--no-latency',
+                              '--keep-rates', '0.5', '--json', str(out)] + TINY)
+    assert result.code == 0, result.err[-2000:]
+    plain, evit = json.loads(out.read_text())['rows']
+    assert evit['spread'] > 0.5   # one speed-up of five a third of the others
+    note = [line for line in result.out.splitlines() if 'spread widely' in line]
+    assert len(note) == 1 and 'the speed-up at keep_rate 0.5, fused attention, batch 2' in note[0], result.out
+    assert 'rerun' in note[0] and json.loads(out.read_text())['note'] == note[0][2:]
+    assert '| spread |' in result.out
+
+
+def test_spread_is_the_range_of_per_repeat_speed_ups_over_their_median():
+    from timm_evit.tools.bench import MIN_SPEED_REPEATS, relative_spread, speedups, spread_note
+    plain, evit = [1.0, 1.2, 1.0, 1.0, 2.0], [0.5, 0.6, 0.5, 1.0, 1.0]
+    assert speedups(plain, evit) == [2.0, 2.0, 2.0, 1.0, 2.0]   # repeat by repeat, not medians against medians
+    assert relative_spread(speedups(plain, evit)) == pytest.approx(0.5)
+    assert spread_note({'a': 0.05, 'b': 0.02}, MIN_SPEED_REPEATS) is None   # a quiet machine: nothing to say
+    assert 'b: 30 %' in spread_note({'a': 0.15, 'b': 0.3}, MIN_SPEED_REPEATS)   # the widest is named
+    assert 'too few' in spread_note({'a': 0.0}, MIN_SPEED_REPEATS - 1)        # even when they agree

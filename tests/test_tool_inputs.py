@@ -132,7 +132,7 @@ def test_a_batch_larger_than_memory_is_refused_before_allocating(root, capsys):
 def test_running_out_of_memory_names_the_batch_size(root, capsys, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB')
-    monkeypatch.setattr(bench_module, 'time_interleaved', out_of_memory)
+    monkeypatch.setattr(bench_module, 'time_interleaved_samples', out_of_memory)
     code, _, err = run_cli(capsys, command(BENCH, root, TINY_DEIT_CLI, batch_size='2'))
     last = err.strip().splitlines()[-1]   # after the progress bar of the run it stopped
     assert code == 2 and 'Traceback' not in err, err[-3000:]

@@ -202,7 +202,9 @@ def test_sweep_errors(tmp_path, image_folder, capsys):
         (['--data-dir', str(root), '--checkpoint', str(tmp_path / 'none.pth')], 'is not a file'),
         (['--data-dir', str(root), '--keep-rates', '0.7,0.5', '--max-drop', '1'], 'needs keep rate 1.0'),
         (['--data-dir', str(root), '--crop-pct', '1.5'], '--crop-pct must be in (0, 1]'),
-        (['--data-dir', str(root), '--repeats', '0'], '--repeats must be an integer >= 1'),
+        (['--data-dir', str(root), '--repeats', '-1'], 'expected an integer >= 0'),
+        # --max-drop picks the fastest rate: it needs speed, measured only with enough repeats
+        (['--data-dir', str(root), '--repeats', '4', '--max-drop', '1'], '--max-drop picks the fastest keep rate'),
     ]
     for args, words in cases:
         result = run_cli(capsys, ['sweep', '--model', 'evit_deit_tiny', '--num-classes', '3', '--checkpoint',
@@ -214,13 +216,35 @@ def test_sweep_errors(tmp_path, image_folder, capsys):
 def test_sweep_speed_up_is_the_plain_models_time_over_each_rates(image_folder, monkeypatch):
     import timm_evit.tools.sweep as sweep
     root, checkpoint, _ = image_folder
-    seconds = {'plain': 0.2, 1.0: 0.2, 0.7: 0.1, 0.25: 0.05}   # per timed batch of 4 images
-    monkeypatch.setattr(sweep, 'time_interleaved', lambda forwards, repeats, warmup: {k: seconds[k] for k in forwards})
+    # seconds per timed batch of 4 images, 5 interleaved repeats; the third repeat of keep 0.25 was slowed
+    seconds = {'plain': [0.2] * 5, 1.0: [0.2] * 5, 0.7: [0.1] * 5, 0.25: [0.05, 0.05, 0.1, 0.05, 0.05]}
+    monkeypatch.setattr(sweep, 'time_interleaved_samples',
+                        lambda forwards, repeats, warmup: {k: seconds[k] for k in forwards})
     rows = sweep.run_sweep('evit_deit_tiny', str(root), keep_rates=(1.0, 0.7, 0.25), batch_size=4,
-                           checkpoint=str(checkpoint), num_classes=3, show_progress=False, repeats=1)
-    assert [r.speedup_vs_plain for r in rows] == pytest.approx([1.0, 2.0, 4.0])
+                           checkpoint=str(checkpoint), num_classes=3, show_progress=False, repeats=5)
+    assert [r.speedup_vs_plain for r in rows] == pytest.approx([1.0, 2.0, 4.0])   # medians
     assert [r.images_per_s for r in rows] == pytest.approx([20.0, 40.0, 80.0])
     assert [r.plain_images_per_s for r in rows] == pytest.approx([20.0] * 3)
+    # per-repeat speed-ups of keep 0.25: 4, 4, 2, 4, 4: they range over half their median
+    assert [r.spread for r in rows] == pytest.approx([0.0, 0.0, 0.5]) and rows[0].plain_spread == 0.0
+    note = sweep.sweep_spread_note(rows, 5)
+    assert 'keep_rate 0.25: 50 %' in note and 'rerun' in note
+
+
+@pytest.mark.parametrize('repeats', [0, 1, 4])
+def test_sweep_prints_no_speed_from_too_few_repeats(repeats, image_folder, tmp_path, capsys, monkeypatch):
+    import timm_evit.tools.sweep as sweep
+    root, checkpoint, _ = image_folder
+    timed = []
+    monkeypatch.setattr(sweep, 'time_interleaved_samples', lambda *a, **k: timed.append(1))
+    result = run_cli(capsys, ['sweep', '--model', 'evit_deit_tiny', '--num-classes', '3', '--checkpoint',
+                              str(checkpoint), '--data-dir', str(root), '--keep-rates', '1,0.5', '--repeats',
+                              str(repeats), '--out', str(tmp_path / 'sw')])
+    assert result.code == 0, result.err[-2000:]
+    assert timed == [] and 'img/s' not in result.out and 'speed-up' not in result.out
+    assert f'# speed not measured: {repeats} repeat(s) are too few' in result.out
+    rows = json.loads((tmp_path / 'sw.json').read_text())['rows']
+    assert all(r['images_per_s'] is None and r['speedup_vs_plain'] is None and r['spread'] is None for r in rows)
 
 
 def test_write_sweep_is_whole_or_nothing(tmp_path, monkeypatch):

@@ -27,7 +27,8 @@ from .plain import create_plain_counterpart, evit_label, plain_model_name
 __all__ = [
     'BenchRow', 'model_at_keep_rate', 'set_fused_attn', 'count_gmacs', 'tokens_per_stage', 'time_interleaved', 'run_bench',
     'markdown_table', 'format_rows', 'rows_as_dicts', 'rows_figure', 'DTYPES', 'COMPILE_MODES', 'min_warmup',
-    'RUNTIMES', 'check_runtime', 'input_tokens', 'require_distinct_keep_rates',
+    'RUNTIMES', 'check_runtime', 'input_tokens', 'require_distinct_keep_rates', 'time_interleaved_samples', 'speedups',
+    'relative_spread', 'spread_note', 'rows_spread_note', 'MIN_SPEED_REPEATS', 'WIDE_SPREAD',
 ]
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
@@ -58,6 +59,9 @@ class BenchRow:
     quantize: Optional[str] = None              # 'int8': both ONNX exports quantized (onnxruntime only)
     speedup_vs_torch: Optional[float] = None    # onnxruntime: throughput / the plain model's in torch fp32, same run
     latency_speedup_vs_torch: Optional[float] = None   # the same at batch 1
+    spread: Optional[float] = None              # the repeats' spread (``relative_spread``) of the speed-up; of
+                                                # its own time for the plain model
+    latency_spread: Optional[float] = None      # the same at batch 1
 
 
 def check_runtime(runtime: str, compile: Optional[str], device: str, dtype: str,
@@ -202,6 +206,14 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# A speed figure needs repeats enough to show how far they spread; below this, none is given (sweep)
+# or it is marked as unchecked (bench, where the user asked for that many).
+MIN_SPEED_REPEATS = 5
+# Repeats whose speed-ups range over more than this (relative to their median) were timed on a
+# machine busy with something else for a while (a quiet 2-core machine stays within a few %).
+WIDE_SPREAD = 0.10
+
+
 def time_interleaved(
         forwards: Dict[object, Callable[[], object]],
         repeats: int,
@@ -210,6 +222,19 @@ def time_interleaved(
         progress: Optional[Callable[[], None]] = None,
 ) -> Dict[object, float]:
     """Median seconds per call of each function, run interleaved so drifts hit all alike."""
+    samples = time_interleaved_samples(forwards, repeats, warmup, device, progress)
+    return {name: statistics.median(t) for name, t in samples.items()}
+
+
+def time_interleaved_samples(
+        forwards: Dict[object, Callable[[], object]],
+        repeats: int,
+        warmup: int,
+        device: torch.device = torch.device('cpu'),
+        progress: Optional[Callable[[], None]] = None,
+) -> Dict[object, List[float]]:
+    """Seconds of each call of each function, per repeat (after ``warmup`` untimed rounds), run
+    interleaved: repeat i of every function ran next to the others' repeat i."""
     times = {name: [] for name in forwards}
     with torch.inference_mode():
         for step in range(warmup + repeats):
@@ -222,7 +247,34 @@ def time_interleaved(
                     times[name].append(time.perf_counter() - start)
                 if progress:
                     progress()
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def speedups(plain: Sequence[float], other: Sequence[float]) -> List[float]:
+    """Per-repeat speed-ups of ``other`` over ``plain`` (seconds per repeat, interleaved): each
+    repeat against its neighbour, so that a busy moment weighs on both sides of its own ratio."""
+    return [p / o for p, o in zip(plain, other)]
+
+
+def relative_spread(values: Sequence[float]) -> float:
+    """How far repeated measurements range: (largest - smallest) / median."""
+    return (max(values) - min(values)) / statistics.median(values)
+
+
+def spread_note(spreads: Dict[str, float], repeats: int) -> Optional[str]:
+    """A line for the reader of a speed table, or None where nothing needs saying: too few repeats
+    to show a spread, or a spread so wide (any of ``spreads``, label -> ``relative_spread``) that
+    the machine was busy while timing."""
+    if repeats < MIN_SPEED_REPEATS:
+        return (f'{repeats} repeat(s): too few to show how far the timings spread; give --repeats '
+                f'{MIN_SPEED_REPEATS} or more before using these speed figures')
+    wide = {label: spread for label, spread in spreads.items() if spread > WIDE_SPREAD}
+    if not wide:
+        return None
+    label, spread = max(wide.items(), key=lambda item: item[1])
+    return (f'the repeats spread widely ({label}: {100 * spread:.0f} % of the median; a quiet machine stays '
+            f'within {100 * WIDE_SPREAD:.0f} %): something else was running while timing; rerun before using '
+            f'these speed figures (more --repeats narrow it)')
 
 
 def require_distinct_keep_rates(keep_rates: Sequence[float]) -> None:
@@ -333,7 +385,7 @@ def run_bench(
         for impl in attn:
             for model in (plain, *at_rate.values()):
                 set_fused_attn(model, impl == 'fused')
-            seconds = {}
+            seconds, samples = {}, {}
             runners = _forwards({'plain': plain, **at_rate}, runtime, wrap,   # exported after the attention switch
                                 status=lambda text: bar.set_description(f'bench {model_name}: {text}'),
                                 quantize=quantize)
@@ -342,7 +394,8 @@ def run_bench(
             bar.set_description(f'bench {model_name}')
             for size, x in batches.items():
                 forwards = {key: partial(run, x) for key, run in runners.items()}
-                seconds[size] = time_interleaved(forwards, repeats, warmup, dev, progress=bar.update)
+                samples[size] = time_interleaved_samples(forwards, repeats, warmup, dev, progress=bar.update)
+                seconds[size] = {key: statistics.median(t) for key, t in samples[size].items()}
             if compile:
                 _dynamo().reset()  # the attention switch is baked into the compiled graphs
 
@@ -358,12 +411,32 @@ def run_bench(
                     lat_vs_torch = seconds[1]['torch fp32'] / seconds[1][key] if latency else None
                 return BenchRow(name, keep_rate, fuse, impl, dtype, compile, str(dev), batch_size, row_tokens,
                                 row_gmacs, mac_ratio, ips, ips / plain_ips, ips / plain_ips / mac_ratio, lat,
-                                lat_speedup, runtime, fusion, quantize, vs_torch, lat_vs_torch)
+                                lat_speedup, runtime, fusion, quantize, vs_torch, lat_vs_torch,
+                                _spread(samples[batch_size], key), _spread(samples[1], key) if latency else None)
 
             rows.append(row(plain_name, None, None, [input_tokens(plain, x1)], plain_gmacs[impl], 'plain'))
             rows.extend(row(evit_label(model_name), r, fuse_token, tokens[r], gmacs[impl][r], r, evit.fusion)
                         for r in keep_rates)
     return rows
+
+
+def _spread(samples: Dict[object, List[float]], key: object) -> float:
+    """The spread of ``key``'s speed-ups over the plain model, repeat by repeat; of the plain
+    model's own times for the plain model."""
+    if key == 'plain':
+        return relative_spread(samples['plain'])
+    return relative_spread(speedups(samples['plain'], samples[key]))
+
+
+def rows_spread_note(rows: List[BenchRow], repeats: int) -> Optional[str]:
+    """``spread_note`` for bench's rows."""
+    spreads = {}
+    for r in rows:
+        what = "timm's model's time" if r.keep_rate is None else f'the speed-up at keep_rate {r.keep_rate:g}'
+        spreads[f'{what}, {r.attn} attention, batch {r.batch_size}'] = r.spread
+        if r.latency_spread is not None:
+            spreads[f'{what}, {r.attn} attention, batch 1'] = r.latency_spread
+    return spread_note(spreads, repeats)
 
 
 def _bench_images(model: torch.nn.Module, batch_size: int, data_dir: Optional[str], split: str,
@@ -391,9 +464,8 @@ def format_rows(rows: List[BenchRow]) -> str:
     the plain model in torch fp32)."""
     latency = rows[0].latency_ms is not None
     vs_torch = rows[0].speedup_vs_torch is not None
-    header = ['model', 'attn', 'keep_rate', 
-'fuse', 'tokens per stage', 'GMACs', 'MAC ratio', 'img/s', 'speed-up', 'efficiency'] + (
-        ['batch-1 ms', 'latency speed-up'] if latency else [])
+    header = ['model', 'attn', 'keep_rate', 'fuse', 'tokens per stage', 'GMACs', 'MAC ratio', 'img/s', 'speed-up',
+              'spread', 'efficiency'] + (['batch-1 ms', 'latency speed-up', 'spread'] if latency else [])
     if vs_torch:
         header += ['speed-up vs torch fp32'] + (['latency speed-up vs torch fp32'] if latency else [])
     lines = []
@@ -401,13 +473,17 @@ def format_rows(rows: List[BenchRow]) -> str:
         keep = '-' if r.keep_rate is None else f'{r.keep_rate:g}'
         fuse = '-' if r.fuse_token is None else ('no' if not r.fuse_token else 'size' if r.fusion == 'size' else 'yes')
         line = [r.model, r.attn, keep, fuse, ', '.join(map(str, r.tokens)), f'{r.gmacs:.2f}', f'{r.mac_ratio:.2f}x',
-                f'{r.images_per_s:.1f}', f'{r.speedup:.2f}x', f'{r.efficiency:.2f}']
+                f'{r.images_per_s:.1f}', f'{r.speedup:.2f}x', _percent(r.spread), f'{r.efficiency:.2f}']
         if latency:
-            line += [f'{r.latency_ms:.1f}', f'{r.latency_speedup:.2f}x']
+            line += [f'{r.latency_ms:.1f}', f'{r.latency_speedup:.2f}x', _percent(r.latency_spread)]
         if vs_torch:
             line += [f'{r.speedup_vs_torch:.2f}x'] + ([f'{r.latency_speedup_vs_torch:.2f}x'] if latency else [])
         lines.append(line)
     return markdown_table(header, lines)
+
+
+def _percent(spread: Optional[float]) -> str:
+    return '-' if spread is None else f'{100 * spread:.0f} %'
 
 
 def rows_as_dicts(rows: List[BenchRow]) -> List[dict]:

@@ -12,13 +12,16 @@ from typing import List, Optional
 import torch
 
 from ..options import EVIT_ARGS
-from .bench import COMPILE_MODES, RUNTIMES, require_distinct_keep_rates
+from .bench import COMPILE_MODES, MIN_SPEED_REPEATS, RUNTIMES, require_distinct_keep_rates
 from .export import FORMATS, QUANTIZATIONS
 from .plain import PLAIN_COUNTERPARTS
 
 
-# bench's and sweep's keep rates where none are given
+# sweep's keep rates where none are given, and bench --full's
 DEFAULT_KEEP_RATES = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
+# a bare `timm-evit bench`: the paper's middle and low rate on timm's default attention (about a minute on 2 cores)
+QUICK_BENCH_KEEP_RATES = [0.7, 0.5]
+QUICK_BENCH_ATTN = 'fused'
 
 
 def _float_list(text: str, option: str, require_distinct) -> List[float]:
@@ -80,9 +83,10 @@ def _machine(device: str) -> str:
 
 
 def bench_main(args: argparse.Namespace) -> int:
-    import timm
+    from .bench import check_runtime
+    from .models import check_device
     from ._io import pyplot
-    from .bench import format_rows, min_warmup, rows_as_dicts, rows_figure, run_bench
+    from .bench import format_rows, min_warmup, rows_as_dicts, rows_figure, rows_spread_note, run_bench
     from .files import figure_writer, write_all_whole
 
     if args.plot and not _need_matplotlib('bench'):  # fail before the long run, not after it
@@ -100,9 +104,16 @@ def bench_main(args: argparse.Namespace) -> int:
     problem = _budget_in_model_kwargs(args, 'bench')
     if problem:
         return _user_error('bench', problem)
-    _resolve_keep_rates(args)
+    _resolve_bench_scope(args)
     attn = ('math', 'fused') if args.attn == 'both' else (args.attn,)
     args.warmup = max(args.warmup, min_warmup(args.compile))  # the warm-up compiles
+    try:
+        check_runtime(args.runtime, args.compile, args.device, args.dtype, args.quantize)
+        check_device(args.device)   # before the header says what it is
+        header = _bench_header(args)
+    except ValueError as e:
+        return _user_error('bench', e)
+    print(f'# {header}', flush=True)   # what is measured, before the minutes it takes
     try:
         rows = run_bench(
             args.model, args.keep_rates, fuse_token=False if args.no_fuse else None, batch_size=args.batch_size,
@@ -113,20 +124,13 @@ def bench_main(args: argparse.Namespace) -> int:
             crop_pct=args.crop_pct)
     except ValueError as e:
         return _user_error('bench', e)
-    evit = rows[1].model
-    plain = rows[0].model if rows[0].model != evit else f'{evit} at keep_rate 1.0 (plain)'
-    architecture = ''.join(f' {k}={v!r}' for k, v in args.model_kwargs if k not in EVIT_ARGS)   # the plain model's
-    if architecture:
-        plain += ' with' + architecture
-    images = f' (the first images of {args.data_dir}, {args.split})' if args.data_dir else ' (random images)'
-    header = (f'{evit} vs {plain}, batch {args.batch_size}{images}, {args.dtype}, {_runtime(args)}, '
-              f'{args.device}: {_machine(args.device)}, '
-              f'timm {timm.__version__}; median of {args.repeats} interleaved repeats after {args.warmup} warm-up')
-    print(f'# {header}')
     print(format_rows(rows))
+    note = rows_spread_note(rows, args.repeats)
+    if note:
+        print(f'# {note}')
     outputs, figures = {}, []
     if args.json:
-        text = json.dumps({'setting': header, 'rows': rows_as_dicts(rows)}, indent=2)
+        text = json.dumps({'setting': header, 'rows': rows_as_dicts(rows), 'note': note}, indent=2)
         outputs[args.json] = lambda f: f.write(text.encode('utf-8'))
     if args.plot:
         figures.append(rows_figure(rows, title=header))
@@ -139,6 +143,39 @@ def bench_main(args: argparse.Namespace) -> int:
         for fig in figures:
             pyplot().close(fig)
     return 0
+
+
+def _resolve_bench_scope(args: argparse.Namespace) -> None:
+    """bench's keep rates and attention paths where not given: a quick look (QUICK_BENCH_*), or
+    with --full the whole table (DEFAULT_KEEP_RATES on both attention paths)."""
+    args.quick = not args.full and (args.keep_rates is None or args.attn is None)
+    if args.keep_rates is None:
+        args.keep_rates = list(DEFAULT_KEEP_RATES if args.full else QUICK_BENCH_KEEP_RATES)
+    if args.attn is None:
+        args.attn = 'both' if args.full else QUICK_BENCH_ATTN
+
+
+def _bench_header(args: argparse.Namespace) -> str:
+    """What a bench run measures, said before it starts: the models, keep rates, attention paths,
+    batch, repeats, runtime and machine (a ValueError for a model name no tool takes)."""
+    import timm
+    from .plain import evit_label, plain_model_name
+    evit = evit_label(args.model)
+    plain = plain_model_name(args.model)[0]
+    plain = f"timm's {plain} (same weights)" if plain != evit else f'{evit} at keep_rate 1.0 (plain)'
+    architecture = ''.join(f' {k}={v!r}' for k, v in args.model_kwargs if k not in EVIT_ARGS)   # the plain model's
+    if architecture:
+        plain += ' with' + architecture
+    paths = {'both': 'math and fused (SDPA) attention', 'fused': 'fused (SDPA) attention', 'math': 'math attention'}
+    images = f'the first images of {args.data_dir} ({args.split})' if args.data_dir else 'random images'
+    batches = f'batch {args.batch_size}' + ('' if args.no_latency else ' and batch 1 (latency)')
+    header = (f'{evit} at keep rates {", ".join(f"{r:g}" for r in args.keep_rates)} vs {plain}; '
+              f'{paths[args.attn]}; {batches} of {images}; {args.dtype}, {_runtime(args)}; '
+              f'median of {args.repeats} interleaved repeats after {args.warmup} warm-up; '
+              f'{args.device}: {_machine(args.device)}, timm {timm.__version__}')
+    if args.quick:
+        header += '; --full for keep rates 1 to 0.5 on both attention paths'
+    return header
 
 
 def _runtime(args: argparse.Namespace) -> str:
@@ -313,7 +350,9 @@ def _sweep_prefix(out: Optional[str], model: str) -> str:
 def sweep_main(args: argparse.Namespace) -> int:
     from .files import check_writable
     from .bench import check_runtime
-    from .sweep import format_rows, image_files, pick_keep_rate, run_sweep, sweep_paths, write_sweep
+    from .sweep import (
+        format_rows, image_files, pick_keep_rate, run_sweep, sweep_paths, sweep_spread_note, write_sweep,
+    )
 
     if not args.no_plot and not _need_matplotlib('sweep'):
         return 2
@@ -323,6 +362,9 @@ def sweep_main(args: argparse.Namespace) -> int:
     _resolve_keep_rates(args)
     if args.max_drop is not None and 1.0 not in args.keep_rates:
         return _user_error('sweep', '--max-drop needs keep rate 1.0 in --keep-rates (the accuracy it is measured from)')
+    if args.max_drop is not None and args.repeats < MIN_SPEED_REPEATS:
+        return _user_error('sweep', f'--max-drop picks the fastest keep rate: it needs speed measured, with --repeats '
+                           f'{MIN_SPEED_REPEATS} or more (got {args.repeats})')
     prefix = _sweep_prefix(args.out, args.model)
     setting = f'{args.model} on {args.data_dir} ({args.split}), batch {args.batch_size}, CPU: {_machine("cpu")}'
     try:
@@ -341,9 +383,15 @@ def sweep_main(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _user_error('sweep', e)
     print(f'# {setting}')
-    print(f'# throughput beside timm\'s {rows[0].plain_model} (same weights, same run): '
-          f'{rows[0].plain_images_per_s:.1f} img/s')
+    if rows[0].plain_images_per_s is not None:
+        print(f'# throughput beside timm\'s {rows[0].plain_model} (same weights, same run, median of {args.repeats} '
+              f'interleaved repeats on the first batch): {rows[0].plain_images_per_s:.1f} img/s')
     print(format_rows(rows))
+    if rows[0].spread is None:
+        print(f'# speed not measured: {args.repeats} repeat(s) are too few to show how far timings spread '
+              f'(--repeats {MIN_SPEED_REPEATS} or more measure it)')
+    elif sweep_spread_note(rows, args.repeats):
+        print(f'# {sweep_spread_note(rows, args.repeats)}')
     print('wrote ' + ', '.join(paths))
     if args.max_drop is not None:
         best = pick_keep_rate(rows, args.max_drop)
@@ -351,6 +399,16 @@ def sweep_main(args: argparse.Namespace) -> int:
               f'(top-1 {best.top1:.2f}); use: --model-kwargs keep_rate={best.keep_rate:g}'
               + (' fuse_token=False' if args.no_fuse else ''))
     return 0
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'expected an integer >= 0, got {text!r}')
+    return value
 
 
 def _keep_rate(text: str) -> float:
@@ -418,7 +476,6 @@ def _add_model_options(parser: argparse.ArgumentParser, model_help: str = _MODEL
 
 
 def _add_keep_rates_option(parser: argparse.ArgumentParser) -> None:
-    # bench and sweep measure the same list of keep rates
     parser.add_argument('--keep-rates', type=_keep_rates, default=None,
                         help='comma-separated keep rates, each once (a repeated rate is refused, not '
                         'measured twice; default: 1,0.9,0.8,0.7,0.6,0.5)')
@@ -438,7 +495,13 @@ def build_parser() -> argparse.ArgumentParser:
                    'timm_evit.apply, beside itself; each with or without a pretrained tag (e.g. '
                    'evit_deit_small.keep70_fuse_in1k, beside timm\'s deit_small_patch16_224 with its weights)',
         model_kwargs_help='architecture of both models, as for timm\'s train.py (e.g. img_size=64 depth=6)')
-    _add_keep_rates_option(bench)
+    bench.add_argument('--keep-rates', type=_keep_rates, default=None,
+                       help='comma-separated keep rates, each once (a repeated rate is refused, not measured twice; '
+                       f'default: {",".join(f"{r:g}" for r in QUICK_BENCH_KEEP_RATES)}, with --full '
+                       f'{",".join(f"{r:g}" for r in DEFAULT_KEEP_RATES)})')
+    bench.add_argument('--full', action='store_true',
+                       help='the whole table: keep rates 1 to 0.5 on both attention paths (where --keep-rates and '
+                       '--attn are not given; about 5 minutes on 2 cores, where the default takes about one)')
     bench.add_argument('--data-dir', type=_path, help='measure every row on the first --batch-size images of this ImageFolder '
                        '(timm\'s order, the model\'s eval transform) instead of random noise (batch 1: the first)')
     bench.add_argument('--split', default='validation', help='split folder of --data-dir (as for sweep)')
@@ -447,8 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument('--batch-size', type=_positive_int, default=32)
     bench.add_argument('--repeats', type=_positive_int, default=5)
     bench.add_argument('--warmup', type=int, default=2)
-    bench.add_argument('--attn', choices=['math', 'fused', 'both'], default='both',
-                       help="timm attention path for both models: 'fused' (SDPA, timm's default), 'math', or both")
+    bench.add_argument('--attn', choices=['math', 'fused', 'both'], default=None,
+                       help="timm attention path for both models: 'fused' (SDPA, timm's default), 'math', or both "
+                       "(default: fused; with --full both)")
     bench.add_argument('--dtype', choices=['fp32', 'bf16'], default='fp32', help='weights and inputs')
     bench.add_argument('--compile', nargs='?', const='default', choices=COMPILE_MODES, metavar='MODE',
                        help='torch.compile every model, compiled in the warm-up; MODE is a torch.compile mode: '
@@ -492,7 +556,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help='classes of the checkpoint (default: 1000; or num_classes in --model-kwargs)')
     sweep.add_argument('--crop-pct', type=float, help="center-crop fraction of the eval transform, as validate.py's "
                        "(default: the model's pretrained_cfg)")
-    sweep.add_argument('--repeats', type=int, default=10, help='timed batches per model for throughput (median)')
+    sweep.add_argument('--repeats', type=_non_negative_int, default=10,
+                       help='timed batches per model for throughput, interleaved with timm\'s model (median, and '
+                       f'spread shown); below {MIN_SPEED_REPEATS} no speed is measured or printed (0: accuracy and '
+                       'GMACs only)')
     sweep.add_argument('--workers', type=int, default=0)
     sweep.add_argument('--out', type=_path, help='output prefix for .csv, .json and .png, all written or none; missing folders '
                        'are created; a folder (or a path ending in /) gets sweep_MODEL.* in it (default: sweep_MODEL)')

@@ -3,8 +3,9 @@ import csv
 import io
 import json
 import os
+import statistics
 from dataclasses import asdict, dataclass, fields
-from typing import List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from timm.data import create_dataset, create_loader, resolve_data_config
@@ -14,7 +15,8 @@ from timm.utils import accuracy
 from ._io import pyplot, rgb_image
 from ..checkpoints import require_finite, require_finite_forward, weights_source
 from .bench import (
-    check_runtime, count_gmacs, markdown_table, model_at_keep_rate, require_distinct_keep_rates, time_interleaved,
+    MIN_SPEED_REPEATS, check_runtime, count_gmacs, markdown_table, model_at_keep_rate, relative_spread,
+    require_distinct_keep_rates, speedups, spread_note, time_interleaved_samples,
 )
 from .files import figure_writer, write_all_whole
 from .models import create_evit_model, merge_model_kwargs
@@ -23,7 +25,7 @@ from .preflight import check_batch_fits
 
 __all__ = ['SweepRow', 'load_image_folder', 'image_files', 'with_rgb_images', 'split_folder', 'eval_data_config',
            'image_loader', 'first_images', 'evaluate', 'run_sweep', 'pick_keep_rate', 'format_rows', 'sweep_paths',
-           'write_sweep']
+           'write_sweep', 'sweep_spread_note']
 
 # timm's create_dataset looks for these folders for a split of these names: its own synonyms
 TRAIN_SPLITS = tuple(_TRAIN_SYNONYM)
@@ -37,15 +39,18 @@ class SweepRow:
     top1: float                       # percent
     top5: float                       # percent (top-k with k = number of classes if fewer than 5)
     gmacs: float                      # per image
-    images_per_s: float
-    speedup_vs_plain: float           # throughput / throughput of timm's plain model, same run, same weights
+    # Speed, None where not measured (fewer than MIN_SPEED_REPEATS repeats: no spread to show)
+    images_per_s: Optional[float]
+    speedup_vs_plain: Optional[float]  # throughput / throughput of timm's plain model, same run, same weights
     num_images: int
     plain_model: str                  # that plain model (see plain_model_name)
-    plain_images_per_s: float
+    plain_images_per_s: Optional[float]
     runtime: str = 'torch'            # or 'onnxruntime': the ONNX export at this keep rate was evaluated
     quantize: Optional[str] = None    # 'int8': that export quantized (export --quantize)
     torch_top1: Optional[float] = None          # onnxruntime: the PyTorch model's top-1 on the same images
     changed_predictions: Optional[int] = None   # onnxruntime: images whose top-1 class differs from PyTorch's
+    spread: Optional[float] = None              # the repeats' spread of the speed-up (bench.relative_spread)
+    plain_spread: Optional[float] = None        # the repeats' spread of the plain model's time
 
 
 def split_folder(data_dir: str, split: str) -> str:
@@ -230,8 +235,8 @@ def run_sweep(
 
     plain_name = plain_model_name(model_name)[0]   # a ValueError for a name no tool takes
     require_distinct_keep_rates(keep_rates)
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f'--repeats must be an integer >= 1, got {repeats!r}')
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 0:
+        raise ValueError(f'--repeats must be an integer >= 0, got {repeats!r}')
     if crop_pct is not None and not 0 < crop_pct <= 1:
         raise ValueError(f'--crop-pct must be in (0, 1], got {crop_pct!r}')
     if checkpoint is not None and not os.path.isfile(checkpoint):
@@ -264,13 +269,35 @@ def run_sweep(
         forwards = {key: (lambda run=run: run(x)) for key, run in runtime_forwards.items()}
     else:
         forwards = {'plain': lambda: plain(x), **{r: (lambda r=r: model(x, keep_rate=r)) for r in keep_rates}}
-    seconds = time_interleaved(forwards, repeats=repeats, warmup=1)
+    speed = _speed(forwards, x.shape[0], repeats)
     rows = []
     for r in keep_rates:
         top1, top5, n, changed, torch_top1 = results[r]
-        rows.append(SweepRow(r, top1, top5, gmacs[r], x.shape[0] / seconds[r], seconds['plain'] / seconds[r], n,
-                             plain_name, x.shape[0] / seconds['plain'], runtime, quantize, torch_top1, changed))
+        rows.append(SweepRow(r, top1, top5, gmacs[r], *speed[r][:2], n, plain_name, speed['plain'][0], runtime,
+                             quantize, torch_top1, changed, speed[r][2], speed['plain'][2]))
     return rows
+
+
+def _speed(forwards: Dict[object, Callable[[], object]], batch_size: int, repeats: int) -> Dict[object, tuple]:
+    """(images per second, speed-up over 'plain', spread) of each of ``forwards``, timed interleaved
+    as bench times them; all None with fewer than MIN_SPEED_REPEATS ``repeats``, where no spread
+    would show whether the figures can be trusted (a busy machine gave 0.83x to 11.9x)."""
+    if repeats < MIN_SPEED_REPEATS:
+        return {key: (None, None, None) for key in forwards}
+    samples = time_interleaved_samples(forwards, repeats=repeats, warmup=1)
+    median = {key: statistics.median(t) for key, t in samples.items()}
+    return {key: (batch_size / median[key], median['plain'] / median[key],
+                  relative_spread(samples[key] if key == 'plain' else speedups(samples['plain'], samples[key])))
+            for key in forwards}
+
+
+def sweep_spread_note(rows: List[SweepRow], repeats: int) -> Optional[str]:
+    """``bench.spread_note`` for sweep's rows (None where speed was not measured)."""
+    if not rows or rows[0].spread is None:
+        return None
+    spreads = {"timm's model's time": rows[0].plain_spread}
+    spreads.update({f'the speed-up at keep_rate {r.keep_rate:g}': r.spread for r in rows})
+    return spread_note(spreads, repeats)
 
 
 def pick_keep_rate(rows: List[SweepRow], max_drop: float) -> SweepRow:
@@ -286,9 +313,12 @@ def format_rows(rows: List[SweepRow]) -> str:
     """A Markdown table (see ``bench.markdown_table``), speed-up against the plain model of the rows
     (in the same runtime); for an onnxruntime sweep also the PyTorch model's top-1 and the images
     whose top-1 class the export changed."""
-    header = ['keep_rate', 'top-1', 'top-5', 'GMACs', 'img/s', f'speed-up vs {rows[0].plain_model}']
-    lines = [[f'{r.keep_rate:g}', f'{r.top1:.2f}', f'{r.top5:.2f}', f'{r.gmacs:.3g}', f'{r.images_per_s:.1f}',
-              f'{r.speedup_vs_plain:.2f}x'] for r in rows]
+    header = ['keep_rate', 'top-1', 'top-5', 'GMACs']
+    lines = [[f'{r.keep_rate:g}', f'{r.top1:.2f}', f'{r.top5:.2f}', f'{r.gmacs:.3g}'] for r in rows]
+    if rows[0].images_per_s is not None:   # speed measured
+        header += ['img/s', f'speed-up vs {rows[0].plain_model}', 'spread']
+        for line, r in zip(lines, rows):
+            line += [f'{r.images_per_s:.1f}', f'{r.speedup_vs_plain:.2f}x', f'{100 * r.spread:.0f} %']
     if rows[0].runtime != 'torch':
         header += ['top-1 in PyTorch', 'top-1 class changed']
         for line, r in zip(lines, rows):
@@ -330,15 +360,20 @@ def write_sweep(rows: List[SweepRow], prefix: str, title: str = '', plot: bool =
 def _accuracy_figure(plt, rows: List[SweepRow], title: str):
     """Top-1 against GMACs per image (what a keep rate costs) and against throughput (what it gives,
     on the same batch), each point annotated with its keep rate."""
-    fig, (ax_macs, ax_speed) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_macs.plot([r.gmacs for r in rows], [r.top1 for r in rows], 'o-', label='keep_rate')
-    ax_speed.plot([r.images_per_s for r in rows], [r.top1 for r in rows], 'o-', label='keep_rate')
-    for r in rows:
-        for ax, x in ((ax_macs, r.gmacs), (ax_speed, r.images_per_s)):
-            ax.annotate(f'{r.keep_rate:g}', (x, r.top1), textcoords='offset points', xytext=(4, 4), fontsize=8)
+    timed = rows[0].images_per_s is not None
+    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(11 if timed else 6, 4), squeeze=False)
+    ax_macs = axes[0][0]
+    panels = [(ax_macs, [r.gmacs for r in rows])]
     ax_macs.set(xlabel='GMACs per image', ylabel='top-1 (%)', title='accuracy against GMACs')
-    ax_speed.set(xlabel='images / s (same run, same batch)', ylabel='top-1 (%)', title='accuracy against throughput')
-    for ax in (ax_macs, ax_speed):
+    if timed:   # the speed panel only where speed was measured (enough repeats)
+        ax_speed = axes[0][1]
+        panels.append((ax_speed, [r.images_per_s for r in rows]))
+        ax_speed.set(xlabel='images / s (same run, same batch)', ylabel='top-1 (%)',
+                     title='accuracy against throughput')
+    for ax, xs in panels:
+        ax.plot(xs, [r.top1 for r in rows], 'o-', label='keep_rate')
+        for r, x in zip(rows, xs):
+            ax.annotate(f'{r.keep_rate:g}', (x, r.top1), textcoords='offset points', xytext=(4, 4), fontsize=8)
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=7)
