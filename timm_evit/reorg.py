@@ -167,8 +167,9 @@ def keep_and_fuse(
         weights = score
         if weighted_mean:   # in float32 at least, each token's patches' tiny share added (UNDERFLOW_SHARE)
             weights = _as(score, _wide(score.dtype))
-            sizes = 1. if token_weights is None else token_weights
-            weights = weights + UNDERFLOW_SHARE * sizes
+            # (one operation: the share scaled inside the add)
+            weights = weights + UNDERFLOW_SHARE if token_weights is None else \
+                torch.add(weights, token_weights, alpha=UNDERFLOW_SHARE)
         # the score with the kept tokens zeroed: the fused token is one batched matmul,
         # with no complement index and no second gather
         weights = weights.scatter(1, kept_idx, 0.)
@@ -278,10 +279,10 @@ def sizes_after(
     size and, where the block made a fused slot (``fused``: the last token), it holds the patches
     no kept token carries (the sizes always sum to ``num_patches``): ``[B, num_keep (+1)]``.
     ``token_sizes`` ``[B, n]`` before the block (None: every token has size 1)."""
-    if token_sizes is None:
+    if token_sizes is None:   # every token one patch: the fused slot holds the rest, a number known here
         kept = torch.ones(kept_idx.shape, device=kept_idx.device)
-    else:
-        kept = token_sizes.gather(1, kept_idx)
+        return F.pad(kept, (0, 1), value=num_patches - kept_idx.shape[1]) if fused else kept
+    kept = token_sizes.gather(1, kept_idx)
     if not fused:
         return kept
     return torch.cat([kept, num_patches - kept.sum(dim=1, keepdim=True)], dim=1)
