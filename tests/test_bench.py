@@ -60,7 +60,7 @@ def test_cli_plot_and_batch_one_latency(tmp_path, capsys):
 
 
 def test_plot_without_matplotlib_says_what_to_install(monkeypatch, tmp_path):
-    from timm_evit.tools.bench import rows_figure
+    from timm_evit.tools.report import rows_figure
     from timm_evit.tools.files import figure_writer, write_all_whole
     monkeypatch.setitem(sys.modules, 'matplotlib', None)      # import matplotlib now raises ImportError
     with pytest.raises(RuntimeError, match=r"pip install 'timm-evit\[plot\]'"):
@@ -218,7 +218,7 @@ def test_a_wide_spread_of_the_repeats_is_said_with_a_rerun(tmp_path, capsys, mon
 
 
 def test_spread_is_the_range_of_per_repeat_speed_ups_over_their_median():
-    from timm_evit.tools.bench import MIN_SPEED_REPEATS, relative_spread, speedups, spread_note
+    from timm_evit.tools.measure import MIN_SPEED_REPEATS, relative_spread, speedups, spread_note
     plain, evit = [1.0, 1.2, 1.0, 1.0, 2.0], [0.5, 0.6, 0.5, 1.0, 1.0]
     assert speedups(plain, evit) == [2.0, 2.0, 2.0, 1.0, 2.0]   # repeat by repeat, not medians against medians
     assert relative_spread(speedups(plain, evit)) == pytest.approx(0.5)

@@ -24,3 +24,36 @@ def test_the_fx_leaf_list_is_the_opaque_module_s():
     sentence = sentence[:sentence.index(')')]
     listed = set(re.findall(r'`([a-z_]+)`', sentence)) - {'register_notrace_function'}
     assert listed == set(opaque.__all__)
+
+
+def package_imports(path: Path, package: str) -> set:
+    """The modules of ``package`` that the file ``path`` (one of its modules) imports, anywhere in it."""
+    import ast
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+            found.add(node.module.split('.')[0])
+        elif isinstance(node, ast.ImportFrom) and node.level == 1:
+            found.update(alias.name for alias in node.names)
+    return found & {p.stem for p in path.parent.glob('*.py')}
+
+
+def test_the_tools_import_one_another_without_a_circle():
+    # docs/design.md, tools/: measuring, data and reporting each in a module of its own, imports one way
+    tools = ROOT / 'timm_evit' / 'tools'
+    graph = {p.stem: package_imports(p, 'tools') - {p.stem} for p in tools.glob('*.py')}
+    assert graph['measure'] <= {'_io', 'files', 'preflight'} and 'report' not in graph['bench'] | graph['sweep']
+    done, path = set(), []
+
+    def visit(module):
+        assert module not in path, f'import circle: {" -> ".join(path[path.index(module):] + [module])}'
+        if module in done:
+            return
+        path.append(module)
+        for imported in graph[module]:
+            visit(imported)
+        path.pop()
+        done.add(module)
+
+    for module in graph:
+        visit(module)

@@ -19,6 +19,7 @@ from PIL import Image
 from helpers import DEIT_ROW, TINY_IMG32, TINY_IMG32_CLI, assert_one_line_error, load_hub, run_cli
 from timm_evit.checkpoints import read_checkpoint
 from timm_evit.tools import sweep as sweep_module
+from timm_evit.tools.data import eval_data_config
 from timm_evit.tools.cli import build_parser
 from timm_evit.tools.visualize import load_image
 
@@ -159,7 +160,7 @@ def test_sweep_evaluates_a_16_bit_image_as_what_it_shows(tmp_path, monkeypatch):
         pass
 
     def first_batch(model, loader, keep_rate, **kwargs):
-        config = sweep_module.eval_data_config(model)
+        config = eval_data_config(model)
         images, _ = next(iter(loader))
         raise Seen(images[0] * torch.tensor(config['std']).view(3, 1, 1) + torch.tensor(config['mean']).view(3, 1, 1))
 

@@ -13,7 +13,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 from helpers import TINY_IMG32_CLI, run_cli, tiny_evit, write_class_images
 from timm_evit.tools.plain import create_plain_counterpart
-from timm_evit.tools.sweep import SweepRow, pick_keep_rate, run_sweep, write_sweep
+from timm_evit.tools.report import sweep_spread_note, write_sweep
+from timm_evit.tools.sweep import SweepRow, pick_keep_rate, run_sweep
 from timm_evit.tools._io import pyplot
 from timm_evit.tools.files import figure_writer, write_all_whole
 from timm_evit.tools.visualize import DROPPED, FUSED, KEPT, masks_figure, reorganisation_masks
@@ -227,7 +228,7 @@ def test_sweep_speed_up_is_the_plain_models_time_over_each_rates(image_folder, m
     assert [r.plain_images_per_s for r in rows] == pytest.approx([20.0] * 3)
     # per-repeat speed-ups of keep 0.25: 4, 4, 2, 4, 4: they range over half their median
     assert [r.spread for r in rows] == pytest.approx([0.0, 0.0, 0.5]) and rows[0].plain_spread == 0.0
-    note = sweep.sweep_spread_note(rows, 5)
+    note = sweep_spread_note(rows, 5)
     assert 'keep_rate 0.25: 50 %' in note and 'rerun' in note
 
 
@@ -262,7 +263,7 @@ def test_write_sweep_is_whole_or_nothing(tmp_path, monkeypatch):
 
 
 def test_image_folder_refuses_truncated_images_and_missing_splits(tmp_path):
-    from timm_evit.tools.sweep import load_image_folder
+    from timm_evit.tools.data import load_image_folder
     for split in ('train', 'validation'):
         (tmp_path / split / 'cat').mkdir(parents=True)
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(

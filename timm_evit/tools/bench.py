@@ -1,35 +1,25 @@
-"""Benchmark EViT against timm's plain model: tokens per stage, GMACs, throughput ratio.
-
-Speed is only reported as a ratio measured in one run: the plain timm model and the EViT model
-(same weights, same attention implementation, same batch, dtype and device) are timed
-interleaved, after a warm-up, and the median of the repeats is taken.
-"""
+"""Benchmark EViT against timm's plain model: tokens per stage, GMACs, throughput ratio, as rows
+(``BenchRow``; measured as ``measure`` measures, reported by ``report``)."""
 import contextlib
-import copy
-import math
 import os
 import statistics
-import textwrap
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from ._io import pyplot
 from ..checkpoints import require_finite_forward, weights_source
+from .data import first_images
+from .measure import (
+    count_gmacs, cudnn_benchmark, dynamo, input_tokens, min_warmup, model_at_keep_rate, relative_spread, set_fused_attn,
+    speedups, time_interleaved_samples, tokens_per_stage,
+)
 from .models import check_device, create_evit_model, merge_model_kwargs
 from .preflight import check_batch_fits, out_of_memory_as_error
 from .plain import create_plain_counterpart, evit_label, plain_model_name
 
-__all__ = [
-    'BenchRow', 'model_at_keep_rate', 'set_fused_attn', 'count_gmacs', 'tokens_per_stage', 'time_interleaved', 'run_bench',
-    'markdown_table', 'format_rows', 'rows_as_dicts', 'rows_figure', 'DTYPES', 'COMPILE_MODES', 'min_warmup',
-    'RUNTIMES', 'check_runtime', 'input_tokens', 'require_distinct_keep_rates', 'time_interleaved_samples', 'speedups',
-    'relative_spread', 'spread_note', 'rows_spread_note', 'MIN_SPEED_REPEATS', 'WIDE_SPREAD',
-]
+__all__ = ['BenchRow', 'run_bench', 'DTYPES', 'COMPILE_MODES', 'RUNTIMES', 'check_runtime', 'require_distinct_keep_rates']
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
@@ -105,178 +95,6 @@ def _forwards(models: Dict[object, torch.nn.Module], runtime: str, wrap: Callabl
     return {key: wrap(model) for key, model in models.items()}
 
 
-def set_fused_attn(model: torch.nn.Module, fused: bool) -> None:
-    """Switch every timm attention module of ``model`` between SDPA (fused) and the math path."""
-    for module in model.modules():
-        if hasattr(module, 'fused_attn'):
-            module.fused_attn = fused
-
-
-def _cpu_fused_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    # torch's own formula for its fused attention kernels (two matmuls), which it does not register
-    # for the CPU kernel
-    return sdpa_flop_count(query, key, value)
-
-
-def count_gmacs(model: torch.nn.Module, x: torch.Tensor, fused_attn: Optional[bool] = None,
-                **forward_kwargs) -> float:
-    """Multiply-accumulates per image of ``model(x, **forward_kwargs)`` in GMACs, counted by
-    torch.utils.flop_counter on the attention path ``fused_attn`` (None: the model's own setting),
-    so that what a score computes beside the fused kernel counts where it runs. The model's
-    attention setting is restored afterwards."""
-    # The counter's module tracker hooks every module input that requires grad; a view of a
-    # parameter made without grad (timm's attention pool expands its latent query) cannot be
-    # hooked, so the weights are counted with requires_grad off.
-    requires_grad = {p: p.requires_grad for p in model.parameters()}
-    for p in requires_grad:
-        p.requires_grad_(False)
-    counter = FlopCounterMode(display=False, custom_mapping={
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_fused_attention_flops})
-    try:
-        with _attention_path(model, fused_attn), torch.inference_mode(), counter:
-            model(x, **forward_kwargs)
-    finally:
-        for p, value in requires_grad.items():
-            p.requires_grad_(value)
-    return counter.get_total_flops() / 2 / x.shape[0] / 1e9
-
-
-def tokens_per_stage(model: torch.nn.Module, x: torch.Tensor, keep_rate: Optional[float]) -> List[int]:
-    """Non-class token counts measured from the model: at the input, then after each reorganising block."""
-    with torch.inference_mode():
-        kwargs = {} if keep_rate is None else {'keep_rate': keep_rate}
-        tokens = model.forward_intermediates(x[:1], output_fmt='NLC', intermediates_only=True, **kwargs)
-    layers = getattr(model, 'reorg_layers', ())
-    return [input_tokens(model, x)] + [tokens[i].shape[1] for i in layers]
-
-
-@contextlib.contextmanager
-def _attention_path(model: torch.nn.Module, fused_attn: Optional[bool]):
-    """``model`` on the attention path ``fused_attn`` (None: its own) for the block, restored after."""
-    fused = {m: m.fused_attn for m in model.modules() if hasattr(m, 'fused_attn')}
-    if fused_attn is not None:
-        set_fused_attn(model, fused_attn)
-    try:
-        yield
-    finally:
-        for module, value in fused.items():
-            module.fused_attn = value
-
-
-def input_tokens(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """Patch tokens of images ``x``: the patch grid, padded where the model pads (``dynamic_img_pad``)."""
-    return math.prod(model.patch_embed.dynamic_feat_size(tuple(x.shape[-2:])))
-
-
-def model_at_keep_rate(model: torch.nn.Module, keep_rate: float) -> torch.nn.Module:
-    """A copy of ``model`` at ``keep_rate`` (shares nothing with it)."""
-    model = copy.deepcopy(model)
-    model.set_keep_rate(keep_rate)
-    return model
-
-
-def _dynamo():
-    import torch._dynamo as dynamo  # imported only when compiling
-    return dynamo
-
-
-def min_warmup(compile_mode: Optional[str]) -> int:
-    """Warm-up calls a compile mode needs before its timings mean anything: the first call
-    compiles; CUDA graph trees ('reduce-overhead') record on a later one."""
-    if compile_mode is None:
-        return 0
-    return 3 if compile_mode == 'reduce-overhead' else 1
-
-
-@contextlib.contextmanager
-def cudnn_benchmark(enabled: bool):
-    """cuDNN picks its fastest convolution for each shape, as timm's train.py and validate.py
-    have it: left off, it may take a slow one for the patch embedding, a fixed cost that EViT
-    cannot reduce (seen on an H200 in bf16: 16 % of DeiT-S's forward at batch 256)."""
-    saved = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = enabled or saved
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = saved
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
-# A speed figure needs repeats enough to show how far they spread; below this, none is given (sweep)
-# or it is marked as unchecked (bench, where the user asked for that many).
-MIN_SPEED_REPEATS = 5
-# Repeats whose speed-ups range over more than this (relative to their median) were timed on a
-# machine busy with something else for a while (a quiet 2-core machine stays within a few %).
-WIDE_SPREAD = 0.10
-
-
-def time_interleaved(
-        forwards: Dict[object, Callable[[], object]],
-        repeats: int,
-        warmup: int,
-        device: torch.device = torch.device('cpu'),
-        progress: Optional[Callable[[], None]] = None,
-) -> Dict[object, float]:
-    """Median seconds per call of each function, run interleaved so drifts hit all alike."""
-    samples = time_interleaved_samples(forwards, repeats, warmup, device, progress)
-    return {name: statistics.median(t) for name, t in samples.items()}
-
-
-def time_interleaved_samples(
-        forwards: Dict[object, Callable[[], object]],
-        repeats: int,
-        warmup: int,
-        device: torch.device = torch.device('cpu'),
-        progress: Optional[Callable[[], None]] = None,
-) -> Dict[object, List[float]]:
-    """Seconds of each call of each function, per repeat (after ``warmup`` untimed rounds), run
-    interleaved: repeat i of every function ran next to the others' repeat i."""
-    times = {name: [] for name in forwards}
-    with torch.inference_mode():
-        for step in range(warmup + repeats):
-            for name, fn in forwards.items():
-                _synchronize(device)
-                start = time.perf_counter()
-                fn()
-                _synchronize(device)
-                if step >= warmup:
-                    times[name].append(time.perf_counter() - start)
-                if progress:
-                    progress()
-    return times
-
-
-def speedups(plain: Sequence[float], other: Sequence[float]) -> List[float]:
-    """Per-repeat speed-ups of ``other`` over ``plain`` (seconds per repeat, interleaved): each
-    repeat against its neighbour, so that a busy moment weighs on both sides of its own ratio."""
-    return [p / o for p, o in zip(plain, other)]
-
-
-def relative_spread(values: Sequence[float]) -> float:
-    """How far repeated measurements range: (largest - smallest) / median."""
-    return (max(values) - min(values)) / statistics.median(values)
-
-
-def spread_note(spreads: Dict[str, float], repeats: int) -> Optional[str]:
-    """A line for the reader of a speed table, or None where nothing needs saying: too few repeats
-    to show a spread, or a spread so wide (any of ``spreads``, label -> ``relative_spread``) that
-    the machine was busy while timing."""
-    if repeats < MIN_SPEED_REPEATS:
-        return (f'{repeats} repeat(s): too few to show how far the timings spread; give --repeats '
-                f'{MIN_SPEED_REPEATS} or more before using these speed figures')
-    wide = {label: spread for label, spread in spreads.items() if spread > WIDE_SPREAD}
-    if not wide:
-        return None
-    label, spread = max(wide.items(), key=lambda item: item[1])
-    return (f'the repeats spread widely ({label}: {100 * spread:.0f} % of the median; a quiet machine stays '
-            f'within {100 * WIDE_SPREAD:.0f} %): something else was running while timing; rerun before using '
-            f'these speed figures (more --repeats narrow it)')
-
-
 def require_distinct_keep_rates(keep_rates: Sequence[float]) -> None:
     """A ValueError naming ``--keep-rates`` and the first rate listed twice: each rate is measured
     once, and two rows from one measurement would look like two measurements that agree."""
@@ -328,7 +146,7 @@ def run_bench(
     interleaved run: each row also gives its speed-up over that (``speedup_vs_torch``).
 
     ``data_dir``: every row is measured on the first ``batch_size`` images of its ``split`` (an
-    ImageFolder, in timm's order, through the model's eval transform: ``sweep.first_images``)
+    ImageFolder, in timm's order, through the model's eval transform: ``data.first_images``)
     instead of random noise (batch 1: the first of them).
     """
     from tqdm import tqdm
@@ -379,7 +197,7 @@ def run_bench(
     rows = []
     steps = len(attn) * len(batches) * (len(keep_rates) + 1 + (runtime == 'onnxruntime')) * (repeats + warmup)
     # Compiling one function per keep rate and batch size needs more than dynamo's default cache.
-    compile_cache = _dynamo().config.patch(cache_size_limit=64) if compile else contextlib.nullcontext()
+    compile_cache = dynamo().config.patch(cache_size_limit=64) if compile else contextlib.nullcontext()
     progress = tqdm(total=steps, desc=f'bench {model_name}', unit='fwd', disable=not show_progress)
     with out_of_memory_as_error(batch_size, dev), compile_cache, cudnn_benchmark(dev.type == 'cuda'), progress as bar:
         for impl in attn:
@@ -397,7 +215,7 @@ def run_bench(
                 samples[size] = time_interleaved_samples(forwards, repeats, warmup, dev, progress=bar.update)
                 seconds[size] = {key: statistics.median(t) for key, t in samples[size].items()}
             if compile:
-                _dynamo().reset()  # the attention switch is baked into the compiled graphs
+                dynamo().reset()  # the attention switch is baked into the compiled graphs
 
             def row(name, keep_rate, fuse, row_tokens, row_gmacs, key, fusion=None):
                 ips = batch_size / seconds[batch_size][key]
@@ -428,88 +246,12 @@ def _spread(samples: Dict[object, List[float]], key: object) -> float:
     return relative_spread(speedups(samples['plain'], samples[key]))
 
 
-def rows_spread_note(rows: List[BenchRow], repeats: int) -> Optional[str]:
-    """``spread_note`` for bench's rows."""
-    spreads = {}
-    for r in rows:
-        what = "timm's model's time" if r.keep_rate is None else f'the speed-up at keep_rate {r.keep_rate:g}'
-        spreads[f'{what}, {r.attn} attention, batch {r.batch_size}'] = r.spread
-        if r.latency_spread is not None:
-            spreads[f'{what}, {r.attn} attention, batch 1'] = r.latency_spread
-    return spread_note(spreads, repeats)
-
-
 def _bench_images(model: torch.nn.Module, batch_size: int, data_dir: Optional[str], split: str,
                   crop_pct: Optional[float] = None) -> torch.Tensor:
     """The images every row is measured on, fp32 on the CPU: the first ``batch_size`` of ``data_dir``
-    (see ``sweep.first_images``, ``crop_pct`` as there), or random noise of the model's input size without it."""
+    (see ``data.first_images``, ``crop_pct`` as there), or random noise of the model's input size without it."""
     if data_dir is None:
         return torch.randn(batch_size, model.in_chans, *model.patch_embed.img_size)
-    from .sweep import first_images   # (sweep imports this module)
     return first_images(model, data_dir, split, batch_size, crop_pct)
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A Markdown table of ``header`` and ``rows`` (cells as text): the table bench and sweep print."""
-    lines = [_markdown_line(header), '|---' * len(header) + '|']
-    return '\n'.join(lines + [_markdown_line(row) for row in rows])
-
-
-def _markdown_line(cells: Sequence[str]) -> str:
-    return '| ' + ' | '.join(cells) + ' |'
-
-
-def format_rows(rows: List[BenchRow]) -> str:
-    """A Markdown table (speed-ups over the plain model in the same runtime; in onnxruntime also over
-    the plain model in torch fp32)."""
-    latency = rows[0].latency_ms is not None
-    vs_torch = rows[0].speedup_vs_torch is not None
-    header = ['model', 'attn', 'keep_rate', 'fuse', 'tokens per stage', 'GMACs', 'MAC ratio', 'img/s', 'speed-up',
-              'spread', 'efficiency'] + (['batch-1 ms', 'latency speed-up', 'spread'] if latency else [])
-    if vs_torch:
-        header += ['speed-up vs torch fp32'] + (['latency speed-up vs torch fp32'] if latency else [])
-    lines = []
-    for r in rows:
-        keep = '-' if r.keep_rate is None else f'{r.keep_rate:g}'
-        fuse = '-' if r.fuse_token is None else ('no' if not r.fuse_token else 'size' if r.fusion == 'size' else 'yes')
-        line = [r.model, r.attn, keep, fuse, ', '.join(map(str, r.tokens)), f'{r.gmacs:.2f}', f'{r.mac_ratio:.2f}x',
-                f'{r.images_per_s:.1f}', f'{r.speedup:.2f}x', _percent(r.spread), f'{r.efficiency:.2f}']
-        if latency:
-            line += [f'{r.latency_ms:.1f}', f'{r.latency_speedup:.2f}x', _percent(r.latency_spread)]
-        if vs_torch:
-            line += [f'{r.speedup_vs_torch:.2f}x'] + ([f'{r.latency_speedup_vs_torch:.2f}x'] if latency else [])
-        lines.append(line)
-    return markdown_table(header, lines)
-
-
-def _percent(spread: Optional[float]) -> str:
-    return '-' if spread is None else f'{100 * spread:.0f} %'
-
-
-def rows_as_dicts(rows: List[BenchRow]) -> List[dict]:
-    """The rows as dicts (for JSON and CSV)."""
-    return [asdict(r) for r in rows]
-
-
-def rows_figure(rows: List[BenchRow], title: str = ''):
-    """Speed-up and GMACs against keep rate, as a matplotlib figure (close it with
-    ``pyplot().close(fig)``)."""
-    plt = pyplot()
-    fig, (ax_speed, ax_macs) = plt.subplots(1, 2, figsize=(10, 4))
-    evit_rows = [r for r in rows if r.keep_rate is not None]
-    for impl in dict.fromkeys(r.attn for r in evit_rows):
-        sel = sorted((r for r in evit_rows if r.attn == impl), key=lambda r: r.keep_rate)
-        ax_speed.plot([r.keep_rate for r in sel], [r.speedup for r in sel], 'o-', label=f'measured, {impl} attention')
-    sel = sorted({r.keep_rate: r for r in evit_rows}.values(), key=lambda r: r.keep_rate)
-    ax_speed.plot([r.keep_rate for r in sel], [r.mac_ratio for r in sel], 'ko-', label='MAC ratio')
-    ax_macs.plot([r.keep_rate for r in sel], [r.gmacs for r in sel], 'o-', label='keep_rate')
-    ax_speed.set(xlabel='keep_rate', ylabel='throughput / plain timm model', title='speed-up (same run)')
-    ax_speed.legend(fontsize=7)
-    plain = [r.gmacs for r in rows if r.keep_rate is None]
-    if plain:
-        ax_macs.axhline(plain[0], color='k', ls='--', label='plain model')
-    ax_macs.set(xlabel='keep_rate', ylabel='GMACs per image', title='GMACs')
-    ax_macs.legend(fontsize=7)
-    fig.suptitle(textwrap.fill(title, 130), fontsize=8)
-    fig.tight_layout()
-    return fig

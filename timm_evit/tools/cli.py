@@ -12,7 +12,8 @@ from typing import List, Optional
 import torch
 
 from ..options import EVIT_ARGS
-from .bench import COMPILE_MODES, MIN_SPEED_REPEATS, RUNTIMES, require_distinct_keep_rates
+from .bench import COMPILE_MODES, RUNTIMES, require_distinct_keep_rates
+from .measure import MIN_SPEED_REPEATS
 from .export import FORMATS, QUANTIZATIONS
 from .plain import PLAIN_COUNTERPARTS
 
@@ -86,7 +87,9 @@ def bench_main(args: argparse.Namespace) -> int:
     from .bench import check_runtime
     from .models import check_device
     from ._io import pyplot
-    from .bench import format_rows, min_warmup, rows_as_dicts, rows_figure, rows_spread_note, run_bench
+    from .bench import run_bench
+    from .measure import min_warmup
+    from .report import bench_spread_note, bench_table, rows_as_dicts, rows_figure
     from .files import figure_writer, write_all_whole
 
     if args.plot and not _need_matplotlib('bench'):  # fail before the long run, not after it
@@ -94,7 +97,7 @@ def bench_main(args: argparse.Namespace) -> int:
     try:
         inputs = {'--checkpoint': args.checkpoint}
         if args.data_dir:
-            from .sweep import image_files
+            from .data import image_files
             inputs['--data-dir'] = image_files(args.data_dir, args.split)
         _check_output_files({'--json': args.json, '--plot': args.plot}, inputs=inputs)
     except ValueError as e:
@@ -124,8 +127,8 @@ def bench_main(args: argparse.Namespace) -> int:
             crop_pct=args.crop_pct)
     except ValueError as e:
         return _user_error('bench', e)
-    print(format_rows(rows))
-    note = rows_spread_note(rows, args.repeats)
+    print(bench_table(rows))
+    note = bench_spread_note(rows, args.repeats)
     if note:
         print(f'# {note}')
     outputs, figures = {}, []
@@ -287,7 +290,7 @@ def visualize_main(args: argparse.Namespace) -> int:
     from ._io import pyplot
     from .files import check_writable, figure_writer, write_all_whole
     from .models import create_evit_model, merge_model_kwargs
-    from .sweep import eval_data_config
+    from .data import eval_data_config
     from .visualize import load_image, masks_figure, picture_names, reorganisation, stage_names
     from ..checkpoints import require_finite_forward, weights_source
 
@@ -350,9 +353,9 @@ def _sweep_prefix(out: Optional[str], model: str) -> str:
 def sweep_main(args: argparse.Namespace) -> int:
     from .files import check_writable
     from .bench import check_runtime
-    from .sweep import (
-        format_rows, image_files, pick_keep_rate, run_sweep, sweep_paths, sweep_spread_note, write_sweep,
-    )
+    from .data import image_files
+    from .report import sweep_paths, sweep_spread_note, sweep_table, write_sweep
+    from .sweep import pick_keep_rate, run_sweep
 
     if not args.no_plot and not _need_matplotlib('sweep'):
         return 2
@@ -386,7 +389,7 @@ def sweep_main(args: argparse.Namespace) -> int:
     if rows[0].plain_images_per_s is not None:
         print(f'# throughput beside timm\'s {rows[0].plain_model} (same weights, same run, median of {args.repeats} '
               f'interleaved repeats on the first batch): {rows[0].plain_images_per_s:.1f} img/s')
-    print(format_rows(rows))
+    print(sweep_table(rows))
     if rows[0].spread is None:
         print(f'# speed not measured: {args.repeats} repeat(s) are too few to show how far timings spread '
               f'(--repeats {MIN_SPEED_REPEATS} or more measure it)')
