@@ -263,3 +263,17 @@ def test_pruning_again_below_every_reorganising_block_keeps_no_ranking_module():
     take_indices = model.prune_intermediate_layers([0], prune_norm=True)
     assert model.reorg_layers == () and not {'score_pool', 'score_norm'} & set(model._modules)
     assert not _unused_parameters_after_training_step(model, images(FAMILIES['siglip'].size), take_indices)
+
+
+@pytest.mark.parametrize('name, size', [('evit_deit_tiny', (160, 192)), ('evit_deit_tiny_distilled_patch16_224', (160, 192)),
+                                        ('evit_eva02_tiny_patch14_224', (168, 196))])
+def test_fx_feature_extraction_with_dynamic_img_size(name, size):
+    # timm's test_model_forward_fx on evit_test_vit (dynamic_img_size=True): timm's _pos_embed resamples
+    # the position embedding with a function FX must keep whole, as it does when timm's model is traced
+    model = timm.create_model(name, dynamic_img_size=True, embed_dim=48, depth=4, num_heads=2).eval()
+    extractor = timm.models.create_feature_extractor(model, return_nodes=['norm'])
+    x = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        torch.testing.assert_close(extractor(x)['norm'], model.forward_features(x))
+    with torch.no_grad():   # plain torch.fx too
+        torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), model(x))
