@@ -1,4 +1,6 @@
 """An evit model is a timm model in every way timm's tools use one (docs/design.md, "The timm contract")."""
+import copy
+
 import pytest
 import timm
 import timm.optim
@@ -6,7 +8,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
 
 from evit_reference import kept_indices_by_block
-from helpers import TINY_DEIT, tiny_evit
+from helpers import FAMILIES, TINY_DEIT, converted, family_params, images, tiny_evit
 
 
 @pytest.mark.parametrize('name, dim', [('evit_deit_tiny', 192), ('evit_deit_small', 384), ('evit_deit_base', 768)])
@@ -218,3 +220,60 @@ def test_torch_export():
     exported = torch.export.export(model, (x,))
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+# ---- timm's own model suite as a contract (issue 30, item 9) --------------------------------------
+# Each test below is one of timm's tests/test_models.py checks, on a small model, so that this suite
+# does not depend on timm's test files.
+
+def _unused_parameters_after_training_step(model, x, take_indices):
+    """timm's pruning contract: a training step through the pruned model's taps and features reaches
+    every parameter (as DistributedDataParallel without find_unused_parameters needs)."""
+    model.train()
+    taps = model.forward_intermediates(x, indices=take_indices, intermediates_only=True)
+    sum(t.sum() for t in taps + [model.forward_features(x)]).backward()
+    return [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+
+@pytest.mark.parametrize('family', family_params(['siglip', 'pe_map']))
+@pytest.mark.parametrize('prune_norm', [False, True])
+def test_pruned_pool_ranked_model_uses_every_parameter_it_keeps(family, prune_norm):
+    # pruning the head of a 'pool' model keeps what its remaining blocks rank with, and only that:
+    # the pool's output projection, norm and MLP rank nothing
+    _, model = converted(family, 0.5, True)
+    assert model.score == 'pool'
+    x = images(FAMILIES[family].size)
+    with torch.no_grad():
+        taps = model.forward_intermediates(x, intermediates_only=True)
+    for index in range(len(model.blocks)):
+        pruned = copy.deepcopy(model)
+        take_indices = pruned.prune_intermediate_layers([index], prune_norm=prune_norm)
+        with torch.no_grad():   # the ranking, and so the tap, is the unpruned model's
+            assert torch.equal(pruned.forward_intermediates(x, indices=take_indices, intermediates_only=True)[0],
+                               taps[index])
+        unused = _unused_parameters_after_training_step(pruned, x, take_indices)
+        assert not unused, f'pruned to block {index}: {unused}'
+
+
+def test_pruning_again_below_every_reorganising_block_keeps_no_ranking_module():
+    # a second pruning that leaves no reorganising block leaves nothing to rank with
+    _, model = converted('siglip', 0.5, True)
+    model.prune_intermediate_layers([3], prune_norm=True)
+    assert {'score_pool', 'score_norm'} <= set(model._modules)
+    take_indices = model.prune_intermediate_layers([0], prune_norm=True)
+    assert model.reorg_layers == () and not {'score_pool', 'score_norm'} & set(model._modules)
+    assert not _unused_parameters_after_training_step(model, images(FAMILIES['siglip'].size), take_indices)
+
+
+@pytest.mark.parametrize('name, size', [('evit_deit_tiny', (160, 192)), ('evit_deit_tiny_distilled_patch16_224', (160, 192)),
+                                        ('evit_eva02_tiny_patch14_224', (168, 196))])
+def test_fx_feature_extraction_with_dynamic_img_size(name, size):
+    # timm's test_model_forward_fx on evit_test_vit (dynamic_img_size=True): timm's _pos_embed resamples
+    # the position embedding with a function FX must keep whole, as it does when timm's model is traced
+    model = timm.create_model(name, dynamic_img_size=True, embed_dim=48, depth=4, num_heads=2).eval()
+    extractor = timm.models.create_feature_extractor(model, return_nodes=['norm'])
+    x = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        torch.testing.assert_close(extractor(x)['norm'], model.forward_features(x))
+    with torch.no_grad():   # plain torch.fx too
+        torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), model(x))

@@ -22,7 +22,7 @@ from .reorg import bias_as, class_attention, head_averaged_class_row, mean_recei
 
 __all__ = [
     'EViTBlock', 'EViTEvaBlock', 'attention_with_class_attention', 'rope_attention_with_class_attention', 'PoolScore',
-    'EVA_ATTENTION_CLASSES',
+    'PoolRanking', 'EVA_ATTENTION_CLASSES',
 ]
 
 
@@ -115,7 +115,8 @@ class PoolScore:
     the pool would key them after the model's final ``norm`` (``kv``'s key half, ``k_norm``).
 
     It looks up the model's pool and norm at every call (``model._score_modules()``), so a pool or
-    norm the user replaces is the one that ranks. Only the latents the pool's output keeps are
+    norm the user replaces is the one that ranks (after pruning the head, the pool's ``PoolRanking``,
+    which has the same names). Only the latents the pool's output keeps are
     read: the first where timm's pool returns its first latent (``pool_type='token'``), all of them
     where it averages them. Not a module: the blocks hold it, it holds the model, and nothing is
     registered twice (the state dict stays timm's); copies and pickles follow the model."""
@@ -142,6 +143,41 @@ class PoolScore:
             key_bias = size_key_bias(token_weights, num_prefix_tokens)
         key_bias = bias_as(key_bias, k)
         return pool_attention(pool.q_norm(q), pool.k_norm(k), pool.scale, num_prefix_tokens, key_bias)
+
+
+class PoolRanking(torch.nn.Module):
+    """What the ``'pool'`` score reads of timm's ``AttentionPoolLatent``: its latent queries (``latent``,
+    ``q``, ``q_norm``) and the key half of its ``kv`` (``k_norm``), under the pool's names, so that
+    ``PoolScore`` reads either.
+
+    ``prune_intermediate_layers`` registers it as ``score_pool`` when pruning takes the pool out of
+    the head: the pool's values, output projection, norm and MLP rank nothing, and a parameter no
+    forward uses breaks DistributedDataParallel (without ``find_unused_parameters``) and timm's
+    pruning contract. The latent, ``q`` and the norms are the pool's own modules; the key half of
+    ``kv`` is copied (same values: the ranking is unchanged)."""
+
+    def __init__(self, pool: torch.nn.Module) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.scale, self.pool = pool.num_heads, pool.head_dim, pool.scale, pool.pool
+        self.latent, self.q, self.q_norm, self.k_norm = pool.latent, pool.q, pool.q_norm, pool.k_norm
+        self.kv = _key_half(pool.kv, pool.num_heads * pool.head_dim)
+
+
+def _key_half(kv: torch.nn.Linear, width: int) -> torch.nn.Linear:
+    """A copy of the first ``width`` outputs of ``kv`` (the keys), on its device, dtype and grad setting."""
+    key = torch.nn.Linear(kv.in_features, width, bias=kv.bias is not None, device=kv.weight.device,
+                          dtype=kv.weight.dtype)
+    with torch.no_grad():
+        key.weight.copy_(kv.weight[:width])
+        if kv.bias is not None:
+            key.bias.copy_(kv.bias[:width])
+    key.requires_grad_(kv.weight.requires_grad)
+    return key
+
+
+def ranking_part(pool: torch.nn.Module) -> PoolRanking:
+    """The part of an attention pool that ranks tokens (a ``PoolRanking`` is returned as it is)."""
+    return pool if isinstance(pool, PoolRanking) else PoolRanking(pool)
 
 
 class _ReorganisingStep:

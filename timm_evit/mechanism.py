@@ -19,7 +19,7 @@ from timm.models import checkpoint
 from timm.models._features import feature_take_indices
 
 from . import opaque
-from .layers import PoolScore
+from .layers import PoolRanking, PoolScore, ranking_part
 from .options import (
     EVIT_ARGS, KEEP_ALL, Budget, EViTOptions, KeepRate, budgets_per_block, check_fuse_token, check_fusion, default_reorg_layers,
     resolve_score,
@@ -221,11 +221,15 @@ class EViTMixin(KeepRateWarmup):
         # timm's attention pool, where the 'pool' score can use it (a pool with its own position
         # embedding is laid out for the tokens entering the blocks, not for the reorganised ones)
         pool = getattr(self, 'attn_pool', None)
-        if pool is None:   # the head pruned for features: the pool kept for ranking (prune_intermediate_layers)
+        if pool is None:   # the head pruned for features: the pool's ranking part (prune_intermediate_layers)
             pool = getattr(self, 'score_pool', None)
-        if isinstance(pool, AttentionPoolLatent) and pool.pos_embed is None:
+        if isinstance(pool, PoolRanking) or (isinstance(pool, AttentionPoolLatent) and pool.pos_embed is None):
             return pool
         return None
+
+    def _norm_for_score(self) -> nn.Module:
+        # the final norm 'pool' keys the tokens with: the model's, or the one pruning took out of it
+        return getattr(self, 'score_norm', self.norm)
 
     def _score_modules(self) -> Tuple[nn.Module, nn.Module]:
         """The attention pool and final norm that ``'pool'`` ranks with, as the model holds them now."""
@@ -234,7 +238,7 @@ class EViTMixin(KeepRateWarmup):
             raise ValueError(f"score='pool' ranks tokens with timm's attention pool (AttentionPoolLatent without a "
                              f"position embedding), and the model's attn_pool is now {type(self.attn_pool).__name__}: "
                              "set model.score = 'mean'")
-        return pool, getattr(self, 'score_norm', self.norm)   # (see prune_intermediate_layers)
+        return pool, self._norm_for_score()
 
     @property
     def fuse_token(self) -> bool:
@@ -297,24 +301,35 @@ class EViTMixin(KeepRateWarmup):
         """timm's pruning; ``reorg_layers`` (and their keep rates) keep only the blocks that remain.
 
         A ``'pool'`` model's blocks rank with the attention pool and final norm that pruning takes
-        out of the head (timm's feature extraction prunes the head): the blocks keep using them,
-        and the model keeps them registered as ``score_pool`` / ``score_norm`` (moved and saved
-        with it), where a reorganising block remains to use them."""
-        pool, norm = self._pool_for_score(), self.norm
+        out of the head (timm's feature extraction prunes the head): where a reorganising block
+        remains, the model keeps what they rank with registered as ``score_pool`` (the pool's
+        ranking part, ``PoolRanking``) and ``score_norm`` (moved and saved with it); where none
+        remains, neither (``_hold_ranking_modules``)."""
+        pool, norm = self._pool_for_score(), self._norm_for_score()
         self._pruning_head = True
         try:
             take_indices = super().prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
         finally:
             self._pruning_head = False
         self.reorg_layers = tuple(layer for layer in self.reorg_layers if layer < len(self.blocks))
-        # kept only where a remaining block ranks with them: a parameter no forward uses breaks
-        # DistributedDataParallel (without find_unused_parameters) and timm's pruning contract
-        if self.score == 'pool' and self.reorg_layers:
-            if getattr(self, 'attn_pool', None) is not pool:
-                self.score_pool = pool
-            if self.norm is not norm:
-                self.score_norm = norm
+        self._hold_ranking_modules(pool, norm)
         return take_indices
+
+    def _hold_ranking_modules(self, pool: Optional[nn.Module], norm: nn.Module) -> None:
+        """Register, after pruning, the pool's ranking part and the norm a remaining ``'pool'`` block ranks
+        with where the model no longer holds them, and nothing else: a parameter no forward uses breaks
+        DistributedDataParallel (without ``find_unused_parameters``) and timm's pruning contract."""
+        ranks = self.score == 'pool' and bool(self.reorg_layers)
+        pruned_pool = ranks and getattr(self, 'attn_pool', None) is not pool
+        pruned_norm = ranks and self.norm is not norm
+        self._register_or_remove('score_pool', ranking_part(pool) if pruned_pool else None)
+        self._register_or_remove('score_norm', norm if pruned_norm else None)
+
+    def _register_or_remove(self, name: str, module: Optional[nn.Module]) -> None:
+        if module is not None:
+            setattr(self, name, module)
+        elif name in self._modules:
+            delattr(self, name)
 
     def _budgets_for_call(self, keep_rate: Optional[KeepRate]) -> List[Budget]:
         """This call's budget for every block (``KEEP_ALL`` outside ``reorg_layers``): the one given for

@@ -4,11 +4,20 @@ on its input's shape or values (token counts, layouts, checks), which a symbolic
 One home for them: ``torch.fx.wrap`` patches a name in the module that declares it, so every
 caller calls them through this module (``opaque.reorganize(...)``), where the patch is
 seen; ``register_notrace_function`` makes timm's feature extraction keep them whole too.
+
+timm's own FX leaves (e.g. ``resample_abs_pos_embed``, which ``_pos_embed`` calls under
+``dynamic_img_size``) are kept whole in the timm modules whose code EViT's forward runs
+(``keep_timm_leaves_whole_in``).
 """
 from typing import Optional, Tuple
 
+from types import ModuleType
+
 import torch
-from timm.models import register_notrace_function
+import timm.models.deit
+import timm.models.eva
+import timm.models.vision_transformer
+from timm.models import get_notrace_functions, register_notrace_function
 
 from .reorg import (
     mean_received_attention, reorganize, rotary_rows_for_tokens, sizes_after,
@@ -53,3 +62,23 @@ for _function in (check_image_batch, check_attention_mask, check_patch_grid, mea
     torch.fx.wrap(_function.__name__)       # (at module level, as torch.fx.wrap requires)
     register_notrace_function(_function)
 del _function
+
+
+def keep_timm_leaves_whole_in(module: ModuleType) -> None:
+    """Make FX keep timm's notrace functions whole where ``module``'s own code calls them.
+
+    timm's tracer patches them in the globals of the forward it traces and of each submodule it
+    calls; an EViT model's forward is this package's, so timm's family module, where e.g.
+    ``_pos_embed`` finds ``resample_abs_pos_embed``, would go unpatched and its shape branches
+    would fail the trace. ``torch.fx.wrap`` patches a name, in every trace, in the globals of the
+    module it is called at the top of: hence the call run in ``module``'s namespace."""
+    leaves = {id(function) for function in get_notrace_functions()}
+    for name, value in list(vars(module).items()):
+        if id(value) in leaves:
+            exec(f'__import__("torch").fx.wrap({name!r})', vars(module))
+
+
+# the timm modules of the classes EViT serves (convert.EVIT_CLASSES; LV-ViT is a VisionTransformer)
+for _module in (timm.models.vision_transformer, timm.models.deit, timm.models.eva):
+    keep_timm_leaves_whole_in(_module)
+del _module
