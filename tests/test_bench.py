@@ -225,3 +225,28 @@ def test_spread_is_the_range_of_per_repeat_speed_ups_over_their_median():
     assert spread_note({'a': 0.05, 'b': 0.02}, MIN_SPEED_REPEATS) is None   # a quiet machine: nothing to say
     assert 'b: 30 %' in spread_note({'a': 0.15, 'b': 0.3}, MIN_SPEED_REPEATS)   # the widest is named
     assert 'too few' in spread_note({'a': 0.0}, MIN_SPEED_REPEATS - 1)        # even when they agree
+
+
+def test_the_model_name_is_parsed_once_and_the_settings_checked_once(tmp_path, capsys, monkeypatch):
+    # issue 29: the model name was parsed in 8 places, --crop-pct and --checkpoint checked twice
+    import timm_evit.tools.bench as bench
+    import timm_evit.tools.plain as plain
+    calls = {'parse': 0, 'runtime': 0}
+    real_parse, real_runtime = plain.parse_model_name, bench.check_runtime
+
+    def counted(name, real):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(plain, 'parse_model_name', counted('parse', real_parse))
+    monkeypatch.setattr(bench, 'check_runtime', counted('runtime', real_runtime))
+    result = run_cli(capsys, ['bench', '--repeats', '1', '--warmup', '0', '--batch-size', '1', '--no-latency',
+                              '--keep-rates', '0.5'] + TINY)
+    assert result.code == 0, result.err[-2000:]
+    assert calls == {'parse': 1, 'runtime': 1}
+    settings = bench.BenchSettings(keep_rates=(0.5,)).checked()
+    assert settings.checked() is settings   # checked once, however often asked
+    with pytest.raises(TypeError, match='settings or their values'):
+        run_bench('evit_deit_tiny', settings, batch_size=2)

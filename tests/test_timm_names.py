@@ -7,9 +7,16 @@ from timm.models.vision_transformer import VisionTransformer
 
 import timm_evit
 from timm_evit.evit_timm import GENERATED_WITH_TIMM, TIMM_ARCHITECTURES
-from timm_evit.tools.plain import plain_model_name
+from timm_evit.tools.plain import parse_model_name
+
 from helpers import SMALL_VIT_IMG32
 from timm_evit.tools.supported import architecture_refusal, survey
+
+
+# (ModelSpec.plain_name, ModelSpec.plain_kwargs): what the tools measure a name against
+def plain_model_name(name):
+    spec = parse_model_name(name)
+    return spec.plain_name, spec.plain_kwargs
 
 
 def test_the_list_is_what_apply_supports_in_the_installed_timm():

@@ -18,7 +18,14 @@ from helpers import (
 from timm_evit.tools import bench as bench_module
 from timm_evit.tools.bench import run_bench
 from timm_evit.tools.models import create_evit_model
-from timm_evit.tools.plain import plain_model_name
+from timm_evit.tools.plain import parse_model_name
+
+
+# (ModelSpec.plain_name, ModelSpec.plain_kwargs): what the tools measure a name against
+def plain_model_name(name):
+    spec = parse_model_name(name)
+    return spec.plain_name, spec.plain_kwargs
+
 
 # TINY_DEIT: a DeiT-Ti at 4 blocks and width 48, patch 16 as the paper's
 

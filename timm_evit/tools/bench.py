@@ -3,9 +3,9 @@
 import contextlib
 import os
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -17,9 +17,9 @@ from .measure import (
 )
 from .models import check_device, create_evit_model, merge_model_kwargs
 from .preflight import check_batch_fits, out_of_memory_as_error
-from .plain import create_plain_counterpart, evit_label, plain_model_name
+from .plain import ModelSpec, create_plain_counterpart, model_spec
 
-__all__ = ['BenchRow', 'run_bench', 'DTYPES', 'COMPILE_MODES', 'RUNTIMES', 'check_runtime', 'require_distinct_keep_rates']
+__all__ = ['BenchRow', 'BenchSettings', 'run_bench', 'DTYPES', 'COMPILE_MODES', 'RUNTIMES', 'check_runtime', 'require_distinct_keep_rates']
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
@@ -109,29 +109,55 @@ def _require_distinct(values: Sequence[float], option: str, noun: str) -> None:
         seen.add(value)
 
 
-def run_bench(
-        model_name: str = 'evit_deit_small',
-        keep_rates: Sequence[float] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5),
-        fuse_token: Optional[bool] = None,
-        batch_size: int = 32,
-        repeats: int = 5,
-        warmup: int = 2,
-        attn: Sequence[str] = ('math', 'fused'),
-        dtype: str = 'fp32',
-        compile: Optional[str] = None,
-        device: str = 'cpu',
-        latency: bool = True,
-        pretrained: bool = False,
-        show_progress: bool = True,
-        model_kwargs: Optional[dict] = None,
-        runtime: str = 'torch',
-        quantize: Optional[str] = None,
-        data_dir: Optional[str] = None,
-        split: str = 'validation',
-        checkpoint: Optional[str] = None,
-        crop_pct: Optional[float] = None,
-) -> List[BenchRow]:
-    """Rows for the plain timm model and for ``model_name`` at each keep rate, per attention path.
+@dataclass(frozen=True)
+class BenchSettings:
+    """What a bench run measures, beside the model: built once (by the CLI from its options, or by a
+    caller) and checked once (``checked``). See ``run_bench`` for what each setting does."""
+    keep_rates: Sequence[float] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+    fuse_token: Optional[bool] = None
+    batch_size: int = 32
+    repeats: int = 5
+    warmup: int = 2
+    attn: Sequence[str] = ('math', 'fused')
+    dtype: str = 'fp32'
+    compile: Optional[str] = None
+    device: str = 'cpu'
+    latency: bool = True
+    pretrained: bool = False
+    model_kwargs: Optional[dict] = None
+    runtime: str = 'torch'
+    quantize: Optional[str] = None
+    data_dir: Optional[str] = None
+    split: str = 'validation'
+    checkpoint: Optional[str] = None
+    crop_pct: Optional[float] = None
+    is_checked: bool = field(default=False, compare=False)
+
+    def checked(self) -> 'BenchSettings':
+        """These settings where every one can be served (a ValueError naming the option otherwise),
+        with the warm-up a compile mode needs; checked once, however often asked."""
+        if self.is_checked:
+            return self
+        require_distinct_keep_rates(self.keep_rates)
+        if self.dtype not in DTYPES:
+            raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}')
+        if any(a not in ('math', 'fused') for a in self.attn):
+            raise ValueError(f"attn entries must be 'math' or 'fused', got {list(self.attn)!r}")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise ValueError(f'compile must be None (eager) or one of {list(COMPILE_MODES)}, got {self.compile!r}')
+        check_runtime(self.runtime, self.compile, self.device, self.dtype, self.quantize)
+        check_device(self.device)
+        if self.crop_pct is not None and (self.data_dir is None or not 0 < self.crop_pct <= 1):
+            raise ValueError(f'--crop-pct takes a fraction in (0, 1] and needs --data-dir, got {self.crop_pct!r}')
+        if self.checkpoint is not None and not os.path.isfile(self.checkpoint):
+            raise ValueError(f'--checkpoint {self.checkpoint!r} is not a file')
+        return replace(self, warmup=max(self.warmup, min_warmup(self.compile)), is_checked=True)
+
+
+def run_bench(model: Union[str, ModelSpec], settings: Optional[BenchSettings] = None, show_progress: bool = True,
+              **setting_values) -> List[BenchRow]:
+    """Rows for the plain timm model and for ``model`` (a name, or its ``ModelSpec``) at each keep
+    rate, per attention path, as ``settings`` say (``BenchSettings``; or their values as keywords).
 
     ``latency`` also times batch 1 (interleaved the same way). With ``compile`` (a torch.compile
     mode, one of COMPILE_MODES), every model and keep rate is compiled during the warm-up (at least
@@ -151,30 +177,24 @@ def run_bench(
     """
     from tqdm import tqdm
 
-    plain_name = plain_model_name(model_name)[0]
-    require_distinct_keep_rates(keep_rates)
-    if dtype not in DTYPES:
-        raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
-    if any(a not in ('math', 'fused') for a in attn):
-        raise ValueError(f"attn entries must be 'math' or 'fused', got {list(attn)!r}")
-    if compile is not None and compile not in COMPILE_MODES:
-        raise ValueError(f'compile must be None (eager) or one of {list(COMPILE_MODES)}, got {compile!r}')
-    check_runtime(runtime, compile, device, dtype, quantize)
-    dev = check_device(device)
-    warmup = max(warmup, min_warmup(compile))
-
-    if crop_pct is not None and (data_dir is None or not 0 < crop_pct <= 1):
-        raise ValueError(f'--crop-pct takes a fraction in (0, 1] and needs --data-dir, got {crop_pct!r}')
-    if checkpoint is not None and not os.path.isfile(checkpoint):
-        raise ValueError(f'--checkpoint {checkpoint!r} is not a file')
-    model_kwargs = merge_model_kwargs(model_kwargs, fuse_token=fuse_token)
-    evit = create_evit_model(model_name, pretrained=pretrained, checkpoint=checkpoint, **model_kwargs).eval()
+    if settings is None:
+        settings = BenchSettings(**setting_values)
+    elif setting_values:
+        raise TypeError(f'run_bench takes settings or their values, not both: {sorted(setting_values)}')
+    settings = settings.checked()
+    spec = model_spec(model)
+    dev = torch.device(settings.device)
+    keep_rates, batch_size, repeats, warmup = settings.keep_rates, settings.batch_size, settings.repeats, settings.warmup
+    attn, dtype, compile, latency = settings.attn, settings.dtype, settings.compile, settings.latency
+    runtime, quantize, checkpoint = settings.runtime, settings.quantize, settings.checkpoint
+    model_kwargs = merge_model_kwargs(settings.model_kwargs, fuse_token=settings.fuse_token)
+    evit = create_evit_model(spec, pretrained=settings.pretrained, checkpoint=checkpoint, **model_kwargs).eval()
     input_size = (evit.in_chans, *evit.patch_embed.img_size)
     check_batch_fits(batch_size, input_size, DTYPES[dtype], dev)   # before allocating it
     fuse_token = evit.fuse_token
-    plain = create_plain_counterpart(model_name, evit, **model_kwargs)  # same weights
-    images = _bench_images(evit, batch_size, data_dir, split, crop_pct)
-    source = weights_source(model_name, pretrained, checkpoint)
+    plain = create_plain_counterpart(spec, evit, **model_kwargs)  # same weights
+    images = _bench_images(evit, batch_size, settings.data_dir, settings.split, settings.crop_pct)
+    source = weights_source(spec.name, settings.pretrained, checkpoint)
 
     # GMACs and token counts do not depend on dtype or device: count them once, fp32 on the CPU.
     x1 = images[:1]
@@ -198,18 +218,18 @@ def run_bench(
     steps = len(attn) * len(batches) * (len(keep_rates) + 1 + (runtime == 'onnxruntime')) * (repeats + warmup)
     # Compiling one function per keep rate and batch size needs more than dynamo's default cache.
     compile_cache = dynamo().config.patch(cache_size_limit=64) if compile else contextlib.nullcontext()
-    progress = tqdm(total=steps, desc=f'bench {model_name}', unit='fwd', disable=not show_progress)
+    progress = tqdm(total=steps, desc=f'bench {spec.name}', unit='fwd', disable=not show_progress)
     with out_of_memory_as_error(batch_size, dev), compile_cache, cudnn_benchmark(dev.type == 'cuda'), progress as bar:
         for impl in attn:
             for model in (plain, *at_rate.values()):
                 set_fused_attn(model, impl == 'fused')
             seconds, samples = {}, {}
             runners = _forwards({'plain': plain, **at_rate}, runtime, wrap,   # exported after the attention switch
-                                status=lambda text: bar.set_description(f'bench {model_name}: {text}'),
+                                status=lambda text: bar.set_description(f'bench {spec.name}: {text}'),
                                 quantize=quantize)
             if runtime == 'onnxruntime':   # what every deployment is weighed against: timm's model in torch fp32
                 runners['torch fp32'] = plain
-            bar.set_description(f'bench {model_name}')
+            bar.set_description(f'bench {spec.name}')
             for size, x in batches.items():
                 forwards = {key: partial(run, x) for key, run in runners.items()}
                 samples[size] = time_interleaved_samples(forwards, repeats, warmup, dev, progress=bar.update)
@@ -232,8 +252,8 @@ def run_bench(
                                 lat_speedup, runtime, fusion, quantize, vs_torch, lat_vs_torch,
                                 _spread(samples[batch_size], key), _spread(samples[1], key) if latency else None)
 
-            rows.append(row(plain_name, None, None, [input_tokens(plain, x1)], plain_gmacs[impl], 'plain'))
-            rows.extend(row(evit_label(model_name), r, fuse_token, tokens[r], gmacs[impl][r], r, evit.fusion)
+            rows.append(row(spec.plain_name, None, None, [input_tokens(plain, x1)], plain_gmacs[impl], 'plain'))
+            rows.extend(row(spec.label, r, fuse_token, tokens[r], gmacs[impl][r], r, evit.fusion)
                         for r in keep_rates)
     return rows
 

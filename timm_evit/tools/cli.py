@@ -84,13 +84,11 @@ def _machine(device: str) -> str:
 
 
 def bench_main(args: argparse.Namespace) -> int:
-    from .bench import check_runtime
-    from .models import check_device
     from ._io import pyplot
-    from .bench import run_bench
-    from .measure import min_warmup
-    from .report import bench_spread_note, bench_table, rows_as_dicts, rows_figure
+    from .bench import BenchSettings, run_bench
     from .files import figure_writer, write_all_whole
+    from .plain import parse_model_name
+    from .report import bench_spread_note, bench_table, rows_as_dicts, rows_figure
 
     if args.plot and not _need_matplotlib('bench'):  # fail before the long run, not after it
         return 2
@@ -108,23 +106,21 @@ def bench_main(args: argparse.Namespace) -> int:
     if problem:
         return _user_error('bench', problem)
     _resolve_bench_scope(args)
-    attn = ('math', 'fused') if args.attn == 'both' else (args.attn,)
-    args.warmup = max(args.warmup, min_warmup(args.compile))  # the warm-up compiles
-    try:
-        check_runtime(args.runtime, args.compile, args.device, args.dtype, args.quantize)
-        check_device(args.device)   # before the header says what it is
-        header = _bench_header(args)
+    try:   # the model name parsed once, the settings checked once: before the header says what they are
+        spec = parse_model_name(args.model)
+        settings = BenchSettings(
+            keep_rates=args.keep_rates, fuse_token=False if args.no_fuse else None, batch_size=args.batch_size,
+            repeats=args.repeats, warmup=args.warmup, attn=('math', 'fused') if args.attn == 'both' else (args.attn,),
+            dtype=args.dtype, compile=args.compile, device=args.device, latency=not args.no_latency,
+            pretrained=args.pretrained, model_kwargs=dict(args.model_kwargs), runtime=args.runtime,
+            quantize=args.quantize, data_dir=args.data_dir, split=args.split, checkpoint=args.checkpoint,
+            crop_pct=args.crop_pct).checked()
+        header = _bench_header(args, spec, settings)
     except ValueError as e:
         return _user_error('bench', e)
     print(f'# {header}', flush=True)   # what is measured, before the minutes it takes
     try:
-        rows = run_bench(
-            args.model, args.keep_rates, fuse_token=False if args.no_fuse else None, batch_size=args.batch_size,
-            repeats=args.repeats, warmup=args.warmup, attn=attn, dtype=args.dtype, compile=args.compile,
-            device=args.device, latency=not args.no_latency, pretrained=args.pretrained,
-            model_kwargs=dict(args.model_kwargs), runtime=args.runtime, quantize=args.quantize,
-            data_dir=args.data_dir, split=args.split, checkpoint=args.checkpoint,
-            crop_pct=args.crop_pct)
+        rows = run_bench(spec, settings)
     except ValueError as e:
         return _user_error('bench', e)
     print(bench_table(rows))
@@ -158,24 +154,23 @@ def _resolve_bench_scope(args: argparse.Namespace) -> None:
         args.attn = 'both' if args.full else QUICK_BENCH_ATTN
 
 
-def _bench_header(args: argparse.Namespace) -> str:
-    """What a bench run measures, said before it starts: the models, keep rates, attention paths,
-    batch, repeats, runtime and machine (a ValueError for a model name no tool takes)."""
+def _bench_header(args: argparse.Namespace, spec, settings) -> str:
+    """What a bench run measures, said before it starts: the models (``spec``, a ``ModelSpec``), keep
+    rates, attention paths, batch, repeats, runtime and machine (``settings``, checked ``BenchSettings``)."""
     import timm
-    from .plain import evit_label, plain_model_name
-    evit = evit_label(args.model)
-    plain = plain_model_name(args.model)[0]
-    plain = f"timm's {plain} (same weights)" if plain != evit else f'{evit} at keep_rate 1.0 (plain)'
+    evit = spec.label
+    plain = (f"timm's {spec.plain_name} (same weights)" if spec.plain_name != spec.label
+             else f'{evit} at keep_rate 1.0 (plain)')
     architecture = ''.join(f' {k}={v!r}' for k, v in args.model_kwargs if k not in EVIT_ARGS)   # the plain model's
     if architecture:
         plain += ' with' + architecture
-    paths = {'both': 'math and fused (SDPA) attention', 'fused': 'fused (SDPA) attention', 'math': 'math attention'}
-    images = f'the first images of {args.data_dir} ({args.split})' if args.data_dir else 'random images'
-    batches = f'batch {args.batch_size}' + ('' if args.no_latency else ' and batch 1 (latency)')
-    header = (f'{evit} at keep rates {", ".join(f"{r:g}" for r in args.keep_rates)} vs {plain}; '
-              f'{paths[args.attn]}; {batches} of {images}; {args.dtype}, {_runtime(args)}; '
-              f'median of {args.repeats} interleaved repeats after {args.warmup} warm-up; '
-              f'{args.device}: {_machine(args.device)}, timm {timm.__version__}')
+    paths = ' and '.join({'math': 'math', 'fused': 'fused (SDPA)'}[a] for a in settings.attn) + ' attention'
+    images = f'the first images of {settings.data_dir} ({settings.split})' if settings.data_dir else 'random images'
+    batches = f'batch {settings.batch_size}' + (' and batch 1 (latency)' if settings.latency else '')
+    header = (f'{evit} at keep rates {", ".join(f"{r:g}" for r in settings.keep_rates)} vs {plain}; '
+              f'{paths}; {batches} of {images}; {settings.dtype}, {_runtime(args)}; '
+              f'median of {settings.repeats} interleaved repeats after {settings.warmup} warm-up; '
+              f'{settings.device}: {_machine(settings.device)}, timm {timm.__version__}')
     if args.quick:
         header += '; --full for keep rates 1 to 0.5 on both attention paths'
     return header
@@ -196,7 +191,7 @@ def export_main(args: argparse.Namespace) -> int:
     from .export import check_exportable, example_images, exported_writer, require_exporter, require_quantizer
     from .files import write_all_whole
     from .models import create_evit_model, merge_model_kwargs
-    from .plain import plain_model_name
+    from .plain import parse_model_name
     from ..checkpoints import one_line, require_finite_forward, weights_source
 
     out = args.out or args.model + (f'_{args.quantize}' if args.quantize else '') + FORMATS[args.format]
@@ -204,11 +199,11 @@ def export_main(args: argparse.Namespace) -> int:
     try:
         require_exporter(args.format)
         require_quantizer(args.quantize, args.format)
-        plain_model_name(args.model)   # the names bench takes
+        spec = parse_model_name(args.model)   # the names bench takes
         _check_output_files({'--out': out}, inputs={'--checkpoint': args.checkpoint})
         kwargs = merge_model_kwargs(dict(args.model_kwargs), keep_rate=args.keep_rate, img_size=args.img_size,
                                     fuse_token=False if args.no_fuse else None)
-        model = create_evit_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
+        model = create_evit_model(spec, pretrained=args.pretrained, checkpoint=args.checkpoint,
                                   options={'img_size': '--img-size'} if args.img_size else None, **kwargs).eval()
         check_exportable(model, args.format)
         require_finite_forward(model, example_images(model), source)   # no file of NaN outputs
@@ -352,7 +347,6 @@ def _sweep_prefix(out: Optional[str], model: str) -> str:
 
 def sweep_main(args: argparse.Namespace) -> int:
     from .files import check_writable
-    from .bench import check_runtime
     from .data import image_files
     from .report import sweep_paths, sweep_spread_note, sweep_table, write_sweep
     from .sweep import pick_keep_rate, run_sweep
@@ -371,9 +365,6 @@ def sweep_main(args: argparse.Namespace) -> int:
     prefix = _sweep_prefix(args.out, args.model)
     setting = f'{args.model} on {args.data_dir} ({args.split}), batch {args.batch_size}, CPU: {_machine("cpu")}'
     try:
-        if args.runtime != 'torch':
-            check_runtime(args.runtime, None, 'cpu', 'fp32', args.quantize)   # what it needs is installed
-            setting += ', ' + _runtime(args)
         check_writable(prefix, '--out')
         inputs = {'--data-dir': image_files(args.data_dir, args.split), '--checkpoint': args.checkpoint}
         _check_output_files({'--out': sweep_paths(prefix, plot=not args.no_plot)}, inputs=inputs)
@@ -382,6 +373,8 @@ def sweep_main(args: argparse.Namespace) -> int:
                          fuse_token=False if args.no_fuse else None, workers=args.workers,
                          model_kwargs=dict(args.model_kwargs), crop_pct=args.crop_pct, repeats=args.repeats,
                          runtime=args.runtime, quantize=args.quantize)
+        if args.runtime != 'torch':   # (run_sweep has checked that what it needs is installed)
+            setting += ', ' + _runtime(args)
         paths = write_sweep(rows, prefix, title=setting, plot=not args.no_plot, make_folders=True)
     except ValueError as e:
         return _user_error('sweep', e)

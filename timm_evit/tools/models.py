@@ -1,7 +1,7 @@
 """Model building for every command (bench, sweep, visualize, export): ``timm.create_model`` with
 a user's mistake as a one-line ValueError, every argument checked on the meta device before any
 weights are read."""
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import timm
 import torch
@@ -9,7 +9,7 @@ import torch
 from ..checkpoints import load_checkpoint_file, one_line
 from ..convert import apply
 from ..options import TRAINING_ARGS, pop_evit_args
-from .plain import is_applied, plain_model_name
+from .plain import ModelSpec, model_spec
 from .preflight import check_input_size, hub_offline, hub_unreachable, hub_weights, missing_weights_message
 
 __all__ = ['create_evit_model', 'merge_model_kwargs', 'check_device']
@@ -35,10 +35,11 @@ def _as_option(key: str, value) -> str:
     return f'--{key.replace("_", "-")} {value!r}'
 
 
-def create_evit_model(model_name: str, pretrained: bool = False, checkpoint: Optional[str] = None,
+def create_evit_model(model: Union[str, ModelSpec], pretrained: bool = False, checkpoint: Optional[str] = None,
                       options: Optional[Dict[str, str]] = None, whole_patches: bool = False,
                       **kwargs) -> torch.nn.Module:
-    """``timm.create_model`` for the tools, where a user's mistake is a one-line ValueError: a name
+    """``timm.create_model`` of ``model`` (a name, or its ``ModelSpec``) for the tools, where a user's
+    mistake is a one-line ValueError: a name
     or pretrained tag no tool takes, an argument the model refuses (name or value, EViT's included),
     an input size that is not a whole number of patches (``preflight.check_input_size``;
     ``whole_patches``: even where the model pads), pretrained weights that cannot be had (not cached,
@@ -48,16 +49,17 @@ def create_evit_model(model_name: str, pretrained: bool = False, checkpoint: Opt
     ``evit_*``) is built as timm's model, then converted with ``timm_evit.apply`` using the EViT
     arguments among ``kwargs``. ``options``: the tool's own option for an argument, for messages
     (``{'img_size': '--img-size'}``; the others are named as ``--model-kwargs``)."""
-    plain_model_name(model_name)   # a name and tag the tools take (its ValueError says which)
+    spec = model_spec(model)   # a name and tag the tools take (its ValueError says which)
+    model_name = spec.name
     evit_args = {}
-    if is_applied(model_name):
+    if spec.applied:
         evit_args = pop_evit_args(kwargs)
         warmup = sorted(k for k in evit_args if k in TRAINING_ARGS)
         if warmup:
             raise ValueError(f'{", ".join(warmup)}: the keep-rate warm-up is for training evit_* models, '
                              f'not for timm_evit.apply on {model_name}')
     with torch.device('meta'):   # every argument checked before any weights are read (or downloaded)
-        shape = _build(model_name, False, kwargs, evit_args if is_applied(model_name) else None)
+        shape = _build(model_name, False, kwargs, evit_args if spec.applied else None)
     check_input_size(shape, model_name, kwargs, options, padding_ok=not whole_patches)
     source = hub_weights(shape.pretrained_cfg) if pretrained else None
     unreachable = hub_unreachable(*source) if source else None
@@ -72,7 +74,7 @@ def create_evit_model(model_name: str, pretrained: bool = False, checkpoint: Opt
         raise ValueError(f'--pretrained: the weights of {model_name} cannot be loaded: {one_line(str(e))}') from e
     if checkpoint:
         load_checkpoint_file(model, checkpoint)
-    if is_applied(model_name):
+    if spec.applied:
         apply(model, **evit_args)   # its ValueError names what the model lacks
     return model
 

@@ -1,5 +1,7 @@
-"""The plain timm model each EViT model is measured against (same architecture, same weights)."""
-from typing import Any, Dict, Tuple
+"""A ``--model`` name parsed once (``ModelSpec``), and the plain timm model each EViT model is
+measured against (same architecture, same weights)."""
+from dataclasses import dataclass, field
+from typing import Any, Dict, Union
 
 import timm
 from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg, split_model_name_tag
@@ -8,8 +10,8 @@ from torch import nn
 from ..evit_timm import EVIT_PREFIX, TIMM_ARCHITECTURES
 from ..options import pop_evit_args
 
-__all__ = ['PLAIN_COUNTERPARTS', 'plain_model_name', 'check_pretrained_tag', 'is_applied',
-           'evit_label', 'create_plain_counterpart']
+__all__ = ['PLAIN_COUNTERPARTS', 'ModelSpec', 'parse_model_name', 'model_spec', 'check_pretrained_tag',
+           'create_plain_counterpart']
 
 # The plain model each EViT architecture reorganises (same weights, same shapes), with its
 # creation arguments: timm's own DeiT, or, where timm has none (LV-ViT), the model at keep 1.0.
@@ -22,37 +24,51 @@ PLAIN_COUNTERPARTS = {
 }
 
 
-def is_applied(model_name: str) -> bool:
-    """Whether the tools build ``model_name`` as timm's own model with ``timm_evit.apply`` (any timm
-    ViT name, with or without a pretrained tag) rather than as a registered ``evit_*`` model."""
-    return not split_model_name_tag(model_name)[0].startswith(EVIT_PREFIX)
+@dataclass(frozen=True)
+class ModelSpec:
+    """A ``--model`` name, parsed once (``parse_model_name``): what the tools build, and the plain
+    timm model it is measured against (same architecture, same weights)."""
+    name: str                        # as given, with its pretrained tag if any
+    applied: bool                    # a timm ViT name: timm's model converted with timm_evit.apply
+    plain_name: str                  # the plain model (with a tag where timm has it)
+    plain_kwargs: Dict[str, Any] = field(default_factory=dict)   # its creation arguments
+
+    @property
+    def label(self) -> str:
+        """How tables name the EViT model."""
+        return f'{self.name} + EViT' if self.applied else self.name
 
 
-def plain_model_name(model_name: str) -> Tuple[str, Dict[str, Any]]:
-    """The plain timm model (and its creation arguments) that ``model_name`` is measured against.
-
-    ``model_name`` is any name ``timm.create_model`` takes for an EViT model, with or without a
-    pretrained tag: a paper name (``evit_deit_small.keep70_fuse_in1k``), ``evit_<timm name>[.tag]``,
-    or a timm ViT name itself (converted with ``timm_evit.apply``). A paper name's counterpart is
-    timm's DeiT with the same tag where timm has it (``evit_deit_tiny.fb_in1k``:
-    ``deit_tiny_patch16_224.fb_in1k``), else timm's DeiT architecture: the tools load it with the
-    EViT model's own weights either way (``create_plain_counterpart``). A ValueError names what is
-    wrong: a name no tool takes, or a tag the architecture does not have."""
+def parse_model_name(model_name: str) -> ModelSpec:
+    """``model_name`` as a ``ModelSpec``: any name ``timm.create_model`` takes for an EViT model,
+    with or without a pretrained tag: a paper name (``evit_deit_small.keep70_fuse_in1k``),
+    ``evit_<timm name>[.tag]``, or a timm ViT name itself (converted with ``timm_evit.apply``). A
+    paper name's counterpart is timm's DeiT with the same tag where timm has it
+    (``evit_deit_tiny.fb_in1k``: ``deit_tiny_patch16_224.fb_in1k``), else timm's DeiT architecture:
+    the tools load it with the EViT model's own weights either way (``create_plain_counterpart``).
+    A ValueError names what is wrong: a name no tool takes, or a tag the architecture does not have."""
     arch, tag = split_model_name_tag(model_name)
+    applied = not arch.startswith(EVIT_PREFIX)
     if arch in PLAIN_COUNTERPARTS:
         check_pretrained_tag(model_name)
         plain, plain_kwargs = PLAIN_COUNTERPARTS[arch]
-        return (_with_tag(plain, tag) if tag else plain), plain_kwargs
-    if is_applied(model_name) and timm.is_model(arch):
+        return ModelSpec(model_name, applied, _with_tag(plain, tag) if tag else plain, dict(plain_kwargs))
+    if applied and timm.is_model(arch):
         check_pretrained_tag(model_name)
-        return model_name, {}    # timm's model itself, EViT applied to a copy
+        return ModelSpec(model_name, applied, model_name)    # timm's model itself, EViT applied to a copy
     if arch[len(EVIT_PREFIX):] in TIMM_ARCHITECTURES and timm.is_model(arch):
         check_pretrained_tag(model_name)
-        return model_name[len(EVIT_PREFIX):], {}   # evit_<timm name>[.tag]: timm's model of that name and tag
+        # evit_<timm name>[.tag]: timm's model of that name and tag
+        return ModelSpec(model_name, applied, model_name[len(EVIT_PREFIX):])
     raise ValueError(f'--model takes one of {sorted(PLAIN_COUNTERPARTS)}, evit_<timm name> for a timm ViT that '
                      f'timm_evit.apply supports (e.g. evit_deit3_small_patch16_224), or such a timm name itself, '
                      f'each with or without a pretrained tag (e.g. evit_deit_small.keep70_fuse_in1k), '
                      f'got {model_name!r}')
+
+
+def model_spec(model: Union[str, ModelSpec]) -> ModelSpec:
+    """``model`` as a ``ModelSpec``: parsed where it is still a name (the Python API takes either)."""
+    return model if isinstance(model, ModelSpec) else parse_model_name(model)
 
 
 def check_pretrained_tag(model_name: str) -> None:
@@ -74,15 +90,11 @@ def _with_tag(arch: str, tag: str) -> str:
     return f'{arch}.{tag}' if f'{arch}.{tag}' in get_arch_pretrained_cfgs(arch) else arch
 
 
-def evit_label(model_name: str) -> str:
-    """How tables name the EViT model of ``model_name``."""
-    return f'{model_name} + EViT' if is_applied(model_name) else model_name
-
-
-def create_plain_counterpart(model_name: str, evit: nn.Module, **model_kwargs) -> nn.Module:
-    """timm's plain model for ``model_name`` (see ``plain_model_name``), built with the architecture
+def create_plain_counterpart(model: Union[str, ModelSpec], evit: nn.Module, **model_kwargs) -> nn.Module:
+    """timm's plain model for ``model`` (its ``ModelSpec.plain_name``), built with the architecture
     arguments among ``model_kwargs`` and loaded with ``evit``'s weights, in eval mode."""
-    plain_name, plain_kwargs = plain_model_name(model_name)
+    spec = model_spec(model)
+    plain_name, plain_kwargs = spec.plain_name, spec.plain_kwargs
     # EViT's arguments left out (the plain model shares only the architecture's); the EViT model's
     # own num_classes (the caller's, or a checkpoint's) wins over model_kwargs
     architecture = dict(model_kwargs)

@@ -2,7 +2,7 @@
 import os
 import statistics
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from timm.utils import accuracy
@@ -12,7 +12,7 @@ from .bench import check_runtime, require_distinct_keep_rates
 from .data import eval_data_config, image_loader, load_image_folder
 from .measure import MIN_SPEED_REPEATS, count_gmacs, model_at_keep_rate, relative_spread, speedups, time_interleaved_samples
 from .models import create_evit_model, merge_model_kwargs
-from .plain import create_plain_counterpart, plain_model_name
+from .plain import ModelSpec, create_plain_counterpart, model_spec
 
 __all__ = ['SweepRow', 'evaluate', 'run_sweep', 'pick_keep_rate']
 
@@ -27,7 +27,7 @@ class SweepRow:
     images_per_s: Optional[float]
     speedup_vs_plain: Optional[float]  # throughput / throughput of timm's plain model, same run, same weights
     num_images: int
-    plain_model: str                  # that plain model (see plain_model_name)
+    plain_model: str                  # that plain model (ModelSpec.plain_name)
     plain_images_per_s: Optional[float]
     runtime: str = 'torch'            # or 'onnxruntime': the ONNX export at this keep rate was evaluated
     quantize: Optional[str] = None    # 'int8': that export quantized (export --quantize)
@@ -72,7 +72,7 @@ def evaluate(model, loader, keep_rate: float, progress=None, source: str = 'the 
 
 
 def run_sweep(
-        model_name: str,
+        model: Union[str, ModelSpec],
         data_dir: str,
         split: str = 'validation',
         keep_rates: Sequence[float] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5),
@@ -89,7 +89,7 @@ def run_sweep(
         runtime: str = 'torch',
         quantize: Optional[str] = None,
 ) -> List[SweepRow]:
-    """Evaluate one model at each keep rate (timm's dataset, loader and eval transform of the model
+    """Evaluate ``model`` (a name, or its ``ModelSpec``) at each keep rate (timm's dataset, loader and eval transform of the model
     at the size it is built with, see ``eval_data_config``), with GMACs, and throughput measured in
     the same run as that of timm's plain model of the same architecture and weights, on the first
     batch of the data. ``num_classes`` and ``fuse_token`` may also be in ``model_kwargs`` (with the
@@ -102,7 +102,7 @@ def run_sweep(
     same way; each row also gives the PyTorch model's top-1 and how many images' top-1 class changed."""
     from tqdm import tqdm
 
-    plain_name = plain_model_name(model_name)[0]   # a ValueError for a name no tool takes
+    spec = model_spec(model)   # a ValueError for a name no tool takes
     require_distinct_keep_rates(keep_rates)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 0:
         raise ValueError(f'--repeats must be an integer >= 0, got {repeats!r}')
@@ -113,10 +113,10 @@ def run_sweep(
     check_runtime(runtime, None, 'cpu', 'fp32', quantize)
     model_kwargs = merge_model_kwargs(model_kwargs, num_classes=num_classes, fuse_token=fuse_token)
     dataset = load_image_folder(data_dir, split)
-    model = create_evit_model(model_name, pretrained=pretrained, checkpoint=checkpoint, **model_kwargs).eval()
+    model = create_evit_model(spec, pretrained=pretrained, checkpoint=checkpoint, **model_kwargs).eval()
     loader = image_loader(dataset, eval_data_config(model, crop_pct), batch_size, workers)
 
-    plain = create_plain_counterpart(model_name, model, **model_kwargs)
+    plain = create_plain_counterpart(spec, model, **model_kwargs)
     runtime_forwards = {}
     if runtime == 'onnxruntime':   # one export per keep rate: the files a deployment would ship
         from .export import onnxruntime_forward
@@ -124,12 +124,12 @@ def run_sweep(
                             for r in keep_rates}
         runtime_forwards['plain'] = onnxruntime_forward(plain, quantize=quantize)
     results = {}
-    with tqdm(total=len(dataset) * len(keep_rates), desc=f'sweep {model_name}', unit='img',
+    with tqdm(total=len(dataset) * len(keep_rates), desc=f'sweep {spec.name}', unit='img',
               disable=not show_progress) as bar:
         for r in keep_rates:
             bar.set_postfix(keep_rate=f'{r:g}')
             results[r] = evaluate(model, loader, r, progress=bar.update,
-                                  source=weights_source(model_name, pretrained, checkpoint),
+                                  source=weights_source(spec.name, pretrained, checkpoint),
                                   runtime_forward=runtime_forwards.get(r))
 
     x = next(iter(loader))[0]
@@ -142,7 +142,7 @@ def run_sweep(
     rows = []
     for r in keep_rates:
         top1, top5, n, changed, torch_top1 = results[r]
-        rows.append(SweepRow(r, top1, top5, gmacs[r], *speed[r][:2], n, plain_name, speed['plain'][0], runtime,
+        rows.append(SweepRow(r, top1, top5, gmacs[r], *speed[r][:2], n, spec.plain_name, speed['plain'][0], runtime,
                              quantize, torch_top1, changed, speed[r][2], speed['plain'][2]))
     return rows
 
