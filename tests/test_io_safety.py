@@ -493,3 +493,19 @@ def test_a_refused_file_is_named_without_advice_to_load_it_unsafely(make, tmp_pa
     assert_one_line_error(code, err, 'export', 'suspect.pth')
     assert unsafe_advice(err) == [], err
 
+
+
+# Its reader gone (`| head`): no traceback, the exit code of SIGPIPE
+@pytest.mark.parametrize('argv', [['-c', 'import sys, _timm_evit_cli; sys.exit(_timm_evit_cli.main())',
+                                   *EXPORT, '--out', 'm.pt2'],
+                                  [str(ROOT / 'weights' / 'hub.py')]], ids=['timm-evit export', 'weights/hub.py'])
+def test_a_reader_that_went_away_is_no_traceback(argv, tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
+    read, write = os.pipe()
+    os.close(read)   # the reader is gone before anything is written
+    try:
+        process = subprocess.run([sys.executable, *argv], stdout=write, stderr=subprocess.PIPE, text=True, env=env,
+                                 cwd=tmp_path, timeout=300)
+    finally:
+        os.close(write)
+    assert process.returncode == 128 + signal.SIGPIPE and process.stderr == '', process.stderr[-3000:]

@@ -32,7 +32,9 @@ import torch
 from timm.models import is_model_in_modules, save_for_hf
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
-from timm_evit.tools.files import check_writable, create_folders, file_mode, folder_mode, remove_folders
+from timm_evit.tools.files import (
+    check_writable, create_folders, file_mode, folder_mode, quiet_broken_pipe, remove_folders,
+)
 from timm_evit.checkpoints import load_state_dict_checked, read_checkpoint, require_matching_keys, unwrap_state_dict
 from timm_evit.checkpoints import require_finite
 from timm_evit.release import HUB_NAMESPACE
@@ -518,6 +520,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as e:
         print(f'weights/hub.py: {e}', file=sys.stderr)
         return 2
+    except BrokenPipeError:   # its reader went away (| head)
+        return quiet_broken_pipe()
     return 0
 
 

@@ -614,6 +614,14 @@ def _sigterm_raises():
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:   # the reader of stdout went away (| head): nothing more to say to it
+        from .files import quiet_broken_pipe
+        return quiet_broken_pipe()
+
+
+def _main(argv: Optional[List[str]]) -> int:
     args = build_parser().parse_args(argv)
     try:
         with _sigterm_raises():

@@ -9,7 +9,7 @@ import tempfile
 from typing import BinaryIO, Callable, List, Mapping, Optional, Sequence
 
 __all__ = ['Writer', 'OutputError', 'check_writable', 'same_file_as', 'write_all_whole', 'figure_writer', 'file_mode',
-           'folder_mode', 'create_folders', 'remove_folders']
+           'folder_mode', 'create_folders', 'remove_folders', 'quiet_broken_pipe']
 
 Writer = Callable[[BinaryIO], None]   # writes one file's bytes
 
@@ -188,3 +188,14 @@ def write_all_whole(outputs: Mapping[str, Writer], make_folders: bool = False) -
 def figure_writer(fig, dpi: int = 110) -> Writer:
     """A writer (see ``write_all_whole``) of ``fig`` as PNG."""
     return lambda f: fig.savefig(f, format='png', dpi=dpi)
+
+
+def quiet_broken_pipe() -> int:
+    """The exit of a command whose reader went away (``timm-evit ... | head``): stdout pointed at
+    the null device, so that no traceback follows (nor one more when Python flushes stdout at exit),
+    and the exit code a shell gives SIGPIPE."""
+    import signal
+    import sys
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 128 + int(signal.SIGPIPE)
