@@ -121,7 +121,9 @@ def test_a_missing_deploy_package_is_one_line_naming_the_option_that_needs_it(ru
         not run.startswith('export') or missing != 'onnxruntime' or 'int8' in run)
     if not needs_it:
         pytest.skip(f'{run} does not use {missing}')
-    monkeypatch.setitem(__import__('sys').modules, missing, None)   # import fails, as where it is not installed
+    modules = __import__('sys').modules
+    for name in [missing] + [m for m in modules if m.startswith(missing + '.')]:   # its submodules go with it
+        monkeypatch.setitem(modules, name, None)   # import fails, as where it is not installed
     monkeypatch.chdir(files)
     before = sorted(files.rglob('*'))
     code, _, err = run_cli(capsys, [a.format(root=files) for a in argv])
