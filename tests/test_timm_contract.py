@@ -265,6 +265,17 @@ def test_pruning_again_below_every_reorganising_block_keeps_no_ranking_module():
     assert not _unused_parameters_after_training_step(model, images(FAMILIES['siglip'].size), take_indices)
 
 
+def test_a_pruned_pool_model_whose_score_changes_keeps_no_ranking_module():
+    # after pruning, score_pool / score_norm serve 'pool' alone: another score leaves them unused
+    _, model = converted('siglip', 0.5, True)
+    take_indices = model.prune_intermediate_layers([3], prune_norm=True)
+    model.score = 'mean'
+    assert not {'score_pool', 'score_norm'} & set(model._modules)
+    assert not _unused_parameters_after_training_step(model, images(FAMILIES['siglip'].size), take_indices)
+    with pytest.raises(ValueError, match="'pool'"):   # what it ranked with is gone: said, not guessed
+        model.score = 'pool'
+
+
 @pytest.mark.parametrize('name, size', [('evit_deit_tiny', (160, 192)), ('evit_deit_tiny_distilled_patch16_224', (160, 192)),
                                         ('evit_eva02_tiny_patch14_224', (168, 196))])
 def test_fx_feature_extraction_with_dynamic_img_size(name, size):

@@ -216,6 +216,9 @@ class EViTMixin(KeepRateWarmup):
         pool_score = PoolScore(self) if self._score == 'pool' else None
         for blk in self.blocks:
             blk.score, blk.pool_score = self._score, pool_score
+        if self._score != 'pool':   # what pruning kept for 'pool' alone is used by nothing now
+            self._register_or_remove('score_pool', None)
+            self._register_or_remove('score_norm', None)
 
     def _pool_for_score(self) -> Optional[nn.Module]:
         # timm's attention pool, where the 'pool' score can use it (a pool with its own position
