@@ -59,9 +59,10 @@ def main() -> None:
     top1 = {rate: [] for rate in rates}
     for seed in range(args.seeds):
         with mock.patch.object(reorg, 'reorganize_tokens', random_choice(torch.Generator().manual_seed(seed))):
-            rows = run_sweep(args.model, args.data_dir, args.split, rates, args.batch_size, checkpoint=args.checkpoint,
+            rows = run_sweep(args.model, data_dir=args.data_dir, split=args.split, keep_rates=rates,
+                             batch_size=args.batch_size, checkpoint=args.checkpoint,
                              num_classes=args.num_classes, fuse_token=False if args.no_fuse else None,
-                             show_progress=False, model_kwargs=model_kwargs, crop_pct=args.crop_pct, repeats=1)
+                             show_progress=False, model_kwargs=model_kwargs, crop_pct=args.crop_pct, repeats=0)
         for row in rows:
             top1[row.keep_rate].append(row.top1)
     print(f'# {args.model}, random choice of the kept tokens, {"no fusion" if args.no_fuse else "fusion"}, '

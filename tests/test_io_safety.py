@@ -166,7 +166,7 @@ def test_sweep_evaluates_a_16_bit_image_as_what_it_shows(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sweep_module, 'evaluate', first_batch)
     with pytest.raises(Seen) as seen:
-        sweep_module.run_sweep('evit_deit_tiny', str(tmp_path), keep_rates=[1.0], batch_size=1, show_progress=False,
+        sweep_module.run_sweep('evit_deit_tiny', data_dir=str(tmp_path), keep_rates=[1.0], batch_size=1, show_progress=False,
                                model_kwargs=dict(TINY_IMG32))
     pixels = seen.value.args[0]
     torch.testing.assert_close(pixels, torch.full_like(pixels, 128 / 255), rtol=0, atol=1e-3)   # not white
@@ -191,7 +191,7 @@ def test_the_python_api_refuses_a_keep_rate_given_twice(data):
     with pytest.raises(ValueError, match='--keep-rates lists 0.7 twice'):
         run_bench('evit_deit_tiny', keep_rates=[0.7, 1.0, 0.7], model_kwargs=dict(TINY_IMG32), show_progress=False)
     with pytest.raises(ValueError, match='--keep-rates lists 0.7 twice'):
-        sweep_module.run_sweep('evit_deit_tiny', str(data / 'data'), keep_rates=[0.7, 0.7], show_progress=False)
+        sweep_module.run_sweep('evit_deit_tiny', data_dir=str(data / 'data'), keep_rates=[0.7, 0.7], show_progress=False)
 
 
 # ---- 6. an output that is an input -------------------------------------------------------------

@@ -221,7 +221,7 @@ def test_sweep_speed_up_is_the_plain_models_time_over_each_rates(image_folder, m
     seconds = {'plain': [0.2] * 5, 1.0: [0.2] * 5, 0.7: [0.1] * 5, 0.25: [0.05, 0.1, 0.1, 0.05, 0.05]}
     monkeypatch.setattr(sweep, 'time_interleaved_samples',
                         lambda forwards, repeats, warmup: {k: seconds[k] for k in forwards})
-    rows = sweep.run_sweep('evit_deit_tiny', str(root), keep_rates=(1.0, 0.7, 0.25), batch_size=4,
+    rows = sweep.run_sweep('evit_deit_tiny', data_dir=str(root), keep_rates=(1.0, 0.7, 0.25), batch_size=4,
                            checkpoint=str(checkpoint), num_classes=3, show_progress=False, repeats=5)
     assert [r.speedup_vs_plain for r in rows] == pytest.approx([1.0, 2.0, 4.0])   # medians
     assert [r.images_per_s for r in rows] == pytest.approx([20.0, 40.0, 80.0])
@@ -295,9 +295,9 @@ def test_sweep_with_num_classes_in_model_kwargs(tmp_path, image_folder, capsys):
     rows = json.loads((tmp_path / 'new' / 'sw.json').read_text())['rows']
     assert [r['num_images'] for r in rows] == [12, 12]
     with pytest.raises(ValueError, match='^--num-classes 3 conflicts with --model-kwargs num_classes=10$'):
-        run_sweep('evit_deit_tiny', str(root), num_classes=3, model_kwargs={'num_classes': 10})
+        run_sweep('evit_deit_tiny', data_dir=str(root), num_classes=3, model_kwargs={'num_classes': 10})
     with pytest.raises(ValueError, match='^--no-fuse conflicts with --model-kwargs fuse_token=True$'):
-        run_sweep('evit_deit_tiny', str(root), fuse_token=False, model_kwargs={'fuse_token': True})
+        run_sweep('evit_deit_tiny', data_dir=str(root), fuse_token=False, model_kwargs={'fuse_token': True})
 
 
 def test_commands_say_which_extra_is_missing(tmp_path, image_folder, capsys, monkeypatch):
@@ -328,3 +328,27 @@ def test_sweep_and_visualize_serve_a_model_without_a_class_token(tmp_path, image
                               '--out', str(tmp_path / 'pictures'), '--model-kwargs', *arch])
     assert result.code == 0, result.err
     assert (tmp_path / 'pictures' / f'{image.stem}_evit.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_sweep_parses_the_model_name_once_and_checks_its_settings_once(image_folder, tmp_path, capsys, monkeypatch):
+    import timm_evit.tools.plain as plain
+    import timm_evit.tools.sweep as sweep
+    root, checkpoint, _ = image_folder
+    calls = {'parse': 0, 'runtime': 0}
+    real_parse, real_runtime = plain.parse_model_name, sweep.check_runtime
+
+    def counted(name, real):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(plain, 'parse_model_name', counted('parse', real_parse))
+    monkeypatch.setattr(sweep, 'check_runtime', counted('runtime', real_runtime))
+    result = run_cli(capsys, ['sweep', '--model', 'evit_deit_tiny', '--num-classes', '3', '--checkpoint',
+                              str(checkpoint), '--data-dir', str(root), '--keep-rates', '1,0.5', '--repeats', '0',
+                              '--no-plot', '--out', str(tmp_path / 'sw')])
+    assert result.code == 0, result.err[-2000:]
+    assert calls == {'parse': 1, 'runtime': 1}
+    with pytest.raises(TypeError, match='settings or their values'):
+        run_sweep('evit_deit_tiny', sweep.SweepSettings(data_dir=str(root)), batch_size=2)

@@ -349,7 +349,8 @@ def sweep_main(args: argparse.Namespace) -> int:
     from .files import check_writable
     from .data import image_files
     from .report import sweep_paths, sweep_spread_note, sweep_table, write_sweep
-    from .sweep import pick_keep_rate, run_sweep
+    from .plain import parse_model_name
+    from .sweep import SweepSettings, pick_keep_rate, run_sweep
 
     if not args.no_plot and not _need_matplotlib('sweep'):
         return 2
@@ -368,13 +369,14 @@ def sweep_main(args: argparse.Namespace) -> int:
         check_writable(prefix, '--out')
         inputs = {'--data-dir': image_files(args.data_dir, args.split), '--checkpoint': args.checkpoint}
         _check_output_files({'--out': sweep_paths(prefix, plot=not args.no_plot)}, inputs=inputs)
-        rows = run_sweep(args.model, args.data_dir, args.split, args.keep_rates, args.batch_size,
-                         pretrained=args.pretrained, checkpoint=args.checkpoint, num_classes=args.num_classes,
-                         fuse_token=False if args.no_fuse else None, workers=args.workers,
-                         model_kwargs=dict(args.model_kwargs), crop_pct=args.crop_pct, repeats=args.repeats,
-                         runtime=args.runtime, quantize=args.quantize)
-        if args.runtime != 'torch':   # (run_sweep has checked that what it needs is installed)
+        settings = SweepSettings(   # built once, checked once (what the runtime needs is installed)
+            data_dir=args.data_dir, split=args.split, keep_rates=args.keep_rates, batch_size=args.batch_size,
+            pretrained=args.pretrained, checkpoint=args.checkpoint, num_classes=args.num_classes,
+            fuse_token=False if args.no_fuse else None, workers=args.workers, model_kwargs=dict(args.model_kwargs),
+            crop_pct=args.crop_pct, repeats=args.repeats, runtime=args.runtime, quantize=args.quantize).checked()
+        if args.runtime != 'torch':
             setting += ', ' + _runtime(args)
+        rows = run_sweep(parse_model_name(args.model), settings)
         paths = write_sweep(rows, prefix, title=setting, plot=not args.no_plot, make_folders=True)
     except ValueError as e:
         return _user_error('sweep', e)

@@ -1,7 +1,7 @@
 """Choose a keep rate: accuracy, GMACs and throughput of one model at several keep rates on an ImageFolder."""
 import os
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -14,7 +14,7 @@ from .measure import MIN_SPEED_REPEATS, count_gmacs, model_at_keep_rate, relativ
 from .models import create_evit_model, merge_model_kwargs
 from .plain import ModelSpec, create_plain_counterpart, model_spec
 
-__all__ = ['SweepRow', 'evaluate', 'run_sweep', 'pick_keep_rate']
+__all__ = ['SweepRow', 'SweepSettings', 'evaluate', 'run_sweep', 'pick_keep_rate']
 
 
 @dataclass
@@ -71,26 +71,47 @@ def evaluate(model, loader, keep_rate: float, progress=None, source: str = 'the 
     return 100 * correct1 / total, 100 * correct5 / total, int(total), changed, torch_top1
 
 
-def run_sweep(
-        model: Union[str, ModelSpec],
-        data_dir: str,
-        split: str = 'validation',
-        keep_rates: Sequence[float] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5),
-        batch_size: int = 32,
-        pretrained: bool = False,
-        checkpoint: Optional[str] = None,
-        num_classes: Optional[int] = None,
-        fuse_token: Optional[bool] = None,
-        workers: int = 0,
-        show_progress: bool = True,
-        model_kwargs: Optional[dict] = None,
-        crop_pct: Optional[float] = None,
-        repeats: int = 10,
-        runtime: str = 'torch',
-        quantize: Optional[str] = None,
-) -> List[SweepRow]:
-    """Evaluate ``model`` (a name, or its ``ModelSpec``) at each keep rate (timm's dataset, loader and eval transform of the model
-    at the size it is built with, see ``eval_data_config``), with GMACs, and throughput measured in
+@dataclass(frozen=True)
+class SweepSettings:
+    """What a sweep measures, beside the model: built once (by the CLI from its options, or by a
+    caller) and checked once (``checked``). See ``run_sweep``."""
+    data_dir: str
+    split: str = 'validation'
+    keep_rates: Sequence[float] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+    batch_size: int = 32
+    pretrained: bool = False
+    checkpoint: Optional[str] = None
+    num_classes: Optional[int] = None
+    fuse_token: Optional[bool] = None
+    workers: int = 0
+    model_kwargs: Optional[dict] = None
+    crop_pct: Optional[float] = None
+    repeats: int = 10
+    runtime: str = 'torch'
+    quantize: Optional[str] = None
+    is_checked: bool = field(default=False, compare=False)
+
+    def checked(self) -> 'SweepSettings':
+        """These settings where every one can be served (a ValueError naming the option otherwise);
+        checked once, however often asked."""
+        if self.is_checked:
+            return self
+        require_distinct_keep_rates(self.keep_rates)
+        if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 0:
+            raise ValueError(f'--repeats must be an integer >= 0, got {self.repeats!r}')
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            raise ValueError(f'--crop-pct must be in (0, 1], got {self.crop_pct!r}')
+        if self.checkpoint is not None and not os.path.isfile(self.checkpoint):
+            raise ValueError(f'--checkpoint {self.checkpoint!r} is not a file')
+        check_runtime(self.runtime, None, 'cpu', 'fp32', self.quantize)
+        return replace(self, is_checked=True)
+
+
+def run_sweep(model: Union[str, ModelSpec], settings: Optional[SweepSettings] = None, show_progress: bool = True,
+              **setting_values) -> List[SweepRow]:
+    """Evaluate ``model`` (a name, or its ``ModelSpec``) at each keep rate as ``settings`` say
+    (``SweepSettings``; or their values as keywords): timm's dataset, loader and eval transform of
+    the model at the size it is built with (``data.eval_data_config``), with GMACs, and throughput measured in
     the same run as that of timm's plain model of the same architecture and weights, on the first
     batch of the data. ``num_classes`` and ``fuse_token`` may also be in ``model_kwargs`` (with the
     same value); None: the model's own. Each row sets its own keep rate for every call, over
@@ -102,19 +123,19 @@ def run_sweep(
     same way; each row also gives the PyTorch model's top-1 and how many images' top-1 class changed."""
     from tqdm import tqdm
 
+    if settings is None:
+        settings = SweepSettings(**setting_values)
+    elif setting_values:
+        raise TypeError(f'run_sweep takes settings or their values, not both: {sorted(setting_values)}')
+    settings = settings.checked()
     spec = model_spec(model)   # a ValueError for a name no tool takes
-    require_distinct_keep_rates(keep_rates)
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 0:
-        raise ValueError(f'--repeats must be an integer >= 0, got {repeats!r}')
-    if crop_pct is not None and not 0 < crop_pct <= 1:
-        raise ValueError(f'--crop-pct must be in (0, 1], got {crop_pct!r}')
-    if checkpoint is not None and not os.path.isfile(checkpoint):
-        raise ValueError(f'--checkpoint {checkpoint!r} is not a file')
-    check_runtime(runtime, None, 'cpu', 'fp32', quantize)
-    model_kwargs = merge_model_kwargs(model_kwargs, num_classes=num_classes, fuse_token=fuse_token)
-    dataset = load_image_folder(data_dir, split)
+    keep_rates, batch_size, repeats = settings.keep_rates, settings.batch_size, settings.repeats
+    pretrained, checkpoint, runtime, quantize = settings.pretrained, settings.checkpoint, settings.runtime, settings.quantize
+    model_kwargs = merge_model_kwargs(settings.model_kwargs, num_classes=settings.num_classes,
+                                      fuse_token=settings.fuse_token)
+    dataset = load_image_folder(settings.data_dir, settings.split)
     model = create_evit_model(spec, pretrained=pretrained, checkpoint=checkpoint, **model_kwargs).eval()
-    loader = image_loader(dataset, eval_data_config(model, crop_pct), batch_size, workers)
+    loader = image_loader(dataset, eval_data_config(model, settings.crop_pct), batch_size, settings.workers)
 
     plain = create_plain_counterpart(spec, model, **model_kwargs)
     runtime_forwards = {}
