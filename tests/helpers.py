@@ -268,6 +268,19 @@ def run_cli(capsys, argv):
     return CliResult(code, out, err)
 
 
+def count_calls(monkeypatch, calls: dict, **targets) -> None:
+    """Replace each ``name=(module, attribute)`` of ``targets`` by a wrapper that counts its calls in
+    ``calls[name]`` and then calls it."""
+    for name, (module, attribute) in targets.items():
+        real = getattr(module, attribute)
+        calls[name] = 0
+
+        def counted(*args, _name=name, _real=real, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(module, attribute, counted)
+
+
 def assert_one_line_error(code, err, command, *words):
     """A user's mistake: exit code 2 and one plain line on stderr naming the command and ``words``."""
     lines = err.strip().splitlines()

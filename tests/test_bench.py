@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from helpers import run_cli
+from helpers import count_calls, run_cli
 from timm_evit.tools.bench import run_bench
 
 # docs/design.md, "EViT, exactly": non-class tokens for DeiT at 224 px, at the input and after blocks 3, 6, 9.
@@ -233,17 +233,8 @@ def test_the_model_name_is_parsed_once_and_the_settings_checked_once(tmp_path, c
     # issue 29: the model name was parsed in 8 places, --crop-pct and --checkpoint checked twice
     import timm_evit.tools.bench as bench
     import timm_evit.tools.plain as plain
-    calls = {'parse': 0, 'runtime': 0}
-    real_parse, real_runtime = plain.parse_model_name, bench.check_runtime
-
-    def counted(name, real):
-        def call(*args, **kwargs):
-            calls[name] += 1
-            return real(*args, **kwargs)
-        return call
-
-    monkeypatch.setattr(plain, 'parse_model_name', counted('parse', real_parse))
-    monkeypatch.setattr(bench, 'check_runtime', counted('runtime', real_runtime))
+    calls = {}
+    count_calls(monkeypatch, calls, parse=(plain, 'parse_model_name'), runtime=(bench, 'check_runtime'))
     result = run_cli(capsys, ['bench', '--repeats', '1', '--warmup', '0', '--batch-size', '1', '--no-latency',
                               '--keep-rates', '0.5'] + TINY)
     assert result.code == 0, result.err[-2000:]

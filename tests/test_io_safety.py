@@ -509,3 +509,10 @@ def test_a_reader_that_went_away_is_no_traceback(argv, tmp_path):
     finally:
         os.close(write)
     assert process.returncode == 128 + signal.SIGPIPE and process.stderr == '', process.stderr[-3000:]
+
+
+def test_the_entry_point_names_every_command_as_the_parser_does():
+    # _timm_evit_cli.py cannot import the parser (it runs before torch imports): its list must match
+    import _timm_evit_cli
+    commands = next(a for a in build_parser()._actions if a.dest == 'command').choices
+    assert set(_timm_evit_cli.COMMANDS) == set(commands)

@@ -11,7 +11,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from timm.models.vision_transformer import VisionTransformer
 
-from helpers import TINY_IMG32_CLI, run_cli, tiny_evit, write_class_images
+from helpers import TINY_IMG32_CLI, count_calls, run_cli, tiny_evit, write_class_images
 from timm_evit.tools.plain import create_plain_counterpart
 from timm_evit.tools.report import sweep_spread_note, write_sweep
 from timm_evit.tools.sweep import SweepRow, pick_keep_rate, run_sweep
@@ -334,17 +334,8 @@ def test_sweep_parses_the_model_name_once_and_checks_its_settings_once(image_fol
     import timm_evit.tools.plain as plain
     import timm_evit.tools.sweep as sweep
     root, checkpoint, _ = image_folder
-    calls = {'parse': 0, 'runtime': 0}
-    real_parse, real_runtime = plain.parse_model_name, sweep.check_runtime
-
-    def counted(name, real):
-        def call(*args, **kwargs):
-            calls[name] += 1
-            return real(*args, **kwargs)
-        return call
-
-    monkeypatch.setattr(plain, 'parse_model_name', counted('parse', real_parse))
-    monkeypatch.setattr(sweep, 'check_runtime', counted('runtime', real_runtime))
+    calls = {}
+    count_calls(monkeypatch, calls, parse=(plain, 'parse_model_name'), runtime=(sweep, 'check_runtime'))
     result = run_cli(capsys, ['sweep', '--model', 'evit_deit_tiny', '--num-classes', '3', '--checkpoint',
                               str(checkpoint), '--data-dir', str(root), '--keep-rates', '1,0.5', '--repeats', '0',
                               '--no-plot', '--out', str(tmp_path / 'sw')])

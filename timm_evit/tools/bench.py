@@ -12,8 +12,8 @@ import torch
 from ..checkpoints import require_finite_forward, weights_source
 from .data import first_images
 from .measure import (
-    count_gmacs, cudnn_benchmark, dynamo, input_tokens, min_warmup, model_at_keep_rate, relative_spread, set_fused_attn,
-    speedups, time_interleaved_samples, tokens_per_stage,
+    count_gmacs, cudnn_benchmark, dynamo, input_tokens, min_warmup, model_at_keep_rate, set_fused_attn, speedup_spread,
+    time_interleaved_samples, tokens_per_stage,
 )
 from .models import check_device, create_evit_model, merge_model_kwargs
 from .preflight import check_batch_fits, out_of_memory_as_error
@@ -250,20 +250,12 @@ def run_bench(model: Union[str, ModelSpec], settings: Optional[BenchSettings] = 
                 return BenchRow(name, keep_rate, fuse, impl, dtype, compile, str(dev), batch_size, row_tokens,
                                 row_gmacs, mac_ratio, ips, ips / plain_ips, ips / plain_ips / mac_ratio, lat,
                                 lat_speedup, runtime, fusion, quantize, vs_torch, lat_vs_torch,
-                                _spread(samples[batch_size], key), _spread(samples[1], key) if latency else None)
+                                speedup_spread(samples[batch_size], key), speedup_spread(samples[1], key) if latency else None)
 
             rows.append(row(spec.plain_name, None, None, [input_tokens(plain, x1)], plain_gmacs[impl], 'plain'))
             rows.extend(row(spec.label, r, fuse_token, tokens[r], gmacs[impl][r], r, evit.fusion)
                         for r in keep_rates)
     return rows
-
-
-def _spread(samples: Dict[object, List[float]], key: object) -> float:
-    """The spread of ``key``'s speed-ups over the plain model, repeat by repeat; of the plain
-    model's own times for the plain model."""
-    if key == 'plain':
-        return relative_spread(samples['plain'])
-    return relative_spread(speedups(samples['plain'], samples[key]))
 
 
 def _bench_images(model: torch.nn.Module, batch_size: int, data_dir: Optional[str], split: str,

@@ -4,7 +4,9 @@ none at all (temporary files beside them, renamed once every one is written). Th
 import contextlib
 import os
 import secrets
+import signal
 import stat
+import sys
 import tempfile
 from typing import BinaryIO, Callable, List, Mapping, Optional, Sequence
 
@@ -194,8 +196,6 @@ def quiet_broken_pipe() -> int:
     """The exit of a command whose reader went away (``timm-evit ... | head``): stdout pointed at
     the null device, so that no traceback follows (nor one more when Python flushes stdout at exit),
     and the exit code a shell gives SIGPIPE."""
-    import signal
-    import sys
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     return 128 + int(signal.SIGPIPE)

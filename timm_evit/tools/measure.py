@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 __all__ = ['set_fused_attn', 'count_gmacs', 'tokens_per_stage', 'input_tokens', 'model_at_keep_rate', 'min_warmup',
-           'cudnn_benchmark', 'time_interleaved', 'time_interleaved_samples', 'speedups', 'relative_spread',
+           'cudnn_benchmark', 'time_interleaved_samples', 'speedups', 'relative_spread', 'speedup_spread',
            'spread_note', 'MIN_SPEED_REPEATS', 'WIDE_SPREAD', 'dynamo']
 
 
@@ -133,18 +133,6 @@ MIN_SPEED_REPEATS = 5
 WIDE_SPREAD = 0.15
 
 
-def time_interleaved(
-        forwards: Dict[object, Callable[[], object]],
-        repeats: int,
-        warmup: int,
-        device: torch.device = torch.device('cpu'),
-        progress: Optional[Callable[[], None]] = None,
-) -> Dict[object, float]:
-    """Median seconds per call of each function, run interleaved so drifts hit all alike."""
-    samples = time_interleaved_samples(forwards, repeats, warmup, device, progress)
-    return {name: statistics.median(t) for name, t in samples.items()}
-
-
 def time_interleaved_samples(
         forwards: Dict[object, Callable[[], object]],
         repeats: int,
@@ -183,6 +171,15 @@ def relative_spread(values: Sequence[float]) -> float:
         return 0.0
     low, _, high = statistics.quantiles(values, n=4, method='inclusive')
     return (high - low) / statistics.median(values)
+
+
+def speedup_spread(samples: Dict[object, List[float]], key: object, plain: object = 'plain') -> float:
+    """The spread (``relative_spread``) of ``key``'s per-repeat speed-ups over ``plain`` in
+    ``samples`` (``time_interleaved_samples``); for ``plain`` itself, of its own times (how quiet
+    the machine was)."""
+    if key == plain:
+        return relative_spread(samples[plain])
+    return relative_spread(speedups(samples[plain], samples[key]))
 
 
 def spread_note(spreads: Dict[str, float], repeats: int) -> Optional[str]:

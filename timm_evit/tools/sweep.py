@@ -10,7 +10,7 @@ from timm.utils import accuracy
 from ..checkpoints import require_finite, require_finite_forward, weights_source
 from .bench import check_runtime, require_distinct_keep_rates
 from .data import eval_data_config, image_loader, load_image_folder
-from .measure import MIN_SPEED_REPEATS, count_gmacs, model_at_keep_rate, relative_spread, speedups, time_interleaved_samples
+from .measure import MIN_SPEED_REPEATS, count_gmacs, model_at_keep_rate, speedup_spread, time_interleaved_samples
 from .models import create_evit_model, merge_model_kwargs
 from .plain import ModelSpec, create_plain_counterpart, model_spec
 
@@ -177,7 +177,7 @@ def _speed(forwards: Dict[object, Callable[[], object]], batch_size: int, repeat
     samples = time_interleaved_samples(forwards, repeats=repeats, warmup=1)
     median = {key: statistics.median(t) for key, t in samples.items()}
     return {key: (batch_size / median[key], median['plain'] / median[key],
-                  relative_spread(samples[key] if key == 'plain' else speedups(samples['plain'], samples[key])))
+                  speedup_spread(samples, key))
             for key in forwards}
 
 
