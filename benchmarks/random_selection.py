@@ -29,7 +29,8 @@ def random_choice(generator: torch.Generator):
     def choose_at_random(x, scores, num_keep, fuse_token, num_prefix_tokens=1, weighted_mean=False):
         noise = torch.rand(scores.shape, generator=generator).to(scores.device)
         chosen = torch.zeros_like(scores, dtype=torch.bool).scatter(1, noise.topk(num_keep, dim=1).indices, True)
-        ranked = torch.where(chosen, 2. + noise.to(scores.dtype), scores)   # scores are probabilities: <= 1
+        # above every score (probabilities, or size-aware fusion's log-scores)
+        ranked = torch.where(chosen, scores.amax(dim=1, keepdim=True) + 1. + noise.to(scores.dtype), scores)
         return reorganize_tokens(x, ranked, num_keep, fuse_token, num_prefix_tokens, weighted_mean)
     return choose_at_random
 

@@ -90,21 +90,20 @@ def test_float64_ceil_parity_with_100_tokens():
 _keep_and_fuse = reorg.keep_and_fuse
 
 
-def _kept_in_position_order(x, score, kept_idx, fuse, num_prefix_tokens=1, weighted_mean=False, token_weights=None):
-    return _keep_and_fuse(x, score, kept_idx.sort(dim=1).values, fuse, num_prefix_tokens, weighted_mean,
-                          token_weights)
+def _kept_in_position_order(x, score, kept_idx, fuse, num_prefix_tokens=1, weighted_mean=False):
+    return _keep_and_fuse(x, score, kept_idx.sort(dim=1).values, fuse, num_prefix_tokens, weighted_mean)
 
 
-def _renormalised_fusion(x, score, kept_idx, fuse, num_prefix_tokens=1, weighted_mean=False, token_weights=None):
-    out = _keep_and_fuse(x, score, kept_idx, fuse, num_prefix_tokens, weighted_mean, token_weights)
+def _renormalised_fusion(x, score, kept_idx, fuse, num_prefix_tokens=1, weighted_mean=False):
+    out = _keep_and_fuse(x, score, kept_idx, fuse, num_prefix_tokens, weighted_mean)
     if not fuse:
         return out
     dropped = score.scatter(1, kept_idx, 0.)
     return torch.cat([out[:, :-1], out[:, -1:] / dropped.sum(1, keepdim=True)[..., None]], dim=1)
 
 
-def _fused_token_first(x, score, kept_idx, fuse, num_prefix_tokens=1, weighted_mean=False, token_weights=None):
-    out = _keep_and_fuse(x, score, kept_idx, fuse, num_prefix_tokens, weighted_mean, token_weights)
+def _fused_token_first(x, score, kept_idx, fuse, num_prefix_tokens=1, weighted_mean=False):
+    out = _keep_and_fuse(x, score, kept_idx, fuse, num_prefix_tokens, weighted_mean)
     if not fuse:
         return out
     P = num_prefix_tokens

@@ -25,8 +25,9 @@ def onnxruntime_logits(path, x):
 
 @pytest.mark.parametrize('name,kwargs', [
     ('evit_deit_tiny', dict(SMALL_VIT, img_size=64, patch_size=8, num_classes=10)),
+    ('evit_deit_tiny', dict(SMALL_VIT, img_size=64, patch_size=8, num_classes=10, fusion='size')),
     ('evit_vit_medium_patch16_reg4_gap_256', dict(SMALL_VIT, img_size=64, patch_size=8, num_classes=10)),
-], ids=['deit', 'registers-gap-size-aware'])
+], ids=['deit', 'deit-size-aware', 'registers-gap-size-aware'])
 def test_quantized_export_computes_the_model_within_the_logits_spread(tmp_path, capsys, name, kwargs):
     model = randomise_weights(create_evit_model(name, keep_rate=0.5, **kwargs)).eval()
     torch.save(model.state_dict(), tmp_path / 'w.pth')

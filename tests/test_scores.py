@@ -115,38 +115,43 @@ def test_the_pool_score_survives_copies_and_refuses_losing_its_pool():
     assert model.attn_pool is None and model(x).shape == (2, 5)
 
 
-def _mean_is_the_class_row(q, k, scale, num_prefix_tokens=1, max_chunk_elements=None, key_bias=None, query_weights=None):
-    return class_attention(q, k, scale, num_prefix_tokens)
+def _mean_is_the_class_row(q, k, scale, num_prefix_tokens=1, max_chunk_elements=None, key_bias=None,
+                           query_log_weights=None, log_space=False):
+    return class_attention(q, k, scale, num_prefix_tokens, log_space=log_space)
 
 
-def _mean_over_half_the_queries(q, k, scale, num_prefix_tokens=1, max_chunk_elements=None, key_bias=None, query_weights=None):
+def _mean_over_half_the_queries(q, k, scale, num_prefix_tokens=1, max_chunk_elements=None, key_bias=None,
+                                query_log_weights=None, log_space=False):
     half = q.shape[2] // 2
-    return mean_received_row(((q[:, :, :half] * scale) @ k.transpose(-2, -1)).softmax(dim=-1), num_prefix_tokens)
+    return mean_received_row(((q[:, :, :half] * scale) @ k.transpose(-2, -1)).softmax(dim=-1), num_prefix_tokens,
+                             log_space=log_space)
 
 
-def _pool_keyed_by_values(self, x, token_weights=None, key_bias=None):
+def _pool_keyed_by_values(self, x, key_bias=None, log_space=False):
     pool, norm = self.model._score_modules()
     width = pool.num_heads * pool.head_dim
     values = torch.nn.functional.linear(norm(x), pool.kv.weight[width:], pool.kv.bias[width:])
-    return _pool_score_of(self, values)
+    return _pool_score_of(self, values, log_space)
 
 
-def _pool_without_the_final_norm(self, x, token_weights=None, key_bias=None):
+def _pool_without_the_final_norm(self, x, key_bias=None, log_space=False):
     pool, _ = self.model._score_modules()
     width = pool.num_heads * pool.head_dim
-    return _pool_score_of(self, torch.nn.functional.linear(x, pool.kv.weight[:width], pool.kv.bias[:width]))
+    return _pool_score_of(self, torch.nn.functional.linear(x, pool.kv.weight[:width], pool.kv.bias[:width]), log_space)
 
 
-def _pool_score_of(self, keys):
+def _pool_score_of(self, keys, log_space):
     (pool, _), (B, N, _) = self.model._score_modules(), keys.shape
     q = pool.q(pool.latent).reshape(1, pool.latent_len, pool.num_heads, pool.head_dim).transpose(1, 2)
     keys = keys.reshape(B, N, pool.num_heads, pool.head_dim).transpose(1, 2)
-    return pool_attention(pool.q_norm(q), pool.k_norm(keys), pool.scale, self.model.num_prefix_tokens)
+    return pool_attention(pool.q_norm(q), pool.k_norm(keys), pool.scale, self.model.num_prefix_tokens,
+                          log_space=log_space)
 
 
+@pytest.mark.parametrize('fusion', ['paper', 'size'])
 @pytest.mark.parametrize('mutation', ['mean is the class row', 'mean over half the queries', 'pool keyed by values',
                                       'pool without the final norm'])
-def test_the_reference_comparison_catches_each_score_mistake(monkeypatch, mutation):
+def test_the_reference_comparison_catches_each_score_mistake(monkeypatch, mutation, fusion):
     if mutation.startswith('mean'):
         mistake = _mean_is_the_class_row if mutation == 'mean is the class row' else _mean_over_half_the_queries
         monkeypatch.setattr(opaque, 'mean_received_attention', mistake)
@@ -156,6 +161,7 @@ def test_the_reference_comparison_catches_each_score_mistake(monkeypatch, mutati
         monkeypatch.setattr(PoolScore, '__call__', call)
         score = 'pool'
     _, model = scored('siglip', score, 0.5, True)
+    model.fusion = fusion   # (size-aware fusion ranks by log-scores: the same mistakes, on that path)
     with pytest.raises(AssertionError):
         check_against_family_reference(model, 'siglip', images(FAMILIES['siglip'].size))
 

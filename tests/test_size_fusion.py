@@ -5,6 +5,8 @@ Against the family references (attention by hand with the bias, selection, the w
 the sizes in loops), for a class-token model, registers, Eva with RoPE, average-pooled and
 attention-pooled models; and against timm's own model where the fused tokens were identical, the
 case in which proportional attention is exact."""
+import math
+
 import pytest
 import timm
 import torch
@@ -182,38 +184,52 @@ def test_autocast_and_bf16_weights_run_with_the_size_bias(family):
 @pytest.mark.parametrize('dtype,sharpen', [(torch.float32, 60.), (torch.float16, 8.), (torch.bfloat16, 60.)],
                          ids=['fp32-peaky', 'fp16', 'bf16'])
 def test_size_aware_fusion_stays_finite_where_the_dropped_attention_underflows(dtype, sharpen, monkeypatch):
-    # docs/design.md, "A fused token that keeps its size": the fused token is a mean over the dropped
-    # tokens' scores; where every one of them underflowed to 0 (peaky attention, half precision) it is
-    # the mean over the patches they carry, never 0 / 0 (NaN logits before)
+    # docs/design.md, "A fused token that keeps its size": the fused token is the attention-weighted
+    # mean of the dropped tokens, taken from their log-scores; where every one of their probabilities
+    # underflows to 0 in the model's dtype (peaky attention, half precision: 0 / 0, NaN logits, when
+    # the mean was taken of the probabilities) it is still that mean
     import timm_evit.reorg as reorg
     underflowed = []
     keep_and_fuse = reorg.keep_and_fuse
-
-    def spy(x, score, kept_idx, *args, **kwargs):
-        underflowed.append(bool((score.scatter(1, kept_idx, 0.).sum(dim=1) == 0).any()))
-        return keep_and_fuse(x, score, kept_idx, *args, **kwargs)
-    monkeypatch.setattr(reorg, 'keep_and_fuse', spy)
     _, model = converted('deit', 0.5, True, fusion='size')
+    heads = model.blocks[0].attn.num_heads
+
+    def spy(x, score, kept_idx, fuse, num_prefix_tokens=1, weighted_mean=False):
+        # 'class' log-score: log of the class row's probabilities summed over heads (float32)
+        probability = (score.double().exp() / heads).to(dtype)
+        underflowed.append(bool((probability.scatter(1, kept_idx, 0.).sum(dim=1) == 0).any()))
+        out = keep_and_fuse(x, score, kept_idx, fuse, num_prefix_tokens, weighted_mean)
+        weights = score.double().scatter(1, kept_idx, -float('inf')).softmax(dim=1)   # by hand, float64
+        expected = (weights.unsqueeze(1) @ x[:, num_prefix_tokens:].double()).squeeze(1)
+        torch.testing.assert_close(out[:, -1].double(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+        return out
+    monkeypatch.setattr(reorg, 'keep_and_fuse', spy)
     with torch.no_grad():
         for blk in model.blocks:
             blk.attn.qkv.weight[:2 * blk.attn.qkv.in_features].mul_(sharpen)   # queries and keys
     model = model.to(dtype)
     with torch.no_grad():
         assert torch.isfinite(model(images(FAMILIES['deit'].size).to(dtype))).all()
-    assert any(underflowed)   # the case is reached: every dropped score of some image is 0
+    assert any(underflowed)   # the case is reached: every dropped probability of some image is 0
 
 
-def test_a_fused_token_whose_scores_all_underflowed_is_the_mean_of_its_patches():
+def test_the_fused_token_is_the_mean_by_score_even_where_every_score_underflows():
     from timm_evit.reorg import keep_and_fuse
-    x = torch.randn(2, 1 + 5, 4)
-    score = torch.tensor([[0.9, 0.1, 0., 0., 0.], [0.6, 0.4, 0., 0., 0.]])   # tokens 2..4 scored 0
-    sizes = torch.tensor([[1., 1., 1., 3., 1.], [1., 1., 2., 1., 1.]])
+    x = torch.randn(2, 1 + 5, 4, dtype=torch.float64)
+    # log-scores: tokens 2..4 dropped, their probabilities exp(-2000..) are 0 even in float64
+    score = torch.tensor([[0., -1., -2000., -2001., -2003.], [-0.5, -0.7, -1500., -1500., -1499.]], dtype=torch.float64)
     kept = torch.tensor([[0, 1], [0, 1]])
-    out = keep_and_fuse(x, score, kept, True, 1, weighted_mean=True, token_weights=sizes)
+    assert score.exp()[:, 2:].sum() == 0
+    out = keep_and_fuse(x, score, kept, True, 1, weighted_mean=True)
     for b in range(2):
-        by_hand = sum(sizes[b, j] * x[b, 1 + j] for j in (2, 3, 4)) / sizes[b, 2:].sum()
+        shifted = [float(score[b, j] - score[b, 2:].max()) for j in (2, 3, 4)]   # by hand: exp(s_j - max)
+        a = [math.exp(s) for s in shifted]
+        by_hand = sum(a_j * x[b, 1 + j] for a_j, j in zip(a, (2, 3, 4))) / sum(a)
         torch.testing.assert_close(out[b, -1], by_hand)
-    # where the dropped scores do not sum to 0, the mean is by score, as before
-    score[:, 2] = 1e-3
-    out = keep_and_fuse(x, score, kept, True, 1, weighted_mean=True, token_weights=sizes)
-    torch.testing.assert_close(out[:, -1], x[:, 3])
+    # where the scores do not underflow, the mean by probability: sum a_j x_j / sum a_j, a = exp(score)
+    score = torch.tensor([[0., -1., -2., -0.5, -3.]], dtype=torch.float64)
+    out = keep_and_fuse(x[:1], score, kept[:1], True, 1, weighted_mean=True)
+    a = score.exp()[0, 2:]
+    torch.testing.assert_close(out[0, -1], (a[:, None] * x[0, 3:]).sum(0) / a.sum())
+
+

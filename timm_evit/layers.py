@@ -18,7 +18,9 @@ except ImportError:  # a timm without it has no Eva that uses it
 
 from . import opaque
 from .options import KEEP_ALL, Budget, budgets_per_block
-from .reorg import bias_as, class_attention, head_averaged_class_row, mean_received_row, pool_attention, size_key_bias
+from .reorg import (
+    averaged_softmax, bias_as, class_attention, head_averaged_class_row, mean_received_row, pool_attention, scaled_logits,
+)
 
 __all__ = [
     'EViTBlock', 'EViTEvaBlock', 'attention_with_class_attention', 'rope_attention_with_class_attention', 'PoolScore',
@@ -34,45 +36,48 @@ def _attend_with_score(
         gate: Optional[torch.Tensor],
         num_prefix_tokens: int,
         score: Optional[str],
-        token_weights: Optional[torch.Tensor] = None,
         key_bias: Optional[torch.Tensor] = None,
+        log_space: bool = False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The end both timm attention modules share, from ``q, k, v`` ``[B, H, N, D]`` on: attention,
     heads joined, scale norm, gate, projection; also the block's ``score`` of the non-prefix tokens,
     ``[B, N - P]`` (``'class'``: the head-averaged class row; ``'mean'``: the attention each token
-    receives; ``'pool'`` is not the attention's, and None asks for none: None).
+    receives; ``'pool'`` is not the attention's, and None asks for none: None); ``log_space``:
+    its log up to a constant (size-aware fusion's log-score).
 
-    ``token_weights`` ``[B, N - P]`` (after a reorganisation under size-aware fusion: the patches
-    each token stands for; ``TokenTrace.token_weights``): every query attends to
-    a token of weight ``s`` with ``+ log(s)`` on its logit, in the attention and in the score, and
-    ``'mean'`` counts it as ``s`` queries. ``key_bias``: their log as a key bias ``[B, 1, 1, N]``
-    (``reorg.size_key_bias``), where the caller built it once for many blocks; None: built here.
+    ``key_bias`` ``[B, 1, 1, N]`` (after a reorganisation under size-aware fusion: the tokens' log
+    sizes, ``TokenTrace.key_bias``, float32): every query attends to a token of size ``s`` with
+    ``+ log(s)`` on its logit, in the attention and in the score, and ``'mean'`` counts it as ``s``
+    queries.
 
     Fused / unfused as the module says: the unfused path reads the score from the attention it
     materialises anyway; the fused path computes it beside the SDPA kernel (the class row alone,
     or the received attention a chunk of queries at a time), the size bias as SDPA's additive
-    mask ``[B, 1, 1, N]``, broadcast over heads and queries.
+    mask, broadcast over heads and queries.
     """
-    token_score, query_weights = None, None
-    if token_weights is not None:
-        key_bias = bias_as(size_key_bias(token_weights, num_prefix_tokens) if key_bias is None else key_bias, q)
-        if score == 'mean':
-            query_weights = F.pad(token_weights, (num_prefix_tokens, 0), value=1.)
+    token_score, query_log_weights = None, None
+    if key_bias is not None:
+        if score == 'mean':   # (the log sizes before any conversion: float32)
+            query_log_weights = key_bias.flatten(1)
+        key_bias = bias_as(key_bias, q)
     if attn.fused_attn:
         if score == 'class':
-            token_score = class_attention(q, k, attn.scale, num_prefix_tokens, key_bias)
+            token_score = class_attention(q, k, attn.scale, num_prefix_tokens, key_bias, log_space)
         elif score == 'mean':
             token_score = opaque.mean_received_attention(
-                q, k, attn.scale, num_prefix_tokens, key_bias=key_bias, query_weights=query_weights)
+                q, k, attn.scale, num_prefix_tokens, key_bias=key_bias, query_log_weights=query_log_weights,
+                log_space=log_space)
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=key_bias, dropout_p=attn.attn_drop.p if attn.training else 0.)
     else:
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
-        weights = (logits if key_bias is None else logits + key_bias).softmax(dim=-1)
-        if score == 'class':
+        logits = scaled_logits(q, k.transpose(-2, -1), attn.scale, key_bias)
+        weights = logits.softmax(dim=-1)
+        if score == 'class' and log_space:   # (from the class row's logits: no probability underflows)
+            token_score = averaged_softmax(logits[:, :, :1], (1, 2), True)[:, num_prefix_tokens:]
+        elif score == 'class':
             token_score = head_averaged_class_row(weights, num_prefix_tokens)
         elif score == 'mean':
-            token_score = mean_received_row(weights, num_prefix_tokens, query_weights)
+            token_score = mean_received_row(weights, num_prefix_tokens, query_log_weights, log_space)
         x = attn.attn_drop(weights) @ v
 
     x = x.transpose(1, 2).flatten(2)   # heads joined; no size inferred: an empty batch works
@@ -87,13 +92,13 @@ def attention_with_class_attention(
         x: torch.Tensor,
         num_prefix_tokens: int = 1,
         score: Optional[str] = 'class',
-        token_weights: Optional[torch.Tensor] = None,
         key_bias: Optional[torch.Tensor] = None,
+        log_space: bool = False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """timm ``Attention`` forward that also returns the ``score`` of the ``N - P`` non-prefix
     tokens, ``[B, N - P]``: the head-averaged class attention (``'class'``), the attention each
     receives (``'mean'``), or None (``'pool'``, which the block computes from its tokens, or None).
-    ``token_weights`` (and their ``key_bias``): weighted attention (``_attend_with_score``).
+    ``key_bias`` (the tokens' log sizes) and ``log_space``: as in ``_attend_with_score``.
 
     Runs the module's own layers (qkv, q/k norms, scale norm, gate, proj, dropouts) in the order of
     timm's ``Attention.forward``, so its output is that forward's (a test compares them), on the
@@ -106,7 +111,7 @@ def attention_with_class_attention(
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
 
-    return _attend_with_score(attn, q, k, v, gate, num_prefix_tokens, score, token_weights, key_bias)
+    return _attend_with_score(attn, q, k, v, gate, num_prefix_tokens, score, key_bias, log_space)
 
 
 class PoolScore:
@@ -127,8 +132,8 @@ class PoolScore:
     def __call__(
             self,
             x: torch.Tensor,
-            token_weights: Optional[torch.Tensor] = None,
             key_bias: Optional[torch.Tensor] = None,
+            log_space: bool = False,
     ) -> torch.Tensor:
         pool, norm = self.model._score_modules()
         num_prefix_tokens = self.model.num_prefix_tokens
@@ -139,10 +144,8 @@ class PoolScore:
         kv_bias = None if pool.kv.bias is None else pool.kv.bias[:width]
         k = F.linear(norm(x), pool.kv.weight[:width], kv_bias)    # the key half of the pool's kv only
         k = k.reshape(B, N, pool.num_heads, pool.head_dim).transpose(1, 2)
-        if token_weights is not None and key_bias is None:
-            key_bias = size_key_bias(token_weights, num_prefix_tokens)
         key_bias = bias_as(key_bias, k)
-        return pool_attention(pool.q_norm(q), pool.k_norm(k), pool.scale, num_prefix_tokens, key_bias)
+        return pool_attention(pool.q_norm(q), pool.k_norm(k), pool.scale, num_prefix_tokens, key_bias, log_space)
 
 
 class PoolRanking(torch.nn.Module):
@@ -216,6 +219,12 @@ class _ReorganisingStep:
         # what the attention core computes beside the attention: no score where no token is dropped
         return self.score if budget.reorganises else None
 
+    @property
+    def _log_scores(self) -> bool:
+        # size-aware fusion ranks and fuses by log-scores (its fused token is their softmax's mean);
+        # without a fused token both fusions are one, on one path
+        return self.fusion == 'size' and self.fuse_token
+
     def _kept_all(self, x: torch.Tensor, kept_indices: Optional[List[torch.Tensor]]) -> torch.Tensor:
         # a block that keeps every token reports the identity (callers need no branch)
         if kept_indices is not None:
@@ -229,15 +238,14 @@ class _ReorganisingStep:
             score: Optional[torch.Tensor],
             budget: Budget,
             kept_indices: Optional[List[torch.Tensor]],
-            token_weights: Optional[torch.Tensor],
             key_bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        if not budget.reorganises:   # a block that only carries token weights keeps every token
+        if not budget.reorganises:   # a block that only carries the size bias keeps every token
             return self._kept_all(x, kept_indices)
         if score is None:   # 'pool': from the tokens after the attention residual
-            score = self.pool_score(x, token_weights, key_bias)
+            score = self.pool_score(x, key_bias, self._log_scores)
         x, kept_idx = opaque.reorganize(
-            x, score, budget.keep_rate, self.fuse_token, self.num_prefix_tokens, self.fusion == 'size', token_weights)
+            x, score, budget.keep_rate, self.fuse_token, self.num_prefix_tokens, self._log_scores)
         if kept_indices is not None:
             kept_indices.append(kept_idx)
         return x
@@ -250,16 +258,15 @@ class EViTBlock(_ReorganisingStep, Block):
     hooks and ``model.blocks(x)`` work as on timm's blocks). Its ``budget`` (read as ``keep_rate``)
     and ``fuse_token`` are set by the model (``set_keep_rate``), as
     is ``num_prefix_tokens`` (class, distillation and register tokens, never reorganised); with a
-    budget that keeps every token and no token weights the block is timm's ``Block.forward``.
+    budget that keeps every token and no size bias the block is timm's ``Block.forward``.
 
     ``forward`` also takes ``keep_rate`` for one call, and ``kept_indices``: a list to which the
     block appends the indices ``[B, num_keep]`` of the non-prefix tokens it kept, in their new order
     (the identity when it kept them all). Models use it to trace tokens back to their patches.
-    ``token_weights`` ``[B, n]``: what each non-prefix token counts for after a reorganisation
-    (``TokenTrace.token_weights``: its size under size-aware fusion; their ``log`` biases every
-    attention to them: ``key_bias``, where the caller built it once for many blocks); None: each
-    counts once. The model's block loop
-    carries the weights from block to block; so does ``model.blocks(x)`` (``EViTBlocks``).
+    ``key_bias`` ``[B, 1, 1, P + n]``: after a reorganisation under size-aware fusion, the log of
+    the patches each token stands for (``TokenTrace.key_bias``, ``reorg.size_key_bias``), which
+    biases every attention to it and weighs its query in ``'mean'``; None: each counts once. The
+    model's block loop carries it from block to block; so does ``model.blocks(x)`` (``EViTBlocks``).
     """
 
     def forward(
@@ -269,18 +276,16 @@ class EViTBlock(_ReorganisingStep, Block):
             is_causal: bool = False,
             keep_rate: Optional[float] = None,
             kept_indices: Optional[List[torch.Tensor]] = None,
-            token_weights: Optional[torch.Tensor] = None,
             key_bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         budget = self._budget(keep_rate, attn_mask, is_causal)
-        if not budget.reorganises and token_weights is None:
+        if not budget.reorganises and key_bias is None:
             return self._kept_all(super().forward(x, attn_mask=attn_mask, is_causal=is_causal), kept_indices)
-        # Block.forward with the token weights' bias, and the reorganisation between its two residual branches
+        # Block.forward with the size bias, and the reorganisation between its two residual branches
         attn_out, score = attention_with_class_attention(
-            self.attn, self.norm1(x), self.num_prefix_tokens, self._score_at(budget), token_weights,
-            key_bias)
+            self.attn, self.norm1(x), self.num_prefix_tokens, self._score_at(budget), key_bias, self._log_scores)
         x = x + self.drop_path1(self.ls1(attn_out))
-        x = self._reorganise(x, score, budget, kept_indices, token_weights, key_bias)
+        x = self._reorganise(x, score, budget, kept_indices, key_bias)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -318,12 +323,12 @@ def rope_attention_with_class_attention(
         rope: Optional[torch.Tensor],
         num_prefix_tokens: int = 1,
         score: Optional[str] = 'class',
-        token_weights: Optional[torch.Tensor] = None,
         key_bias: Optional[torch.Tensor] = None,
+        log_space: bool = False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """timm ``EvaAttention`` / ``AttentionRope`` forward that also returns the ``score`` of the
     ``N - P`` non-prefix tokens, ``[B, N - P]`` (as ``attention_with_class_attention``, with its
-    ``token_weights``).
+    ``key_bias`` and ``log_space``).
 
     Runs the module's own layers in the order of its forward (projections, q/k norms, rotary
     embedding of the non-prefix queries and keys with timm's ``apply_rot_embed_cat``, grouped k/v
@@ -345,7 +350,7 @@ def rope_attention_with_class_attention(
         k = k.repeat_interleave(num_kv_groups, dim=1)
         v = v.repeat_interleave(num_kv_groups, dim=1)
 
-    return _attend_with_score(attn, q, k, v, gate, num_prefix_tokens, score, token_weights, key_bias)
+    return _attend_with_score(attn, q, k, v, gate, num_prefix_tokens, score, key_bias, log_space)
 
 
 class EViTEvaBlock(_ReorganisingStep, EvaBlock):
@@ -367,21 +372,20 @@ class EViTEvaBlock(_ReorganisingStep, EvaBlock):
             is_causal: bool = False,
             keep_rate: Optional[float] = None,
             kept_indices: Optional[List[torch.Tensor]] = None,
-            token_weights: Optional[torch.Tensor] = None,
             key_bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         budget = self._budget(keep_rate, attn_mask, is_causal)
-        if not budget.reorganises and token_weights is None:
+        if not budget.reorganises and key_bias is None:
             x = super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
             return self._kept_all(x, kept_indices)
-        # EvaBlock.forward with the token weights' bias, and the reorganisation between its two residual branches
+        # EvaBlock.forward with the size bias, and the reorganisation between its two residual branches
         attn_out, score = rope_attention_with_class_attention(
-            self.attn, self.norm1(x), rope, self.num_prefix_tokens, self._score_at(budget), token_weights,
-            key_bias)
+            self.attn, self.norm1(x), rope, self.num_prefix_tokens, self._score_at(budget), key_bias,
+            self._log_scores)
         if self.gamma_1 is not None:
             attn_out = self.gamma_1 * attn_out
         x = x + self.drop_path1(attn_out)
-        x = self._reorganise(x, score, budget, kept_indices, token_weights, key_bias)
+        x = self._reorganise(x, score, budget, kept_indices, key_bias)
         mlp_out = self.mlp(self.norm2(x))
         if self.gamma_2 is not None:
             mlp_out = self.gamma_2 * mlp_out

@@ -50,8 +50,7 @@ def run_blocks(
     per block), the token state carried from block to block.
 
     Once a block has reorganised, the ``TokenTrace`` holds every token's patch and size, and every
-    later block gets the token weights it implies
-    (``TokenTrace.token_weights``). With ``rope`` (timm's rotary embedding of the entering tokens;
+    later block gets the size bias it implies (``TokenTrace.key_bias``, under size-aware fusion). With ``rope`` (timm's rotary embedding of the entering tokens;
     ``[depth, ...]`` with ``rope_per_block``), each block gets the rows of the tokens that remain:
     every kept token its patch's rotation, a fused token none. ``call(blk, x, **kwargs)`` runs a
     block (gradient checkpointing); default ``blk(x, **kwargs)``, so hooks see every block.
@@ -77,9 +76,8 @@ def run_blocks(
         kwargs = dict(keep_rate=budget.keep_rate, kept_indices=kept_indices)
         if block_rope is not None:
             kwargs.update(rope=block_rope)
-        weights = None if token_trace is None else token_trace.token_weights()
-        if weights is not None:   # (with their log, built once per reorganisation)
-            kwargs.update(token_weights=weights, key_bias=token_trace.key_bias)
+        if token_trace is not None and token_trace.key_bias is not None:   # (built once per reorganisation)
+            kwargs.update(key_bias=token_trace.key_bias)
         if not budget.reorganises and (attn_mask is not None or is_causal):
             # (check_attention_mask has made sure that no mask meets a reorganising block; under
             # FX tracing both are placeholders, passed on to the plain blocks as timm does)
@@ -453,8 +451,8 @@ class EViTMixin(KeepRateWarmup):
         self._remember(x, token_trace)
         return x
 
-    def _head_weights(self, token_trace: Optional[TokenTrace]) -> Optional[torch.Tensor]:
-        return None if token_trace is None else token_trace.token_weights()
+    def _head_log_weights(self, token_trace: Optional[TokenTrace]) -> Optional[torch.Tensor]:
+        return None if token_trace is None else token_trace.log_weights()
 
     def forward_head(
             self,
@@ -468,22 +466,23 @@ class EViTMixin(KeepRateWarmup):
         else ``token_sizes`` ``[B, n]`` (as ``forward_intermediates(output_dict=True)`` gives them);
         where the head needs them and neither is there, a ValueError says so."""
         if token_sizes is not None:
-            weights = token_sizes if self._size_aware else None
+            log_weights = token_sizes.log() if self._size_aware else None
         else:
-            weights = self._head_weights(self._token_state_for_head(x, pre_logits))
-        return self._head(x, pre_logits, weights)
+            log_weights = self._head_log_weights(self._token_state_for_head(x, pre_logits))
+        return self._head(x, pre_logits, log_weights)
 
-    def _head(self, x: torch.Tensor, pre_logits: bool, token_weights: Optional[torch.Tensor]) -> torch.Tensor:
+    def _head(self, x: torch.Tensor, pre_logits: bool, log_weights: Optional[torch.Tensor]) -> torch.Tensor:
+        # log_weights [B, n]: the log of the patches each non-prefix token stands for (size-aware fusion)
         pool = getattr(self, 'attn_pool', None)
-        if token_weights is None or (pool is None and self.global_pool not in ('avg', 'avgmax', 'max')):
+        if log_weights is None or (pool is None and self.global_pool not in ('avg', 'avgmax', 'max')):
             return super().forward_head(x, pre_logits=pre_logits)
         # timm's ViT says whether its pool sees the prefix tokens; Eva's attention pool sees them, its average not
         include_prefix = getattr(self, 'pool_include_prefix', pool is not None)
         if pool is None:
-            x = size_weighted_pool(x, token_weights, self.global_pool, self.num_prefix_tokens, include_prefix)
+            x = size_weighted_pool(x, log_weights, self.global_pool, self.num_prefix_tokens, include_prefix)
         else:
             num_prefix = self.num_prefix_tokens if include_prefix else 0
-            bias = bias_as(size_key_bias(token_weights, num_prefix), x)
+            bias = bias_as(size_key_bias(log_weights, num_prefix), x)
             x = pool(x[:, self.num_prefix_tokens - num_prefix:], attn_mask=bias)
         # the rest of timm's forward_head
         x = self.head_drop(self.fc_norm(x))
@@ -498,7 +497,7 @@ class EViTMixin(KeepRateWarmup):
     ) -> torch.Tensor:
         """Logits; ``keep_rate`` overrides the model's keep rates for this call only."""
         x, token_trace = self._features(x, attn_mask, is_causal, keep_rate)
-        return self._head(x, False, self._head_weights(token_trace))
+        return self._head(x, False, self._head_log_weights(token_trace))
 
     def forward_intermediates(
             self,
@@ -547,7 +546,7 @@ class EViTMixin(KeepRateWarmup):
             intermediates.append(tokens)
             token_ids_out.append(trace.token_patch_ids)
             patch_index_out.append(trace.patch_token_index)
-            sizes_out.append(trace.sizes_or_ones())
+            sizes_out.append(trace.sizes())
 
         if output_dict:
             result = {

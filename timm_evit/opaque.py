@@ -20,14 +20,14 @@ import timm.models.vision_transformer
 from timm.models import get_notrace_functions, register_notrace_function
 
 from .reorg import (
-    mean_received_attention, reorganize, rotary_rows_for_tokens, sizes_after,
+    mean_received_attention, reorganize, rotary_rows_for_tokens, log_sizes_after,
     trace_patch_token_index,
     trace_token_patch_ids,
 )
 
 __all__ = [
     'check_image_batch', 'check_attention_mask', 'check_patch_grid', 'mean_received_attention',
-    'reorganize', 'trace_token_patch_ids', 'trace_patch_token_index', 'sizes_after',
+    'reorganize', 'trace_token_patch_ids', 'trace_patch_token_index', 'log_sizes_after',
     'rotary_rows_for_tokens',
 ]
 
@@ -57,7 +57,7 @@ def check_patch_grid(num_patches: int, grid_size: Tuple[int, int]) -> None:
 
 
 for _function in (check_image_batch, check_attention_mask, check_patch_grid, mean_received_attention,
-                  reorganize, trace_token_patch_ids, trace_patch_token_index, sizes_after,
+                  reorganize, trace_token_patch_ids, trace_patch_token_index, log_sizes_after,
                   rotary_rows_for_tokens):
     torch.fx.wrap(_function.__name__)       # (at module level, as torch.fx.wrap requires)
     register_notrace_function(_function)

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    'num_kept_tokens', 'head_averaged_class_row', 'class_attention', 'mean_received_row',
+    'num_kept_tokens', 'head_averaged_class_row', 'scaled_logits', 'averaged_softmax', 'class_attention', 'mean_received_row',
     'mean_received_attention', 'pool_attention', 'keep_and_fuse', 'reorganize_tokens', 'reorganize',
-    'size_key_bias', 'bias_as', 'sizes_after', 'size_weighted_pool',
+    'size_key_bias', 'bias_as', 'log_sizes_after', 'size_weighted_pool',
     'trace_token_patch_ids', 'trace_patch_token_index', 'tokens_to_patch_grid', 'rotary_rows_for_tokens',
 ]
 
@@ -45,8 +45,27 @@ def head_averaged_class_row(attn: torch.Tensor, num_prefix_tokens: int = 1) -> t
     return attn[:, :, 0, num_prefix_tokens:].mean(dim=1)
 
 
-def _with_bias(logits: torch.Tensor, key_bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return logits if key_bias is None else logits + key_bias
+def scaled_logits(
+        q: torch.Tensor,
+        k_t: torch.Tensor,
+        scale: float,
+        key_bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Attention logits ``scale * q @ k_t`` plus ``key_bias`` where given, as timm's unfused
+    attention makes them (the query scaled first). With a bias the scale rides in the add: one
+    operation (a GPU launch) fewer."""
+    if key_bias is None:
+        return (q * scale) @ k_t
+    return torch.add(key_bias, q @ k_t, alpha=scale)
+
+
+def averaged_softmax(logits: torch.Tensor, dims: Tuple[int, ...], log_space: bool = False) -> torch.Tensor:
+    """The softmax over the last dim of ``logits``, averaged over ``dims``; with ``log_space`` its
+    log up to a constant (``log_softmax``, then ``logsumexp`` over ``dims``, in float32 at least):
+    exact where the probabilities themselves underflow (peaky attention, fp16, bf16)."""
+    if not log_space:
+        return logits.softmax(dim=-1).mean(dim=dims)
+    return logits.log_softmax(dim=-1, dtype=_wide(logits.dtype)).logsumexp(dim=dims)
 
 
 def class_attention(
@@ -55,31 +74,41 @@ def class_attention(
         scale: float,
         num_prefix_tokens: int = 1,
         key_bias: Optional[torch.Tensor] = None,
+        log_space: bool = False,
 ) -> torch.Tensor:
     """Head-averaged class-token attention ``[B, N - P]`` from ``q, k`` of shape ``[B, H, N, D]``.
 
     Computes only the class query's row (``[B, H, 1, N]``), never the ``N x N`` matrix, for use
     beside a fused attention kernel that does not expose its probabilities. ``key_bias``
-    ``[B, 1, 1, N]`` is added to the logits (``size_key_bias``).
+    ``[B, 1, 1, N]`` is added to the logits (``size_key_bias``). ``log_space``: its log up to a
+    constant (the log-score size-aware fusion takes, ``averaged_softmax``).
     """
-    logits = _with_bias((q[:, :, :1] * scale) @ k.transpose(-2, -1), key_bias)
-    return head_averaged_class_row(logits.softmax(dim=-1), num_prefix_tokens)
+    logits = scaled_logits(q[:, :, :1], k.transpose(-2, -1), scale, key_bias)
+    # (mean over heads and the one query: no select of the row first)
+    return averaged_softmax(logits, (1, 2), log_space)[:, num_prefix_tokens:]
+
+
+def _floored_log(received: torch.Tensor) -> torch.Tensor:
+    # the log of a sum of probabilities; where it underflowed to 0 the floor weighs such tokens alike
+    return received.clamp_min(torch.finfo(received.dtype).tiny).log()
 
 
 def mean_received_row(
         attn: torch.Tensor,
         num_prefix_tokens: int = 1,
-        query_weights: Optional[torch.Tensor] = None,
+        query_log_weights: Optional[torch.Tensor] = None,
+        log_space: bool = False,
 ) -> torch.Tensor:
     """The ``'mean'`` score from softmax rows ``[B, H, N, N]``: the attention each non-prefix token
     receives, averaged over heads and over every query present, ``[B, N - P]`` (not renormalised).
-    ``query_weights`` ``[B, N]`` (the tokens' sizes) weight the queries: a token of size ``s``
-    counts as ``s`` queries."""
-    if query_weights is None:
-        return attn.mean(dim=(1, 2))[:, num_prefix_tokens:]
-    w = query_weights.to(attn.dtype)
-    w = w / w.sum(dim=1, keepdim=True)   # normalised first: no sum of sizes times probabilities grows large
-    return (attn.mean(dim=1) * w.unsqueeze(-1)).sum(dim=1)[:, num_prefix_tokens:]
+    ``query_log_weights`` ``[B, N]`` (the log of the tokens' sizes) weight the queries: a token of
+    size ``s`` counts as ``s`` queries. ``log_space``: its log up to a constant."""
+    if query_log_weights is None:
+        received = attn.mean(dim=(1, 2))
+    else:   # the weights normalised first (a softmax of their logs): no sum of sizes times probabilities grows large
+        w = _as(query_log_weights.softmax(dim=1, dtype=_wide(attn.dtype)), attn.dtype)
+        received = (attn.mean(dim=1) * w.unsqueeze(-1)).sum(dim=1)
+    return (_floored_log(received) if log_space else received)[:, num_prefix_tokens:]
 
 
 def mean_received_attention(
@@ -89,13 +118,15 @@ def mean_received_attention(
         num_prefix_tokens: int = 1,
         max_chunk_elements: int = 1 << 20,
         key_bias: Optional[torch.Tensor] = None,
-        query_weights: Optional[torch.Tensor] = None,
+        query_log_weights: Optional[torch.Tensor] = None,
+        log_space: bool = False,
 ) -> torch.Tensor:
     """``mean_received_row`` from ``q, k`` ``[B, H, N, D]``, for use beside a fused attention kernel:
     the softmax rows are made a chunk of queries at a time (at most ``max_chunk_elements``
     probabilities per image, 4 MB in float32), summed over heads and queries, and dropped, so no
     ``[B, H, N, N]`` buffer exists where ``N`` is large. Its matmuls are ``q k^T`` once more.
-    ``key_bias`` and ``query_weights`` as in ``class_attention`` and ``mean_received_row``.
+    ``key_bias``, ``query_log_weights`` and ``log_space`` as in ``class_attention`` and
+    ``mean_received_row`` (the log-score in float32).
 
     The chunks depend on ``H`` and ``N`` only, never on the batch: a graph traced at one batch
     (ONNX, ``torch.export`` with a dynamic batch) holds the same chunks at every batch. The sum is
@@ -106,16 +137,17 @@ def mean_received_attention(
     wide = _wide(q.dtype)
     received = None
     w = None
-    if query_weights is not None:   # normalised first: no sum of sizes times probabilities grows large
-        w = query_weights.to(wide)
-        w = w / w.sum(dim=1, keepdim=True)
+    if query_log_weights is not None:   # normalised first: no sum of sizes times probabilities grows large
+        w = query_log_weights.softmax(dim=1, dtype=wide)
     for start in range(0, N, rows):
-        probs = _with_bias((q[:, :, start:start + rows] * scale) @ k_t, key_bias).softmax(dim=-1)
+        probs = scaled_logits(q[:, :, start:start + rows], k_t, scale, key_bias).softmax(dim=-1)
         if w is None:
             part = probs.sum(dim=(1, 2), dtype=wide)
         else:
             part = (probs.sum(dim=1, dtype=wide) * w[:, start:start + rows, None]).sum(dim=1)
         received = part if received is None else received + part
+    if log_space:   # (the division by the count is a constant the log-score leaves out)
+        return _floored_log(received)[:, num_prefix_tokens:]
     total = H * N if w is None else H
     return (received[:, num_prefix_tokens:] / total).to(q.dtype)
 
@@ -126,12 +158,14 @@ def pool_attention(
         scale: float,
         num_prefix_tokens: int = 1,
         key_bias: Optional[torch.Tensor] = None,
+        log_space: bool = False,
 ) -> torch.Tensor:
     """The ``'pool'`` score: an attention pool's latent queries ``q`` ``[B or 1, H, L, D]`` against
     the tokens' keys ``k`` ``[B, H, N, D]``, softmax over all ``N`` tokens, averaged over heads and
-    latents, at the non-prefix columns: ``[B, N - P]``. ``key_bias`` as in ``class_attention``."""
-    probs = _with_bias((q * scale) @ k.transpose(-2, -1), key_bias).softmax(dim=-1)
-    return probs.mean(dim=(1, 2))[:, num_prefix_tokens:]
+    latents, at the non-prefix columns: ``[B, N - P]``. ``key_bias`` and ``log_space`` as in
+    ``class_attention``."""
+    logits = scaled_logits(q, k.transpose(-2, -1), scale, key_bias)
+    return averaged_softmax(logits, (1, 2), log_space)[:, num_prefix_tokens:]
 
 
 def keep_and_fuse(
@@ -141,7 +175,6 @@ def keep_and_fuse(
         fuse: bool,
         num_prefix_tokens: int = 1,
         weighted_mean: bool = False,
-        token_weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The one place where tokens are kept and fused (docs/design.md, "EViT, exactly").
 
@@ -154,33 +187,28 @@ def keep_and_fuse(
         fuse: append one fused token after the kept ones: ``sum_j a_j * x_j`` over the dropped ``j``
             (raw weights, the paper's).
         weighted_mean: the fused token is ``sum_j a_j x_j / sum_j a_j`` instead (size-aware fusion,
-            docs/design.md, "A fused token that keeps its size"), in float32 at least. Where every
-            dropped weight is 0 (attention that underflowed: peaky, fp16, bf16) the mean is taken
-            over the patches the dropped tokens carry (their ``token_weights``, ``UNDERFLOW_SHARE``):
-            never 0 / 0.
-        token_weights: ``[B, n]`` what each token counts for (its size); None: 1 each.
+            docs/design.md, "A fused token that keeps its size"), from ``score`` holding log-scores
+            (``log a_j`` up to a constant, ``log_space``): the weights are the softmax of the
+            dropped tokens' log-scores, so no division is taken and nothing underflows to 0 / 0.
 
     Returns ``[prefix..., kept..., (fused)]``: ``[B, P + K (+ 1), C]``.
     """
     parts = [x[:, :num_prefix_tokens], _non_prefix_rows(x, kept_idx, num_prefix_tokens)]
     if fuse:
-        weights = score
-        if weighted_mean:   # in float32 at least, each token's patches' tiny share added (UNDERFLOW_SHARE)
-            weights = _as(score, _wide(score.dtype))
-            # (one operation: the share scaled inside the add)
-            weights = weights + UNDERFLOW_SHARE if token_weights is None else \
-                torch.add(weights, token_weights, alpha=UNDERFLOW_SHARE)
-        # the score with the kept tokens zeroed: the fused token is one batched matmul,
-        # with no complement index and no second gather
-        weights = weights.scatter(1, kept_idx, 0.)
-        if weighted_mean:   # (the dropped tokens' weights sum to more than 0: each holds its UNDERFLOW_SHARE)
-            weights = weights / weights.sum(dim=1, keepdim=True)
+        # the score with the kept tokens left out: the fused token is one batched matmul, with no
+        # complement index and no second gather
+        if weighted_mean:
+            weights = score.scatter(1, kept_idx, -math.inf).softmax(dim=1)
+        else:
+            weights = score.scatter(1, kept_idx, 0.)
         parts.append(_as(weights, x.dtype).unsqueeze(1) @ x[:, num_prefix_tokens:])
     return torch.cat(parts, dim=1)
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
     # the precision of a sum over many small weights: float32 at least (plain Python, no operation)
+    if isinstance(dtype, torch.fx.Proxy):   # (FX's symbolic trace: the dtype is not known there)
+        return torch.float32
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
@@ -191,13 +219,6 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-# Size-aware fusion adds this share of the patches each token carries to its fusion weight: it
-# vanishes beside any score float32 holds, and is the whole weight where every dropped score
-# underflowed to 0 (peaky attention, fp16, bf16): the fused token is then the mean over the patches
-# the dropped tokens carry, never 0 / 0. (float32's smallest normal is 1.2e-38: the share survives.)
-UNDERFLOW_SHARE = 1e-30
-
-
 def reorganize_tokens(
         x: torch.Tensor,
         score: torch.Tensor,
@@ -205,7 +226,6 @@ def reorganize_tokens(
         fuse_token: bool,
         num_prefix_tokens: int = 1,
         weighted_mean: bool = False,
-        token_weights: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Keep the ``num_keep`` highest-scored tokens of every image, ordered by score descending
     (``topk(sorted=True)``), and, with ``fuse_token``, fuse the rest into one (``keep_and_fuse``,
@@ -215,7 +235,7 @@ def reorganize_tokens(
     ``n`` non-prefix tokens of ``x``.
     """
     _, kept_idx = score.topk(num_keep, dim=1, largest=True, sorted=True)
-    x = keep_and_fuse(x, score, kept_idx, fuse_token, num_prefix_tokens, weighted_mean, token_weights)
+    x = keep_and_fuse(x, score, kept_idx, fuse_token, num_prefix_tokens, weighted_mean)
     return x, kept_idx
 
 
@@ -238,7 +258,6 @@ def reorganize(
         fuse_token: bool,
         num_prefix_tokens: int = 1,
         weighted_mean: bool = False,
-        token_weights: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One block's reorganisation under its budget (docs/design.md, "Budgets"): every image keeps
     ``num_kept_tokens(keep_rate, n)`` (``reorganize_tokens``, whose arguments these are). Where that
@@ -251,15 +270,15 @@ def reorganize(
     num_keep = num_kept_tokens(keep_rate, n)
     if num_keep >= n:
         return x, torch.arange(n, device=x.device).expand(B, -1)
-    return reorganize_tokens(x, score, num_keep, fuse_token, num_prefix_tokens, weighted_mean, token_weights)
+    return reorganize_tokens(x, score, num_keep, fuse_token, num_prefix_tokens, weighted_mean)
 
 
-def size_key_bias(token_weights: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
-    """``log(weight)`` of every token as a key bias ``[B, 1, 1, P + n]`` (prefix tokens: weight 1,
-    bias 0), for attention logits ``[B, H, queries, P + n]``: a token
-    of size ``s`` is attended to as ``s`` copies of itself (ToMe's proportional attention).
-    ``token_weights`` ``[B, n]``; the bias keeps their dtype (``bias_as``)."""
-    bias = F.pad(token_weights.log(), (num_prefix_tokens, 0))
+def size_key_bias(log_sizes: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """The tokens' ``log(size)`` as a key bias ``[B, 1, 1, P + n]`` (prefix tokens: size 1, bias 0),
+    for attention logits ``[B, H, queries, P + n]``: a token of size ``s`` is attended to as ``s``
+    copies of itself (ToMe's proportional attention). ``log_sizes`` ``[B, n]``; the bias keeps their
+    dtype (``bias_as``)."""
+    bias = F.pad(log_sizes, (num_prefix_tokens, 0))
     return bias.view(bias.shape[0], 1, 1, bias.shape[1])
 
 
@@ -269,47 +288,49 @@ def bias_as(key_bias: Optional[torch.Tensor], like: torch.Tensor) -> Optional[to
     return key_bias if key_bias is None else _as(key_bias, like.dtype)
 
 
-def sizes_after(
-        token_sizes: Optional[torch.Tensor],
+def log_sizes_after(
+        log_sizes: Optional[torch.Tensor],
         kept_idx: torch.Tensor,
         fused: bool,
         num_patches: int,
 ) -> torch.Tensor:
-    """The sizes (patches each token stands for) after a reorganisation: each kept token keeps its
-    size and, where the block made a fused slot (``fused``: the last token), it holds the patches
-    no kept token carries (the sizes always sum to ``num_patches``): ``[B, num_keep (+1)]``.
-    ``token_sizes`` ``[B, n]`` before the block (None: every token has size 1)."""
-    if token_sizes is None:   # every token one patch: the fused slot holds the rest, a number known here
-        kept = torch.ones(kept_idx.shape, device=kept_idx.device)
-        return F.pad(kept, (0, 1), value=num_patches - kept_idx.shape[1]) if fused else kept
-    kept = token_sizes.gather(1, kept_idx)
+    """The log of the sizes (patches each token stands for) after a reorganisation, float32: each
+    kept token keeps its size and, where the block made a fused slot (``fused``: the last token),
+    it holds the patches of the dropped ones (the sizes always sum to ``num_patches``):
+    ``[B, num_keep (+1)]``. ``log_sizes`` ``[B, n]`` before the block (None: every token has size
+    1). Carried as logs: the key bias is their padding, a pooling's weights their softmax, and the
+    fused slot's is one ``logsumexp``."""
+    if log_sizes is None:   # every token one patch: the fused slot holds the rest, a number known here
+        kept = kept_idx.new_zeros(kept_idx.shape, dtype=torch.float32)
+        return F.pad(kept, (0, 1), value=math.log(num_patches - kept_idx.shape[1])) if fused else kept
+    kept = log_sizes.gather(1, kept_idx)
     if not fused:
         return kept
-    return torch.cat([kept, num_patches - kept.sum(dim=1, keepdim=True)], dim=1)
+    dropped = log_sizes.scatter(1, kept_idx, -math.inf).logsumexp(dim=1, keepdim=True)
+    return torch.cat([kept, dropped], dim=1)
 
 
 def size_weighted_pool(
         x: torch.Tensor,
-        token_sizes: torch.Tensor,
+        log_sizes: torch.Tensor,
         pool_type: str,
         num_prefix_tokens: int,
         include_prefix: bool = False,
 ) -> torch.Tensor:
     """timm's ``avg`` / ``avgmax`` / ``max`` pooling of tokens ``[B, P + n, C]`` where each non-prefix
-    token stands for ``token_sizes`` ``[B, n]`` patches (prefix tokens, where included, for one):
+    token stands for ``exp(log_sizes)`` ``[B, n]`` patches (prefix tokens, where included, for one):
     the mean is weighted by size (the mean over the patches), the max is over the tokens."""
-    sizes = token_sizes
     if include_prefix:
-        sizes = F.pad(sizes, (num_prefix_tokens, 0), value=1.)
+        log_sizes = F.pad(log_sizes, (num_prefix_tokens, 0))
     else:
         x = x[:, num_prefix_tokens:]
     if pool_type in ('max', 'avgmax'):
         peak = x.amax(dim=1)
     if pool_type == 'max':
         return peak
-    # the weights normalised first (in their own precision, float32): no sum of sizes times tokens
-    # grows large in half precision
-    weights = (sizes / sizes.sum(dim=1, keepdim=True)).to(x.dtype)
+    # the weights normalised (the softmax of the log sizes, in their own precision, float32): no sum
+    # of sizes times tokens grows large in half precision
+    weights = _as(log_sizes.softmax(dim=1), x.dtype)
     mean = (weights.unsqueeze(1) @ x).squeeze(1)
     if pool_type == 'avg':
         return mean

@@ -14,16 +14,16 @@ __all__ = ['TokenTrace']
 
 class TokenTrace(NamedTuple):
     """The state of the non-prefix tokens present at one point of the loop, each part only where
-    asked for: ``token_patch_ids`` ``[B, n]``, ``patch_token_index`` ``[B, patches]``, ``token_sizes``
-    ``[B, n]`` (the patches each token stands for: None until a reorganisation, while every token
-    is one patch), and ``key_bias``, the log of the token weights as a key bias ``[B, 1, 1, P + n]``
-    (float32), built once per reorganisation for every later block (None: every token counts once)."""
+    asked for: ``token_patch_ids`` ``[B, n]``, ``patch_token_index`` ``[B, patches]``, ``log_sizes``
+    ``[B, n]`` (the log of the patches each token stands for, float32: None until a reorganisation,
+    while every token is one patch), and ``key_bias``, the log sizes as a key bias ``[B, 1, 1, P + n]``
+    (float32) under size-aware fusion, built once per reorganisation for every later block (None:
+    every token counts once)."""
 
     token_patch_ids: Optional[torch.Tensor]
     patch_token_index: Optional[torch.Tensor] = None
-    token_sizes: Optional[torch.Tensor] = None
+    log_sizes: Optional[torch.Tensor] = None
     key_bias: Optional[torch.Tensor] = None
-    weights: Optional[torch.Tensor] = None  # the token weights key_bias is the log of (token_weights)
     num_patches: Any = 0            # patches entering the blocks (an int; a graph value under FX)
     num_prefix_tokens: int = 0
     with_sizes: bool = False
@@ -53,26 +53,26 @@ class TokenTrace(NamedTuple):
         patch_token_index = self.patch_token_index
         if patch_token_index is not None:
             patch_token_index = opaque.trace_patch_token_index(patch_token_index, kept_idx, num_tokens, fused)
-        token_sizes = self.token_sizes
+        log_sizes = self.log_sizes
         if self.with_sizes:
-            token_sizes = opaque.sizes_after(token_sizes, kept_idx, fused, self.num_patches)
+            log_sizes = opaque.log_sizes_after(log_sizes, kept_idx, fused, self.num_patches)
         token_patch_ids = self.token_patch_ids
         if token_patch_ids is not None:
             token_patch_ids = opaque.trace_token_patch_ids(token_patch_ids, kept_idx, fused)
-        weights = token_sizes if self.size_aware else None
-        key_bias = None if weights is None else size_key_bias(weights, self.num_prefix_tokens)
+        key_bias = size_key_bias(log_sizes, self.num_prefix_tokens) if self.size_aware else None
         return self._replace(token_patch_ids=token_patch_ids, patch_token_index=patch_token_index,
-                             token_sizes=token_sizes, key_bias=key_bias, weights=weights)
+                             log_sizes=log_sizes, key_bias=key_bias)
 
-    def token_weights(self) -> Optional[torch.Tensor]:
-        """What every later attention, score and pooling weighs each non-prefix token by ``[B, n]``
-        (its log is ``key_bias``): its size under size-aware fusion; None: every token counts once
-        (nothing to weigh). Built once per reorganisation, with ``key_bias``, not once per block."""
-        return self.weights
+    def log_weights(self) -> Optional[torch.Tensor]:
+        """The log of what every later attention, score and pooling weighs each non-prefix token by
+        ``[B, n]`` (padded, it is ``key_bias``): its size under size-aware fusion; None: every token
+        counts once (nothing to weigh)."""
+        return self.log_sizes if self.size_aware else None
 
-    def sizes_or_ones(self) -> torch.Tensor:
-        """``token_sizes``, or ones where no token has been fused yet."""
-        if self.token_sizes is not None:
-            return self.token_sizes
+    def sizes(self) -> torch.Tensor:
+        """The patches each token stands for ``[B, n]`` (float32): whole numbers, so the exponential
+        of their logs is rounded back to them; ones where no token has been fused yet."""
+        if self.log_sizes is not None:
+            return self.log_sizes.exp().round()
         like = self.token_patch_ids if self.token_patch_ids is not None else self.patch_token_index
         return torch.ones(like.shape, device=like.device)
