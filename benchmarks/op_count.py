@@ -1,5 +1,5 @@
 """ATen operations per forward: timm's plain model against EViT with the paper's fusion and with
-size-aware fusion, per family (docs/design.md, "The GPU"; BENCHMARKS.md, "Operations per forward").
+size-aware fusion, per family (docs/design.md, "Testing"; BENCHMARKS.md, "Operations per forward").
 
 On a GPU at small batches every operation is a kernel launch, and launches, not arithmetic, bound
 the forward; their count is a deterministic proxy that needs no GPU. Counted here: the top-level
