@@ -17,7 +17,9 @@ from helpers import (
     randomise_weights,
 )
 from timm_evit.layers import PoolScore
-from timm_evit.reorg import class_attention, mean_received_attention, mean_received_row, pool_attention
+from timm_evit.reorg import (
+    class_attention, mean_received_attention, mean_received_log_row, mean_received_row, pool_attention,
+)
 
 # every score each family serves beyond its default (the default runs in every family test)
 OTHER_SCORES = [
@@ -123,8 +125,10 @@ def _mean_is_the_class_row(q, k, scale, num_prefix_tokens=1, max_chunk_elements=
 def _mean_over_half_the_queries(q, k, scale, num_prefix_tokens=1, max_chunk_elements=None, key_bias=None,
                                 query_log_weights=None, log_space=False):
     half = q.shape[2] // 2
-    return mean_received_row(((q[:, :, :half] * scale) @ k.transpose(-2, -1)).softmax(dim=-1), num_prefix_tokens,
-                             log_space=log_space)
+    logits = (q[:, :, :half] * scale) @ k.transpose(-2, -1)
+    if log_space:
+        return mean_received_log_row(logits, num_prefix_tokens)
+    return mean_received_row(logits.softmax(dim=-1), num_prefix_tokens)
 
 
 def _pool_keyed_by_values(self, x, key_bias=None, log_space=False):
@@ -231,3 +235,74 @@ def test_pool_ranks_by_the_latents_the_pool_keeps(pool_type):
         model.attn_pool.latent = torch.nn.Parameter(torch.randn(1, 3, model.attn_pool.latent.shape[-1]))
     x = images(FAMILIES['siglip'].size)
     check_against_family_reference(model, 'siglip', x)
+
+
+def _log_mean_exp_by_hand(log_probs, dims, log_weights=None):
+    # float64: the log of the (weighted) sum of probabilities over dims, each shifted by its maximum
+    if log_weights is not None:
+        log_probs = log_probs + log_weights
+    peak = log_probs.amax(dim=dims, keepdim=True)
+    return ((log_probs - peak).exp().sum(dim=dims, keepdim=True).log() + peak).squeeze(dims)
+
+
+def _up_to_a_constant(log_score):
+    return log_score - log_score.amax(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize('dtype,gaps', [(torch.float16, (30., 45., 60.)), (torch.bfloat16, (110., 140., 170.))],
+                         ids=['fp16', 'bf16'])
+def test_log_scores_hold_where_the_probabilities_underflow(dtype, gaps):
+    # docs/design.md, "A fused token that keeps its size": under size-aware fusion every score is a
+    # log-score, computed from the logits, so a token whose probabilities underflow in the model's
+    # dtype from every query and head (fp16 below 6e-8; bf16 and float32 below 1e-38, as here) still
+    # has its score, and they still rank; against the same rounded inputs in float64 by hand, up to
+    # the constant a log-score leaves out
+    from timm_evit.reorg import scaled_logits
+    g = torch.Generator().manual_seed(0)
+    B, H, N, D, P, scale = 2, 3, 9, 8, 1, 0.5
+    q, k = torch.randn(B, H, N, D, generator=g), torch.randn(B, H, N, D, generator=g)
+    q[..., 0] = 4.                                                       # every query, every head
+    for token, gap in zip((4, 6, 8), gaps):                              # three keys far below the rest
+        k[:, :, token, 0] = -gap / (4. * scale)
+    q, k = q.to(dtype), k.to(dtype)
+    sizes = torch.randint(1, 9, (B, N - P), generator=g).double()
+    bias64 = torch.nn.functional.pad(sizes.log(), (P, 0)).view(B, 1, 1, N)
+    logits64 = (q.double() @ k.double().transpose(-2, -1)) * scale + bias64
+    log_probs = logits64.log_softmax(dim=-1)
+    underflowed = (logits64.to(dtype).softmax(dim=-1) == 0).all(dim=2).all(dim=1)   # [B, N]: from all of them
+    assert underflowed[:, [4, 6, 8]].all()                               # the case is reached
+    bias, query_log_weights = bias64.to(dtype), bias64.flatten(1).float()
+    log_weights = query_log_weights.double().log_softmax(dim=1)[:, None, :, None]
+    class_by_hand = _log_mean_exp_by_hand(log_probs[:, :, :1], (1, 2))[:, P:]
+    mean_by_hand = _log_mean_exp_by_hand(log_probs, (1, 2), log_weights)[:, P:]
+    latents = q[:1, :, :2]                                               # an attention pool's two queries
+    pool_by_hand = _log_mean_exp_by_hand(
+        ((latents.double() @ k.double().transpose(-2, -1)) * scale + bias64).log_softmax(dim=-1), (1, 2))[:, P:]
+    scores = {
+        'class': (class_attention(q, k, scale, P, bias, log_space=True), class_by_hand),
+        'pool': (pool_attention(latents, k, scale, P, bias, log_space=True), pool_by_hand),
+        'mean, math path': (mean_received_log_row(scaled_logits(q, k.transpose(-2, -1), scale, bias), P,
+                                                  query_log_weights), mean_by_hand),
+    }
+    if dtype == torch.float16:   # (the fused path's sums are float32's: these gaps underflow none there)
+        scores['mean, fused path'] = (mean_received_attention(q, k, scale, P, 5 * N, bias, query_log_weights,
+                                                              log_space=True), mean_by_hand)
+    tolerance = 4 * max(gaps) * torch.finfo(dtype).eps   # the logits' own rounding in the model's dtype
+    for name, (got, by_hand) in scores.items():
+        assert got.dtype == torch.float32 and torch.isfinite(got).all(), name
+        torch.testing.assert_close(_up_to_a_constant(got.double()), _up_to_a_constant(by_hand),
+                                   rtol=0, atol=tolerance, msg=name)
+        assert ((got[:, 3] > got[:, 5]) & (got[:, 5] > got[:, 7])).all(), name   # the underflowed ones still rank
+
+
+def test_a_received_attention_that_underflows_even_in_float32_weighs_as_the_floor():
+    # 'mean' on the fused path sums float32 probabilities: below 1e-38 a token's sum is 0, and its
+    # log-score the floor (log of float32's smallest normal), shared by every such token, never -inf
+    q = torch.zeros(1, 1, 5, 2)
+    q[..., 0] = 1.
+    k = torch.zeros(1, 1, 5, 2)
+    k[0, 0, 3, 0] = k[0, 0, 4, 0] = -200.   # every query gives tokens 3 and 4 exp(-200): 0 in float32
+    score = mean_received_attention(q, k, 1., 1, log_space=True)
+    floor = torch.tensor(torch.finfo(torch.float32).tiny).log().item()   # (in float32)
+    assert torch.isfinite(score).all()
+    assert score[0, 2:].tolist() == [floor, floor] and (score[0, :2] > floor + 80).all()

@@ -106,6 +106,8 @@ def test_forward_head_of_forward_features_pools_by_size_as_forward_does():
         sizes = out['token_sizes'][-1]
         copied = features.clone()
         torch.testing.assert_close(model.forward_head(copied, token_sizes=sizes), expected, rtol=1e-6, atol=1e-6)
+        assert torch.equal(sizes, sizes.round())   # whole numbers: as integers, the same head
+        torch.testing.assert_close(model.forward_head(copied, token_sizes=sizes.long()), expected, rtol=1e-6, atol=1e-6)
         with pytest.raises(ValueError, match=r'forward_head needs the token state .* token_sizes='):
             model.forward_head(copied)
         # pre_logits pools too: the same rule

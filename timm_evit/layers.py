@@ -19,7 +19,8 @@ except ImportError:  # a timm without it has no Eva that uses it
 from . import opaque
 from .options import KEEP_ALL, Budget, budgets_per_block
 from .reorg import (
-    averaged_softmax, bias_as, class_attention, head_averaged_class_row, mean_received_row, pool_attention, scaled_logits,
+    averaged_softmax, bias_as, class_attention, head_averaged_class_row, mean_received_log_row, mean_received_row,
+    pool_attention, scaled_logits,
 )
 
 __all__ = [
@@ -72,12 +73,15 @@ def _attend_with_score(
     else:
         logits = scaled_logits(q, k.transpose(-2, -1), attn.scale, key_bias)
         weights = logits.softmax(dim=-1)
-        if score == 'class' and log_space:   # (from the class row's logits: no probability underflows)
+        # the log-scores from the logits (no probability underflows), the others from the weights
+        if score == 'class' and log_space:
             token_score = averaged_softmax(logits[:, :, :1], (1, 2), True)[:, num_prefix_tokens:]
         elif score == 'class':
             token_score = head_averaged_class_row(weights, num_prefix_tokens)
+        elif score == 'mean' and log_space:
+            token_score = mean_received_log_row(logits, num_prefix_tokens, query_log_weights)
         elif score == 'mean':
-            token_score = mean_received_row(weights, num_prefix_tokens, query_log_weights, log_space)
+            token_score = mean_received_row(weights, num_prefix_tokens)
         x = attn.attn_drop(weights) @ v
 
     x = x.transpose(1, 2).flatten(2)   # heads joined; no size inferred: an empty batch works
@@ -186,7 +190,7 @@ def ranking_part(pool: torch.nn.Module) -> PoolRanking:
 class _ReorganisingStep:
     """What EViT's two block types share (docs/design.md, "Layers and file ownership"): the state the
     model sets, and the choice per call between timm's own forward (a budget that keeps every
-    token, no token weights) and the block's reorganising step, which each block writes out after
+    token, no size bias) and the block's reorganising step, which each block writes out after
     the timm block it follows."""
 
     budget: Budget = KEEP_ALL               # set by the model (set_keep_rate)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 __all__ = [
     'num_kept_tokens', 'head_averaged_class_row', 'scaled_logits', 'averaged_softmax', 'class_attention', 'mean_received_row',
+    'mean_received_log_row',
     'mean_received_attention', 'pool_attention', 'keep_and_fuse', 'reorganize_tokens', 'reorganize',
     'size_key_bias', 'bias_as', 'log_sizes_after', 'size_weighted_pool',
     'trace_token_patch_ids', 'trace_patch_token_index', 'tokens_to_patch_grid', 'rotary_rows_for_tokens',
@@ -51,9 +52,10 @@ def scaled_logits(
         scale: float,
         key_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Attention logits ``scale * q @ k_t`` plus ``key_bias`` where given, as timm's unfused
-    attention makes them (the query scaled first). With a bias the scale rides in the add: one
-    operation (a GPU launch) fewer."""
+    """Attention logits ``scale * q @ k_t`` plus ``key_bias`` where given. Without a bias as timm's
+    unfused attention makes them (the query scaled first); with one the scale rides in the add, one
+    operation (a GPU launch) fewer, on the unscaled ``q @ k_t`` (in fp16 finite while the scaled
+    logits stay below 65504 times the scale: 8188 for 64-wide heads, far past a one-hot softmax)."""
     if key_bias is None:
         return (q * scale) @ k_t
     return torch.add(key_bias, q @ k_t, alpha=scale)
@@ -61,8 +63,9 @@ def scaled_logits(
 
 def averaged_softmax(logits: torch.Tensor, dims: Tuple[int, ...], log_space: bool = False) -> torch.Tensor:
     """The softmax over the last dim of ``logits``, averaged over ``dims``; with ``log_space`` its
-    log up to a constant (``log_softmax``, then ``logsumexp`` over ``dims``, in float32 at least):
-    exact where the probabilities themselves underflow (peaky attention, fp16, bf16)."""
+    log up to a constant (``log_softmax``, then ``logsumexp`` over ``dims``, in float32 at least;
+    under FX's symbolic trace, which knows no dtype, float32): exact where the probabilities
+    themselves underflow (peaky attention, fp16, bf16)."""
     if not log_space:
         return logits.softmax(dim=-1).mean(dim=dims)
     return logits.log_softmax(dim=-1, dtype=_wide(logits.dtype)).logsumexp(dim=dims)
@@ -93,22 +96,26 @@ def _floored_log(received: torch.Tensor) -> torch.Tensor:
     return received.clamp_min(torch.finfo(received.dtype).tiny).log()
 
 
-def mean_received_row(
-        attn: torch.Tensor,
+def mean_received_row(attn: torch.Tensor, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """The ``'mean'`` score from softmax rows ``[B, H, N, N]``: the attention each non-prefix token
+    receives, averaged over heads and over every query present, ``[B, N - P]`` (not renormalised)."""
+    return attn.mean(dim=(1, 2))[:, num_prefix_tokens:]
+
+
+def mean_received_log_row(
+        logits: torch.Tensor,
         num_prefix_tokens: int = 1,
         query_log_weights: Optional[torch.Tensor] = None,
-        log_space: bool = False,
 ) -> torch.Tensor:
-    """The ``'mean'`` score from softmax rows ``[B, H, N, N]``: the attention each non-prefix token
-    receives, averaged over heads and over every query present, ``[B, N - P]`` (not renormalised).
-    ``query_log_weights`` ``[B, N]`` (the log of the tokens' sizes) weight the queries: a token of
-    size ``s`` counts as ``s`` queries. ``log_space``: its log up to a constant."""
-    if query_log_weights is None:
-        received = attn.mean(dim=(1, 2))
-    else:   # the weights normalised first (a softmax of their logs): no sum of sizes times probabilities grows large
-        w = _as(query_log_weights.softmax(dim=1, dtype=_wide(attn.dtype)), attn.dtype)
-        received = (attn.mean(dim=1) * w.unsqueeze(-1)).sum(dim=1)
-    return (_floored_log(received) if log_space else received)[:, num_prefix_tokens:]
+    """The ``'mean'`` log-score (``mean_received_row``'s log up to a constant) from the attention
+    logits ``[B, H, N, N]``, in float32 at least: ``logsumexp`` of the ``log_softmax`` rows over
+    heads and queries, exact where the probabilities underflow. ``query_log_weights`` ``[B, N]``
+    (the log of the tokens' sizes) weight the queries: a token of size ``s`` counts as ``s``
+    queries."""
+    log_probs = logits.log_softmax(dim=-1, dtype=_wide(logits.dtype))
+    if query_log_weights is not None:   # (normalised: their log_softmax)
+        log_probs = log_probs + _as(query_log_weights.log_softmax(dim=1), log_probs.dtype)[:, None, :, None]
+    return log_probs.logsumexp(dim=(1, 2))[:, num_prefix_tokens:]
 
 
 def mean_received_attention(
@@ -126,7 +133,9 @@ def mean_received_attention(
     probabilities per image, 4 MB in float32), summed over heads and queries, and dropped, so no
     ``[B, H, N, N]`` buffer exists where ``N`` is large. Its matmuls are ``q k^T`` once more.
     ``key_bias``, ``query_log_weights`` and ``log_space`` as in ``class_attention`` and
-    ``mean_received_row`` (the log-score in float32).
+    ``mean_received_log_row``; the log-score, in float32, is the floored log of the float32 sums
+    of float32 probabilities (a token whose received attention underflowed even there, below
+    1e-38, weighs as the floor: such tokens alike).
 
     The chunks depend on ``H`` and ``N`` only, never on the batch: a graph traced at one batch
     (ONNX, ``torch.export`` with a dynamic batch) holds the same chunks at every batch. The sum is
@@ -140,7 +149,8 @@ def mean_received_attention(
     if query_log_weights is not None:   # normalised first: no sum of sizes times probabilities grows large
         w = query_log_weights.softmax(dim=1, dtype=wide)
     for start in range(0, N, rows):
-        probs = scaled_logits(q[:, :, start:start + rows], k_t, scale, key_bias).softmax(dim=-1)
+        logits = scaled_logits(q[:, :, start:start + rows], k_t, scale, key_bias)
+        probs = logits.softmax(dim=-1, dtype=wide) if log_space else logits.softmax(dim=-1)
         if w is None:
             part = probs.sum(dim=(1, 2), dtype=wide)
         else:
